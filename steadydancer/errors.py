@@ -30,3 +30,7 @@ class AttentionBackendError(SteadyDancerError, RuntimeError):
 
 class MissingDependencyError(SteadyDancerError, ImportError):
     """An optional package is needed for what was asked; the message names it."""
+
+
+class ConditioningError(SteadyDancerError, ValueError):
+    """Inputs of the conditioning that do not fit together (frame count, sizes, batch)."""
