@@ -34,3 +34,7 @@ class MissingDependencyError(SteadyDancerError, ImportError):
 
 class ConditioningError(SteadyDancerError, ValueError):
     """Inputs of the conditioning that do not fit together (frame count, sizes, batch)."""
+
+
+class MemoryOptionError(SteadyDancerError, ValueError):
+    """A memory option (full / auto / resident block count) that cannot be applied."""

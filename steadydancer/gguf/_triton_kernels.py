@@ -17,6 +17,7 @@ def _f16(lo, hi):
     bits = lo.to(tl.uint16) | (hi.to(tl.uint16) << 8)
     return bits.to(tl.float16, bitcast=True).to(tl.float32)
 
+
 @triton.jit
 def _k_scale_min(sb_ptr, s):
     # 6-bit scale and min of sub-block s (0..7) from the 12 packed bytes (get_scale_min)
@@ -28,6 +29,7 @@ def _k_scale_min(sb_ptr, s):
     sc = tl.where(low, a & 63, (c & 0x0F) | ((a >> 2) & 0x30))
     mn = tl.where(low, b & 63, (c >> 4) | ((b >> 2) & 0x30))
     return sc.to(tl.float32), mn.to(tl.float32)
+
 
 @triton.jit
 def q4_k(src, dst, n_elements, BLOCK: tl.constexpr):
@@ -45,6 +47,7 @@ def q4_k(src, dst, n_elements, BLOCK: tl.constexpr):
     q = ((qb >> ((s % 2) * 4)) & 0x0F).to(tl.float32)
     val = (d * sc) * q - dmin * mn
     tl.store(dst + idx, val.to(dst.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def q5_k(src, dst, n_elements, BLOCK: tl.constexpr):
@@ -64,6 +67,7 @@ def q5_k(src, dst, n_elements, BLOCK: tl.constexpr):
     val = (d * sc) * q - dmin * mn
     tl.store(dst + idx, val.to(dst.dtype.element_ty), mask=mask)
 
+
 @triton.jit
 def q6_k(src, dst, n_elements, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -80,6 +84,7 @@ def q6_k(src, dst, n_elements, BLOCK: tl.constexpr):
     d = _f16(tl.load(base + 208, mask=mask, other=0), tl.load(base + 209, mask=mask, other=0))
     val = (d * scale.to(tl.float32)) * q.to(tl.float32)
     tl.store(dst + idx, val.to(dst.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def q8_0(src, dst, n_elements, BLOCK: tl.constexpr):

@@ -123,7 +123,9 @@ def dequantize_triton(
     for size in shape:
         n *= int(size)
     if n % block_elems:
-        raise GGUFError(f"{name} tensor of shape {tuple(shape)}: {n} elements is not a multiple of {block_elems}")
+        raise GGUFError(
+            f"{name} tensor of shape {tuple(shape)}: {n} elements is not a multiple of {block_elems}"
+        )
     n_blocks = n // block_elems
     if raw.numel() != n_blocks * block_bytes:
         raise GGUFError(
@@ -133,8 +135,15 @@ def dequantize_triton(
     raw = raw.contiguous()
     if out is None:
         out = torch.empty(tuple(shape), dtype=dtype, device=raw.device)
-    elif out.shape != torch.Size(shape) or out.dtype != dtype or not out.is_contiguous() or out.device != raw.device:
-        raise GGUFError(f"`out` must be a contiguous {dtype} tensor of shape {tuple(shape)} on {raw.device}")
+    elif (
+        out.shape != torch.Size(shape)
+        or out.dtype != dtype
+        or not out.is_contiguous()
+        or out.device != raw.device
+    ):
+        raise GGUFError(
+            f"`out` must be a contiguous {dtype} tensor of shape {tuple(shape)} on {raw.device}"
+        )
     if n == 0:
         return out
     kernel = _kernels()[name]

@@ -1,0 +1,381 @@
+"""Block streaming: run a model whose transformer blocks do not all fit in VRAM.
+
+Why: the 14B model in Q4_K is ~9 GB of packed weights, in Q8_0 ~17 GB and in bf16 ~33 GB,
+while a 16 GB card also needs room for 35,880-token activations. Streaming keeps the
+first `resident` blocks on the GPU and the others *packed* (quantised bytes, or bf16) in
+pinned host memory. Just before a block runs, its weights are copied to the GPU on a side
+stream; the copy of the next streamed block overlaps the current block's compute, and a
+CUDA event orders each block's compute after its copy. After the block ran, its GPU copy
+is dropped (recorded on the compute stream, so the caching allocator reuses the memory
+only once the compute is done). At 832x480x81 a 14B block computes for ~80 ms on an H100
+while its Q4_K copy takes ~10 ms over PCIe, so the copies hide behind the compute.
+
+It works through forward hooks on the blocks, so it needs nothing from the caller's block
+loop except that blocks run in index order (both our `run_blocks` and ComfyUI's do). The
+weights stay the same Parameter objects (GGMLTensor attributes such as `tensor_type`
+survive); only their storage moves, as `Module.to` moves it.
+
+The memory option (`memory=` of `load_model`, the loader node's "memory" input):
+- "full" (or None): everything on the GPU, no streaming (the default on large cards);
+- "auto": as many blocks resident as free VRAM allows after a reserve for activations;
+- an integer N >= 0: N resident blocks, the rest streamed.
+Any mode other than "full" also chunks each block's FFN over the token axis
+(`ffn_chunk_size`), so the 13,824-wide hidden activation never exists for all tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MemoryOptionError
+
+GIB = 1024**3
+DEFAULT_FFN_CHUNK = 8192  # tokens per FFN chunk in the memory-saving modes
+ENV_RESERVE = "STEADYDANCER_ACTIVATION_RESERVE_GB"
+
+
+def parse_memory_option(option: str | int | None) -> str | int:
+    """Normalise a memory option to "full", "auto" or a resident block count (int >= 0)."""
+    if option is None:
+        return "full"
+    if isinstance(option, bool):
+        raise MemoryOptionError(
+            f"memory option must be 'full', 'auto' or a block count, got {option!r}"
+        )
+    if isinstance(option, int):
+        if option < 0:
+            raise MemoryOptionError(f"resident block count must be >= 0, got {option}")
+        return option
+    if isinstance(option, str):
+        text = option.strip().lower()
+        if text in ("full", "off", "none", ""):
+            return "full"
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            return int(text)
+    raise MemoryOptionError(
+        f"memory option must be 'full', 'auto' or a number of resident blocks (e.g. 20), got {option!r}"
+    )
+
+
+@contextlib.contextmanager
+def _plain() -> Iterator[None]:
+    """Treat tensor subclasses (GGMLTensor) as plain tensors: raw storage moves only."""
+    with torch._C.DisableTorchFunctionSubclass():
+        yield
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes the tensor's data occupies (packed bytes for a GGMLTensor)."""
+    with _plain():
+        return t.numel() * t.element_size()
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers of a module, as stored (packed if quantised)."""
+    total = sum(tensor_bytes(p) for p in module.parameters())
+    return total + sum(tensor_bytes(b) for b in module.buffers())
+
+
+def default_activation_reserve(dim: int) -> int:
+    """VRAM kept free for activations when choosing resident blocks automatically.
+
+    Scaled from the 14B model (dim 5120) at 832x480x81, where the measured peak of
+    activations plus one dequantised weight with FFN chunking is below 4 GiB (see
+    docs/benchmarks.md); 5 GiB leaves headroom for other sizes and fragmentation.
+    `STEADYDANCER_ACTIVATION_RESERVE_GB` overrides it.
+    """
+    env = os.environ.get(ENV_RESERVE)
+    if env:
+        try:
+            return int(float(env) * GIB)
+        except ValueError as exc:
+            raise MemoryOptionError(f"{ENV_RESERVE} must be a number of GiB, got {env!r}") from exc
+    return int(5 * GIB * max(dim, 1) / 5120)
+
+
+def auto_resident_blocks(
+    block_bytes: Sequence[int], free_bytes: int, other_bytes: int, reserve_bytes: int
+) -> int:
+    """How many leading blocks can stay on the GPU.
+
+    `free_bytes` is what the process may allocate, `other_bytes` the weights outside the
+    blocks, `reserve_bytes` the activations. If every block fits, all stay resident;
+    otherwise room for two streamed blocks in flight (the one computing and the next one
+    being copied) is kept too.
+    """
+    budget = free_bytes - other_bytes - reserve_bytes
+    if sum(block_bytes) <= budget:
+        return len(block_bytes)
+    budget -= 2 * max(block_bytes, default=0)
+    count = 0
+    for size in block_bytes:
+        if size > budget:
+            break
+        budget -= size
+        count += 1
+    return count
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes this process may still allocate on `device`: the card's free memory, further
+    limited by `torch.cuda.set_per_process_memory_fraction` if one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = _memory_fraction(device)
+    if fraction is not None:
+        cap = int(total * fraction) - torch.cuda.memory_reserved(device)
+        free = min(free, cap)
+    return max(free, 0)
+
+
+def _memory_fraction(device: torch.device) -> float | None:
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is None:
+        return None
+    try:
+        fraction = float(getter(device))
+    except (RuntimeError, TypeError):
+        return None
+    return fraction if fraction < 1.0 else None
+
+
+@dataclass
+class _Slot:
+    """The device copy of one streamed block while it is in flight or computing."""
+
+    tensors: list[torch.Tensor]
+    ready: Any  # torch.cuda.Event or None on CPU
+
+
+class BlockStreamer:
+    """Keeps `resident` leading blocks of `model.blocks` on `device` and streams the rest.
+
+    Use `BlockStreamer.attach(model, device, memory)`; `detach()` moves every block to the
+    device again (or raises if it does not fit) and removes the hooks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device | str,
+        resident: int,
+        *,
+        ffn_chunk_size: int | None = DEFAULT_FFN_CHUNK,
+        prefetch: int = 1,
+    ) -> None:
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise MemoryOptionError("block streaming needs a model with a `blocks` ModuleList")
+        self.model = model
+        self.device = torch.device(device)
+        self.blocks: nn.ModuleList = blocks
+        self.resident = min(max(int(resident), 0), len(blocks))
+        self.streamed: list[int] = list(range(self.resident, len(blocks)))
+        self.prefetch = max(int(prefetch), 1)
+        self.ffn_chunk_size = ffn_chunk_size
+        self._cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        # per streamed block: (tensor objects to swap, their host storage)
+        self._host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._slots: dict[int, _Slot] = {}
+        self._hooks: list[Any] = []
+        self.copies = 0  # number of block copies made (tests and benchmarks read it)
+        self._place()
+        self._install()
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        device: torch.device | str,
+        memory: str | int | None = "auto",
+        *,
+        reserve_bytes: int | None = None,
+        ffn_chunk_size: int | None = DEFAULT_FFN_CHUNK,
+    ) -> BlockStreamer | None:
+        """Apply a memory option to a model whose weights are on the CPU (or anywhere).
+
+        Returns None for "full" (the model is simply moved to `device`), else the streamer.
+        """
+        option = parse_memory_option(memory)
+        device = torch.device(device)
+        if option == "full":
+            model.to(device)
+            return None
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise MemoryOptionError("block streaming needs a model with a `blocks` ModuleList")
+        if option == "auto":
+            if device.type != "cuda":
+                resident = len(blocks)
+            else:
+                block_bytes = [module_bytes(b) for b in blocks]
+                other = module_bytes(model) - sum(block_bytes)
+                if reserve_bytes is None:
+                    reserve_bytes = default_activation_reserve(_model_dim(model))
+                free = free_device_memory(device) + _bytes_on(model, device)
+                resident = auto_resident_blocks(block_bytes, free, other, reserve_bytes)
+        else:
+            resident = int(option)
+        return cls(model, device, resident, ffn_chunk_size=ffn_chunk_size)
+
+    def _place(self) -> None:
+        streamed = {id(t) for i in self.streamed for t in _block_tensors(self.blocks[i])}
+        # everything outside the streamed blocks goes to the device
+        for module in self.model.modules():
+            for p in list(module._parameters.values()):
+                if p is not None and id(p) not in streamed:
+                    _set_data(p, _to(p, self.device))
+            for name, b in list(module._buffers.items()):
+                if b is not None and id(b) not in streamed:
+                    module._buffers[name] = _to(b, self.device)
+        for i in self.streamed:
+            entries = []
+            for t in _block_tensors(self.blocks[i]):
+                host = _to(t, torch.device("cpu"))
+                if self._cuda:
+                    with _plain():
+                        host = host.pin_memory()
+                _set_data(t, host)
+                entries.append((t, host))
+            self._host[i] = entries
+        for block in self.blocks:
+            if hasattr(block, "ffn_chunk_size") or self.ffn_chunk_size is not None:
+                block.ffn_chunk_size = self.ffn_chunk_size
+
+    def _install(self) -> None:
+        for i, block in enumerate(self.blocks):
+            self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
+            if i in self._host:
+                self._hooks.append(block.register_forward_hook(self._make_post_hook(i)))
+
+    def detach(self) -> None:
+        """Remove the hooks and put every block on the device (no streaming any more)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._slots.clear()
+        for entries in self._host.values():
+            for t, host in entries:
+                _set_data(t, _to(host, self.device))
+        self._host.clear()
+        self.streamed = []
+        self.resident = len(self.blocks)
+
+    # ---------------------------------------------------------------- streaming
+    def _next_streamed(self, after: int, count: int) -> list[int]:
+        """The next `count` streamed block indices after block `after`, wrapping to the next call."""
+        if not self.streamed:
+            return []
+        later = [i for i in self.streamed if i > after]
+        order = later + [i for i in self.streamed if i <= after]
+        return order[: min(count, len(order))]
+
+    def _issue_copy(self, index: int) -> None:
+        if index in self._slots:
+            return
+        entries = self._host[index]
+        if self._cuda:
+            assert self._copy_stream is not None
+            with torch.cuda.stream(self._copy_stream), _plain():
+                tensors = [host.to(self.device, non_blocking=True) for _, host in entries]
+                ready = torch.cuda.Event()
+                ready.record(self._copy_stream)
+        else:
+            # on the CPU the "copy" is a fresh tensor: the same swapping logic runs
+            with _plain():
+                tensors = [host.clone() for _, host in entries]
+            ready = None
+        self._slots[index] = _Slot(tensors, ready)
+        self.copies += 1
+
+    def _make_pre_hook(self, index: int):
+        def hook(module: nn.Module, args: Any) -> None:
+            if index in self._host:
+                self._issue_copy(index)
+                slot = self._slots[index]
+                if self._cuda:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(slot.ready)
+                    for t in slot.tensors:
+                        t.record_stream(stream)
+                for (t, _), dev in zip(self._host[index], slot.tensors, strict=True):
+                    _set_data(t, dev)
+            # overlap: start copying the next streamed block(s) while this one computes
+            for nxt in self._next_streamed(index, self.prefetch):
+                if nxt != index:
+                    self._issue_copy(nxt)
+
+        return hook
+
+    def _make_post_hook(self, index: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            slot = self._slots.pop(index, None)
+            for t, host in self._host[index]:
+                _set_data(t, host)
+            del slot  # the device copy is freed once the compute stream is past it
+
+        return hook
+
+    def summary(self) -> dict[str, Any]:
+        """What is where, for logs and the loader node's status line."""
+        return {
+            "resident_blocks": self.resident,
+            "streamed_blocks": len(self.streamed),
+            "resident_bytes": sum(module_bytes(self.blocks[i]) for i in range(self.resident)),
+            "streamed_bytes": sum(module_bytes(self.blocks[i]) for i in self.streamed),
+            "ffn_chunk_size": self.ffn_chunk_size,
+        }
+
+
+def _block_tensors(block: nn.Module) -> list[torch.Tensor]:
+    return [p for p in block.parameters()] + [b for b in block.buffers()]
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with _plain():
+        return t.detach().to(device)
+
+
+def _set_data(t: torch.Tensor, data: torch.Tensor) -> None:
+    """Swap the storage under a tensor object, keeping the object (and its attributes)."""
+    with _plain(), torch.no_grad():
+        t.data = data
+
+
+def _bytes_on(model: nn.Module, device: torch.device) -> int:
+    """Bytes of the model already on `device` (they count as available when re-placing)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device == device or (device.index is None and t.device.type == device.type):
+            total += tensor_bytes(t)
+    return total
+
+
+def _model_dim(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    dim = getattr(config, "dim", None)
+    if isinstance(dim, int):
+        return dim
+    return 5120
+
+
+def enable_streaming(
+    model: nn.Module,
+    device: torch.device | str,
+    memory: str | int | None = "auto",
+    **kwargs: Any,
+) -> BlockStreamer | None:
+    """Functional spelling of `BlockStreamer.attach`; stores the streamer on `model.streamer`."""
+    streamer = BlockStreamer.attach(model, device, memory, **kwargs)
+    model.streamer = streamer
+    return streamer
