@@ -1,0 +1,116 @@
+"""Load a SteadyDancer GGUF file as a torch state dict, without dequantising or copying.
+
+Quantised tensors become `GGMLTensor`s over the memory-mapped bytes; F32/F16/BF16 tensors
+become plain tensors, also over the mapping. Nothing is read from disk until a tensor is
+used (or moved to a device), so loading a 14B file takes about as long as parsing its header.
+
+Before anything is returned the file is checked: it must be a Wan model (declared
+`general.architecture = wan`, or, for files written without that key, the Wan key set) and,
+unless `require_pose_path=False`, carry SteadyDancer's pose path. A plain Wan2.1-I2V file is
+the most common wrong download; the error says so and names what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+
+import gguf
+import torch
+
+from ..errors import ModelFileError, UnsupportedQuantError
+from ..keys import POSE_PATH_KEYS
+from .dequant import FLOAT_QTYPES, SUPPORTED_QTYPES, supported_names
+from .ops import GGMLTensor
+from .reader import GGUFFile, GGUFTensor, read_gguf
+
+WAN_ARCHITECTURE = "wan"
+# The keys ComfyUI-GGUF uses to recognise a Wan model in a file without an architecture.
+WAN_KEY_SET = ("blocks.0.self_attn.norm_q.weight", "text_embedding.2.weight", "head.modulation")
+# Written by some converters instead of a real architecture name.
+_UNDECLARED = (None, "", "pig")
+
+_TORCH_FLOAT = {
+    gguf.GGMLQuantizationType.F32: torch.float32,
+    gguf.GGMLQuantizationType.F16: torch.float16,
+    gguf.GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+
+def check_architecture(file: GGUFFile) -> str:
+    """Return "wan" for a Wan file; raise ModelFileError naming what the file is otherwise."""
+    arch = file.architecture
+    if arch == WAN_ARCHITECTURE:
+        return arch
+    if arch in _UNDECLARED:
+        missing = [k for k in WAN_KEY_SET if k not in file.tensors]
+        if not missing:
+            return WAN_ARCHITECTURE
+        raise ModelFileError(
+            f"{file.path}: no general.architecture in the file and the tensors are not a Wan "
+            f"model's (missing {', '.join(missing)}); SteadyDancer needs a Wan2.1-based GGUF"
+        )
+    raise ModelFileError(
+        f"{file.path}: a {arch!r} model; SteadyDancer needs a Wan2.1-based ('wan') GGUF file "
+        "such as MCG-NJU/SteadyDancer-GGUF"
+    )
+
+
+def missing_pose_path(names: Iterable[str]) -> list[str]:
+    """The pose-path tensors (spec: SteadyDancer's additions to Wan2.1) absent from `names`."""
+    present = set(names)
+    return [k for k in POSE_PATH_KEYS if k not in present]
+
+
+def check_pose_path(names: Iterable[str], source: str) -> None:
+    """Raise ModelFileError naming the missing pose-path tensors, if any."""
+    missing = missing_pose_path(names)
+    if not missing:
+        return
+    if len(missing) == len(POSE_PATH_KEYS):
+        raise ModelFileError(
+            f"{source}: this is a plain Wan2.1 model, not SteadyDancer: none of the "
+            f"{len(POSE_PATH_KEYS)} pose-path tensors is present ({', '.join(missing[:4])}, ...). "
+            "Use the SteadyDancer weights (e.g. MCG-NJU/SteadyDancer-GGUF)."
+        )
+    raise ModelFileError(
+        f"{source}: incomplete SteadyDancer file: {len(missing)} pose-path tensors are missing: "
+        f"{', '.join(missing)}"
+    )
+
+
+def check_supported(file: GGUFFile) -> None:
+    """Raise UnsupportedQuantError listing the tensors whose type cannot be dequantised."""
+    bad = [f"{t.name} ({t.qtype.name})" for t in file if t.qtype not in SUPPORTED_QTYPES]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise UnsupportedQuantError(
+            f"{file.path}: unsupported quantisation type in {shown}; supported: {supported_names()}"
+        )
+
+
+def to_torch(tensor: GGUFTensor) -> torch.Tensor:
+    """A GGUFTensor as a torch tensor sharing the mapped bytes (GGMLTensor when quantised)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        raw = torch.from_numpy(tensor.data)
+    if tensor.qtype in FLOAT_QTYPES:
+        return raw.view(_TORCH_FLOAT[tensor.qtype]).view(tensor.shape)
+    return GGMLTensor(raw, tensor_type=tensor.qtype, tensor_shape=tensor.shape)
+
+
+def load_gguf_state_dict(
+    path: str | os.PathLike[str], *, require_pose_path: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tensors of a SteadyDancer GGUF by prefix-stripped name, quantised ones left packed.
+
+    Raises GGUFError for an unreadable file, UnsupportedQuantError for a type this package
+    cannot dequantise, ModelFileError for a file that is not Wan or lacks the pose path.
+    """
+    with read_gguf(path) as file:
+        check_architecture(file)
+        check_supported(file)
+        if require_pose_path:
+            check_pose_path(file.tensors, file.path)
+        return {name: to_torch(t) for name, t in file.tensors.items()}
