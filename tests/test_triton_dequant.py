@@ -102,7 +102,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 @needs_triton
 def test_kernels_bit_exact_in_triton_interpreter(repo_root):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo_root))
+    path = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     proc = subprocess.run(
         [sys.executable, "-c", _INTERPRETER_SCRIPT],
         env=env,

@@ -1,0 +1,404 @@
+"""GPU benchmarks of issue 7 (and the GPU half of issue 3), printed side by side in one run.
+
+    python -m steadydancer.bench_gpu all --out DIR      # everything below, one table
+    python -m steadydancer.bench_gpu matmul             # dense bf16 matmul ceiling
+    python -m steadydancer.bench_gpu dequant            # plain vs Triton dequant, GB/s
+    python -m steadydancer.bench_gpu attention          # backends: agreement + speed
+    python -m steadydancer.bench_gpu model --weights Q4_K --memory auto --cap-gb 16
+    python -m steadydancer.bench_gpu guidance --weights bf16
+
+Each model configuration runs in its own process (`all` spawns them), so peak-memory
+figures and the per-process memory cap of the 16 GB mode never leak between runs. Every
+timed path is also checked against its plain counterpart (bit-exact dequant, attention
+error against a float64 reference, streamed vs resident forward), so a fast number that
+computes something else cannot pass unnoticed. Results are JSON lines (`--out`), the table
+is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = 1024**3
+
+
+# ------------------------------------------------------------------------------ timing
+def cuda_time(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5) -> float:
+    """Median seconds of `fn` measured with CUDA events, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    return statistics.median(times)
+
+
+def _emit(record: dict[str, Any], out: Path | None) -> None:
+    line = json.dumps(record, sort_keys=True)
+    print("RESULT " + line, flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+# ------------------------------------------------------------------------------ environment
+def env_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "part": "env",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "python": sys.version.split()[0],
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(
+            device=p.name,
+            total_gib=round(p.total_memory / GIB, 1),
+            sms=p.multi_processor_count,
+            capability=f"{p.major}.{p.minor}",
+        )
+    for mod in (
+        "triton",
+        "xformers",
+        "sageattention",
+        "flash_attn",
+        "flash_attn_interface",
+        "onnxruntime",
+        "gguf",
+    ):
+        try:
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", "present")
+        except Exception as exc:
+            info[mod] = f"missing ({type(exc).__name__})"
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except Exception:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------------------ matmul
+def bench_matmul() -> list[dict[str, Any]]:
+    """Dense bf16 matmul rate: the ceiling the model's efficiency is measured against."""
+    rows = []
+    shapes = [
+        ("8192^3", 8192, 8192, 8192),
+        ("qkvo 35880x5120x5120", 35880, 5120, 5120),
+        ("ffn.0 35880x5120x13824", 35880, 5120, 13824),
+        ("ffn.2 35880x13824x5120", 35880, 13824, 5120),
+    ]
+    for name, m, k, n in shapes:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        t = cuda_time(lambda a=a, b=b: a @ b, warmup=3, repeat=10)
+        rows.append(
+            {"part": "matmul", "shape": name, "seconds": t, "tflops": 2 * m * k * n / t / 1e12}
+        )
+        del a, b
+    torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------ dequant
+def _random_packed(qtype_name: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Random GGUF blocks on the GPU with finite, small fp16 scales (realistic magnitudes)."""
+    from .gguf.triton_dequant import BLOCK_LAYOUT
+
+    block_elems, block_bytes = BLOCK_LAYOUT[qtype_name]
+    n_blocks = shape[0] * shape[1] // block_elems
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    raw = torch.randint(
+        0, 256, (n_blocks, block_bytes), dtype=torch.uint8, device="cuda", generator=g
+    )
+    d = (torch.rand(n_blocks, 1, device="cuda", generator=g) * 1e-3 + 1e-4).half().view(torch.uint8)
+    if qtype_name == "Q6_K":
+        raw[:, 208:210] = d
+    else:
+        raw[:, 0:2] = d
+        if qtype_name in ("Q4_K", "Q5_K"):
+            raw[:, 2:4] = d
+    return raw.reshape(-1)
+
+
+def bench_dequant(shape: tuple[int, int] = (13824, 5120)) -> list[dict[str, Any]]:
+    """Plain PyTorch dequant (dequant.py) vs the fused Triton kernels, bf16 output."""
+    import gguf
+
+    from .gguf import dequant, triton_dequant
+
+    rows = []
+    for name in ("Q4_K", "Q5_K", "Q6_K", "Q8_0"):
+        qtype = gguf.GGMLQuantizationType[name]
+        raw = _random_packed(name, shape, seed=len(rows))
+        out_bytes = shape[0] * shape[1] * 2
+        moved = raw.numel() + out_bytes
+
+        os.environ[triton_dequant.ENV_SWITCH] = "0"
+        ref = dequant.dequantize(raw, qtype, shape, torch.bfloat16)
+        t_plain = cuda_time(
+            lambda raw=raw, qtype=qtype: dequant.dequantize(raw, qtype, shape, torch.bfloat16)
+        )
+        os.environ[triton_dequant.ENV_SWITCH] = "1"
+        fused = triton_dequant.dequantize_triton(raw, qtype, shape, torch.bfloat16)
+        exact = bool(torch.equal(fused.view(torch.int16), ref.view(torch.int16)))
+        fused32 = triton_dequant.dequantize_triton(raw, qtype, shape, torch.float32)
+        os.environ[triton_dequant.ENV_SWITCH] = "0"
+        ref32 = dequant.dequantize(raw, qtype, shape, torch.float32)
+        os.environ[triton_dequant.ENV_SWITCH] = "1"
+        exact32 = bool(torch.equal(fused32.view(torch.int32), ref32.view(torch.int32)))
+        t_fused = cuda_time(
+            lambda raw=raw, qtype=qtype: triton_dequant.dequantize_triton(
+                raw, qtype, shape, torch.bfloat16
+            ),
+            warmup=3,
+            repeat=20,
+        )
+        rows.append(
+            {
+                "part": "dequant",
+                "qtype": name,
+                "shape": list(shape),
+                "plain_ms": t_plain * 1e3,
+                "triton_ms": t_fused * 1e3,
+                "plain_gbs": moved / t_plain / 1e9,
+                "triton_gbs": moved / t_fused / 1e9,
+                "speedup": t_plain / t_fused,
+                "bit_exact_bf16": exact,
+                "bit_exact_f32": exact32,
+            }
+        )
+        del raw, ref, fused, fused32, ref32
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------ attention
+def _direct_backends() -> dict[str, Callable[..., torch.Tensor]]:
+    """Attention implementations called directly, [B, L, H, D] in and out."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_with(backend):
+        def run(q, k, v):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                ).transpose(1, 2)
+
+        return run
+
+    fns: dict[str, Callable[..., torch.Tensor]] = {
+        "sdpa[flash]": sdpa_with(SDPBackend.FLASH_ATTENTION),
+        "sdpa[cudnn]": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+        "sdpa[efficient]": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
+    }
+    try:
+        import xformers.ops as xops
+
+        fns["xformers (direct)"] = lambda q, k, v: xops.memory_efficient_attention(q, k, v)
+    except Exception:
+        pass
+    try:
+        from sageattention import sageattn
+
+        fns["sage (direct)"] = lambda q, k, v: sageattn(
+            q, k, v, tensor_layout="NHD", is_causal=False
+        )
+    except Exception:
+        pass
+    return fns
+
+
+def _reference_attention(q, k, v) -> torch.Tensor:
+    qf, kf, vf = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = (qf @ kf.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return (s.softmax(-1) @ vf).transpose(1, 2)
+
+
+def bench_attention(
+    tokens: int = 35880, heads: int = 40, head_dim: int = 128
+) -> list[dict[str, Any]]:
+    """Each backend: error vs a float64 reference on random q/k/v, then speed at model size.
+
+    Our dispatcher's backends (steadydancer.attention) are run by name when the module is
+    there; direct library calls are listed too, so a dispatcher overhead or a wrong layout
+    shows as a difference between the two.
+    """
+    rows = []
+    candidates: dict[str, Callable[..., torch.Tensor]] = {}
+    try:
+        from .attention import AttentionDispatcher, available_backends
+
+        names = available_backends(torch.device("cuda"), torch.bfloat16, head_dim)
+        for name in names:
+            disp = AttentionDispatcher(backend=name)
+            candidates[f"{name}"] = lambda q, k, v, disp=disp: disp(q, k, v)
+        auto = AttentionDispatcher(backend="auto")
+        candidates["auto"] = lambda q, k, v, auto=auto: auto(q, k, v)
+    except ImportError as exc:
+        rows.append(
+            {"part": "attention", "backend": "dispatcher", "error": f"not importable: {exc}"}
+        )
+        auto = None
+    candidates.update(_direct_backends())
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    small = [
+        torch.randn(2, 2048, 8, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+        for _ in range(3)
+    ]
+    ref = _reference_attention(*small)
+    big = [
+        torch.randn(1, tokens, heads, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+        for _ in range(3)
+    ]
+    flops = 4 * tokens * tokens * heads * head_dim
+    for name, fn in candidates.items():
+        row: dict[str, Any] = {"part": "attention", "backend": name}
+        try:
+            out = fn(*small)
+            row["rel_err"] = float((out.double() - ref).norm() / ref.norm())
+            row["shape_ok"] = tuple(out.shape) == tuple(small[0].shape)
+            t = cuda_time(lambda fn=fn: fn(*big), warmup=2, repeat=5)
+            row.update(ms=t * 1e3, tflops=flops / t / 1e12)
+            if name == "auto" and auto is not None:
+                row["backend_used"] = getattr(auto, "backend_used", None)
+        except Exception as exc:
+            row["error"] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------ table
+def format_table(records: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    env = next((r for r in records if r.get("part") == "env"), None)
+    if env:
+        lines.append(
+            f"device {env.get('device')} ({env.get('total_gib')} GiB), torch {env.get('torch')}, "
+            f"CUDA {env.get('cuda')}, triton {env.get('triton')}, {env.get('date')}"
+        )
+    mm = [r for r in records if r.get("part") == "matmul"]
+    if mm:
+        lines.append(
+            "matmul bf16: " + "; ".join(f"{r['shape']} {r['tflops']:.0f} TFLOP/s" for r in mm)
+        )
+    dq = [r for r in records if r.get("part") == "dequant"]
+    if dq:
+        lines.append(
+            "dequant (13824x5120 -> bf16)   plain ms  GB/s | triton ms  GB/s | speedup exact"
+        )
+        for r in dq:
+            lines.append(
+                f"  {r['qtype']:<6} {r['plain_ms']:>22.3f} {r['plain_gbs']:>6.0f} | {r['triton_ms']:>9.3f} "
+                f"{r['triton_gbs']:>5.0f} | {r['speedup']:>6.1f}x {r['bit_exact_bf16'] and r['bit_exact_f32']}"
+            )
+    at = [r for r in records if r.get("part") == "attention"]
+    if at:
+        lines.append("attention [1,35880,40,128] bf16     rel_err     ms   TFLOP/s")
+        for r in at:
+            if "error" in r:
+                lines.append(f"  {r['backend']:<30} ERROR {r['error']}")
+            else:
+                lines.append(
+                    f"  {r['backend']:<30} {r['rel_err']:.2e} {r['ms']:>7.1f} {r['tflops']:>7.0f}"
+                    + (f"  (ran {r['backend_used']})" if r.get("backend_used") else "")
+                )
+    for part in ("model", "guidance", "pose", "gpu_tests"):
+        for r in (r for r in records if r.get("part") == part):
+            lines.append(
+                f"{part}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k != "part")
+            )
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# ------------------------------------------------------------------------------ CLI
+def _load_records(out: Path | None) -> list[dict[str, Any]]:
+    if out is None or not (out / "results.jsonl").exists():
+        return []
+    return [
+        json.loads(line)
+        for line in (out / "results.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+
+
+def _run_child(args: list[str], out: Path | None, timeout: int) -> None:
+    cmd = [sys.executable, "-m", "steadydancer.bench_gpu", *args]
+    if out is not None:
+        cmd += ["--out", str(out)]
+    print("$ " + " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, timeout=timeout)
+        if proc.returncode != 0:
+            _emit({"part": "error", "cmd": " ".join(args), "rc": proc.returncode}, out)
+    except subprocess.TimeoutExpired:
+        _emit({"part": "error", "cmd": " ".join(args), "rc": "timeout"}, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m steadydancer.bench_gpu", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("part", choices=["env", "matmul", "dequant", "attention", "quick", "all"])
+    parser.add_argument("--out", type=Path, default=None, help="directory for results.jsonl")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu needs a CUDA GPU; none is visible to torch", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.part in ("quick", "all"):
+        _emit(env_info(), args.out)
+        for part in ("matmul", "dequant", "attention"):
+            _run_child([part], args.out, timeout=300)
+        print(format_table(_load_records(args.out)))
+        return 0
+    records: list[dict[str, Any]]
+    if args.part == "env":
+        records = [env_info()]
+    elif args.part == "matmul":
+        records = bench_matmul()
+    elif args.part == "dequant":
+        records = bench_dequant()
+    else:
+        records = bench_attention()
+    for r in records:
+        _emit(r, args.out)
+    print(format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
