@@ -1,0 +1,220 @@
+"""Pose nodes: DWPose detector loader, pose extraction, and alignment to the reference person.
+
+The work is done by the `pose` library (detection, alignment, augmentation, rendering); these
+nodes convert between ComfyUI's types and the library's, find checkpoints in `models/dwpose`,
+and connect ComfyUI's progress bar and Cancel button to the extraction.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from ..pose import (
+    align_poses,
+    augment_poses,
+    from_pose_keypoint,
+    load_detector,
+    render_sequence,
+    to_pose_keypoint,
+)
+from ..pose.errors import CheckpointNotFoundError, PoseCancelled, PoseError
+from .conditioning import MAX_RESOLUTION
+
+DWPOSE_FOLDER = "dwpose"
+DWPOSE_EXTENSIONS = frozenset({".onnx", ".pth"})
+BACKENDS = ("onnx", "mmpose")
+MISSING_POLICIES = ("hold", "interpolate", "empty")
+COLOURS = ("steadydancer", "controlnet")
+REFERENCE_DETECT_RESOLUTION = 1024  # the reference pipeline's
+
+PoseDetectorType = io.Custom("STEADYDANCER_POSE_DETECTOR")
+PoseKeypoint = io.Custom("POSE_KEYPOINT")  # the controlnet_aux / OpenPose JSON list, one dict per frame
+
+
+def register_dwpose_folder() -> None:
+    """Make `models/dwpose` a ComfyUI model folder, keeping paths that extra_model_paths added.
+
+    The extension set is replaced by a new one (never mutated): ComfyUI shares set objects
+    between folder keys.
+    """
+    default = os.path.join(folder_paths.models_dir, DWPOSE_FOLDER)
+    folder_paths.add_model_folder_path(DWPOSE_FOLDER, default, is_default=True)
+    paths, extensions = folder_paths.folder_names_and_paths[DWPOSE_FOLDER]
+    folder_paths.folder_names_and_paths[DWPOSE_FOLDER] = (paths, set(extensions) | DWPOSE_EXTENSIONS)
+
+
+def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
+    """ComfyUI IMAGE [N,H,W,C] floats in 0..1 -> RGB uint8 [N,H,W,3], the pose library's input."""
+    return (images[..., :3].clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu().numpy()
+
+
+def to_image(frames: np.ndarray) -> torch.Tensor:
+    """RGB uint8 [N,H,W,3] -> ComfyUI IMAGE floats in 0..1."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)
+
+
+def render_at_size(poses: list, reference_size: tuple[int, int], width: int, height: int, colours: str, chunk: int = 8) -> torch.Tensor:
+    """Poses drawn at twice the reference size, bicubic-resized to the generation size (spec §2, §5).
+
+    Drawn in chunks so that 81 frames at 2x a large reference never sit in memory at once.
+    """
+    ref_h, ref_w = reference_size
+    out = torch.empty((len(poses), height, width, 3))
+    for start in range(0, len(poses), chunk):
+        drawn = to_image(render_sequence(poses[start : start + chunk], 2 * ref_h, 2 * ref_w, colours=colours, supersample=1))
+        resized = torch.nn.functional.interpolate(drawn.movedim(-1, 1), size=(height, width), mode="bicubic")
+        out[start : start + chunk] = resized.movedim(1, -1).clamp_(0.0, 1.0)
+    return out
+
+
+def _load_from_folders(backend: str):  # -> pose.backends.PoseDetector
+    """The detector from the first `dwpose` folder holding this backend's checkpoints."""
+    folders = folder_paths.get_folder_paths(DWPOSE_FOLDER)
+    first_error: CheckpointNotFoundError | None = None
+    for folder in folders:
+        try:
+            return load_detector(backend, folder, device=comfy.model_management.get_torch_device())
+        except CheckpointNotFoundError as error:
+            first_error = first_error or error
+    raise CheckpointNotFoundError(
+        f"no {backend} DWPose checkpoints in any dwpose folder ({', '.join(folders)}): {first_error}"
+    )
+
+
+def _detect(detector, images: torch.Tensor, detect_resolution: int, progress: Callable[[int, int], None] | None = None) -> list:
+    """Run the detector with ComfyUI's Cancel: an interrupt stops it between batches."""
+    try:
+        return detector.detect(
+            to_uint8_frames(images),
+            detect_resolution=detect_resolution,
+            progress=progress,
+            should_cancel=comfy.model_management.processing_interrupted,
+        )
+    except PoseCancelled:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise
+
+
+class SteadyDancerPoseDetectorLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SteadyDancerPoseDetectorLoader",
+            display_name="SteadyDancer Pose Detector Loader (DWPose)",
+            category="SteadyDancer/pose",
+            description="Loads DWPose (YOLOX-L person detector + DWPose-L whole-body model) from models/dwpose.",
+            inputs=[
+                io.Combo.Input(
+                    "backend",
+                    options=list(BACKENDS),
+                    default="onnx",
+                    tooltip="onnx: onnxruntime with yolox_l.onnx + dw-ll_ucoco_384.onnx. mmpose: the reference "
+                    "pipeline (mmpose/mmdet/mmcv) with yolox_l_8x8_300e_coco_20211126_140236-d3bd2b23.pth + dw-ll_ucoco_384.pth.",
+                ),
+            ],
+            outputs=[PoseDetectorType.Output(display_name="pose_detector")],
+        )
+
+    @classmethod
+    def execute(cls, backend: str) -> io.NodeOutput:
+        return io.NodeOutput(_load_from_folders(backend))
+
+
+class SteadyDancerPoseExtract(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SteadyDancerPoseExtract",
+            display_name="SteadyDancer Pose Extract",
+            category="SteadyDancer/pose",
+            description="Whole-body poses of every frame (e.g. from LoadVideo + GetVideoComponents), one person per frame.",
+            inputs=[
+                PoseDetectorType.Input("pose_detector"),
+                io.Image.Input("images", tooltip="Frames of the driving video."),
+                io.Int.Input("detect_resolution", default=1024, min=64, max=4096, step=64, tooltip="Short side the frames are resized to for detection (reference: 1024)."),
+            ],
+            outputs=[
+                PoseKeypoint.Output(display_name="poses"),
+                io.Image.Output(display_name="preview"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, pose_detector, images: torch.Tensor, detect_resolution: int) -> io.NodeOutput:
+        bar = comfy.utils.ProgressBar(images.shape[0])
+        poses = _detect(pose_detector, images, detect_resolution, progress=lambda done, total: bar.update_absolute(done, total))
+        height, width = images.shape[1:3]
+        preview = to_image(render_sequence(poses, height, width, supersample=1))
+        return io.NodeOutput(to_pose_keypoint(poses), preview)
+
+
+class SteadyDancerPoseAlign(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SteadyDancerPoseAlign",
+            display_name="SteadyDancer Pose Align",
+            category="SteadyDancer/pose",
+            description="Fits the driving poses to the reference person's proportions and position (positive) "
+            "and draws randomly scaled copies (negative, for pose guidance), both rendered at the generation size.",
+            inputs=[
+                io.Image.Input("reference_image", tooltip="The person to animate (first image)."),
+                PoseKeypoint.Input("driving_poses", tooltip="Poses of the driving video (SteadyDancer Pose Extract)."),
+                io.Int.Input("width", default=480, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation width (as in the conditioning node)."),
+                io.Int.Input("height", default=832, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation height."),
+                io.Int.Input("align_frame", default=0, min=0, max=100000, tooltip="Driving frames skipped at the start; the first used frame sets the limb scales."),
+                io.Combo.Input("missing_person", options=list(MISSING_POLICIES), default="hold", tooltip="Frames without a person: hold the previous pose, interpolate between neighbours, or leave the frame empty."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the random scales of the negative poses."),
+                io.Combo.Input("colours", options=list(COLOURS), default="steadydancer", tooltip="steadydancer: the colours the model was trained on. controlnet: OpenPose ControlNet colours."),
+                PoseDetectorType.Input("pose_detector", optional=True, tooltip="Detects the reference pose (at resolution 1024); not needed when reference_pose is connected."),
+                PoseKeypoint.Input("reference_pose", optional=True, tooltip="Pose of the reference image, instead of detecting it."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="positive"),
+                io.Image.Output(display_name="negative"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        reference_image: torch.Tensor,
+        driving_poses: list[dict],
+        width: int,
+        height: int,
+        align_frame: int,
+        missing_person: str,
+        seed: int,
+        colours: str = "steadydancer",
+        pose_detector=None,
+        reference_pose: list[dict] | None = None,
+    ) -> io.NodeOutput:
+        reference = _reference_pose(reference_image[:1], pose_detector, reference_pose)
+        aligned = align_poses(reference, from_pose_keypoint(driving_poses), align_frame=align_frame, missing=missing_person)
+        augmented = augment_poses(aligned, seed)
+        size = tuple(reference_image.shape[1:3])
+        return io.NodeOutput(
+            render_at_size(aligned, size, width, height, colours), render_at_size(augmented, size, width, height, colours)
+        )
+
+
+def _reference_pose(image: torch.Tensor, detector, keypoints: list[dict] | None):
+    """The reference person's pose (None: no person, which align_poses reports clearly)."""
+    if keypoints is not None:
+        poses = from_pose_keypoint(keypoints[:1])
+    elif detector is not None:
+        poses = _detect(detector, image, REFERENCE_DETECT_RESOLUTION)
+    else:
+        raise PoseError("SteadyDancer Pose Align needs the reference pose: connect pose_detector or reference_pose")
+    return poses[0] if poses else None
+
+
+POSE_NODES: list[type[io.ComfyNode]] = [SteadyDancerPoseDetectorLoader, SteadyDancerPoseExtract, SteadyDancerPoseAlign]

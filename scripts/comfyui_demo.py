@@ -1,0 +1,258 @@
+"""Run the example graph in a real ComfyUI with this package, on the embedded tiny models.
+
+    python scripts/comfyui_demo.py --comfyui DIR [--python COMFYUI_PYTHON] [--keep-running]
+
+builds the tiny models (scripts/make_tiny_models.py, with ComfyUI's Python), starts ComfyUI
+on a free loopback port with this package, submits the example API graph rewritten for the
+tiny models, waits for it, prints where the video was written, and stops the server. The
+integration tests use the same `ComfyServer` class.
+
+The package is loaded the way NOTES.md describes, without copying it into ComfyUI: an
+extra_model_paths file whose `custom_nodes` entry is a folder holding a symlink to the
+repository; its model folders point at the tiny models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_FOLDER = "comfyui-steadydancer"
+MODEL_FOLDERS = ("diffusion_models", "text_encoders", "clip_vision", "vae", "dwpose", "loras")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def comfyui_python(comfyui_dir: Path) -> str:
+    """COMFYUI_PYTHON, else ComfyUI's own .venv, else `python3`."""
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv = comfyui_dir / ".venv" / "bin" / "python"
+    return str(venv) if venv.is_file() else "python3"
+
+
+def write_extra_paths(work: Path, models: Path) -> Path:
+    """extra_model_paths.yaml: our package as a custom node, the models folders under `models`."""
+    nodes_dir = work / "custom_nodes"
+    nodes_dir.mkdir(parents=True, exist_ok=True)
+    link = nodes_dir / PACKAGE_FOLDER
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    lines = ["steadydancer_test:", f"  base_path: {models}", f"  custom_nodes: {nodes_dir}"]
+    lines += [f"  {name}: {name}" for name in MODEL_FOLDERS]
+    config = work / "extra_model_paths.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+class ComfyServer:
+    """A ComfyUI process on a free loopback port; `stop()` ends it (only it)."""
+
+    def __init__(
+        self, comfyui_dir: Path, work: Path, models: Path, *, input_dir: Path | None = None, output_dir: Path | None = None
+    ) -> None:
+        self.comfyui_dir = comfyui_dir
+        self.work = work
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output_dir = output_dir or work / "output"
+        self.input_dir = input_dir or work / "input"
+        self.log_path = work / "comfyui.log"
+        self.client_id = uuid.uuid4().hex
+        config = write_extra_paths(work, models)
+        for folder in (self.input_dir, self.output_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            comfyui_python(comfyui_dir), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--disable-auto-launch", "--extra-model-paths-config", str(config),
+            "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
+            "--temp-directory", str(work),
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, cwd=comfyui_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/system_stats", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log()}")
+        text = self.log_path.read_text(errors="replace")
+        if "IMPORT FAILED" in text and PACKAGE_FOLDER in text.split("IMPORT FAILED", 1)[1][:300]:
+            raise RuntimeError(f"ComfyUI could not import the package:\n{self.log(8000)}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    # --- HTTP API -------------------------------------------------------------------------
+    def get(self, path: str) -> requests.Response:
+        return requests.get(f"{self.url}{path}", timeout=30)
+
+    def object_info(self) -> dict:
+        return self.get("/object_info").json()
+
+    def submit(self, graph: dict) -> requests.Response:
+        """POST /prompt; the response is returned as is (200 with prompt_id, or 400 with node_errors)."""
+        return requests.post(f"{self.url}/prompt", json={"prompt": graph, "client_id": self.client_id}, timeout=60)
+
+    def interrupt(self) -> None:
+        requests.post(f"{self.url}/interrupt", timeout=10).raise_for_status()
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self.get(f"/history/{prompt_id}").json().get(prompt_id)
+
+    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """Poll /history until the prompt finished (successfully or not); returns its entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.history(prompt_id)  # present once the prompt has finished
+            if entry:
+                return entry
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log()}")
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log()}")
+
+    def websocket(self):  # -> websocket.WebSocket
+        import websocket
+
+        ws = websocket.WebSocket()
+        ws.connect(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=30)
+        return ws
+
+
+def messages_until_done(ws, prompt_id: str, timeout: float = 600.0, on_message=None) -> list[dict]:
+    """Websocket JSON messages of one prompt, until it succeeded, failed or was interrupted."""
+    messages: list[dict] = []
+    deadline = time.monotonic() + timeout
+    ws.settimeout(5)
+    while time.monotonic() < deadline:
+        try:
+            raw = ws.recv()
+        except Exception as error:  # websocket timeouts: keep waiting until the deadline
+            if type(error).__name__ == "WebSocketTimeoutException":
+                continue
+            raise
+        if not isinstance(raw, str):
+            continue  # binary preview frames
+        message = json.loads(raw)
+        data = message.get("data", {})
+        if data.get("prompt_id") not in (None, prompt_id):
+            continue
+        messages.append(message)
+        if on_message is not None:
+            on_message(message)
+        if message["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+            return messages
+    raise TimeoutError(f"no end of prompt {prompt_id} on the websocket within {timeout:.0f} s")
+
+
+def saved_files(entry: dict) -> list[dict]:
+    """Every file the prompt's output nodes reported (images, videos, ...)."""
+    files = []
+    for output in entry.get("outputs", {}).values():
+        for items in output.values():
+            if isinstance(items, list):
+                files.extend(item for item in items if isinstance(item, dict) and "filename" in item)
+    return files
+
+
+def build_demo(python: str, comfyui: Path, models: Path, work: Path) -> dict:
+    """Tiny models into `models`, inputs into work/input; returns the demo API graph."""
+    graph = work / "demo_graph.json"
+    subprocess.run(
+        [python, str(REPO_ROOT / "scripts" / "make_tiny_models.py"), "--comfyui", str(comfyui), "--out", str(models),
+         "--input", str(work / "input"), "--graph", str(graph)],
+        cwd=REPO_ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+    )  # fmt: skip
+    return json.loads(graph.read_text())
+
+
+def run_demo(server: ComfyServer, graph: dict, timeout: float = 1800.0) -> Path:
+    """Submit the graph, report progress on stderr, return the saved video's path."""
+    response = server.submit(graph)
+    if response.status_code != 200:
+        raise RuntimeError(f"ComfyUI refused the graph ({response.status_code}): {response.text}")
+    prompt_id = response.json()["prompt_id"]
+    classes = {k: v["class_type"] for k, v in graph.items()}
+
+    def report(message: dict) -> None:
+        data = message["data"]
+        if message["type"] == "executing" and data.get("node"):
+            print(f"  running {classes.get(data['node'], data['node'])}", file=sys.stderr, flush=True)
+
+    ws = server.websocket()
+    try:
+        messages = messages_until_done(ws, prompt_id, timeout, on_message=report)
+    finally:
+        ws.close()
+    if messages[-1]["type"] != "execution_success":
+        raise RuntimeError(f"the graph failed: {json.dumps(messages[-1]['data'])[:2000]}")
+    videos = [f for f in saved_files(server.wait(prompt_id)) if f["filename"].endswith((".mp4", ".webm", ".mov"))]
+    if not videos:
+        raise RuntimeError("the graph finished without saving a video")
+    return server.output_dir / videos[0].get("subfolder", "") / videos[0]["filename"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the example graph in ComfyUI on the tiny models.")
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder (0.3.64)")
+    parser.add_argument("--python", help="ComfyUI's Python (default: COMFYUI_PYTHON, DIR/.venv, python3)")
+    parser.add_argument("--models", type=Path, default=REPO_ROOT / "tiny_models", help="tiny models folder")
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / "out" / "demo", help="input/output/log folder")
+    args = parser.parse_args(argv)
+    if args.python:
+        os.environ["COMFYUI_PYTHON"] = args.python
+    python = comfyui_python(args.comfyui)
+    args.work.mkdir(parents=True, exist_ok=True)
+    print("building the tiny demo models (first run: about a minute) ...", file=sys.stderr, flush=True)
+    graph = build_demo(python, args.comfyui, args.models.resolve(), args.work.resolve())
+    with tempfile.TemporaryDirectory(prefix="steadydancer-comfyui-") as scratch:
+        server = ComfyServer(args.comfyui, Path(scratch), args.models.resolve(), input_dir=args.work / "input",
+                             output_dir=args.work / "output")  # fmt: skip
+        try:
+            print(f"starting ComfyUI on {server.url} (log: {args.work / 'comfyui.log'}) ...", file=sys.stderr, flush=True)
+            server.wait_ready()
+            video = run_demo(server, graph)
+        finally:
+            server.stop()
+            (args.work / "comfyui.log").write_text(server.log_path.read_text(errors="replace"))
+    print(f"video written to {video}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Build the embedded demo: tiny random-weight models in the real file formats, and inputs.
+
+Run it with ComfyUI's Python from the repository root (it imports ComfyUI's own model
+classes so that every file is exactly what ComfyUI's loaders read):
+
+    $COMFYUI_PYTHON scripts/make_tiny_models.py --comfyui $COMFYUI_DIR --out tiny_models
+
+It writes, under OUT (ComfyUI's folder layout, usable as an extra_model_paths base):
+- diffusion_models/steadydancer_tiny_Q8_0.gguf: a SteadyDancer DiT with every tensor of the
+  real model at tiny width, converted by `python -m steadydancer.gguf.convert`; its text and
+  CLIP widths match the two encoders below;
+- text_encoders/tiny_sd1_clip_l.safetensors: an SD1.x CLIP-L text encoder (CLIPLoader type
+  stable_diffusion; 768-wide hidden states) with random weights;
+- clip_vision/tiny_clip_vit_l14.safetensors: a CLIP ViT-L/14 vision model (257 x 1024
+  penultimate states) with random weights;
+- vae/wan_2.1_vae_random.safetensors: ComfyUI's Wan 2.1 VAE at its real size, random weights;
+- dwpose/yolox_l.onnx, dwpose/dw-ll_ucoco_384.onnx: ONNX stand-ins with the real models'
+  inputs and outputs that always find one person in a fixed pose;
+- input/steadydancer_reference.png and input/steadydancer_driving.mp4: a synthetic reference
+  image and driving video.
+`--graph FILE` also writes workflows/steadydancer_api.json rewritten to use these files at a
+tiny size (what `scripts/setup.sh`, the integration tests and the container test submit).
+Random weights produce noise, not a dance: this proves the plumbing, not the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TEXT_ENCODER = "tiny_sd1_clip_l.safetensors"
+CLIP_VISION = "tiny_clip_vit_l14.safetensors"
+VAE = "wan_2.1_vae_random.safetensors"
+DIT = "steadydancer_tiny_Q8_0.gguf"
+REFERENCE = "steadydancer_reference.png"
+DRIVING = "steadydancer_driving.mp4"
+TEXT_DIM = 768  # SD1 CLIP-L hidden size
+CLIP_DIM = 1024  # ViT-L/14 hidden size
+
+# Tiny generation settings of the demo graph: 2 latent frames of 4x4 tokens, 2 steps.
+DEMO = {"width": 64, "height": 64, "length": 5, "steps": 2, "driving_frames": 7, "fps": 8}
+
+
+def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: str):  # -> dict[str, torch.Tensor]
+    """Initialised-looking random tensors: norms 1, biases 0, matrices ~ N(0, 1/fan_in)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        lower = name.lower()
+        if any(k in lower for k in ("norm", "gamma", "ln_", "layrnorm")) and (lower.endswith("weight") or "gamma" in lower):
+            t = torch.ones(shape)
+        elif lower.endswith("bias") or len(shape) <= 1:
+            t = torch.zeros(shape)
+        else:
+            fan_in = int(np.prod(shape[1:])) if "embedding" not in lower else 50
+            t = torch.randn(shape, generator=gen) / float(np.sqrt(max(fan_in, 1)))
+        out[name] = t.to(getattr(torch, dtype)).contiguous()
+    return out
+
+
+def use_comfyui(comfyui: Path) -> None:
+    """Make ComfyUI importable, on the CPU: building the models needs no accelerator."""
+    sys.path[:0] = [str(comfyui.resolve()), str(REPO_ROOT)]
+    from comfy.cli_args import args
+
+    args.cpu = True
+
+
+def _shapes(module) -> dict[str, tuple[int, ...]]:  # module: torch.nn.Module
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def write_text_encoder(path: Path) -> None:
+    """SD1.x CLIP-L text model, HF key layout (what CLIPLoader detects as CLIP-L)."""
+    import comfy.sd1_clip
+    from safetensors.torch import save_file
+
+    model = comfy.sd1_clip.SDClipModel(device="cpu")
+    save_file(_random_weights(_shapes(model.transformer), 1, "float16"), str(path))
+
+
+def write_clip_vision(path: Path) -> None:
+    """CLIP ViT-L/14 vision model with projection, HF key layout (CLIPVisionLoader)."""
+    import comfy.clip_vision
+    from safetensors.torch import save_file
+
+    config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json"
+    model = comfy.clip_vision.ClipVisionModel(str(config))
+    save_file(_random_weights(_shapes(model.model), 2, "float16"), str(path))
+
+
+def write_wan_vae(path: Path) -> None:
+    """ComfyUI's Wan 2.1 VAE (dim 96, z 16) at its real size: the VAELoader detects it by keys."""
+    import comfy.ldm.wan.vae
+    from safetensors.torch import save_file
+
+    model = comfy.ldm.wan.vae.WanVAE(
+        dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True]
+    )
+    save_file(_random_weights(_shapes(model), 3, "bfloat16"), str(path))
+
+
+def write_dit(path: Path, work: Path) -> None:
+    """Tiny SteadyDancer DiT (1 head of 128, 2 blocks) as safetensors, then the GGUF converter."""
+    from safetensors.numpy import save_file
+
+    from steadydancer.keys import TinyConfig, tiny_state_dict
+
+    config = TinyConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=TEXT_DIM, clip_dim=CLIP_DIM)
+    source = work / "steadydancer_tiny.safetensors"
+    save_file(tiny_state_dict(config, seed=4), str(source))
+    subprocess.run(
+        [sys.executable, "-m", "steadydancer.gguf.convert", str(source), str(path), "--type", "Q8_0"],
+        cwd=REPO_ROOT,
+        check=True,
+    )
+    source.unlink()
+
+
+def write_pose_standins(folder: Path) -> None:
+    """ONNX YOLOX-L and DWPose-L stand-ins that always report one person in a fixed pose."""
+    from pose.testing import write_onnx_standins
+
+    write_onnx_standins(folder)
+
+
+def write_inputs(folder: Path) -> None:
+    """A reference image and a short driving video (a moving figure on a plain background)."""
+    import av
+    import cv2
+
+    size = 96
+    frame = np.full((size, size, 3), 200, np.uint8)
+    cv2.circle(frame, (48, 20), 9, (230, 180, 150), -1)
+    cv2.rectangle(frame, (38, 30), (58, 62), (40, 60, 160), -1)
+    cv2.imwrite(str(folder / REFERENCE), frame[..., ::-1])
+    with av.open(str(folder / DRIVING), "w") as container:
+        stream = container.add_stream("mpeg4", rate=DEMO["fps"])
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(DEMO["driving_frames"]):
+            image = np.full((size, size, 3), 30, np.uint8)
+            cv2.line(image, (48, 30), (20 + 8 * i, 70), (255, 255, 255), 4)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def demo_graph(api_workflow: dict, *, prefix: str = "steadydancer/demo") -> dict:
+    """The example API graph rewritten for the tiny models and a tiny size (same nodes, same links)."""
+    graph = json.loads(json.dumps(api_workflow))
+    for node in graph.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CLIPLoader":
+            inputs.update(clip_name=TEXT_ENCODER, type="stable_diffusion")
+        elif kind == "CLIPVisionLoader":
+            inputs["clip_name"] = CLIP_VISION
+        elif kind == "VAELoader":
+            inputs["vae_name"] = VAE
+        elif kind == "SteadyDancerModelLoader":
+            inputs["model_name"] = DIT
+        elif kind == "LoadImage":
+            inputs["image"] = REFERENCE
+        elif kind == "LoadVideo":
+            inputs["file"] = DRIVING
+        elif kind in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign"):
+            inputs.update({k: DEMO[k] for k in ("width", "height") if k in inputs})
+            if "length" in inputs:
+                inputs["length"] = DEMO["length"]
+        elif kind == "BasicScheduler" or "steps" in inputs:
+            inputs["steps"] = DEMO["steps"]
+        elif kind == "SaveVideo":
+            inputs["filename_prefix"] = prefix
+        elif kind == "SteadyDancerPoseExtract":
+            inputs["detect_resolution"] = 128
+    return graph
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder (its model classes are imported)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "tiny_models", help="models folder to fill (default: tiny_models)")
+    parser.add_argument("--input", type=Path, help="where the reference image and driving video go (default: OUT/input)")
+    parser.add_argument("--graph", type=Path, help="also write the demo API graph here")
+    parser.add_argument("--force", action="store_true", help="rebuild files that exist")
+    args = parser.parse_args(argv)
+    use_comfyui(args.comfyui)
+    input_dir = args.input or args.out / "input"
+    steps = [
+        (args.out / "diffusion_models" / DIT, lambda p: write_dit(p, p.parent)),
+        (args.out / "text_encoders" / TEXT_ENCODER, write_text_encoder),
+        (args.out / "clip_vision" / CLIP_VISION, write_clip_vision),
+        (args.out / "vae" / VAE, write_wan_vae),
+        (args.out / "dwpose" / "dw-ll_ucoco_384.onnx", lambda p: write_pose_standins(p.parent)),
+        (input_dir / DRIVING, lambda p: write_inputs(p.parent)),
+    ]
+    for path, build in steps:
+        if path.is_file() and not args.force:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing {path}", flush=True)
+        build(path)
+    if args.graph:
+        api = json.loads((REPO_ROOT / "workflows" / "steadydancer_api.json").read_text())
+        args.graph.write_text(json.dumps(demo_graph(api), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

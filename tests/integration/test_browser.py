@@ -1,0 +1,81 @@
+"""The UI workflow in a real browser: ComfyUI's page (frontend 1.27) with this package loaded.
+
+Headless Debian chromium driven by selenium. The workflow must load with every node type
+known (no missing-nodes dialog), and the graph the page would queue must be the API
+workflow in workflows/ (so the two files are the same graph). A screenshot is kept in
+test-output/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from scripts.comfyui_demo import REPO_ROOT
+
+pytestmark = pytest.mark.comfyui
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1920,1080"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    driver.set_script_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _wait_for_app(driver, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if driver.execute_script("return !!(window.app && window.app.graph && window.LiteGraph);"):
+            return
+        time.sleep(0.5)
+    raise TimeoutError("the ComfyUI page did not start its app")
+
+
+LOAD_AND_EXPORT = """
+const [workflow, done] = [arguments[0], arguments[arguments.length - 1]];
+(async () => {
+  await window.app.loadGraphData(workflow);
+  await new Promise(r => setTimeout(r, 1500));
+  const nodes = window.app.graph._nodes;
+  const unknown = nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type);
+  const dialogs = [...document.querySelectorAll('.p-dialog, [role="dialog"]')].map(d => d.innerText);
+  const prompt = await window.app.graphToPrompt();
+  done({count: nodes.length, types: nodes.map(n => n.type), unknown, dialogs, output: prompt.output});
+})().catch(e => done({error: String(e)}));
+"""
+
+
+def test_ui_workflow_renders_every_node(comfy_server, browser, api_workflow: dict) -> None:
+    workflow = json.loads((REPO_ROOT / "workflows" / "steadydancer.json").read_text())
+    browser.get(comfy_server.url)
+    _wait_for_app(browser)
+    result = browser.execute_async_script(LOAD_AND_EXPORT, workflow)
+    out = REPO_ROOT / "test-output"
+    out.mkdir(exist_ok=True)
+    browser.save_screenshot(str(out / "steadydancer_workflow.png"))
+
+    assert "error" not in result, result.get("error")
+    assert result["unknown"] == [], f"node types the page does not know: {result['unknown']}"
+    assert not [d for d in result["dialogs"] if "missing" in d.lower()], result["dialogs"]
+    assert result["count"] == len(workflow["nodes"])
+    # The page's own API export of the UI workflow is the API workflow: same nodes, settings, links.
+    exported = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["output"].items()}
+    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api_workflow.items()}
+    assert exported == expected
+    assert Path(out / "steadydancer_workflow.png").stat().st_size > 10_000
