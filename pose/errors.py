@@ -21,3 +21,7 @@ class CheckpointNotFoundError(PoseError, FileNotFoundError):
 
 class PoseCancelled(PoseError):
     """Extraction was stopped by the caller's cancellation check."""
+
+
+class PoseFormatError(PoseError, ValueError):
+    """Pose data (arrays, POSE_KEYPOINT JSON, options) has the wrong shape or content."""
