@@ -330,12 +330,53 @@ def format_table(records: list[dict[str, Any]]) -> str:
                     f"  {r['backend']:<30} {r['rel_err']:.2e} {r['ms']:>7.1f} {r['tflops']:>7.0f}"
                     + (f"  (ran {r['backend_used']})" if r.get("backend_used") else "")
                 )
-    for part in ("model", "guidance", "pose", "gpu_tests"):
+    models = [r for r in records if r.get("part") == "model"]
+    if models:
+        lines.extend(_model_lines(models, mm))
+    for r in (r for r in records if r.get("part") == "guidance"):
+        lines.append(
+            f"guidance step ({r['weights']}, {r['calls']} calls): one forward {r['one_forward_s']:.2f} s, "
+            f"separate {r['separate_s']:.2f} s ({r['separate_over_3_forwards']:.3f} x 3 forwards), "
+            f"batched {r['batched_s']:.2f} s ({r['batched_over_separate']:.3f} x separate), "
+            f"peak {r['peak_separate_gib']:.1f} / {r['peak_batched_gib']:.1f} GiB, "
+            f"rel_err {_fmt(r['rel_err_batched_vs_separate'])}"
+        )
+    for part in ("pose", "error"):
         for r in (r for r in records if r.get("part") == part):
             lines.append(
                 f"{part}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k != "part")
             )
     return "\n".join(lines)
+
+
+def _model_lines(models: list[dict[str, Any]], mm: list[dict[str, Any]]) -> list[str]:
+    ceiling = next((r["tflops"] for r in mm if r["shape"] == "8192^3"), None)
+    fulls = {
+        r["weights"]: r["seconds"] for r in models if r["mode"] == "full VRAM" and "seconds" in r
+    }
+    bf16 = fulls.get("bf16")
+    lines = [
+        "model 832x480x81 (35,880 tok)                s/fwd  x bf16  x full TFLOP/s %matmul peakGiB"
+        " res/str attention rel_err"
+    ]
+    for r in models:
+        head = f"  {r['weights']:<5} {r['mode']:<38}"
+        if "error" in r:
+            lines.append(head + f" ERROR {r['error']}")
+            continue
+        x_bf16 = r["seconds"] / bf16 if bf16 else float("nan")
+        x_full = r["seconds"] / fulls[r["weights"]] if r["weights"] in fulls else float("nan")
+        pct = 100 * r["tflops"] / ceiling if ceiling else float("nan")
+        rs = f"{r['resident_blocks']}/{r['streamed_blocks']}" if "resident_blocks" in r else "all/0"
+        err = r.get("rel_err_vs_full", r.get("rel_err_vs_default"))
+        peak = r.get("peak_gib")
+        lines.append(
+            head
+            + f" {r['seconds']:>6.2f} {x_bf16:>6.2f} {x_full:>6.2f} {r['tflops']:>7.0f} {pct:>6.0f}%"
+            f" {peak if peak is None else round(peak, 2)!s:>7} {rs:>7} {r.get('attention')!s:<9}"
+            f" {_fmt(err) if err is not None else '-'}"
+        )
+    return lines
 
 
 def _fmt(v: Any) -> str:
@@ -345,6 +386,34 @@ def _fmt(v: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ CLI
+# The model runs of `all`/`models`, each in its own process (peak memory and caps stay apart).
+MODEL_RUNS: list[list[str]] = [
+    [
+        "model",
+        "--weights",
+        "bf16",
+        "--backends",
+        "sdpa,sage,xformers,flash_attn_2,flash_attn_3",
+        "--mode",
+        "16 GB auto:16:auto",
+    ],
+    ["model", "--weights", "Q8_0", "--mode", "16 GB auto:16:auto"],
+    [
+        "model",
+        "--weights",
+        "Q4_K",
+        "--mode",
+        "16 GB auto:16:auto",
+        "--mode",
+        "16 GB all streamed:16:0",
+        "--mode",
+        "12 GB auto:12:auto",
+    ],
+    ["guidance", "--weights", "bf16"],
+    ["guidance", "--weights", "Q4_K"],
+]
+
+
 def _load_records(out: Path | None) -> list[dict[str, Any]]:
     if out is None or not (out / "results.jsonl").exists():
         return []
@@ -372,18 +441,84 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m steadydancer.bench_gpu", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("part", choices=["env", "matmul", "dequant", "attention", "quick", "all"])
+    parser.add_argument(
+        "part",
+        choices=[
+            "env",
+            "matmul",
+            "dequant",
+            "attention",
+            "model",
+            "guidance",
+            "quick",
+            "models",
+            "all",
+        ],
+    )
     parser.add_argument("--out", type=Path, default=None, help="directory for results.jsonl")
+    parser.add_argument(
+        "--weights", default="bf16", help="bf16, Q8_0, Q6_K, Q5_K or Q4_K (model, guidance)"
+    )
+    parser.add_argument("--attention", default="auto", help="attention backend of the model runs")
+    parser.add_argument(
+        "--backends", default="", help="comma list of extra attention backends to time (model)"
+    )
+    parser.add_argument(
+        "--mode",
+        action="append",
+        default=[],
+        metavar="LABEL:CAP_GIB:MEMORY",
+        help="memory-saving run after the full-VRAM one, e.g. '16 GB auto:16:auto' or '16 GB streamed:16:0'",
+    )
+    parser.add_argument("--size", default="832x480x81", help="WIDTHxHEIGHTxFRAMES of the video")
+    parser.add_argument("--repeat", type=int, default=2, help="timed forwards (median)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu needs a CUDA GPU; none is visible to torch", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
-    if args.part in ("quick", "all"):
+    if args.part in ("quick", "models", "all"):
         _emit(env_info(), args.out)
-        for part in ("matmul", "dequant", "attention"):
-            _run_child([part], args.out, timeout=300)
+        if args.part in ("quick", "all"):
+            for part in ("matmul", "dequant", "attention"):
+                _run_child([part], args.out, timeout=300)
+        if args.part in ("models", "all"):
+            for child in MODEL_RUNS:
+                _run_child(child, args.out, timeout=420)
         print(format_table(_load_records(args.out)))
+        return 0
+    if args.part in ("model", "guidance"):
+        from . import bench_model_gpu as bm
+
+        width, height, frames = (int(v) for v in args.size.lower().split("x"))
+        if args.part == "model":
+            modes = []
+            for spec in args.mode:
+                label, cap, memory = spec.rsplit(":", 2)
+                modes.append(
+                    (
+                        label,
+                        float(cap) if cap else None,
+                        int(memory) if memory.isdigit() else memory,
+                    )
+                )
+            records = bm.run_model(
+                args.weights,
+                width=width,
+                height=height,
+                frames=frames,
+                attention=args.attention,
+                backends=tuple(b for b in args.backends.split(",") if b),
+                modes=tuple(modes),
+                repeat=args.repeat,
+            )
+        else:
+            records = bm.run_guidance(
+                args.weights, width=width, height=height, frames=frames, repeat=args.repeat
+            )
+        for r in records:
+            _emit(r, args.out)
+        print(format_table(records))
         return 0
     records: list[dict[str, Any]]
     if args.part == "env":

@@ -125,15 +125,21 @@ def auto_resident_blocks(
     return count
 
 
-def free_device_memory(device: torch.device) -> int:
-    """Bytes this process may still allocate on `device`: the card's free memory, further
-    limited by `torch.cuda.set_per_process_memory_fraction` if one is set."""
+def free_device_memory(device: torch.device, already_placed: int = 0) -> int:
+    """Bytes this process may still allocate on `device`, plus `already_placed` bytes of the
+    model that sit there now (they are reused when the model is re-placed).
+
+    The card's free memory plus what PyTorch's cache holds unused, further limited by
+    `torch.cuda.set_per_process_memory_fraction` if one is set (the allocator checks the
+    cap against its reserved segments, so the cache's unused part counts on both sides).
+    """
     free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    cached = reserved - torch.cuda.memory_allocated(device)
     fraction = _memory_fraction(device)
     if fraction is not None:
-        cap = int(total * fraction) - torch.cuda.memory_reserved(device)
-        free = min(free, cap)
-    return max(free, 0)
+        free = min(free, int(total * fraction) - reserved)
+    return max(free + cached + already_placed, 0)
 
 
 def _memory_fraction(device: torch.device) -> float | None:
@@ -222,7 +228,7 @@ class BlockStreamer:
                 other = module_bytes(model) - sum(block_bytes)
                 if reserve_bytes is None:
                     reserve_bytes = default_activation_reserve(_model_dim(model))
-                free = free_device_memory(device) + _bytes_on(model, device)
+                free = free_device_memory(device, _bytes_on(model, device))
                 resident = auto_resident_blocks(block_bytes, free, other, reserve_bytes)
         else:
             resident = int(option)

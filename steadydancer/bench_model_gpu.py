@@ -1,0 +1,400 @@
+"""Whole-model GPU benchmarks: one 14B forward per weight format, 16 GB mode, guidance step.
+
+Used by `python -m steadydancer.bench_gpu model|guidance ...`; one configuration per
+process. Weights are random but shaped like the published 14B checkpoint and generated on
+the GPU (host generation of 16 billion values would take minutes): bf16 tensors, or for a
+GGUF quant type random packed blocks with small finite fp16 scales for every 2-D weight a
+GGUF converter would quantise. Timings do not depend on the values; outputs are still
+checked to be finite and, for the memory-saving modes, compared with the full-VRAM output.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from typing import Any
+
+import torch
+
+from .bench_gpu import GIB, cuda_time
+
+DIMS_14B = dict(
+    dim=5120,
+    ffn_dim=13824,
+    num_layers=40,
+    in_dim=36,
+    out_dim=16,
+    text_dim=4096,
+    clip_dim=1280,
+    freq_dim=256,
+)
+NUM_HEADS_14B = 40
+
+
+def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int]:
+    """(F, h, w) of the latent for a video: 4(F-1)+1 frames, stride 8 in space."""
+    if (frames - 1) % 4:
+        raise ValueError(f"frame count must be 4k+1, got {frames}")
+    return (frames - 1) // 4 + 1, height // 8, width // 8
+
+
+def tokens_for(width: int, height: int, frames: int) -> int:
+    F, h, w = latent_shape(width, height, frames)
+    return (F + 2) * (h // 2) * (w // 2)
+
+
+def forward_flops(
+    tokens: int,
+    *,
+    dim: int,
+    ffn_dim: int,
+    num_layers: int,
+    context: int = 512 + 257,
+    batch: int = 1,
+) -> float:
+    """Multiply-adds x2 of the transformer blocks (linears and attention), per forward.
+
+    Per block: self-attention q,k,v,o and cross-attention q,o on every token (6 L d^2 MACs),
+    the FFN (2 L d f), cross k,v on the context (small), self-attention scores and values
+    (2 L^2 d) and cross-attention (2 L ctx d). Embeddings and the head are < 0.1% and left out.
+    """
+    L, d, f = tokens, dim, ffn_dim
+    macs = 6 * L * d * d + 2 * L * d * f + 4 * context * d * d + 2 * L * L * d + 2 * L * context * d
+    return 2.0 * macs * num_layers * batch
+
+
+# ------------------------------------------------------------------------------ weights
+def _quantised(name: str, shape: tuple[int, ...], block: int) -> bool:
+    """Which tensors a GGUF converter stores quantised: large 2-D weights."""
+    return (
+        name.endswith(".weight")
+        and len(shape) == 2
+        and shape[-1] % block == 0
+        and math.prod(shape) >= 1 << 20
+    )
+
+
+def random_state_dict(
+    weights: str, *, seed: int = 0, device: str = "cuda", dims: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """A 14B-shaped state dict of random weights made on `device` (bf16 or packed GGUF blocks)."""
+    from .keys import model_shapes
+
+    dims = dims or DIMS_14B
+    shapes = model_shapes(**dims)
+    g = torch.Generator(device=device).manual_seed(seed)
+    quant = None if weights.lower() in ("bf16", "bfloat16") else weights.upper()
+    sd: dict[str, torch.Tensor] = {}
+    if quant is not None:
+        from .gguf.ops import GGMLTensor
+        from .gguf.triton_dequant import BLOCK_LAYOUT
+
+        block_elems = BLOCK_LAYOUT[quant][0]
+    for name, shape in shapes.items():
+        shape = tuple(shape)
+        if quant is not None and _quantised(name, shape, block_elems):
+            raw = random_packed(quant, math.prod(shape), g, device)
+            sd[name] = GGMLTensor(raw, tensor_type=quant, tensor_shape=shape)
+            continue
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name and leaf == "weight" and len(shape) in (1, 4):
+            t = 1.0 + 0.05 * t
+        elif "modulation" in name:
+            t = 0.05 * t
+        elif leaf == "bias" or len(shape) == 1:
+            t = 0.01 * t
+        else:
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+            t = t / math.sqrt(fan_in)
+        sd[name] = t.to(torch.bfloat16)
+    return sd
+
+
+def random_packed(qtype: str, n_elements: int, g: torch.Generator, device: str) -> torch.Tensor:
+    """Random GGUF blocks with finite fp16 scales sized so weights stay ~1/sqrt(fan_in)."""
+    from .gguf.triton_dequant import BLOCK_LAYOUT
+
+    block_elems, block_bytes = BLOCK_LAYOUT[qtype]
+    n_blocks = n_elements // block_elems
+    raw = torch.randint(
+        0, 256, (n_blocks, block_bytes), dtype=torch.uint8, device=device, generator=g
+    )
+    scale = {"Q8_0": 1.2e-4, "Q6_K": 4e-5, "Q5_K": 1e-5, "Q4_K": 2e-5}[qtype]
+    d = (
+        (torch.rand(n_blocks, 1, device=device, generator=g) * scale + scale / 4)
+        .half()
+        .view(torch.uint8)
+    )
+    if qtype == "Q6_K":
+        raw[:, 208:210] = d
+    else:
+        raw[:, 0:2] = d
+        if qtype in ("Q4_K", "Q5_K"):
+            raw[:, 2:4] = d
+    return raw.reshape(-1)
+
+
+def build_model(weights: str, *, attention: str = "auto", seed: int = 0) -> torch.nn.Module:
+    """The 14B SteadyDancer with random weights, on the GPU, through the public loader."""
+    from .model import load_model
+
+    sd = random_state_dict(weights, seed=seed)
+    operations = None
+    if weights.lower() not in ("bf16", "bfloat16"):
+        from .gguf.ops import GGMLOps
+
+        operations = GGMLOps
+    model = load_model(
+        sd, device="cuda", dtype=torch.bfloat16, attention=attention, operations=operations
+    )
+    del sd
+    gc.collect()
+    torch.cuda.empty_cache()
+    return model.eval()
+
+
+def random_inputs(
+    batch: int,
+    width: int,
+    height: int,
+    frames: int,
+    *,
+    seed: int = 1,
+    dims: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    dims = dims or DIMS_14B
+    F, h, w = latent_shape(width, height, frames)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    return dict(
+        x=r(batch, 16, F, h, w),
+        t=torch.full((batch,), 700.0, device="cuda"),
+        text=r(batch, 512, dims["text_dim"]),
+        clip_x=r(batch, 257, dims["clip_dim"]),
+        clip_c=r(batch, 257, dims["clip_dim"]),
+        y=r(batch, 20, F, h, w),
+        pose=r(batch, 16, F, h, w),
+        ref_x=r(batch, 36, 1, h, w),
+        ref_c=r(batch, 36, 1, h, w),
+    )
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    from .streaming import module_bytes
+
+    return module_bytes(model)
+
+
+# ------------------------------------------------------------------------------ runs
+def run_model(
+    weights: str,
+    *,
+    width: int = 832,
+    height: int = 480,
+    frames: int = 81,
+    attention: str = "auto",
+    backends: tuple[str, ...] = (),
+    modes: tuple[tuple[str, float | None, str | int], ...] = (),
+    repeat: int = 2,
+) -> list[dict[str, Any]]:
+    """Full-VRAM forward of one weight format, then each (label, cap_gib, memory) mode.
+
+    `backends`: extra attention backends timed on the same model (bf16 run). `modes`: the
+    memory-saving configurations, run after the full-VRAM ones because the process memory
+    cap is set for them.
+    """
+    rows: list[dict[str, Any]] = []
+    t0 = time.time()
+    model = build_model(weights, attention=attention)
+    build_s = time.time() - t0
+    inputs = random_inputs(1, width, height, frames)
+    tokens = tokens_for(width, height, frames)
+    flops = forward_flops(
+        tokens, dim=DIMS_14B["dim"], ffn_dim=DIMS_14B["ffn_dim"], num_layers=DIMS_14B["num_layers"]
+    )
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        ref = model(**inputs)
+        seconds = cuda_time(lambda: model(**inputs), warmup=0, repeat=repeat)
+    used = getattr(model.attention, "backend_used", None)
+    rows.append(
+        {
+            "part": "model",
+            "weights": weights,
+            "mode": "full VRAM",
+            "seconds": seconds,
+            "tflops": flops / seconds / 1e12,
+            "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+            "weights_gib": _weights_bytes(model) / GIB,
+            "attention": used,
+            "tokens": tokens,
+            "finite": bool(torch.isfinite(ref).all()),
+            "build_s": build_s,
+        }
+    )
+    print(rows[-1], flush=True)
+    for backend in backends:
+        from .attention import AttentionDispatcher
+
+        row: dict[str, Any] = {
+            "part": "model",
+            "weights": weights,
+            "mode": f"full VRAM, attention={backend}",
+        }
+        try:
+            model.attention = AttentionDispatcher(backend=backend)
+            with torch.inference_mode():
+                out = model(**inputs)
+                s = cuda_time(lambda: model(**inputs), warmup=0, repeat=repeat)
+            row.update(
+                seconds=s,
+                tflops=flops / s / 1e12,
+                attention=model.attention.backend_used,
+                rel_err_vs_default=_rel(out, ref),
+            )
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(row, flush=True)
+    if backends:
+        from .attention import AttentionDispatcher
+
+        model.attention = AttentionDispatcher(backend=attention)
+    for label, cap_gib, memory in modes:
+        rows.append(_run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat) -> dict[str, Any]:
+    from .streaming import BlockStreamer
+
+    row: dict[str, Any] = {
+        "part": "model",
+        "weights": weights,
+        "mode": label,
+        "memory": memory,
+        "cap_gib": cap_gib,
+    }
+    streamer = getattr(model, "streamer", None)
+    if streamer is not None:
+        streamer.detach()
+        model.streamer = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0)
+    try:
+        t0 = time.time()
+        streamer = BlockStreamer.attach(model, "cuda", memory)
+        model.streamer = streamer
+        gc.collect()
+        torch.cuda.empty_cache()
+        row["attach_s"] = time.time() - t0
+        if streamer is not None:
+            row.update(streamer.summary())
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            out = model(**inputs)
+            s = cuda_time(lambda: model(**inputs), warmup=0, repeat=repeat)
+        row.update(
+            seconds=s,
+            tflops=flops / s / 1e12,
+            peak_gib=torch.cuda.max_memory_allocated() / GIB,
+            peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+            rel_err_vs_full=_rel(out, ref),
+            finite=bool(torch.isfinite(out).all()),
+        )
+    except torch.OutOfMemoryError as exc:
+        row["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0][:200]}"
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        streamer = getattr(model, "streamer", None)
+        if streamer is not None:
+            try:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+                streamer.detach()
+            except Exception as exc:
+                row["detach_error"] = str(exc)[:200]
+            model.streamer = None
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_guidance(
+    weights: str, *, width: int = 832, height: int = 480, frames: int = 81, repeat: int = 2
+) -> list[dict[str, Any]]:
+    """One guided step inside the pose window: cond, uncond_text, uncond_pose.
+
+    Separate: three batch-1 forwards. Batched: one batch-3 forward (what ComfyUI's
+    calc_cond_batch does when memory allows). Both combined with guidance.combine; the two
+    predictions must agree.
+    """
+    from . import guidance
+
+    model = build_model(weights)
+    base = random_inputs(1, width, height, frames)
+    neg = random_inputs(1, width, height, frames, seed=2)
+    calls = {
+        "cond": base,
+        "uncond_text": {**base, "text": neg["text"]},
+        "uncond_pose": {**base, "pose": neg["pose"]},
+    }
+    batched = {k: torch.cat([calls[c][k] for c in calls]) for k in base}
+    names = guidance.calls_needed(5.0, True)
+
+    def separate():
+        outs = {c: model(**calls[c]) for c in names}
+        return guidance.combine(outs["cond"], outs["uncond_text"], outs["uncond_pose"], 5.0, 1.5)
+
+    def together():
+        out = model(**batched)
+        cond, unc_t, unc_p = out.chunk(3)
+        return guidance.combine(cond, unc_t, unc_p, 5.0, 1.5)
+
+    rows = []
+    with torch.inference_mode():
+        model(**base)
+        t_one = cuda_time(lambda: model(**base), warmup=0, repeat=repeat)
+        torch.cuda.reset_peak_memory_stats()
+        a = separate()
+        t_sep = cuda_time(separate, warmup=0, repeat=repeat)
+        peak_sep = torch.cuda.max_memory_allocated() / GIB
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            b = together()
+            t_bat = cuda_time(together, warmup=0, repeat=repeat)
+            peak_bat = torch.cuda.max_memory_allocated() / GIB
+            err = _rel(b, a)
+        except torch.OutOfMemoryError:
+            t_bat, peak_bat, err = float("nan"), float("nan"), float("nan")
+    rows.append(
+        {
+            "part": "guidance",
+            "weights": weights,
+            "calls": len(names),
+            "one_forward_s": t_one,
+            "separate_s": t_sep,
+            "batched_s": t_bat,
+            "separate_over_3_forwards": t_sep / (3 * t_one),
+            "batched_over_separate": t_bat / t_sep,
+            "peak_separate_gib": peak_sep,
+            "peak_batched_gib": peak_bat,
+            "rel_err_batched_vs_separate": err,
+        }
+    )
+    print(rows[-1], flush=True)
+    return rows
