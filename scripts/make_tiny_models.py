@@ -119,7 +119,7 @@ def write_dit(path: Path, work: Path) -> None:
     source = work / "steadydancer_tiny.safetensors"
     save_file(tiny_state_dict(config, seed=4), str(source))
     subprocess.run(
-        [sys.executable, "-m", "steadydancer.gguf.convert", str(source), str(path), "--type", "Q8_0"],
+        [sys.executable, "-m", "steadydancer.gguf.convert", str(source), str(path), "--type", "Q8_0", "--overwrite", "--quiet"],
         cwd=REPO_ROOT,
         check=True,
     )

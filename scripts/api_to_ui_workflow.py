@@ -1,0 +1,91 @@
+"""Regenerate workflows/steadydancer.json (UI format) from workflows/steadydancer_api.json.
+
+The UI format (node positions, widget order, link table) is what ComfyUI's frontend writes;
+rather than imitate it, this asks the frontend itself: it starts ComfyUI with this package,
+opens the page in headless chromium, loads the API graph with the frontend's own
+`loadApiJson`, lays the nodes out in columns, and saves `app.graph.serialize()`.
+
+    .venv/bin/python scripts/api_to_ui_workflow.py --comfyui $COMFYUI_DIR
+
+Needs chromium + chromium-driver (Debian) and selenium. The browser test checks that the
+result exports back to exactly the API graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from scripts.comfyui_demo import REPO_ROOT, ComfyServer
+
+# Columns of the layout, left to right (node ids of the API graph).
+COLUMNS = [
+    ["1", "2", "3", "4"],
+    ["5", "6", "12"],
+    ["7", "8", "9", "10", "11", "13"],
+    ["14", "15", "16", "17"],
+    ["18", "19", "20", "21", "22"],
+    ["23", "24", "25"],
+]
+
+LAYOUT = """
+const [api, columns, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+(async () => {
+  await window.app.loadApiJson(api, "steadydancer");
+  const graph = window.app.graph;
+  let x = 0;
+  for (const column of columns) {
+    let y = 0, width = 0;
+    for (const id of column) {
+      const node = graph.getNodeById(+id);
+      node.pos = [x, y];
+      y += node.size[1] + 80;
+      width = Math.max(width, node.size[0]);
+    }
+    x += width + 60;
+  }
+  graph.setDirtyCanvas(true, true);
+  done(graph.serialize());
+})().catch(e => done({error: String(e)}));
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", type=Path, required=True)
+    parser.add_argument("--models", type=Path, default=REPO_ROOT / "tiny_models")
+    args = parser.parse_args()
+    from selenium import webdriver
+
+    api = json.loads((REPO_ROOT / "workflows" / "steadydancer_api.json").read_text())
+    with tempfile.TemporaryDirectory() as work:
+        server = ComfyServer(args.comfyui, Path(work), args.models)
+        options = webdriver.ChromeOptions()
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1920,1080"):
+            options.add_argument(arg)
+        driver = None
+        try:
+            server.wait_ready()
+            driver = webdriver.Chrome(options=options)
+            driver.set_script_timeout(60)
+            driver.get(server.url)
+            while not driver.execute_script("return !!(window.app && window.app.graph)"):
+                time.sleep(0.5)
+            workflow = driver.execute_async_script(LAYOUT, api, COLUMNS)
+        finally:
+            if driver is not None:
+                driver.quit()
+            server.stop()
+    if "error" in workflow:
+        raise SystemExit(workflow["error"])
+    out = REPO_ROOT / "workflows" / "steadydancer.json"
+    out.write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {out} ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The shipped workflows and the demo graph derived from them (no ComfyUI needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts.comfyui_demo import write_extra_paths
+from scripts.make_tiny_models import DEMO, demo_graph
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+
+
+@pytest.fixture(scope="module")
+def api() -> dict:
+    return json.loads((WORKFLOWS / "steadydancer_api.json").read_text())
+
+
+def _links(graph: dict) -> set[tuple[str, str, str, int]]:
+    return {(k, name, v[0], v[1]) for k, n in graph.items() for name, v in n["inputs"].items() if isinstance(v, list)}
+
+
+def test_api_workflow_links_point_at_existing_nodes(api: dict) -> None:
+    for node_id, name, source, slot in _links(api):
+        assert source in api, f"{node_id}.{name} links to missing node {source}"
+        assert slot >= 0
+
+
+def test_api_workflow_goes_from_image_and_video_to_saved_video(api: dict) -> None:
+    kinds = {n["class_type"] for n in api.values()}
+    assert {"LoadImage", "LoadVideo", "GetVideoComponents", "SaveVideo"} <= kinds
+    assert {"CLIPLoader", "CLIPVisionLoader", "VAELoader"} <= kinds  # ComfyUI's own loaders
+    clip = next(n for n in api.values() if n["class_type"] == "CLIPLoader")
+    assert clip["inputs"]["type"] == "wan"
+    i2v = next(n for n in api.values() if n["class_type"] == "SteadyDancerImageToVideo")
+    assert (i2v["inputs"]["length"] - 1) % 4 == 0
+
+
+def test_reference_defaults(api: dict) -> None:
+    """Reference settings: text 5, pose 1.5, window 0.1-0.4, 50 UniPC steps, shift 3 at 480p."""
+    by_kind = {n["class_type"]: n["inputs"] for n in api.values()}
+    guider = by_kind["SteadyDancerGuider"]
+    assert (guider["text_scale"], guider["pose_scale"], guider["start"], guider["end"]) == (5.0, 1.5, 0.1, 0.4)
+    assert by_kind["BasicScheduler"]["steps"] == 50
+    assert by_kind["KSamplerSelect"]["sampler_name"].startswith("uni_pc")
+    assert by_kind["ModelSamplingSD3"]["shift"] == 3.0
+
+
+def test_demo_graph_keeps_the_graph_and_swaps_models_and_size(api: dict) -> None:
+    demo = demo_graph(api)
+    assert _links(demo) == _links(api)
+    assert {k: v["class_type"] for k, v in demo.items()} == {k: v["class_type"] for k, v in api.items()}
+    by_kind = {n["class_type"]: n["inputs"] for n in demo.values()}
+    assert by_kind["CLIPLoader"]["type"] == "stable_diffusion"
+    assert by_kind["SteadyDancerImageToVideo"]["length"] == DEMO["length"]
+    assert by_kind["SteadyDancerPoseAlign"]["width"] == by_kind["SteadyDancerImageToVideo"]["width"] == DEMO["width"]
+    assert by_kind["BasicScheduler"]["steps"] == DEMO["steps"]
+    assert api == json.loads((WORKFLOWS / "steadydancer_api.json").read_text()), "the source graph was modified"
+
+
+def test_extra_paths_load_the_package_without_copying_it(tmp_path: Path) -> None:
+    config = write_extra_paths(tmp_path, tmp_path / "models").read_text()
+    link = tmp_path / "custom_nodes" / "comfyui-steadydancer"
+    assert link.is_symlink() and (link / "__init__.py").is_file()
+    assert f"custom_nodes: {tmp_path / 'custom_nodes'}" in config
+    assert "  dwpose: dwpose" in config and "  diffusion_models: diffusion_models" in config
