@@ -214,3 +214,71 @@ def test_gpu_streaming_identical_and_smaller(resident):
     block = module_bytes(model.blocks[0])
     assert resident_bytes <= module_bytes(model) - (6 - resident) * block + 4096
     assert all(p.is_pinned() for i in streamer.streamed for p in model.blocks[i].parameters())
+
+
+class _QuantBlock(nn.Module):
+    """A block whose weights are packed GGUF tensors (GGMLOps layers), as in a Q4_K model."""
+
+    def __init__(self, dim: int, ops) -> None:
+        super().__init__()
+        self.fc1 = ops.Linear(dim, 2 * dim)
+        self.fc2 = ops.Linear(2 * dim, dim)
+        self.ffn_chunk_size: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def _quant_model(dim: int = 256, layers: int = 4):
+    np = pytest.importorskip("numpy")
+    from steadydancer.gguf.dequant import quantize
+    from steadydancer.gguf.ops import GGMLOps, GGMLTensor
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList(_QuantBlock(dim, GGMLOps) for _ in range(layers))
+    rng = np.random.default_rng(0)
+    sd = {}
+    for name, p in model.state_dict(keep_vars=True).items():
+        shape = tuple(p.shape)
+        values = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        if len(shape) == 2:
+            qtype = "Q4_K" if name.endswith("fc1.weight") else "Q8_0"
+            raw = torch.from_numpy(quantize(values, qtype).reshape(-1).copy())
+            sd[name] = GGMLTensor(raw, tensor_type=qtype, tensor_shape=shape)
+        else:
+            sd[name] = torch.from_numpy(values)
+    model.load_state_dict(sd)
+
+    def run(m):
+        x = torch.randn(2, 8, dim, generator=torch.Generator().manual_seed(5))
+        for block in m.blocks:
+            x = block(x)
+        return x
+
+    return model, run
+
+
+@pytest.mark.parametrize("resident", [0, 1])
+def test_streaming_keeps_ggml_tensors_packed_and_identical(resident):
+    from steadydancer.gguf.ops import GGMLTensor
+
+    model, run = _quant_model()
+    with torch.no_grad():
+        expected = run(model)
+        streamer = BlockStreamer(model, "cpu", resident, ffn_chunk_size=None)
+        out = run(model)
+    assert torch.equal(out, expected)
+    for i in streamer.streamed:
+        w = model.blocks[i].fc1.weight
+        # still the same packed GGMLTensor object, with its type and logical shape
+        assert isinstance(w, GGMLTensor) and w.tensor_type.name == "Q4_K"
+        assert tuple(w.shape) == (512, 256)
+    # streamed bytes are the packed size, not the float size
+    packed = sum(module_bytes(model.blocks[i]) for i in streamer.streamed)
+    assert packed == streamer.summary()["streamed_bytes"]
+    as_float32 = sum(
+        4 * (p.dequantize().numel() if isinstance(p, GGMLTensor) else p.numel())
+        for i in streamer.streamed
+        for p in model.blocks[i].parameters()
+    )
+    assert packed < 0.35 * as_float32
