@@ -210,7 +210,13 @@ def _direct_backends() -> dict[str, Callable[..., torch.Tensor]]:
 
         return run
 
+    def sdpa_default(q, k, v):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
+
     fns: dict[str, Callable[..., torch.Tensor]] = {
+        "sdpa[default]": sdpa_default,
         "sdpa[flash]": sdpa_with(SDPBackend.FLASH_ATTENTION),
         "sdpa[cudnn]": sdpa_with(SDPBackend.CUDNN_ATTENTION),
         "sdpa[efficient]": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
