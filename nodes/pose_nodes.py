@@ -33,6 +33,7 @@ DWPOSE_EXTENSIONS = frozenset({".onnx", ".pth"})
 BACKENDS = ("onnx", "mmpose")
 MISSING_POLICIES = ("hold", "interpolate", "empty")
 COLOURS = ("steadydancer", "controlnet")
+PREVIEW_SIZE = 512
 REFERENCE_DETECT_RESOLUTION = 1024  # the reference pipeline's
 
 PoseDetectorType = io.Custom("STEADYDANCER_POSE_DETECTOR")
@@ -61,6 +62,13 @@ def to_image(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)
 
 
+def preview_size(height: int, width: int, longest: int = PREVIEW_SIZE) -> tuple[int, int]:
+    """The preview's size: the frames' aspect ratio, longest side at most `longest` pixels
+    (81 full-HD float frames would take 2 GB for a picture to look at)."""
+    scale = min(1.0, longest / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def render_at_size(poses: list, reference_size: tuple[int, int], width: int, height: int, colours: str, chunk: int = 8) -> torch.Tensor:
     """Poses drawn at twice the reference size, bicubic-resized to the generation size (spec §2, §5).
 
@@ -75,13 +83,22 @@ def render_at_size(poses: list, reference_size: tuple[int, int], width: int, hei
     return out
 
 
+def detector_device(backend: str) -> str | None:
+    """ComfyUI's device for the detector: the CPU under --cpu; on a GPU, the library's choice
+    for onnx (onnxruntime may lack CUDA: it then runs on the CPU), ComfyUI's GPU for mmpose."""
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cpu":
+        return "cpu"
+    return None if backend == "onnx" else str(device)
+
+
 def _load_from_folders(backend: str):  # -> pose.backends.PoseDetector
     """The detector from the first `dwpose` folder holding this backend's checkpoints."""
     folders = folder_paths.get_folder_paths(DWPOSE_FOLDER)
     first_error: CheckpointNotFoundError | None = None
     for folder in folders:
         try:
-            return load_detector(backend, folder, device=comfy.model_management.get_torch_device())
+            return load_detector(backend, folder, device=detector_device(backend))
         except CheckpointNotFoundError as error:
             first_error = first_error or error
     raise CheckpointNotFoundError(
@@ -143,7 +160,7 @@ class SteadyDancerPoseExtract(io.ComfyNode):
             ],
             outputs=[
                 PoseKeypoint.Output(display_name="poses"),
-                io.Image.Output(display_name="preview"),
+                io.Image.Output(display_name="preview", tooltip="The detected poses, drawn at most 512 pixels wide/high."),
             ],
         )
 
@@ -151,7 +168,7 @@ class SteadyDancerPoseExtract(io.ComfyNode):
     def execute(cls, pose_detector, images: torch.Tensor, detect_resolution: int) -> io.NodeOutput:
         bar = comfy.utils.ProgressBar(images.shape[0])
         poses = _detect(pose_detector, images, detect_resolution, progress=lambda done, total: bar.update_absolute(done, total))
-        height, width = images.shape[1:3]
+        height, width = preview_size(*images.shape[1:3])
         preview = to_image(render_sequence(poses, height, width, supersample=1))
         return io.NodeOutput(to_pose_keypoint(poses), preview)
 

@@ -126,11 +126,76 @@ def write_dit(path: Path, work: Path) -> None:
     source.unlink()
 
 
-def write_pose_standins(folder: Path) -> None:
-    """ONNX YOLOX-L and DWPose-L stand-ins that always report one person in a fixed pose."""
-    from pose.testing import write_onnx_standins
+# A standing, left-right symmetric person in DWPose's 288x384 crop (COCO-WholeBody order):
+# the pose model's flip test then averages two identical heat vectors.
+_BODY = [(144, 60), (152, 52), (136, 52), (162, 58), (126, 58), (184, 110), (104, 110), (200, 170), (88, 170),
+         (206, 225), (82, 225), (166, 220), (122, 220), (168, 290), (120, 290), (170, 355), (118, 355)]  # fmt: skip
+_FEET = [(176, 372), (184, 370), (166, 360), (112, 372), (104, 370), (122, 360)]
 
-    write_onnx_standins(folder)
+
+def _wholebody_points() -> np.ndarray:
+    """133 keypoints [x, y] in crop pixels: body, feet, face (at the nose), hands at the wrists.
+
+    Drawn 0.7x about the crop's centre: the crop is the whole frame padded by 1.25, so the
+    person then lies inside the frame.
+    """
+    left_hand = [(206 + (f - 2) * 4, 225 + j * 5) for f in range(5) for j in range(1, 5)]
+    hands = [(206, 225), *left_hand, (82, 225), *[(288 - x, y) for x, y in left_hand]]
+    points = np.array(_BODY + _FEET + [_BODY[0]] * 68 + hands, dtype=np.float32)
+    centre = np.array([144.0, 192.0], dtype=np.float32)
+    return centre + (points - centre) * 0.7
+
+
+def _heat(centres: np.ndarray, bins: int, sigma: float = 2.0) -> np.ndarray:
+    """SimCC vectors [1, K, bins]: a Gaussian of height 1 at each centre (in bins)."""
+    grid = np.arange(bins, dtype=np.float32)
+    return np.exp(-((grid[None, :] - centres[:, None]) ** 2) / (2 * sigma**2))[None].astype(np.float32)
+
+
+def _constant_model(input_shape: list, outputs: dict[str, np.ndarray | tuple[int, ...]], path: Path) -> None:
+    """An ONNX model whose outputs ignore the image: constant + 0 * mean(input), batch-sized.
+
+    `outputs` maps a name to a constant [1, ...] array, or to a shape to fill with zeros.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=1, axes=[1, 2, 3]),
+        helper.make_node("Reshape", ["mean", "batch_shape"], ["per_item"]),
+        helper.make_node("Mul", ["per_item", "zero"], ["nothing"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "batch_shape"), numpy_helper.from_array(np.zeros((), np.float32), "zero")]
+    graph_outputs = []
+    for name, value in outputs.items():
+        if isinstance(value, tuple):  # zeros of this shape: expand instead of storing them
+            inits.append(numpy_helper.from_array(np.array(value, np.int64), f"{name}_shape"))
+            nodes.append(helper.make_node("Expand", ["nothing", f"{name}_shape"], [name]))
+            dims = ["N", *value[1:]]
+        else:
+            inits.append(numpy_helper.from_array(value, f"{name}_value"))
+            nodes.append(helper.make_node("Add", ["nothing", f"{name}_value"], [name]))
+            dims = ["N", *value.shape[1:]]
+        graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    graph = helper.make_graph(
+        nodes, path.stem, [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)], graph_outputs, inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def write_pose_standins(folder: Path) -> None:
+    """ONNX stand-ins for yolox_l.onnx and dw-ll_ucoco_384.onnx with the real inputs/outputs.
+
+    The detector finds no box (so the whole frame is the person's box); the pose model always
+    reports the same standing person, confidently. Needs the `onnx` package.
+    """
+    _constant_model(["N", 3, 640, 640], {"output": (1, 8400, 85)}, folder / "yolox_l.onnx")
+    points = _wholebody_points() * 2.0  # SimCC split ratio 2
+    outputs = {"simcc_x": _heat(points[:, 0], 576), "simcc_y": _heat(points[:, 1], 768)}
+    _constant_model(["N", 3, 384, 288], outputs, folder / "dw-ll_ucoco_384.onnx")
 
 
 def write_inputs(folder: Path) -> None:

@@ -35,8 +35,8 @@ if [ ! -x "$PY" ]; then
 fi
 echo "ComfyUI $(cd "$COMFY" && "$PY" -c 'import comfyui_version; print(comfyui_version.__version__)') at $COMFY ($PY)" >&2
 
-step "this package's requirements in ComfyUI's Python (what ComfyUI-Manager installs)"
-"$PY" -m pip install -q -r requirements.txt 2>&1 | grep -vE '^WARNING: Location|^\[notice\]' || true
+step "this package's requirements in ComfyUI's Python (what ComfyUI-Manager installs; onnx builds the demo's pose stand-ins)"
+"$PY" -m pip install -q -r requirements.txt onnx 2>&1 | grep -vE '^WARNING: Location|^\[notice\]' || true
 
 step "tiny models, ComfyUI with this package, the example graph"
 "$VENV/bin/python" scripts/comfyui_demo.py --comfyui "$COMFY" --python "$PY"
