@@ -43,6 +43,8 @@ _KEEP_SUBCLASS = frozenset(
         "requires_grad_",
     }
 )
+# Casts: on packed bytes they would produce garbage numbers, so they are refused.
+_CASTS = frozenset({"float", "half", "bfloat16", "double", "type", "type_as"})
 
 
 class GGMLTensor(torch.Tensor):
@@ -89,7 +91,8 @@ class GGMLTensor(torch.Tensor):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        if getattr(func, "__name__", "") in _KEEP_SUBCLASS:
+        name = getattr(func, "__name__", "")
+        if name in _KEEP_SUBCLASS or name in _CASTS:
             src = next((a for a in args if isinstance(a, GGMLTensor)), None)
             if src is not None and isinstance(out, torch.Tensor):
                 if out.dtype != torch.uint8:

@@ -1,0 +1,123 @@
+"""load_gguf_state_dict: tensors as the model needs them, and every wrong file refused by name."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf_testutils import tiny_model_tensors, write_gguf
+
+from steadydancer.errors import GGUFError, ModelFileError, UnsupportedQuantError
+from steadydancer.gguf.loader import load_gguf_state_dict
+from steadydancer.gguf.ops import GGMLTensor, is_quantized
+from steadydancer.keys import POSE_PATH_KEYS, tiny_state_dict
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny_q8.gguf"
+    return write_gguf(path, tiny_model_tensors(Q.Q8_0, prefix="model.diffusion_model."))
+
+
+def test_every_tensor_with_its_logical_shape(tiny_file):
+    sd = load_gguf_state_dict(tiny_file)
+    reference = tiny_state_dict()
+    assert set(sd) == set(reference)
+    for name, value in reference.items():
+        assert tuple(sd[name].shape) == value.shape, name
+
+
+def test_quantised_tensors_stay_packed_and_float_ones_are_plain(tiny_file):
+    sd = load_gguf_state_dict(tiny_file)
+    q = sd["blocks.0.ffn.0.weight"]
+    assert isinstance(q, GGMLTensor) and is_quantized(q)
+    assert q.tensor_type == Q.Q8_0 and q.dtype == torch.uint8
+    assert q.numel() == 128 * 64 // 32 * 34  # packed bytes, not elements
+    ref = tiny_state_dict()["blocks.0.ffn.0.weight"]
+    assert np.abs(q.dequantize().numpy() - ref).max() <= np.abs(ref).max() / 127 + 1e-7
+    b = sd["blocks.0.ffn.0.bias"]
+    assert type(b) is torch.Tensor and b.dtype == torch.float32
+    assert torch.equal(b, torch.from_numpy(tiny_state_dict()["blocks.0.ffn.0.bias"]))
+    assert sd["patch_embedding_fuse.weight"].shape == (64, 68, 1, 2, 2)
+
+
+def test_in_place_writes_never_reach_the_file(tiny_file):
+    sd = load_gguf_state_dict(tiny_file)
+    a = load_gguf_state_dict(tiny_file)["blocks.0.ffn.0.bias"]
+    # The mapping is copy-on-write: ComfyUI patching a weight in place cannot crash or corrupt.
+    a.add_(1.0)
+    assert not torch.equal(a, sd["blocks.0.ffn.0.bias"])
+    assert torch.equal(
+        load_gguf_state_dict(tiny_file)["blocks.0.ffn.0.bias"], sd["blocks.0.ffn.0.bias"]
+    )
+
+
+def test_bf16_and_f16_tensors_keep_their_dtype(tmp_path):
+    tensors = tiny_model_tensors(Q.Q8_0)
+    w = tensors["blocks.0.ffn.0.weight"][0]
+    tensors["blocks.0.ffn.0.weight"] = (gguf.quants.quantize(w, Q.BF16), Q.BF16)
+    tensors["blocks.0.ffn.2.weight"] = (tensors["blocks.0.ffn.2.weight"][0], Q.F16)
+    sd = load_gguf_state_dict(write_gguf(tmp_path / "m.gguf", tensors))
+    bf = sd["blocks.0.ffn.0.weight"]
+    assert bf.dtype == torch.bfloat16 and bf.shape == (128, 64)
+    assert torch.equal(bf, torch.from_numpy(w).to(torch.bfloat16))
+    assert sd["blocks.0.ffn.2.weight"].dtype == torch.float16
+
+
+def test_file_without_architecture_is_accepted_by_its_wan_keys(tmp_path):
+    path = write_gguf(tmp_path / "sdcpp.gguf", tiny_model_tensors(), arch=None)
+    assert "head.modulation" in load_gguf_state_dict(path)
+
+
+def test_undeclared_file_that_is_not_wan_is_refused(tmp_path):
+    tensors = {"double_blocks.0.img_attn.proj.weight": (np.zeros((32, 32), np.float32), Q.F32)}
+    path = write_gguf(tmp_path / "flux.gguf", tensors, arch=None)
+    with pytest.raises(ModelFileError, match="not a Wan"):
+        load_gguf_state_dict(path)
+
+
+def test_other_architecture_is_refused(tmp_path):
+    path = write_gguf(tmp_path / "flux.gguf", tiny_model_tensors(), arch="flux")
+    with pytest.raises(ModelFileError, match="'flux' model"):
+        load_gguf_state_dict(path)
+
+
+def test_plain_wan_file_is_refused_with_a_clear_message(tmp_path):
+    path = write_gguf(tmp_path / "wan.gguf", tiny_model_tensors(drop=POSE_PATH_KEYS))
+    with pytest.raises(ModelFileError, match=r"plain Wan2\.1 model, not SteadyDancer"):
+        load_gguf_state_dict(path)
+    sd = load_gguf_state_dict(path, require_pose_path=False)
+    assert "patch_embedding.weight" in sd and "patch_embedding_fuse.weight" not in sd
+
+
+def test_partly_missing_pose_path_names_every_missing_tensor(tmp_path):
+    drop = ("condition_embedding_align.norm1.weight", "condition_embedding_spatial.fc_phi.weight")
+    path = write_gguf(tmp_path / "part.gguf", tiny_model_tensors(drop=drop))
+    with pytest.raises(ModelFileError, match="2 pose-path tensors are missing") as info:
+        load_gguf_state_dict(path)
+    for name in drop:
+        assert name in str(info.value)
+
+
+def test_unsupported_quant_type_names_the_tensors(tmp_path):
+    tensors = tiny_model_tensors()
+    tensors["blocks.0.ffn.0.weight"] = (
+        np.zeros(128 * 64 // 32 * 18, np.uint8).reshape(128, -1),
+        Q.IQ4_NL,
+    )
+    path = write_gguf(tmp_path / "iq.gguf", tensors)
+    with pytest.raises(UnsupportedQuantError, match=r"blocks\.0\.ffn\.0\.weight \(IQ4_NL\)"):
+        load_gguf_state_dict(path)
+
+
+def test_not_gguf_and_truncated(tmp_path, tiny_file):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip")
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        load_gguf_state_dict(bad)
+    bad.write_bytes(tiny_file.read_bytes()[: tiny_file.stat().st_size // 2])
+    with pytest.raises(GGUFError, match="truncated"):
+        load_gguf_state_dict(bad)
