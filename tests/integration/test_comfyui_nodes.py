@@ -10,7 +10,7 @@ pytestmark = pytest.mark.comfyui
 EXPECTED = {
     "SteadyDancerPoseDetectorLoader": ({"backend": "COMBO"}, {}, ["STEADYDANCER_POSE_DETECTOR"]),
     "SteadyDancerPoseExtract": (
-        {"pose_detector": "STEADYDANCER_POSE_DETECTOR", "images": "IMAGE", "detect_resolution": "INT"},
+        {"pose_detector": "STEADYDANCER_POSE_DETECTOR", "images": "IMAGE", "detect_resolution": "INT", "batch_size": "INT"},
         {},
         ["POSE_KEYPOINT", "IMAGE"],
     ),

@@ -1,0 +1,100 @@
+"""The pose and conditioning nodes inside a real ComfyUI (COMFYUI_DIR, COMFYUI_PYTHON).
+
+All checks run in one ComfyUI process (`comfyui_graph_checks.py`, ComfyUI's own Python, CPU)
+that writes a JSON report; each test asserts one behaviour a user depends on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.comfyui
+
+CHECKS = Path(__file__).with_name("comfyui_graph_checks.py")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("graph_nodes") / "report.json"
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([python, str(CHECKS), str(out)], capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"the ComfyUI check process failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def result(report: dict, name: str) -> dict:
+    entry = report[name]
+    assert entry["ok"], f"{entry['error']}\n{entry['traceback']}"
+    return entry
+
+
+def test_dwpose_folder_is_registered_next_to_extra_paths(report: dict) -> None:
+    r = result(report, "folders")
+    assert r["paths"][0] == r["default"] and r["extra"] in r["paths"]
+    assert {".onnx", ".pth"} <= set(r["extensions"])
+    assert r["shared_with"] == [] and not r["pt_extensions_has_onnx"]
+    assert r["files"] == ["dw-ll_ucoco_384.onnx", "yolox_l.onnx"]
+
+
+def test_extraction_reports_progress_per_frame(report: dict) -> None:
+    r = result(report, "extract_progress")
+    assert r["calls"] == [[i, 6] for i in range(1, 7)]
+    assert r["frames"] == 6 and r["people"] == [1] * 6
+    assert r["preview"] == [6, 96, 96, 3]
+
+
+def test_cancel_stops_extraction_as_a_comfyui_interrupt(report: dict) -> None:
+    r = result(report, "extract_cancel")
+    assert r["raised"] == "InterruptProcessingException"
+    assert r["flag_after"] is False  # consumed: the next prompt runs
+
+
+def test_alignment_renders_positive_and_augmented_negative(report: dict) -> None:
+    r = result(report, "alignment")
+    assert r["shape"] == r["negative_shape"] == [4, 64, 48, 3]  # 6 frames, align_frame 2
+    assert r["range"][0] >= 0.0 and r["range"][1] <= 1.0 and r["drawn"] > 0.01
+    assert r["negative_differs"] and r["deterministic"] and r["seed_matters"]
+    assert r["reference_pose_input_equal"]
+    assert r["no_reference"].startswith("PoseError") and "pose_detector" in r["no_reference"]
+
+
+def test_conditioning_stores_the_contract_keys(report: dict) -> None:
+    r = result(report, "conditioning")
+    assert {"concat_latent_image", "concat_mask", "steadydancer_pose", "steadydancer_ref_x", "steadydancer_ref_c",
+            "clip_vision_output", "steadydancer_clip_c"} <= set(r["keys"])  # fmt: skip
+    s = r["shapes"]
+    assert s["concat_latent_image"] == s["steadydancer_pose"] == [1, 16, 3, 6, 4]  # 9 frames of 48x32
+    assert s["steadydancer_ref_x"] == s["steadydancer_ref_c"] == [1, 36, 1, 6, 4]
+    assert r["latent"] == [2, 16, 3, 6, 4]
+    assert (r["ref_x_mask"], r["ref_c_mask"]) == (1.0, 0.0)
+    assert (r["concat_mask_first"], r["concat_mask_rest"]) == (0.0, 1.0)
+
+
+def test_conditioning_three_outputs_share_all_but_pose(report: dict) -> None:
+    r = result(report, "conditioning")
+    assert r["text_kept"] == [True, True, True]  # pose_negative carries the positive prompt
+    assert r["pose_same_pos_neg"] and r["pose_negative_differs"] and r["same_except_pose"]
+
+
+def test_conditioning_encodes_what_the_spec_says(report: dict) -> None:
+    r = result(report, "conditioning")
+    assert r["encoded_shapes"] == [[9, 48, 32, 3], [1, 48, 32, 3], [1, 48, 32, 3], [9, 48, 32, 3], [9, 48, 32, 3]]
+    assert r["video_first_is_reference"] and r["video_rest_grey"]
+    assert r["ref_c_is_first_pose"]
+    assert r["padded_with_last"] and r["negative_padded_with_last"]  # 3 pose frames -> 9
+    assert r["clip_reference_rows"] == 1 and r["clip_pose_rows"] == 1 and r["clip_pose_first_row"] == 0.0
+
+
+def test_conditioning_refuses_short_video_and_bad_length(report: dict) -> None:
+    r = result(report, "conditioning")
+    assert r["short_error"].startswith("ConditioningError") and "short_video" in r["short_error"]
+    bad, good, linked = r["validate"]
+    assert "4k+1" in bad and good is True and linked is True
