@@ -25,3 +25,7 @@ class PoseCancelled(PoseError):
 
 class PoseFormatError(PoseError, ValueError):
     """Pose data (arrays, POSE_KEYPOINT JSON, options) has the wrong shape or content."""
+
+
+class InvalidCheckpointError(PoseError, ValueError):
+    """A checkpoint file exists but is not the model expected (wrong file, corrupt, wrong layout)."""

@@ -1,0 +1,48 @@
+"""DWPose backends behind one interface: `load_detector(backend, model_dir)`.
+
+"onnx" needs onnxruntime and yolox_l.onnx + dw-ll_ucoco_384.onnx; "mmpose" needs the
+mmcv/mmdet/mmpose stack and the two .pth checkpoints. Both are imported only when loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import PoseFormatError
+from .base import PoseDetector
+from .files import DWPOSE_ONNX, DWPOSE_PTH, YOLOX_ONNX, YOLOX_PTH, resolve
+
+BACKENDS: tuple[str, ...] = ("onnx", "mmpose")
+
+__all__ = ["BACKENDS", "PoseDetector", "load_detector"]
+
+
+def load_detector(
+    backend: str, model_dir: str | Path, *, device: str | None = None, flip_test: bool = True
+) -> PoseDetector:
+    """Load the person detector + DWPose model of `backend` from model_dir.
+
+    device: "cpu", "cuda", "cuda:N" or None (CUDA when available). flip_test: average the
+    pose model over the crop and its mirror, as the reference config does (2x pose cost).
+    Raises PoseDependencyError (package to install), CheckpointNotFoundError (file to
+    put where), InvalidCheckpointError (a file that is not the expected model).
+    """
+    if backend == "onnx":
+        from .onnx_backend import OnnxPoseDetector
+
+        return OnnxPoseDetector(
+            resolve(model_dir, YOLOX_ONNX),
+            resolve(model_dir, DWPOSE_ONNX),
+            device=device,
+            flip_test=flip_test,
+        )
+    if backend == "mmpose":
+        from .mmpose_backend import MMPoseDetector
+
+        return MMPoseDetector(
+            resolve(model_dir, YOLOX_PTH),
+            resolve(model_dir, DWPOSE_PTH),
+            device=device,
+            flip_test=flip_test,
+        )
+    raise PoseFormatError(f"unknown pose backend {backend!r}: use one of {BACKENDS}")

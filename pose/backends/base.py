@@ -1,0 +1,99 @@
+"""The backend interface: frames in, one Pose (or None) per frame out.
+
+Subclasses only turn a batch of detection-resolution BGR images into 133 whole-body
+keypoints per image; batching, the detect-resolution resize, conversion to the OpenPose
+layout, progress and cancellation live here, identical for every backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import PoseCancelled, PoseFormatError
+from ..keypoints import wholebody_to_pose
+from ..types import Pose
+from .geometry import resize_for_detection
+
+Progress = Callable[[int, int], None]
+ShouldCancel = Callable[[], bool]
+#: (keypoints [133, 2] in pixels of the image given, scores [133]) of the first person.
+WholeBody = tuple[np.ndarray, np.ndarray]
+
+
+def validate_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise PoseFormatError(
+            f"frames must be uint8 RGB [N, H, W, 3] (or one [H, W, 3] image), got "
+            f"{frames.dtype} {list(frames.shape)}"
+        )
+    if frames.shape[1] < 2 or frames.shape[2] < 2:
+        raise PoseFormatError(f"frames are too small to detect anything: {list(frames.shape)}")
+    return frames
+
+
+class PoseDetector(ABC):
+    """A loaded DWPose pipeline (person detector + whole-body pose model)."""
+
+    #: "onnx" or "mmpose"
+    backend: str = ""
+    #: where the networks run, e.g. "cpu", "cuda:0" (informational)
+    device: str = "cpu"
+
+    @abstractmethod
+    def estimate(self, images: list[np.ndarray]) -> list[WholeBody]:
+        """BGR uint8 images (one batch, sizes may differ) -> the first person's 133 points.
+
+        The first person is the best-scoring box after the reference's filtering; with no
+        box, the whole image is used as the box.
+        """
+
+    def detect(
+        self,
+        frames: np.ndarray,
+        *,
+        detect_resolution: int = 1024,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+        should_cancel: ShouldCancel | None = None,
+    ) -> list[Pose | None]:
+        """uint8 RGB frames [N, H, W, 3] -> one Pose per frame (None: nobody visible).
+
+        Each frame is resized so its short side is `detect_resolution` (multiples of 64),
+        as the reference does before detecting. `progress(done, total)` is called after
+        each batch; `should_cancel()` is checked before each batch and raises PoseCancelled.
+        """
+        frames = validate_frames(frames)
+        if detect_resolution < 64:
+            raise PoseFormatError(f"detect_resolution must be at least 64, got {detect_resolution}")
+        if batch_size < 1:
+            raise PoseFormatError(f"batch_size must be at least 1, got {batch_size}")
+        total = len(frames)
+        height, width = frames.shape[1:3]
+        poses: list[Pose | None] = []
+        for start in range(0, total, batch_size):
+            if should_cancel is not None and should_cancel():
+                raise PoseCancelled(f"pose extraction cancelled after {start} of {total} frames")
+            images = [
+                np.ascontiguousarray(resize_for_detection(frame, detect_resolution)[..., ::-1])
+                for frame in frames[start : start + batch_size]
+            ]
+            for image, (keypoints, scores) in zip(images, self.estimate(images), strict=True):
+                pose = wholebody_to_pose(
+                    keypoints, scores, width, height, detect_size=(image.shape[1], image.shape[0])
+                )
+                poses.append(None if pose.is_empty else pose)
+            if progress is not None:
+                progress(len(poses), total)
+        return poses
+
+    def detect_image(self, image: np.ndarray, *, detect_resolution: int = 1024) -> Pose | None:
+        """One uint8 RGB image [H, W, 3] -> Pose or None."""
+        return self.detect(
+            validate_frames(image), detect_resolution=detect_resolution, batch_size=1
+        )[0]
