@@ -1,0 +1,270 @@
+"""RunPod serverless worker: runs SteadyDancer jobs on the ComfyUI of this container.
+
+A job's input is an API-format `workflow`, or a simple request (reference `image`, driving
+`video`, `prompt`, `seed`, size, `length`, `steps`) that fills in the bundled workflow: see
+docker/job_input.py. The worker uploads the media to ComfyUI, queues the workflow, follows
+it over ComfyUI's websocket (forwarding progress to RunPod) and returns the saved videos and
+images: base64 while they fit in RunPod's payload, presigned S3 URLs (rp_upload) when a
+bucket is configured. Rejected workflows and failing nodes come back as `{"error": ...}`.
+
+Run:
+  python runpod_handler.py                  on RunPod (the entry point's `runpod` mode)
+  python runpod_handler.py --test_input     one local job from test_input.json (RunPod SDK)
+  python runpod_handler.py --job job.json --save out/   one job, files written to out/
+Environment: COMFYUI_URL (http://127.0.0.1:8188), COMFYUI_READY_TIMEOUT (600 s),
+STEADYDANCER_JOB_TIMEOUT (3600 s), STEADYDANCER_INLINE_LIMIT_MB (15),
+STEADYDANCER_MAX_INPUT_MB (200), STEADYDANCER_OUTPUT (auto | base64 | s3),
+BUCKET_ENDPOINT_URL / BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY (S3 for rp_upload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import mimetypes
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from comfy_client import (
+    ComfyClient,
+    ComfyError,
+    ExecutionFailed,
+    OutputFile,
+    Progress,
+    WorkflowRejected,
+    collect_outputs,
+)
+from job_input import JobInputError, PreparedJob, prepare
+
+log = logging.getLogger("steadydancer.worker")
+TEST_INPUT = Path(__file__).with_name("test_input.json")
+S3_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
+OUTPUT_MODES = ("auto", "base64", "s3")
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        log.warning("%s=%r is not a number: using %s", name, os.environ.get(name), default)
+        return default
+
+
+def s3_configured(environ: dict[str, str] | os._Environ = os.environ) -> bool:
+    return all(environ.get(name) for name in S3_VARIABLES)
+
+
+class ProgressReporter:
+    """Turns ComfyUI progress events into RunPod progress updates, at most one per interval."""
+
+    def __init__(
+        self, job: dict[str, Any], workflow: dict[str, Any], send: Callable[[dict[str, Any], Any], None],
+        interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job, self.workflow, self.send = job, workflow, send
+        self.interval, self.clock = interval, clock
+        self.last = -float("inf")
+
+    def __call__(self, progress: Progress) -> None:
+        now = self.clock()
+        finished = progress.max > 0 and progress.value >= progress.max
+        if now - self.last < self.interval and not finished:
+            return
+        self.last = now
+        node = self.workflow.get(progress.node or "", {})
+        title = node.get("_meta", {}).get("title") or node.get("class_type") or "ComfyUI"
+        message = {
+            "node": progress.node,
+            "title": title,
+            "step": progress.value,
+            "steps": progress.max,
+            "percent": round(100 * progress.value / progress.max) if progress.max else None,
+        }
+        try:
+            self.send(self.job, message)
+        except Exception as exc:  # progress is best effort; never fail a job for it
+            log.warning("progress update failed: %s", exc)
+
+
+def send_progress(job: dict[str, Any], message: dict[str, Any]) -> None:
+    """runpod.serverless.progress_update on RunPod; a log line when run locally."""
+    if os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):
+        import runpod
+
+        runpod.serverless.progress_update(job, message)
+    else:
+        log.info("progress: %s", message)
+
+
+def upload_to_s3(job_id: str, name: str, data: bytes) -> str:
+    from runpod.serverless.utils import rp_upload
+
+    return rp_upload.upload_in_memory_object(name, data, prefix=job_id)
+
+
+def encode_outputs(
+    job_id: str, files: list[tuple[OutputFile, bytes]], *, mode: str, inline_limit: int,
+    s3_ready: bool, s3_upload: Callable[[str, str, bytes], str] = upload_to_s3,
+) -> list[dict[str, Any]]:
+    """The result entries for the saved files: base64, or S3 URLs.
+
+    auto: S3 when a bucket is configured, else base64 if it fits under `inline_limit` bytes
+    (of base64), else a JobOutputError saying how to get large results.
+    """
+    if mode not in OUTPUT_MODES:
+        raise JobOutputError(f"STEADYDANCER_OUTPUT={mode!r}: use one of {', '.join(OUTPUT_MODES)}")
+    use_s3 = mode == "s3" or (mode == "auto" and s3_ready)
+    if use_s3 and not s3_ready:
+        raise JobOutputError(f"STEADYDANCER_OUTPUT=s3 needs {', '.join(S3_VARIABLES)}")
+    if not use_s3:
+        encoded = sum(4 * ((len(data) + 2) // 3) for _, data in files)
+        if encoded > inline_limit:
+            raise JobOutputError(
+                f"the outputs are {encoded / 2**20:.1f} MB as base64, above the "
+                f"{inline_limit / 2**20:.0f} MB that fit in a RunPod response: configure an S3 "
+                f"bucket ({', '.join(S3_VARIABLES)}) or ask for a shorter or smaller video"
+            )
+    results = []
+    for output, data in files:
+        entry: dict[str, Any] = {
+            "filename": output.filename,
+            "type": "video" if output.is_video else "image",
+            "mime": mimetypes.guess_type(output.filename)[0] or "application/octet-stream",
+            "node": output.node,
+            "bytes": len(data),
+        }
+        if use_s3:
+            entry["url"] = s3_upload(job_id, output.filename, data)
+        else:
+            entry["base64"] = base64.b64encode(data).decode("ascii")
+        results.append(entry)
+    return results
+
+
+class JobOutputError(Exception):
+    """The job ran but its outputs cannot be returned as configured."""
+
+
+def run_job(
+    job: dict[str, Any], *, client: ComfyClient | None = None,
+    send: Callable[[dict[str, Any], Any], None] = send_progress,
+    s3_upload: Callable[[str, str, bytes], str] = upload_to_s3,
+    environ: dict[str, str] | os._Environ = os.environ,
+) -> dict[str, Any]:
+    """Run one job; returns RunPod's output ({"outputs": [...]} or {"error": ...})."""
+    job_id = str(job.get("id") or "local")
+    try:
+        prepared: PreparedJob = prepare(
+            job.get("input"), max_bytes=int(_env_float("STEADYDANCER_MAX_INPUT_MB", 200) * 2**20)
+        )
+    except JobInputError as exc:
+        return {"error": f"bad input: {exc}"}
+    client = client or ComfyClient(environ.get("COMFYUI_URL", "http://127.0.0.1:8188"))
+    started = time.monotonic()
+    try:
+        client.wait_ready(timeout=_env_float("COMFYUI_READY_TIMEOUT", 600))
+        for upload in prepared.uploads:
+            stored = client.upload(upload.name, upload.data)
+            if stored != upload.name:
+                raise ComfyError(f"ComfyUI stored {upload.name} as {stored}")
+        prompt_id = client.queue(prepared.workflow)
+        log.info("job %s: queued prompt %s", job_id, prompt_id)
+        reporter = ProgressReporter(job, prepared.workflow, send)
+        entry = client.wait(prompt_id, on_progress=reporter,
+                            timeout=_env_float("STEADYDANCER_JOB_TIMEOUT", 3600))
+        saved = collect_outputs(entry)
+        if not saved:
+            return {"error": "the workflow finished but saved no file: it needs a SaveVideo or "
+                             "SaveImage node", "prompt_id": prompt_id}
+        files = [(output, client.download(output)) for output in saved]
+        outputs = encode_outputs(
+            job_id, files, mode=environ.get("STEADYDANCER_OUTPUT", "auto").strip().lower(),
+            inline_limit=int(_env_float("STEADYDANCER_INLINE_LIMIT_MB", 15) * 2**20),
+            s3_ready=s3_configured(environ), s3_upload=s3_upload,
+        )
+    except WorkflowRejected as exc:
+        return {"error": f"ComfyUI rejected the workflow: {exc}",
+                "node_errors": exc.details.get("node_errors") or {}}
+    except ExecutionFailed as exc:
+        keys = ("node_id", "node_type", "exception_type", "exception_message")
+        return {"error": str(exc), "details": {k: exc.details[k] for k in keys if k in exc.details}}
+    except (ComfyError, JobOutputError) as exc:
+        return {"error": str(exc)}
+    result: dict[str, Any] = {"prompt_id": prompt_id, "outputs": outputs,
+                              "seconds": round(time.monotonic() - started, 1)}
+    if prepared.seed is not None:
+        result["seed"] = prepared.seed
+    return result
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunPod handler."""
+    return run_job(job)
+
+
+def save_outputs(result: dict[str, Any], folder: Path) -> list[Path]:
+    """Write a result's base64 outputs to `folder`; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for entry in result.get("outputs", []):
+        if "base64" in entry:
+            path = folder / Path(entry["filename"]).name
+            path.write_bytes(base64.b64decode(entry["base64"]))
+            paths.append(path)
+    return paths
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without base64 payloads, for printing."""
+    return {**result, "outputs": [{k: v for k, v in e.items() if k != "base64"}
+                                  for e in result.get("outputs", [])]}
+
+
+def _run_file(job_file: str, save: Path | None) -> int:
+    text = sys.stdin.read() if job_file == "-" else Path(job_file).read_text(encoding="utf-8")
+    job = json.loads(text)
+    job.setdefault("id", "local")
+    result = run_job(job)
+    if save is not None and "error" not in result:
+        for path in save_outputs(result, save):
+            log.info("wrote %s", path)
+    print(json.dumps(_summary(result), indent=1, ensure_ascii=False))
+    return 1 if "error" in result else 0
+
+
+def _runpod_argv(argv: list[str]) -> list[str]:
+    """`--test_input` with no JSON after it means test_input.json next to this file."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--test_input" and (i + 1 == len(out) or out[i + 1].startswith("--")):
+            out.insert(i + 1, TEST_INPUT.read_text(encoding="utf-8"))
+            break
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[worker] %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--job" in args:
+        parser = argparse.ArgumentParser(description="run one job without the RunPod SDK")
+        parser.add_argument("--job", required=True, help="job JSON file ({\"input\": ...}), or - for stdin")
+        parser.add_argument("--save", type=Path, help="write the returned files here")
+        options = parser.parse_args(args)
+        return _run_file(options.job, options.save)
+    import runpod
+
+    sys.argv = [sys.argv[0], *_runpod_argv(args)]
+    runpod.serverless.start({"handler": handler})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
