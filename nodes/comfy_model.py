@@ -1,0 +1,259 @@
+"""SteadyDancer as a ComfyUI MODEL: a `model_base` model in a ModelPatcher.
+
+`SteadyDancerModel` is ComfyUI's WAN21 (flow matching with shift, the Wan 2.1 latent
+format, the same memory estimate) whose diffusion model is our `SteadyDancerDiT`, built with
+ComfyUI's operations (or `GGUFOps` for GGUF weights) so that model management, low-VRAM
+partial loading, offloading and LoRA patching work on it. `extra_conds` turns the
+conditioning that the SteadyDancer conditioning node stores (CONTRACTS: concat_latent_image,
+concat_mask, steadydancer_*) into the DiT's inputs, wrapped in ComfyUI's cond types so that
+positive, negative and pose-negative predictions are batched together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.ldm.modules.attention
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.supported_models_base
+import comfy.utils
+import torch
+
+from ..steadydancer.attention import BACKENDS, AttentionDispatcher
+from ..steadydancer.errors import ConditioningError
+from ..steadydancer.gguf.ops import is_quantized
+from ..steadydancer.model import load_model
+from .comfy_ops import GGUFModelPatcher, GGUFOps
+
+TEXT_LEN = 512  # umT5 rows the DiT attends to; ComfyUI's umT5 already zero-pads to 512
+MASK_CHANNELS = 4
+DEFAULT_SHIFT = 5.0
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
+    "default": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+# The DiT's inputs besides x and t, as extra_conds names them (= forward's argument names).
+DIT_INPUTS = ("text", "clip_x", "clip_c", "y", "pose", "ref_x", "ref_c")
+
+
+class AttentionOverride:
+    """The attention of one model: our dispatcher, or ComfyUI's own (`backend="comfy"`).
+
+    Stored in the patcher's model_options, so it follows the MODEL through clones and
+    leaves every other model alone. Deep copies (ModelPatcher.clone) share the instance.
+    """
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
+        self._dispatcher = None if backend == "comfy" else AttentionDispatcher(backend)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention on [B, L, H, D] tensors, returning [B, L, H, D]."""
+        if self._dispatcher is not None:
+            return self._dispatcher(q, k, v)
+        b, length, heads, dim = q.shape
+        attention = comfy.ldm.modules.attention.optimized_attention  # honours ComfyUI's flags
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads, skip_reshape=True)
+        return out.view(b, length, heads, dim)
+
+    @property
+    def backend_used(self) -> str | None:
+        """The backend of the last call ("comfy" for ComfyUI's attention)."""
+        return self.backend if self._dispatcher is None else self._dispatcher.backend_used
+
+    def __deepcopy__(self, memo: dict) -> AttentionOverride:
+        return self
+
+    def __repr__(self) -> str:
+        return f"AttentionOverride({self.backend!r})"
+
+
+class SteadyDancerModelConfig(comfy.supported_models_base.BASE):
+    """ComfyUI's description of the model: latent format, sampling defaults, dtypes."""
+
+    unet_config: ClassVar[dict] = {"image_model": "steadydancer"}
+    unet_extra_config: ClassVar[dict] = {}
+    sampling_settings: ClassVar[dict] = {"shift": DEFAULT_SHIFT}
+    latent_format = comfy.latent_formats.Wan21
+    supported_inference_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16, torch.float32]
+
+    def __init__(self, dit_config: object, weight_dtype: torch.dtype, manual_cast_dtype: torch.dtype | None, operations: type) -> None:
+        # The DiT is built by `build_model_patcher`, not by BaseModel from unet_config.
+        super().__init__({"image_model": "steadydancer", "disable_unet_model_creation": True})
+        self.dit_config = dit_config
+        self.memory_usage_factor = dit_config.dim / 2222  # ComfyUI's factor for Wan 2.1
+        self.set_inference_dtype(weight_dtype, manual_cast_dtype)
+        self.custom_operations = operations
+
+    def get_model(self, state_dict: dict, prefix: str = "", device: torch.device | None = None) -> SteadyDancerModel:
+        return SteadyDancerModel(self, device=device)
+
+
+def _latent_in(model: comfy.model_base.BaseModel, latent: torch.Tensor, channels: slice | None = None) -> torch.Tensor:
+    """Apply the Wan 2.1 latent normalisation to `latent` (or to its 16-channel groups)."""
+    out = latent.clone()
+    step = model.latent_format.latent_channels
+    groups = [channels] if channels is not None else [slice(i, i + step) for i in range(0, latent.shape[1], step)]
+    for group in groups:
+        out[:, group] = model.process_latent_in(latent[:, group])
+    return out
+
+
+def _fit_to_noise(latent: torch.Tensor, noise: torch.Tensor, what: str) -> torch.Tensor:
+    """Check that a per-frame latent matches the sampled latent's frames and size."""
+    if latent.ndim != 5 or latent.shape[2:] != noise.shape[2:]:
+        raise ConditioningError(
+            f"{what} has shape {tuple(latent.shape)} but the latent being sampled is {tuple(noise.shape)}: "
+            "use the LATENT of the same SteadyDancer Image to Video node as its conditioning"
+        )
+    return comfy.utils.resize_to_batch_size(latent, noise.shape[0])
+
+
+def _required(kwargs: dict, key: str) -> object:
+    value = kwargs.get(key)
+    if value is None:
+        raise ConditioningError(
+            f"the conditioning has no {key!r}: SteadyDancer needs positive, negative and pose_negative "
+            "from the 'SteadyDancer Image to Video' node"
+        )
+    return value
+
+
+def pad_text(context: torch.Tensor, length: int = TEXT_LEN) -> torch.Tensor:
+    """Text states as the reference feeds them: exactly `length` rows, zero-padded/truncated."""
+    if context.shape[1] >= length:
+        return context[:, :length]
+    return torch.nn.functional.pad(context, (0, 0, 0, length - context.shape[1]))
+
+
+class SteadyDancerModel(comfy.model_base.WAN21):
+    """WAN21 with SteadyDancer's inputs (y, pose, ref_x, ref_c, clip_x, clip_c, text)."""
+
+    def __init__(self, model_config: SteadyDancerModelConfig, device: torch.device | None = None) -> None:
+        comfy.model_base.BaseModel.__init__(self, model_config, comfy.model_base.ModelType.FLOW, device=device)
+        self.image_to_video = True
+        # The two reference frames are extra tokens: count them in the memory estimate.
+        self.memory_usage_factor_conds = ("ref_x", "ref_c")
+
+    def get_dtype(self) -> torch.dtype:
+        return self.model_config.unet_config["dtype"]
+
+    def concat_cond(self, **kwargs: object) -> torch.Tensor:
+        """y = the 4 image-to-video mask channels, then the normalised reference-video latent."""
+        noise: torch.Tensor = kwargs["noise"]
+        device = kwargs["device"]
+        image = _required(kwargs, "concat_latent_image").to(device)
+        image = _fit_to_noise(_latent_in(self, image), noise, "concat_latent_image")
+        mask = kwargs.get("concat_mask")
+        if mask is None:  # first latent frame known, the rest generated
+            mask = torch.ones_like(noise[:, :1])
+            mask[:, :, :1] = 0.0
+        mask = mask.to(device=device, dtype=noise.dtype)
+        if mask.shape[1] != 1:
+            mask = mask.mean(dim=1, keepdim=True)
+        mask = comfy.utils.common_upscale(1.0 - mask, noise.shape[-1], noise.shape[-2], "bilinear", "center")
+        mask = _fit_to_noise(mask, noise, "concat_mask").repeat(1, MASK_CHANNELS, 1, 1, 1)
+        return torch.cat((mask, image), dim=1)
+
+    def extra_conds(self, **kwargs: object) -> dict[str, comfy.conds.CONDRegular]:
+        noise: torch.Tensor = kwargs["noise"]
+        device = kwargs["device"]
+        latent = self.latent_format.latent_channels
+        reference = slice(0, latent), slice(latent + MASK_CHANNELS, 2 * latent + MASK_CHANNELS)
+        pose = _fit_to_noise(_latent_in(self, _required(kwargs, "steadydancer_pose").to(device)), noise, "steadydancer_pose")
+        refs = {}
+        for key in ("ref_x", "ref_c"):
+            value = _required(kwargs, f"steadydancer_{key}").to(device)
+            for group in reference:  # the 4 mask channels in between stay as they are
+                value = _latent_in(self, value, group)
+            refs[key] = comfy.conds.CONDRegular(value)
+        return {
+            "y": comfy.conds.CONDNoiseShape(self.concat_cond(**kwargs)),
+            "pose": comfy.conds.CONDNoiseShape(pose),
+            **refs,
+            "text": comfy.conds.CONDRegular(pad_text(_required(kwargs, "cross_attn"))),
+            "clip_x": comfy.conds.CONDRegular(_required(kwargs, "clip_vision_output").penultimate_hidden_states),
+            "clip_c": comfy.conds.CONDRegular(_required(kwargs, "steadydancer_clip_c").penultimate_hidden_states),
+        }
+
+    def _apply_model(
+        self, x: torch.Tensor, t: torch.Tensor, c_concat: torch.Tensor | None = None, c_crossattn: torch.Tensor | None = None,
+        control: object = None, transformer_options: dict | None = None, **kwargs: object,
+    ) -> torch.Tensor:
+        """Denoised latent for sigma `t` (BaseModel's arithmetic; the DiT takes x and y apart)."""
+        sigma = t
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        xc = self.model_sampling.calculate_input(sigma, x).to(dtype)
+        timestep = self.model_sampling.timestep(sigma).float()
+        missing = [name for name in DIT_INPUTS if kwargs.get(name) is None]
+        if missing:
+            raise ConditioningError(f"SteadyDancer conditioning lacks {missing}: use the SteadyDancer Image to Video node")
+        inputs = {name: comfy.model_base.convert_tensor(kwargs[name], dtype, xc.device) for name in DIT_INPUTS}
+        out = self.diffusion_model(xc, timestep, **inputs, transformer_options=transformer_options or {})
+        return self.model_sampling.calculate_denoised(sigma, out.float(), x)
+
+
+def _param_count(state_dict: dict[str, torch.Tensor]) -> int:
+    """Logical parameter count (a quantised tensor counts its unpacked elements)."""
+    return sum(math.prod(getattr(t, "tensor_shape", t.shape)) for t in state_dict.values())
+
+
+def _float_dtypes(state_dict: dict[str, torch.Tensor], compute: torch.dtype | None, load_device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, manual cast dtype) for float weights: the choice, or ComfyUI's default."""
+    if compute is not None:
+        return compute, None
+    supported = SteadyDancerModelConfig.supported_inference_dtypes
+    weight = comfy.model_management.unet_dtype(
+        model_params=_param_count(state_dict), supported_dtypes=supported, weight_dtype=comfy.utils.weight_dtype(state_dict)
+    )
+    return weight, comfy.model_management.unet_manual_cast(weight, load_device, supported)
+
+
+def _gguf_compute_dtype(state_dict: dict[str, torch.Tensor], compute: torch.dtype | None, load_device: torch.device) -> torch.dtype:
+    """Dtype GGUF weights are dequantised into: the choice, or what this device runs best."""
+    if compute is not None:
+        return compute
+    supported = SteadyDancerModelConfig.supported_inference_dtypes
+    dtype = comfy.model_management.unet_dtype(model_params=_param_count(state_dict), supported_dtypes=supported)
+    return comfy.model_management.unet_manual_cast(dtype, load_device, supported) or dtype
+
+
+def build_model_patcher(
+    state_dict: dict[str, torch.Tensor], *, compute_dtype: str = "default", attention: str = "auto"
+) -> comfy.model_patcher.ModelPatcher:
+    """A MODEL from a SteadyDancer state dict (GGUF tensors still packed).
+
+    The DiT is `steadydancer.model.load_model`'s, built with ComfyUI's operations
+    (`pick_operations`, as ComfyUI's own models) or `GGUFOps`; weights are checked there.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}; got {compute_dtype!r}")
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    chosen = COMPUTE_DTYPES[compute_dtype]
+    if any(is_quantized(t) for t in state_dict.values()):
+        weight_dtype = manual_cast = _gguf_compute_dtype(state_dict, chosen, load_device)
+        operations, patcher_class = GGUFOps, GGUFModelPatcher
+    else:
+        weight_dtype, manual_cast = _float_dtypes(state_dict, chosen, load_device)
+        operations = comfy.ops.pick_operations(weight_dtype, manual_cast, load_device=load_device)
+        patcher_class = comfy.model_patcher.ModelPatcher
+    override = AttentionOverride(attention)  # an unusable explicit backend fails here, before loading
+
+    dit = load_model(state_dict, device=offload_device, dtype=weight_dtype, operations=operations,
+                     attention=attention if attention in BACKENDS else "auto")
+    dit.compute_dtype = manual_cast or weight_dtype
+    model_config = SteadyDancerModelConfig(dit.config, weight_dtype, manual_cast, operations)
+    model = model_config.get_model({}, device=offload_device)
+    model.diffusion_model = dit
+    patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
+    patcher.model_options["transformer_options"]["attention_override"] = override
+    return patcher

@@ -1,0 +1,156 @@
+"""ComfyUI operations for GGUF weights: quantised storage, ComfyUI casting, LoRA on the fly.
+
+ComfyUI builds its models from an `operations` namespace whose layers cast their weights
+per forward pass (`comfy.ops.manual_cast`) and apply `weight_function`s on the way: that is
+how low-VRAM partial loading streams weights and how LoRA patches reach weights that stay
+on the CPU. `GGUFOps` keeps that contract for weights that are packed GGML blocks
+(`GGMLTensor`): the packed bytes are what moves between devices, and each forward pass
+dequantises them on the compute device, then applies the layer's `weight_function`s (the
+patcher installs LoRA patches there, see `GGUFModelPatcher`). Non-quantised tensors of a
+GGUF file (norms, biases) stay in their file dtype and are cast like ComfyUI's own layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import torch
+
+from ..steadydancer.gguf.ops import GGMLLayer, dequantize_tensor, is_quantized
+
+WeightFunction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _materialise(
+    tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, functions: Iterable[WeightFunction]
+) -> torch.Tensor:
+    """`tensor` as a plain tensor of `dtype` on `device`, with patch functions applied."""
+    functions = list(functions)
+    non_blocking = comfy.model_management.device_supports_non_blocking(device)
+    if is_quantized(tensor):  # the packed bytes move, dequantisation happens on `device`
+        out = dequantize_tensor(tensor, dtype, device)
+    else:
+        out = comfy.model_management.cast_to(tensor, dtype, device, non_blocking=non_blocking, copy=bool(functions))
+    for function in functions:
+        out = function(out)
+    return out
+
+
+def cast_bias_weight(
+    layer: torch.nn.Module,
+    input: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    bias_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`comfy.ops.cast_bias_weight` for layers whose weight or bias may be a GGMLTensor."""
+    if input is not None:
+        dtype = dtype or input.dtype
+        device = device or input.device
+    bias_dtype = bias_dtype or dtype
+    bias = None
+    if layer.bias is not None:
+        bias = _materialise(layer.bias, bias_dtype, device, layer.bias_function)
+    weight = _materialise(layer.weight, dtype, device, layer.weight_function)
+    return weight, bias
+
+
+class GGUFOps(comfy.ops.manual_cast):
+    """`operations` namespace for a SteadyDancer DiT holding GGUF weights.
+
+    `GGMLLayer` (steadydancer.gguf.ops) creates the parameters on the meta device and takes
+    state-dict tensors as they are; ComfyUI's `manual_cast` layers give the casting
+    contract (`comfy_cast_weights`, `weight_function`, `bias_function`) that the patcher
+    and ComfyUI's low-VRAM loading rely on.
+    """
+
+    class Linear(GGMLLayer, comfy.ops.manual_cast.Linear):
+        def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
+            weight, bias = cast_bias_weight(self, input)
+            return torch.nn.functional.linear(input, weight, bias)
+
+    class Conv2d(GGMLLayer, comfy.ops.manual_cast.Conv2d):
+        def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
+            weight, bias = cast_bias_weight(self, input)
+            return self._conv_forward(input, weight, bias)
+
+    class Conv3d(GGMLLayer, comfy.ops.manual_cast.Conv3d):
+        def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
+            weight, bias = cast_bias_weight(self, input)
+            return self._conv_forward(input, weight, bias)
+
+    class LayerNorm(GGMLLayer, comfy.ops.manual_cast.LayerNorm):
+        def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
+            weight = bias = None
+            if self.weight is not None:
+                weight, bias = cast_bias_weight(self, input)
+            return torch.nn.functional.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+
+    class GroupNorm(GGMLLayer, comfy.ops.manual_cast.GroupNorm):
+        def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
+            weight, bias = cast_bias_weight(self, input)
+            return torch.nn.functional.group_norm(input, self.num_groups, weight, bias, self.eps)
+
+
+def _without_patches(functions: list, key: str | None = None) -> list:
+    """`functions` minus the LoRA patch functions (of `key`, or all of them)."""
+    return [
+        f for f in functions
+        if not (isinstance(f, comfy.model_patcher.LowVramPatch) and (key is None or f.key == key))
+    ]
+
+
+def _dedupe_patches(functions: list) -> list:
+    """One patch function per key: ComfyUI's partial unload may add a second one."""
+    seen: set[str] = set()
+    out = []
+    for f in functions:
+        if isinstance(f, comfy.model_patcher.LowVramPatch):
+            if f.key in seen:
+                continue
+            seen.add(f.key)
+        out.append(f)
+    return out
+
+
+class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher whose quantised weights are never rewritten.
+
+    ComfyUI patches a weight by computing `weight + lora` once and storing it (keeping a
+    backup); that would turn a 4-bit weight into a full float one. For a quantised weight
+    this patcher instead installs the patch as the layer's `weight_function`, which
+    `GGUFOps` applies after each dequantisation: the same mechanism ComfyUI uses for weights
+    of partially loaded models. Float tensors are patched the usual way.
+    """
+
+    def patch_weight_to_device(self, key: str, device_to: torch.device | None = None, inplace_update: bool = False) -> None:
+        if key not in self.patches:
+            return
+        if not is_quantized(comfy.utils.get_attr(self.model, key)):
+            super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+            return
+        module_name, param = key.rsplit(".", 1)
+        module = comfy.utils.get_attr(self.model, module_name)
+        attr = f"{param}_function"
+        patch = comfy.model_patcher.LowVramPatch(key, self.patches)
+        setattr(module, attr, [*_without_patches(getattr(module, attr), key), patch])
+
+    def unpatch_model(self, device_to: torch.device | None = None, unpatch_weights: bool = True) -> None:
+        if unpatch_weights:
+            for module in self.model.modules():
+                if isinstance(module, GGMLLayer):
+                    module.weight_function = _without_patches(module.weight_function)
+                    module.bias_function = _without_patches(module.bias_function)
+        super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+
+    def partially_unload(self, device_to: torch.device, memory_to_free: int = 0) -> int:
+        freed = super().partially_unload(device_to, memory_to_free=memory_to_free)
+        for module in self.model.modules():
+            if isinstance(module, GGMLLayer):
+                module.weight_function = _dedupe_patches(module.weight_function)
+                module.bias_function = _dedupe_patches(module.bias_function)
+        return freed

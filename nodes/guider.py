@@ -1,0 +1,153 @@
+"""SteadyDancer's three-prediction guidance as a ComfyUI GUIDER, and a one-node sampler.
+
+Per step the guider asks the model for the predictions that step needs (spec/MODEL.md,
+"Guidance"): `cond` (positive text and pose), `uncond_text` (negative text) and, inside the
+pose window, `uncond_pose` (augmented pose). They go to ComfyUI's `calc_cond_batch` in one
+list, so ComfyUI batches them into as few forward passes as memory allows; a prediction
+that is not needed is passed as None and costs nothing.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+from ..steadydancer.guidance import calls_needed, combine, in_pose_window
+from ..steadydancer.schedule import num_steps, step_index
+
+# Prediction name (steadydancer.guidance) -> the conditioning it is made with.
+PREDICTIONS = {"cond": "positive", "uncond_text": "negative", "uncond_pose": "pose_negative"}
+DEFAULT_SAMPLER = "uni_pc_bh2"
+DEFAULT_SCHEDULER = "simple"
+
+
+class SteadyDancerCFGGuider(comfy.samplers.CFGGuider):
+    """CFGGuider with a text scale, a pose scale and the pose window on the step index."""
+
+    def set_conds(self, positive: list, negative: list, pose_negative: list) -> None:
+        self.inner_set_conds({"positive": positive, "negative": negative, "pose_negative": pose_negative})
+
+    def set_scales(self, text_scale: float, pose_scale: float, start: float, end: float) -> None:
+        self.text_scale, self.pose_scale, self.start, self.end = text_scale, pose_scale, start, end
+
+    def pose_active(self, timestep: torch.Tensor, model_options: dict) -> bool:
+        """Whether this sigma's step lies strictly inside the (start, end) window."""
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sigmas is None or num_steps(sigmas) == 0:
+            return False
+        return in_pose_window(step_index(sigmas, timestep), num_steps(sigmas), self.start, self.end)
+
+    def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
+        model_options = model_options or {}
+        pose_active = self.pose_scale != 0 and self.pose_active(timestep, model_options)
+        needed = set(calls_needed(self.text_scale, pose_active))
+        if model_options.get("disable_cfg1_optimization", False):
+            needed.add("uncond_text")
+        conds = [self.conds.get(PREDICTIONS[name]) if name in needed else None for name in PREDICTIONS]
+        cond, uncond_text, uncond_pose = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        return combine(
+            cond,
+            uncond_text if "uncond_text" in needed else None,
+            uncond_pose if "uncond_pose" in needed else None,
+            self.text_scale,
+            self.pose_scale,
+        )
+
+
+def make_guider(model: object, positive: list, negative: list, pose_negative: list,
+                text_scale: float, pose_scale: float, start: float, end: float) -> SteadyDancerCFGGuider:
+    """A configured guider (shared by both nodes)."""
+    guider = SteadyDancerCFGGuider(model)
+    guider.set_conds(positive, negative, pose_negative)
+    guider.set_scales(text_scale, pose_scale, start, end)
+    return guider
+
+
+def guidance_inputs() -> list[io.Input]:
+    """Inputs of the guidance, with the reference's defaults."""
+    return [
+        io.Model.Input("model", tooltip="The SteadyDancer model."),
+        io.Conditioning.Input("positive", tooltip="'positive' of SteadyDancer Image to Video (prompt + pose)."),
+        io.Conditioning.Input("negative", tooltip="'negative' of SteadyDancer Image to Video (negative prompt + pose)."),
+        io.Conditioning.Input("pose_negative", tooltip="'pose_negative' of SteadyDancer Image to Video (prompt + augmented pose)."),
+        io.Float.Input("text_scale", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01, tooltip="Text guidance scale. 1.0 (for distilled-step LoRAs) skips the negative-prompt prediction."),
+        io.Float.Input("pose_scale", default=1.5, min=0.0, max=10.0, step=0.1, round=0.01, tooltip="Pose guidance scale inside the window (1.5 in the reference, 1.0 in its README example). 0 disables pose guidance."),
+        io.Float.Input("start", default=0.1, min=0.0, max=1.0, step=0.01, tooltip="Pose guidance applies to steps with start < step/steps < end (strict)."),
+        io.Float.Input("end", default=0.4, min=0.0, max=1.0, step=0.01, tooltip="End of the pose guidance window, as a fraction of the steps."),
+    ]
+
+
+class SteadyDancerGuider(io.ComfyNode):
+    """GUIDER for SamplerCustomAdvanced: text guidance always, pose guidance in a window."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SteadyDancerGuider",
+            display_name="SteadyDancer Guider",
+            category="sampling/custom_sampling/guiders",
+            description="pred = uncond_text + text_scale*(cond - uncond_text) + pose_scale*(cond - uncond_pose), "
+            "the pose term only inside the window. Makes only the model calls a step needs.",
+            inputs=guidance_inputs(),
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model: object, positive: list, negative: list, pose_negative: list,
+                text_scale: float, pose_scale: float, start: float, end: float) -> io.NodeOutput:
+        return io.NodeOutput(make_guider(model, positive, negative, pose_negative, text_scale, pose_scale, start, end))
+
+
+def sample(guider: SteadyDancerCFGGuider, latent: dict, seed: int, steps: int, sampler_name: str, scheduler: str) -> dict:
+    """Run `guider` over `steps` from `latent` (what SamplerCustomAdvanced does, in one call)."""
+    patcher = guider.model_patcher
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).cpu()
+    samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    out = guider.sample(
+        noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
+        denoise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(patcher, steps),
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )
+    return {**latent, "samples": out.to(comfy.model_management.intermediate_device())}
+
+
+class SteadyDancerSampler(io.ComfyNode):
+    """KSampler-like: shift + sigmas + sampler + the SteadyDancer guidance in one node."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SteadyDancerSampler",
+            display_name="SteadyDancer Sampler",
+            category="sampling",
+            description="Samples SteadyDancer with the reference's settings: flow shift, UniPC, 50 steps, "
+            "text and pose guidance. For other samplers or schedules use SteadyDancer Guider + SamplerCustomAdvanced.",
+            inputs=[
+                *guidance_inputs(),
+                io.Latent.Input("latent", tooltip="'latent' of SteadyDancer Image to Video."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (50 in the reference; fewer with a distilled-step LoRA)."),
+                io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Flow-matching shift: 5.0 in the reference, 3.0 at 480p."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default=DEFAULT_SAMPLER, tooltip="UniPC (uni_pc_bh2) as the reference."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=DEFAULT_SCHEDULER),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model: object, positive: list, negative: list, pose_negative: list,
+                text_scale: float, pose_scale: float, start: float, end: float, latent: dict,
+                seed: int, steps: int, shift: float, sampler_name: str, scheduler: str) -> io.NodeOutput:
+        shifted = ModelSamplingSD3().patch(model, shift)[0]
+        guider = make_guider(shifted, positive, negative, pose_negative, text_scale, pose_scale, start, end)
+        return io.NodeOutput(sample(guider, latent, seed, steps, sampler_name, scheduler))
+
+
+MODEL_NODES: list[type[io.ComfyNode]] = [SteadyDancerGuider, SteadyDancerSampler]

@@ -1,0 +1,73 @@
+"""The SteadyDancer model loader node and the `.gguf` entry in ComfyUI's model folders."""
+
+from __future__ import annotations
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..steadydancer.attention import BACKENDS
+from ..steadydancer.weights import load_weights
+from .comfy_model import COMPUTE_DTYPES, build_model_patcher
+
+MODEL_FOLDER = "diffusion_models"  # `models/unet` is one of its paths
+GGUF_FOLDER = "steadydancer_gguf"
+EXTENSIONS = (".gguf", ".safetensors")
+ATTENTION_CHOICES = ("auto", "comfy", *BACKENDS)
+
+
+def register_gguf_folder() -> None:
+    """List `.gguf` files of the diffusion model folders under a key of their own.
+
+    The key's path list IS diffusion_models' list object, so extra_model_paths.yaml and
+    later additions apply to both; its extension set is a new one. ComfyUI's
+    `supported_pt_extensions`, shared by most folder keys, is never touched.
+    """
+    paths = folder_paths.folder_names_and_paths[MODEL_FOLDER][0]
+    current = folder_paths.folder_names_and_paths.get(GGUF_FOLDER)
+    if current is None or current[0] is not paths:
+        folder_paths.folder_names_and_paths[GGUF_FOLDER] = (paths, {".gguf"})
+
+
+def model_files() -> list[str]:
+    """SteadyDancer candidates: .safetensors and .gguf files of diffusion_models / unet."""
+    register_gguf_folder()
+    names = set(folder_paths.get_filename_list(GGUF_FOLDER))
+    names.update(n for n in folder_paths.get_filename_list(MODEL_FOLDER) if n.lower().endswith(EXTENSIONS))
+    return sorted(names)
+
+
+def model_path(name: str) -> str:
+    """Full path of a listed file (FileNotFoundError naming the folder when it is gone)."""
+    folder = GGUF_FOLDER if name.lower().endswith(".gguf") else MODEL_FOLDER
+    register_gguf_folder()
+    return folder_paths.get_full_path_or_raise(folder, name)
+
+
+class SteadyDancerModelLoader(io.ComfyNode):
+    """Loads a SteadyDancer DiT (.gguf stays quantised, or .safetensors) as a ComfyUI MODEL."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SteadyDancerModelLoader",
+            display_name="Load SteadyDancer Model",
+            category="loaders/video_models",
+            description="Loads SteadyDancer-14B (Wan2.1-I2V + pose path) from models/diffusion_models. "
+            "GGUF weights stay quantised and are dequantised per layer; LoRA loaders work on both kinds.",
+            inputs=[
+                io.Combo.Input("model_name", options=model_files(), tooltip="A SteadyDancer .gguf or .safetensors file in models/diffusion_models (or models/unet). Plain Wan2.1 files are refused."),
+                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default", tooltip="Dtype of the computation (and of float weights). 'default' lets ComfyUI pick for your GPU (bf16 on recent NVIDIA cards)."),
+                io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", tooltip="Attention kernel for this model only. 'auto' takes the fastest installed (flash-attn, SageAttention, xformers, then PyTorch SDPA); 'comfy' uses ComfyUI's own choice (its --use-*-attention flags)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The SteadyDancer model; use it with the SteadyDancer guider.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, compute_dtype: str = "default", attention: str = "auto") -> io.NodeOutput:
+        # fp8 .safetensors are dequantised into the compute dtype (bf16 unless one is chosen).
+        state_dict = load_weights(model_path(model_name), dtype=COMPUTE_DTYPES[compute_dtype] or torch.bfloat16)
+        return io.NodeOutput(build_model_patcher(state_dict, compute_dtype=compute_dtype, attention=attention))
+
+
+MODEL_NODES: list[type[io.ComfyNode]] = [SteadyDancerModelLoader]

@@ -1,0 +1,436 @@
+"""Checks of the ComfyUI model glue, run inside a real ComfyUI's Python.
+
+`tests/test_comfy_model.py` runs this file once with $COMFYUI_PYTHON (ComfyUI's venv, which
+has no pytest) and asserts on the JSON it writes:
+
+    COMFYUI_DIR=/path/to/ComfyUI $COMFYUI_PYTHON tests/comfyui_model_checks.py OUT.json
+
+ComfyUI is imported in-process on the CPU; this package is loaded as `comfyui_steadydancer`
+(as ComfyUI loads it); tiny random SteadyDancer models are written in the real file formats
+(.safetensors, and .gguf with Q8_0 linear weights) into a temporary models folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "comfyui_steadydancer"
+SIGMA = 0.7
+LORA_STRENGTH = 0.8
+LORA_RANK = 4
+LORA_ALPHA = 2.0
+
+
+def import_comfyui() -> None:
+    """Import ComfyUI as its main.py would, on the CPU."""
+    comfy_dir = os.environ["COMFYUI_DIR"]
+    sys.path.insert(0, comfy_dir)
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args
+
+    import nodes  # noqa: F401  (ComfyUI's node module, as custom nodes see it)
+
+
+def load_package() -> object:
+    spec = importlib.util.spec_from_file_location(
+        PACKAGE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- tiny models and inputs ---------------------------------------------------------------
+
+
+class World:
+    """Tiny model files in a temporary models folder, and the inputs of one step."""
+
+    def __init__(self, root: Path) -> None:
+        import folder_paths
+        import numpy as np
+        import torch
+        from comfyui_steadydancer.steadydancer.keys import TinyConfig, tiny_state_dict
+        from safetensors.torch import save_file
+
+        self.torch = torch
+        self.config = TinyConfig()
+        arrays = tiny_state_dict(self.config, seed=1)
+        self.float_sd = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        unet = root / "diffusion_models"
+        loras = root / "loras"
+        unet.mkdir()
+        loras.mkdir()
+        # Appending to ComfyUI's own list objects: the package's .gguf key shares them.
+        folder_paths.folder_names_and_paths["diffusion_models"][0].append(str(unet))
+        folder_paths.folder_names_and_paths["loras"][0].append(str(loras))
+        save_file({f"model.diffusion_model.{k}": v for k, v in self.float_sd.items()}, unet / "tiny.safetensors")
+        self.gguf_path = unet / "tiny_q8.gguf"
+        self.quantised = write_gguf(self.gguf_path, arrays)
+        wan = {k: v for k, v in self.float_sd.items() if not k.startswith(("condition_embedding", "patch_embedding_"))}
+        save_file(wan, unet / "plain_wan.safetensors")
+        (unet / "notes.ckpt").write_bytes(b"not a model")
+        self.lora_keys = ("blocks.0.self_attn.q", "blocks.1.ffn.0")
+        self.lora = write_lora(loras / "tiny_lora.safetensors", self.float_sd, self.lora_keys)
+        self.unet = unet
+
+        gen = torch.Generator().manual_seed(3)
+        f, h, w = 2, 4, 6
+        self.noise = torch.randn(1, 16, f, h, w, generator=gen)
+
+        def latent(frames: int = f) -> torch.Tensor:
+            return torch.randn(1, 16, frames, h, w, generator=gen) * 2.0
+
+        import comfy.clip_vision
+
+        def vision() -> comfy.clip_vision.Output:
+            out = comfy.clip_vision.Output()
+            out["penultimate_hidden_states"] = torch.randn(1, 257, self.config.clip_dim, generator=gen)
+            return out
+
+        mask = torch.ones(1, 1, f, h, w)
+        mask[:, :, :1] = 0.0
+        ref, first_pose = latent(1), latent(1)
+        self.values = {
+            "concat_latent_image": latent(),
+            "concat_mask": mask,
+            "steadydancer_ref_x": torch.cat([ref, torch.ones(1, 4, 1, h, w), ref], dim=1),
+            "steadydancer_ref_c": torch.cat([first_pose, torch.zeros(1, 4, 1, h, w), first_pose], dim=1),
+            "clip_vision_output": vision(),
+            "steadydancer_clip_c": vision(),
+        }
+        self.pose, self.pose_negative = latent(), latent()
+        self.text, self.text_negative = (torch.randn(1, 7, self.config.text_dim, generator=gen) for _ in range(2))
+        del np
+
+    def conditioning(self, text: object, pose: object) -> list:
+        return [[text, {**self.values, "steadydancer_pose": pose}]]
+
+    def model_inputs(self, pose: object | None = None, text: object | None = None) -> dict:
+        """The DiT's inputs computed here, independently of the glue (normalised latents)."""
+        torch = self.torch
+        from comfy.latent_formats import Wan21
+
+        fmt = Wan21()
+
+        def norm(x: torch.Tensor) -> torch.Tensor:
+            return (x - fmt.latents_mean) / fmt.latents_std
+
+        v = self.values
+        y_mask = (1.0 - v["concat_mask"]).repeat(1, 4, 1, 1, 1)
+        text = self.text if text is None else text
+        padded = torch.zeros(1, 512, text.shape[-1])
+        padded[:, : text.shape[1]] = text
+        return {
+            "text": padded,
+            "clip_x": v["clip_vision_output"].penultimate_hidden_states,
+            "clip_c": v["steadydancer_clip_c"].penultimate_hidden_states,
+            "y": torch.cat([y_mask, norm(v["concat_latent_image"])], dim=1),
+            "pose": norm(self.pose if pose is None else pose),
+            "ref_x": torch.cat([norm(v["steadydancer_ref_x"][:, :16]), v["steadydancer_ref_x"][:, 16:20], norm(v["steadydancer_ref_x"][:, 20:])], dim=1),
+            "ref_c": torch.cat([norm(v["steadydancer_ref_c"][:, :16]), v["steadydancer_ref_c"][:, 16:20], norm(v["steadydancer_ref_c"][:, 20:])], dim=1),
+        }
+
+
+def write_gguf(path: Path, arrays: dict) -> set[str]:
+    """A Wan GGUF: Q8_0 for 2-D weights whose rows are whole blocks, F32 for the rest."""
+    import gguf
+    from comfyui_steadydancer.steadydancer.gguf.dequant import quantize
+
+    writer = gguf.GGUFWriter(str(path), "wan")
+    quantised = set()
+    for name, array in arrays.items():
+        if array.ndim == 2 and array.shape[-1] % 32 == 0 and name.endswith(".weight"):
+            packed = quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            quantised.add(name)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantised
+
+
+def write_lora(path: Path, float_sd: dict, layers: tuple[str, ...]) -> dict:
+    """A LoRA in two of ComfyUI's key formats (kohya `lora_unet_*` and `diffusion_model.*`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(5)
+    tensors, factors = {}, {}
+    for i, layer in enumerate(layers):
+        out_dim, in_dim = float_sd[f"{layer}.weight"].shape
+        down = torch.randn(LORA_RANK, in_dim, generator=gen) * 0.3
+        up = torch.randn(out_dim, LORA_RANK, generator=gen) * 0.3
+        prefix = f"lora_unet_{layer.replace('.', '_')}" if i == 0 else f"diffusion_model.{layer}"
+        tensors[f"{prefix}.lora_down.weight"] = down
+        tensors[f"{prefix}.lora_up.weight"] = up
+        tensors[f"{prefix}.alpha"] = torch.tensor(LORA_ALPHA)
+        factors[layer] = up @ down * (LORA_ALPHA / LORA_RANK)
+    save_file(tensors, path)
+    return factors
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def load(world: World, name: str, dtype: str = "fp32", attention: str = "math") -> object:
+    from comfyui_steadydancer.nodes.model_loader import SteadyDancerModelLoader
+
+    return SteadyDancerModelLoader.execute(name, dtype, attention).result[0]
+
+
+def predict(world: World, patcher: object, pose: object | None = None) -> object:
+    """The MODEL's denoised prediction for one step, through ComfyUI's conditioning path."""
+    import comfy.model_management
+
+    torch = world.torch
+    comfy.model_management.load_models_gpu([patcher])
+    model = patcher.model
+    kwargs = {**world.values, "steadydancer_pose": world.pose if pose is None else pose, "cross_attn": world.text}
+    conds = model.extra_conds(**kwargs, noise=world.noise, device=torch.device("cpu"))
+    sigma = torch.tensor([SIGMA])
+    with torch.no_grad():
+        return model.apply_model(world.noise, sigma, **{k: v.cond for k, v in conds.items()},
+                                 transformer_options=patcher.model_options["transformer_options"])
+
+
+def direct(world: World, dit: object, inputs: dict | None = None) -> object:
+    """steadydancer.model's forward, turned into the same denoised prediction."""
+    torch = world.torch
+    inputs = inputs or world.model_inputs()
+    with torch.no_grad():
+        velocity = dit(world.noise, torch.tensor([SIGMA * 1000.0]), **inputs)
+    return world.noise - SIGMA * velocity.float()
+
+
+def max_diff(a: object, b: object) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def check_folders(world: World) -> dict:
+    import folder_paths
+    from comfyui_steadydancer.nodes import model_loader
+
+    files = model_loader.model_files()
+    return {
+        "files": files,
+        "same_list": folder_paths.folder_names_and_paths[model_loader.GGUF_FOLDER][0]
+        is folder_paths.folder_names_and_paths["diffusion_models"][0],
+        "gguf_in_pt_extensions": ".gguf" in folder_paths.supported_pt_extensions,
+        "path": model_loader.model_path("tiny_q8.gguf"),
+    }
+
+
+def check_parity(world: World) -> dict:
+    from comfyui_steadydancer.steadydancer.model import load_model
+
+    torch = world.torch
+    out = {}
+    for name in ("tiny.safetensors", "tiny_q8.gguf"):
+        ours = predict(world, load(world, name))
+        reference = direct(world, load_model(str(world.unet / name), dtype=torch.float32, attention="math"))
+        out[name] = {"max_diff": max_diff(ours, reference), "scale": float(reference.abs().max())}
+    return out
+
+
+def check_gguf_quantised(world: World) -> dict:
+    from comfyui_steadydancer.steadydancer.gguf.ops import is_quantized
+
+    patcher = load(world, "tiny_q8.gguf")
+    predict(world, patcher)  # loaded by ComfyUI's model management and run once
+    sd = patcher.model.diffusion_model.state_dict()
+    float_patcher = load(world, "tiny.safetensors")
+    return {
+        "quantised_in_file": len(world.quantised),
+        "quantised_in_model": sorted(k for k, v in sd.items() if is_quantized(v)) == sorted(world.quantised),
+        "quantised_float_bytes": sum(world.float_sd[k].numel() * 4 for k in world.quantised),
+        "model_size": patcher.model_size(),
+        "float_model_size": float_patcher.model_size(),
+    }
+
+
+def _merged_patcher(world: World, source: dict) -> object:
+    """A float MODEL whose weights have the LoRA merged in (the expected result)."""
+    from comfyui_steadydancer.nodes.comfy_model import build_model_patcher
+
+    merged = {k: v.clone() for k, v in source.items()}
+    for layer, delta in world.lora.items():
+        merged[f"{layer}.weight"] += LORA_STRENGTH * delta
+    return build_model_patcher(merged, compute_dtype="fp32", attention="math")
+
+
+def check_lora(world: World) -> dict:
+    from comfyui_steadydancer.steadydancer.gguf.ops import dequantize_tensor, is_quantized
+    from comfyui_steadydancer.steadydancer.weights import load_weights
+
+    import nodes
+
+    out = {}
+    for name in ("tiny.safetensors", "tiny_q8.gguf"):
+        base = load(world, name)
+        before = predict(world, base)
+        patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "tiny_lora.safetensors", LORA_STRENGTH)[0]
+        with_lora = predict(world, patched)
+        source = {k: dequantize_tensor(v, world.torch.float32) for k, v in load_weights(str(world.unet / name)).items()}
+        expected = predict(world, _merged_patcher(world, source))
+        # Low-VRAM path: every layer streamed, patches applied per forward as weight functions.
+        patched.unpatch_model()
+        patched.patch_model(device_to=world.torch.device("cpu"), lowvram_model_memory=1)
+        lowvram = predict_loaded(world, patched)
+        patched.unpatch_model()
+        after = predict(world, base)
+        q = base.model.diffusion_model.blocks[0].self_attn.q.weight
+        out[name] = {
+            "patched_keys": len(patched.patches),
+            "lora_vs_merged": max_diff(with_lora, expected),
+            "lowvram_vs_merged": max_diff(lowvram, expected),
+            "lora_effect": max_diff(with_lora, before),
+            "base_after_vs_before": max_diff(after, before),
+            "still_quantised": is_quantized(q) if name.endswith(".gguf") else None,
+        }
+    return out
+
+
+def predict_loaded(world: World, patcher: object) -> object:
+    """Like `predict`, for a patcher already patched by hand (no model management)."""
+    torch = world.torch
+    model = patcher.model
+    kwargs = {**world.values, "steadydancer_pose": world.pose, "cross_attn": world.text}
+    conds = model.extra_conds(**kwargs, noise=world.noise, device=torch.device("cpu"))
+    with torch.no_grad():
+        return model.apply_model(world.noise, torch.tensor([SIGMA]), **{k: v.cond for k, v in conds.items()},
+                                 transformer_options=patcher.model_options["transformer_options"])
+
+
+def check_attention(world: World) -> dict:
+    models = {name: load(world, "tiny.safetensors", attention=name) for name in ("math", "sdpa", "comfy")}
+    outputs = {name: predict(world, model) for name, model in models.items()}
+    overrides = {name: model.model_options["transformer_options"]["attention_override"] for name, model in models.items()}
+    clone = models["math"].clone()
+    return {
+        "used": {name: o.backend_used for name, o in overrides.items()},
+        "comfy_vs_math": max_diff(outputs["comfy"], outputs["math"]),
+        "sdpa_vs_math": max_diff(outputs["sdpa"], outputs["math"]),
+        "clone_shares": clone.model_options["transformer_options"]["attention_override"] is overrides["math"],
+    }
+
+
+def call_recorder(calls: list) -> Callable:
+    """A ComfyUI model wrapper noting (sigma, which predictions) of every forward pass."""
+
+    def wrapper(apply: Callable, args: dict) -> object:
+        calls.append((float(args["timestep"][0]), sorted(args["cond_or_uncond"])))
+        return apply(args["input"], args["timestep"], **args["c"])
+
+    return wrapper
+
+
+def check_guider(world: World) -> dict:
+    import comfy.samplers
+    from comfyui_steadydancer.nodes.guider import SteadyDancerGuider, sample
+
+    torch = world.torch
+    out = {}
+    for text_scale in (5.0, 1.0):
+        model = load(world, "tiny.safetensors").clone()
+        calls: list[tuple[float, list[int]]] = []
+        model.set_model_unet_function_wrapper(call_recorder(calls))
+        guider = SteadyDancerGuider.execute(
+            model, world.conditioning(world.text, world.pose), world.conditioning(world.text_negative, world.pose),
+            world.conditioning(world.text, world.pose_negative), text_scale, 1.5, 0.1, 0.4,
+        ).result[0]
+        latent = sample(guider, {"samples": torch.zeros_like(world.noise)}, seed=1, steps=10, sampler_name="euler", scheduler="simple")
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
+        per_step = []
+        for i in range(10):
+            made = [index for t, c in calls if abs(t - float(sigmas[i])) < 1e-5 for index in c]
+            per_step.append(sorted(made))
+        out[str(text_scale)] = {"per_step": per_step, "finite": bool(torch.isfinite(latent["samples"]).all())}
+    return out
+
+
+def check_sampler_node(world: World) -> dict:
+    from comfyui_steadydancer.nodes.guider import SteadyDancerSampler
+
+    torch = world.torch
+    model = load(world, "tiny_q8.gguf")
+    latent = {"samples": torch.zeros_like(world.noise)}
+    result = SteadyDancerSampler.execute(
+        model, world.conditioning(world.text, world.pose), world.conditioning(world.text_negative, world.pose),
+        world.conditioning(world.text, world.pose_negative), 5.0, 1.5, 0.1, 0.4, latent, 0, 3, 3.0, "uni_pc_bh2", "simple",
+    ).result[0]
+    shifted = model.get_model_object("model_sampling")
+    return {
+        "shape": list(result["samples"].shape),
+        "finite": bool(torch.isfinite(result["samples"]).all()),
+        "base_shift_unchanged": float(shifted.shift),
+    }
+
+
+def check_errors(world: World) -> dict:
+    from comfyui_steadydancer.steadydancer.errors import ConditioningError, ModelFileError
+
+    out = {}
+    try:
+        load(world, "plain_wan.safetensors")
+        out["plain_wan"] = None
+    except ModelFileError as exc:
+        out["plain_wan"] = str(exc)
+    patcher = load(world, "tiny.safetensors")
+    kwargs = {**world.values, "cross_attn": world.text}  # no steadydancer_pose
+    try:
+        patcher.model.extra_conds(**kwargs, noise=world.noise, device=world.torch.device("cpu"))
+        out["missing_pose"] = None
+    except ConditioningError as exc:
+        out["missing_pose"] = str(exc)
+    return out
+
+
+CHECKS: dict[str, Callable[[World], dict]] = {
+    "folders": check_folders,
+    "parity": check_parity,
+    "gguf_quantised": check_gguf_quantised,
+    "lora": check_lora,
+    "attention": check_attention,
+    "guider": check_guider,
+    "sampler_node": check_sampler_node,
+    "errors": check_errors,
+}
+
+
+def main() -> None:
+    out_path = Path(sys.argv[1])
+    selected = sys.argv[2:] or list(CHECKS)
+    import_comfyui()
+    load_package()  # everything below imports `comfyui_steadydancer.*`: one copy of each class
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(Path(tmp))
+        for name in selected:
+            try:
+                results[name] = {"ok": True, **CHECKS[name](world)}
+            except Exception as exc:  # reported to pytest, which shows the traceback
+                results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    out_path.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The ComfyUI MODEL glue and the guider, inside a real ComfyUI (COMFYUI_DIR, COMFYUI_PYTHON).
+
+All checks run in one ComfyUI process (`comfyui_model_checks.py`, ComfyUI's own Python, CPU)
+that writes a JSON report; each test here asserts one behaviour from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.comfyui
+
+CHECKS = Path(__file__).with_name("comfyui_model_checks.py")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("comfy_model") / "report.json"
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([python, str(CHECKS), str(out)], capture_output=True, text=True, timeout=900, env=env)
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"the ComfyUI check process failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def result(report: dict, name: str) -> dict:
+    entry = report[name]
+    assert entry["ok"], f"{entry['error']}\n{entry['traceback']}"
+    return entry
+
+
+def test_gguf_files_are_listed_without_touching_shared_extensions(report: dict) -> None:
+    r = result(report, "folders")
+    assert r["files"] == ["plain_wan.safetensors", "tiny.safetensors", "tiny_q8.gguf"]  # no .ckpt
+    assert r["same_list"], "the .gguf key must share diffusion_models' path list object"
+    assert not r["gguf_in_pt_extensions"]
+    assert r["path"].endswith("tiny_q8.gguf")
+
+
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf"])
+def test_comfy_prediction_equals_direct_forward(report: dict, name: str) -> None:
+    r = result(report, "parity")[name]
+    assert r["max_diff"] <= 1e-5 * max(1.0, r["scale"]), r
+
+
+def test_gguf_weights_stay_quantised_after_loading_and_running(report: dict) -> None:
+    r = result(report, "gguf_quantised")
+    assert r["quantised_in_file"] > 0
+    assert r["quantised_in_model"]
+    # ComfyUI's memory accounting sees packed bytes: Q8_0 is 34 bytes per 32 weights (vs 128).
+    assert r["model_size"] < r["float_model_size"] - 0.7 * r["quantised_float_bytes"]
+
+
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf"])
+def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str) -> None:
+    r = result(report, "lora")[name]
+    assert r["patched_keys"] == 2
+    assert r["lora_effect"] > 1e-3, "the LoRA must change the prediction"
+    assert r["lora_vs_merged"] < 1e-4, r
+    assert r["lowvram_vs_merged"] < 1e-4, r
+    assert r["base_after_vs_before"] < 1e-6, "unpatching must restore the base model"
+    if name.endswith(".gguf"):
+        assert r["still_quantised"]
+
+
+def test_attention_backend_is_per_model(report: dict) -> None:
+    r = result(report, "attention")
+    assert r["used"] == {"math": "math", "sdpa": "sdpa", "comfy": "comfy"}
+    assert r["sdpa_vs_math"] < 1e-5
+    assert r["comfy_vs_math"] < 1e-5  # ComfyUI's own attention gives the same prediction
+    assert r["clone_shares"]
+
+
+WINDOW_STEPS = {2, 3}  # 10 steps, window (0.1, 0.4) strict: i/10 in {0.2, 0.3}
+
+
+def test_guider_makes_three_predictions_only_inside_the_window(report: dict) -> None:
+    r = result(report, "guider")["5.0"]
+    assert r["finite"]
+    for i, made in enumerate(r["per_step"]):
+        assert made == ([0, 1, 2] if i in WINDOW_STEPS else [0, 1]), (i, made)
+
+
+def test_guider_with_text_scale_one_skips_the_negative_prompt(report: dict) -> None:
+    r = result(report, "guider")["1.0"]
+    for i, made in enumerate(r["per_step"]):
+        assert made == ([0, 2] if i in WINDOW_STEPS else [0]), (i, made)
+
+
+def test_sampler_node_returns_a_latent_and_leaves_the_model_unshifted(report: dict) -> None:
+    r = result(report, "sampler_node")
+    assert r["shape"] == [1, 16, 2, 4, 6]
+    assert r["finite"]
+    assert r["base_shift_unchanged"] == 5.0
+
+
+def test_clear_errors_for_wrong_files_and_conditioning(report: dict) -> None:
+    r = result(report, "errors")
+    assert r["plain_wan"] and "Wan2.1" in r["plain_wan"], r
+    assert r["missing_pose"] and "steadydancer_pose" in r["missing_pose"], r
