@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import torch
 
+from steadydancer.gguf.dequant import quantize
 from steadydancer.keys import TinyConfig, tiny_state_dict
 
 Q = gguf.GGMLQuantizationType
@@ -90,7 +91,8 @@ def write_gguf(
     orig_shapes: Mapping[str, tuple[int, ...]] | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write with gguf.GGUFWriter. Values are float arrays quantised here, or uint8 raw bytes.
+    """Write with gguf.GGUFWriter. Values are float arrays quantised here (K types with our
+    quantiser, the others with gguf.quants), or uint8 raw bytes.
 
     `arch=None` writes no general.architecture (as stable-diffusion.cpp files do).
     """
@@ -109,9 +111,7 @@ def write_gguf(
         elif qtype == Q.F16:
             writer.add_tensor(name, array.astype(np.float16))
         else:
-            writer.add_tensor(
-                name, gguf.quants.quantize(array.astype(np.float32), qtype), raw_dtype=qtype
-            )
+            writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -214,7 +214,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     # Made in two steps so that the section being parsed is known when __init__ fails.
     reader = _CheckedReader.__new__(_CheckedReader)
     try:
-        reader.__init__(path, "c")  # copy-on-write: a stray in-place write cannot crash
+        with np.errstate(all="ignore"):  # corrupt offsets overflow; the bounds checks catch them
+            reader.__init__(path, "c")  # copy-on-write: a stray in-place write cannot crash
     except _OutOfBounds as exc:
         raise GGUFError(
             f"{path}: truncated or corrupt GGUF file: its {reader.stage} needs bytes "
