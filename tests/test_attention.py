@@ -1,0 +1,184 @@
+"""Attention backends: selection, fallback, and agreement with the math reference."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import pytest
+import torch
+
+from steadydancer import attention as A
+from steadydancer.errors import AttentionBackendError
+
+OPTIONAL = ("flash_attn_3", "flash_attn_2", "xformers", "sage")
+
+
+def _reference(q, k, v):
+    qf, kf, vf = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = (qf @ kf.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return (s.softmax(-1) @ vf).transpose(1, 2)
+
+
+def _qkv(dtype=torch.float32, b=2, lq=37, lk=29, h=3, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(b, lq, h, d, generator=g).to(dtype),
+        torch.randn(b, lk, h, d, generator=g).to(dtype),
+        torch.randn(b, lk, h, d, generator=g).to(dtype),
+    )
+
+
+@pytest.fixture
+def fake_install(monkeypatch):
+    """Pretend that exactly `names` of the optional backends are installed, on an sm90 GPU."""
+
+    def install(names, capability=(9, 0)):
+        real = {n: A.SPECS[n].load for n in ("sdpa", "math")}
+
+        def loaded(name):
+            if name in real:
+                return real[name]()
+            return (lambda q, k, v: A.math_attention(q, k, v)) if name in names else None
+
+        monkeypatch.setattr(A, "_loaded", loaded)
+        monkeypatch.setattr(A, "cuda_capability", lambda device: capability)
+
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    return install
+
+
+@pytest.mark.parametrize(
+    "installed", [c for r in range(5) for c in itertools.combinations(OPTIONAL, r)]
+)
+def test_selection_for_every_combination_of_installed_backends(fake_install, installed):
+    fake_install(set(installed))
+    cuda = torch.device("cuda")
+    avail = A.available_backends(cuda, torch.bfloat16, 128)
+    assert avail == [n for n in A.BACKENDS if n in installed or n in ("sdpa", "math")]
+    auto = A.AttentionDispatcher("auto").candidates(cuda, torch.bfloat16, 128)
+    first = next(n for n in A.AUTO_ORDER if n in installed or n in ("sdpa", "math"))
+    assert auto[0] == first
+    assert "sage" not in auto  # lossy: only on request
+    # float32: only xformers, sdpa, math can run it
+    assert A.available_backends(cuda, torch.float32, 128) == [
+        n for n in ("xformers", "sdpa", "math") if n in installed or n != "xformers"
+    ]
+    # on the CPU only the PyTorch backends remain
+    assert A.AttentionDispatcher().candidates(torch.device("cpu"), torch.bfloat16, 128) == [
+        "sdpa",
+        "math",
+    ]
+    for name in OPTIONAL:
+        if name in installed:
+            assert A.AttentionDispatcher(name).candidates(cuda, torch.bfloat16, 128) == [name]
+        else:
+            with pytest.raises(AttentionBackendError, match="not installed"):
+                A.AttentionDispatcher(name)
+
+
+def test_capability_dtype_and_head_size_limits(fake_install):
+    fake_install(set(OPTIONAL), capability=(8, 6))  # Ampere/Ada: no flash-attn 3
+    cuda = torch.device("cuda")
+    assert "flash_attn_3" not in A.available_backends(cuda, torch.float16, 128)
+    assert A.AttentionDispatcher().candidates(cuda, torch.float16, 128)[0] == "flash_attn_2"
+    with pytest.raises(AttentionBackendError, match="compute capability"):
+        A.AttentionDispatcher("flash_attn_3").candidates(cuda, torch.float16, 128)
+    assert "sage" not in A.available_backends(cuda, torch.float16, 32)  # sage: 64/96/128 only
+    assert "flash_attn_2" not in A.available_backends(cuda, torch.float16, 260)
+    with pytest.raises(AttentionBackendError, match="float32"):
+        A.AttentionDispatcher("flash_attn_2").candidates(cuda, torch.float32, 128)
+
+
+def test_explicit_backend_refused_on_cpu(fake_install):
+    fake_install({"flash_attn_2"})
+    q, k, v = _qkv()
+    disp = A.AttentionDispatcher("flash_attn_2")
+    with pytest.raises(AttentionBackendError, match="runs on cuda, not cpu"):
+        disp(q, k, v)
+
+
+def test_failing_backend_is_dropped_with_one_warning(monkeypatch, caplog):
+    calls = []
+
+    def broken(q, k, v):
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    spec = A.SPECS["flash_attn_2"]
+    fake = A.BackendSpec(
+        "flash_attn_2", lambda: broken, frozenset({"cpu"}), A._FLOAT, lambda d: True
+    )
+    monkeypatch.setitem(A.SPECS, "flash_attn_2", fake)
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    A._loaded.cache_clear()
+    try:
+        q, k, v = _qkv()
+        disp = A.AttentionDispatcher()
+        with caplog.at_level(logging.WARNING, logger="steadydancer.attention"):
+            out1 = disp(q, k, v)
+            out2 = disp(q, k, v)
+        assert disp.backend_used == "sdpa"
+        assert disp.dropped == {"flash_attn_2"}
+        assert len(calls) == 1  # not retried
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "flash_attn_2" in warnings[0].getMessage()
+        torch.testing.assert_close(out1.double(), _reference(q, k, v), rtol=1e-4, atol=1e-5)
+        assert torch.equal(out1, out2)
+        # an explicit choice is never replaced silently
+        with pytest.raises(AttentionBackendError, match="failed: RuntimeError"):
+            A.AttentionDispatcher("flash_attn_2")(q, k, v)
+    finally:
+        monkeypatch.setitem(A.SPECS, "flash_attn_2", spec)
+        A._loaded.cache_clear()
+
+
+def test_environment_sets_the_default(monkeypatch):
+    monkeypatch.setenv(A.ENV_VAR, "math")
+    disp = A.AttentionDispatcher()
+    assert disp.choice == "math" and A.AttentionDispatcher("auto").choice == "math"
+    assert A.AttentionDispatcher("sdpa").choice == "sdpa"  # an explicit name wins
+    q, k, v = _qkv()
+    disp(q, k, v)
+    assert disp.backend_used == "math"
+    monkeypatch.setenv(A.ENV_VAR, "fastest")
+    with pytest.raises(AttentionBackendError, match="STEADYDANCER_ATTENTION"):
+        A.AttentionDispatcher()
+    monkeypatch.delenv(A.ENV_VAR)
+    with pytest.raises(AttentionBackendError, match="unknown attention backend"):
+        A.AttentionDispatcher("flash")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_available_backends_agree_with_reference_on_cpu(dtype, monkeypatch):
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    q, k, v = _qkv(dtype)
+    names = A.available_backends("cpu", dtype, q.shape[-1])
+    assert {"sdpa", "math"} <= set(names)
+    ref = _reference(q, k, v)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name in names:
+        disp = A.AttentionDispatcher(name)
+        out = disp(q, k, v)
+        assert disp.backend_used == name and out.dtype == dtype and out.shape == q.shape
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < tol, (name, err)
+
+
+def test_math_chunks_give_the_same_result(monkeypatch):
+    q, k, v = _qkv(lq=50)
+    whole = A.math_attention(q, k, v)
+    monkeypatch.setattr(A, "MATH_CHUNK_ELEMENTS", 2 * 3 * 29 * 7)  # 7 queries per chunk
+    torch.testing.assert_close(A.math_attention(q, k, v), whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_available_backends_agree_with_reference_on_gpu(dtype):
+    q, k, v = (t.cuda() for t in _qkv(dtype, lq=300, lk=300, h=8, d=128))
+    ref = _reference(q, k, v)
+    for name in A.available_backends(q.device, dtype, 128):
+        out = A.AttentionDispatcher(name)(q, k, v)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < (5e-2 if name == "sage" else 1e-2), (name, err)
