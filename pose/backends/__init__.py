@@ -28,8 +28,9 @@ def load_detector(
     put where), InvalidCheckpointError (a file that is not the expected model).
     """
     if backend == "onnx":
-        from .onnx_backend import OnnxPoseDetector
+        from .onnx_backend import OnnxPoseDetector, import_onnxruntime
 
+        import_onnxruntime()
         return OnnxPoseDetector(
             resolve(model_dir, YOLOX_ONNX),
             resolve(model_dir, DWPOSE_ONNX),
@@ -37,8 +38,9 @@ def load_detector(
             flip_test=flip_test,
         )
     if backend == "mmpose":
-        from .mmpose_backend import MMPoseDetector
+        from .mmpose_backend import MMPoseDetector, import_stack
 
+        import_stack()
         return MMPoseDetector(
             resolve(model_dir, YOLOX_PTH),
             resolve(model_dir, DWPOSE_PTH),

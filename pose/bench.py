@@ -1,0 +1,134 @@
+"""Frames per second of DWPose extraction per backend.
+
+    python -m pose.bench [--backend onnx mmpose] [--model-dir DIR] [--frames 8]
+                         [--height 480 --width 640] [--detect-resolution 512]
+                         [--batch-size 4] [--device cpu|cuda] [--no-flip] [--json]
+
+With --model-dir the real checkpoints are used; without it the networks have random
+weights: the mmpose backend builds them from its configs, the onnx backend uses ONNX files
+exported from those (pose.backends.export_onnx, needs the mmpose stack once). Random
+weights give the real compute (same architectures, same input sizes) but find no person,
+so the pose model runs on the whole frame, as it does for a frame without a detection.
+One warm-up batch is excluded from the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backends import load_detector
+from .backends.base import PoseDetector
+from .errors import PoseError
+
+
+def _random_detector(
+    backend: str, device: str | None, flip_test: bool, workdir: Path
+) -> PoseDetector:
+    from .backends.mmpose_backend import MMPoseDetector, build_models, import_stack
+    from .errors import PoseDependencyError
+
+    try:
+        import_stack()
+    except PoseDependencyError as exc:
+        if backend == "onnx":
+            raise PoseDependencyError(
+                "random-weight ONNX files are exported from the mmpose configs, which needs the "
+                "mmpose stack here; or pass --model-dir with yolox_l.onnx and dw-ll_ucoco_384.onnx"
+            ) from exc
+        raise
+    if backend == "mmpose":
+        return MMPoseDetector(None, None, device=device, flip_test=flip_test)
+    from .backends.export_onnx import export_models
+    from .backends.onnx_backend import OnnxPoseDetector
+
+    det_path, pose_path = export_models(*build_models(None, None, "cpu", False), workdir)
+    return OnnxPoseDetector(det_path, pose_path, device=device, flip_test=flip_test)
+
+
+def measure(
+    detector: PoseDetector, frames: np.ndarray, *, detect_resolution: int, batch_size: int
+) -> dict:
+    """Time detect() on frames after one warm-up batch."""
+    detector.detect(frames[:batch_size], detect_resolution=detect_resolution, batch_size=batch_size)
+    start = time.perf_counter()
+    detector.detect(frames, detect_resolution=detect_resolution, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    return {
+        "backend": detector.backend,
+        "device": detector.device,
+        "frames": len(frames),
+        "seconds": round(seconds, 3),
+        "frames_per_s": round(len(frames) / seconds, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--backend", nargs="+", default=["onnx", "mmpose"], choices=["onnx", "mmpose"]
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, help="folder with the real checkpoints (default: random weights)"
+    )
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--detect-resolution", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)"
+    )
+    parser.add_argument("--no-flip", action="store_true", help="disable the flip test")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per backend")
+    args = parser.parse_args(argv)
+
+    frames = np.random.default_rng(0).integers(
+        0, 256, (args.frames, args.height, args.width, 3), dtype=np.uint8
+    )
+    status = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backend:
+            try:
+                if args.model_dir is not None:
+                    detector = load_detector(
+                        backend, args.model_dir, device=args.device, flip_test=not args.no_flip
+                    )
+                else:
+                    detector = _random_detector(backend, args.device, not args.no_flip, Path(tmp))
+                result = measure(
+                    detector,
+                    frames,
+                    detect_resolution=args.detect_resolution,
+                    batch_size=args.batch_size,
+                )
+            except PoseError as exc:
+                print(f"{backend}: skipped: {exc}")
+                status = 1
+                continue
+            result.update(
+                size=f"{args.width}x{args.height}",
+                detect_resolution=args.detect_resolution,
+                batch_size=args.batch_size,
+                flip_test=not args.no_flip,
+                weights="real" if args.model_dir else "random",
+            )
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print(
+                    f"{backend:7s} {result['device']:7s} {result['frames_per_s']:8.3f} frames/s "
+                    f"({result['seconds'] / result['frames']:.3f} s/frame; {result['frames']} frames "
+                    f"{result['size']}, detect {args.detect_resolution}, batch {args.batch_size}, "
+                    f"flip {result['flip_test']}, {result['weights']} weights)"
+                )
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
