@@ -190,8 +190,13 @@ def _unflatten(
     return points, np.clip(conf, 0.0, 1.0)
 
 
+#: Normalised keypoints may lie a little outside [0, 1] (DWPose predicts points beyond the
+#: image edge); pixel coordinates of any real canvas exceed this somewhere.
+PIXEL_COORDINATE_LIMIT = 2.0
+
+
 def _is_pixel_frame(person: dict) -> bool:
-    """controlnet_aux accepts normalised or pixel coordinates; any |value| > 1 means pixels."""
+    """Whether a person's coordinates are pixels (controlnet_aux accepts both kinds)."""
     for key in (
         "pose_keypoints_2d",
         "face_keypoints_2d",
@@ -199,11 +204,13 @@ def _is_pixel_frame(person: dict) -> bool:
         "hand_right_keypoints_2d",
     ):
         values = person.get(key) or []
-        triples = (
-            np.asarray(values, dtype=np.float64).reshape(-1, 3) if values else np.zeros((0, 3))
-        )
-        present = triples[triples[:, 2] > 0]
-        if present.size and np.abs(present[:, :2]).max() > 1.0:
+        try:
+            triples = np.asarray(values, dtype=np.float64).reshape(-1, 3)
+        except (TypeError, ValueError):
+            continue  # reported with its key by _unflatten
+        present = triples[triples[:, 2] > 0, :2]
+        present = present[np.isfinite(present).all(axis=1)]
+        if present.size and np.abs(present).max() > PIXEL_COORDINATE_LIMIT:
             return True
     return False
 

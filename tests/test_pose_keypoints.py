@@ -106,3 +106,10 @@ def test_json_pixel_coordinates_are_normalised():
         )
     with pytest.raises(PoseFormatError, match="canvas_width"):
         from_pose_keypoint([{"people": []}])
+
+
+def test_json_points_slightly_outside_the_image_stay_normalised():
+    pose = make_pose(width=64, height=48)
+    pose.body[10] = (0.5, 1.08)  # an ankle predicted just below the frame
+    back = from_pose_keypoint(to_pose_keypoint([pose]))[0]
+    np.testing.assert_allclose(back.body, pose.body)
