@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# End-to-end test of the container on a machine without a GPU or a registry (not part of CI):
+# build the image with a local base and a local ComfyUI tree, start it with compose (host
+# networking, CPU), wait for the health check, run the bundled workflow on the tiny models
+# through the RunPod worker inside the container, and check the video it returns.
+#
+# usage: docker/test-image.sh [--worktree] [--keep] [--no-build]
+#   --worktree  build from the working tree (tracked + untracked, not ignored) instead of HEAD
+#   --keep      leave the container running and keep the work folder
+#   --no-build  reuse $IMAGE
+# Environment:
+#   BASE_IMAGE       base image (default local/python:3.11-slim-bookworm, made by
+#                    ../shared/tools/docker-local-base.sh)
+#   COMFYUI_DIR      ComfyUI source tree copied into the build (default /tmp/ComfyUI)
+#   COMFYUI_PYTHON   Python with ComfyUI's requirements and onnx, to build the tiny models
+#                    (default $COMFYUI_DIR/.venv/bin/python)
+#   IMAGE            tag to build/run (default comfyui-steadydancer:test)
+#   BUILD_ARGS       extra `docker build` arguments (word-split)
+# Prints the image size, the build time, the time to healthy and the job time at the end.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BASE_IMAGE=${BASE_IMAGE:-local/python:3.11-slim-bookworm}
+COMFYUI_DIR=${COMFYUI_DIR:-/tmp/ComfyUI}
+COMFYUI_PYTHON=${COMFYUI_PYTHON:-$COMFYUI_DIR/.venv/bin/python}
+IMAGE=${IMAGE:-comfyui-steadydancer:test}
+PACKAGE_DIR=/opt/ComfyUI/custom_nodes/comfyui-steadydancer
+
+log() { printf '[test-image] %s\n' "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+
+# `docker build` with BuildKit: buildx if installed, else a pre-23 client with
+# DOCKER_BUILDKIT=1 (its built-in BuildKit), else nothing usable.
+pick_builder() {
+  if docker buildx version >/dev/null 2>&1; then
+    BUILD=(docker buildx build --load)
+    return
+  fi
+  local client major
+  for client in docker /usr/bin/docker; do
+    command -v "$client" >/dev/null || continue
+    major=$("$client" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1) || continue
+    if [[ "$major" =~ ^[0-9]+$ ]] && ((major < 23)); then
+      BUILD=(env DOCKER_BUILDKIT=1 "$client" build)
+      return
+    fi
+  done
+  die "no BuildKit builder: install docker-buildx (Docker >= 23) or use a Docker 20.10-22.x client"
+}
+
+pick_compose() {
+  if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+  elif command -v docker-compose >/dev/null; then
+    COMPOSE=(docker-compose)
+  else
+    die "neither \`docker compose\` nor docker-compose is installed"
+  fi
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# The build context: the repository (HEAD, or the working tree with --worktree) plus the
+# local ComfyUI tree under docker/local/ComfyUI.
+make_context() {
+  local ctx=$1 from=$2
+  mkdir -p "$ctx"
+  if [[ "$from" == head ]]; then
+    git -C "$REPO" archive --format=tar HEAD | tar -C "$ctx" -xf -
+  else
+    (cd "$REPO" && git ls-files -z --cached --others --exclude-standard \
+      | while IFS= read -r -d '' file; do [[ -e "$file" ]] && printf '%s\0' "$file"; done \
+      | tar --null -T - -cf -) | tar -C "$ctx" -xf -
+  fi
+  [[ -f "$COMFYUI_DIR/main.py" ]] || die "COMFYUI_DIR=$COMFYUI_DIR has no main.py"
+  mkdir -p "$ctx/docker/local/ComfyUI"
+  tar -C "$COMFYUI_DIR" --exclude=./.venv --exclude=./.git --exclude='__pycache__' \
+    --exclude=./output --exclude=./input --exclude=./user --exclude=./temp \
+    --exclude=./custom_nodes --exclude=./models -cf - . | tar -C "$ctx/docker/local/ComfyUI" -xf -
+}
+
+container_health() {
+  docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.State.Status}}' "$1"
+}
+
+# Check a video file: decodable, with frames of the expected size (run with COMFYUI_PYTHON).
+check_video() {
+  "$COMFYUI_PYTHON" - "$1" "$2" "$3" <<'PY'
+import sys
+import av
+path, width, height = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with av.open(path) as container:
+    frames = [f for f in container.decode(video=0)]
+if not frames:
+    sys.exit(f"{path}: no video frames")
+w, h = frames[0].width, frames[0].height
+if (w, h) != (width, height):
+    sys.exit(f"{path}: frames are {w}x{h}, expected {width}x{height}")
+print(f"{path}: {len(frames)} frames of {w}x{h}")
+PY
+}
+
+main() {
+  local from=head keep=0 build=1 arg
+  for arg in "$@"; do
+    case "$arg" in
+      --worktree) from=worktree ;;
+      --keep) keep=1 ;;
+      --no-build) build=0 ;;
+      *) die "unknown argument $arg (see the header of $0)" ;;
+    esac
+  done
+  command -v docker >/dev/null || die "no docker command"
+  docker info >/dev/null 2>&1 || die "no Docker engine (run ../shared/tools/docker-local-base.sh)"
+  pick_compose
+
+  WORK=$(mktemp -d /tmp/steadydancer-image-test.XXXX)
+  PROJECT="sdtest$$"
+  local override="$WORK/compose.override.yml"
+  cleanup() {
+    if ((keep)); then
+      log "kept: project $PROJECT, work folder $WORK"
+      return
+    fi
+    if [[ -f "$override" ]]; then
+      "${COMPOSE[@]}" -p "$PROJECT" -f "$REPO/docker/docker-compose.yml" -f "$override" \
+        down -v --remove-orphans >/dev/null 2>&1 || true
+    fi
+    rm -rf "$WORK"
+  }
+  trap cleanup EXIT
+
+  local build_seconds="(not built)"
+  if ((build)); then
+    pick_builder
+    docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || die "no base image $BASE_IMAGE"
+    make_context "$WORK/context" "$from"
+    log "building $IMAGE from $from with ${BUILD[*]}"
+    local -a extra=()
+    [[ -z "${BUILD_ARGS:-}" ]] || read -r -a extra <<<"$BUILD_ARGS"
+    local start=$SECONDS
+    # onnxruntime instead of onnxruntime-gpu; PyPI's torch (the GPU image's) runs with --cpu.
+    "${BUILD[@]}" --network host -f "$WORK/context/docker/Dockerfile" \
+      --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg COMFYUI_SRC=ComfyUI \
+      --build-arg ONNXRUNTIME=onnxruntime "${extra[@]}" -t "$IMAGE" "$WORK/context" \
+      || die "docker build failed"
+    build_seconds=$((SECONDS - start))
+    rm -rf "$WORK/context"
+  fi
+  local size
+  size=$(docker image inspect --format '{{.Size}}' "$IMAGE") || die "no image $IMAGE"
+
+  log "building the tiny models with $COMFYUI_PYTHON"
+  mkdir -p "$WORK/models" "$WORK/input" "$WORK/output" "$WORK/inputs"
+  (cd "$REPO" && "$COMFYUI_PYTHON" scripts/make_tiny_models.py --comfyui "$COMFYUI_DIR" \
+    --out "$WORK/models" --input "$WORK/inputs" --graph "$WORK/graph.json") >&2 \
+    || die "scripts/make_tiny_models.py failed"
+  # The container runs as uid 1000: it must be able to write the output folder.
+  chmod -R a+rwX "$WORK/models" "$WORK/input" "$WORK/output"
+
+  local port
+  port=$(free_port)
+  cat >"$override" <<EOF
+services:
+  comfyui-cpu:
+    network_mode: host
+    restart: "no"
+    healthcheck:
+      interval: 2s
+      start_period: 600s
+EOF
+  export STEADYDANCER_IMAGE=$IMAGE MODELS_PATH=$WORK/models INPUT_PATH=$WORK/input \
+    OUTPUT_PATH=$WORK/output COMFYUI_PORT=$port COMFYUI_HOST_PORT=$port
+  local -a compose=("${COMPOSE[@]}" -p "$PROJECT" -f "$REPO/docker/docker-compose.yml" -f "$override")
+  log "starting the container (port $port, host network)"
+  local start=$SECONDS
+  "${compose[@]}" up -d --no-build comfyui-cpu >&2 || die "compose up failed"
+  local cid status
+  cid=$("${compose[@]}" ps -q comfyui-cpu)
+  [[ -n "$cid" ]] || die "no container"
+  while :; do
+    status=$(container_health "$cid")
+    case "$status" in
+      healthy*) break ;;
+      unhealthy* | *exited | *dead)
+        docker logs --tail 80 "$cid" >&2 || true
+        die "container is $status" ;;
+    esac
+    ((SECONDS - start < 900)) || { docker logs --tail 80 "$cid" >&2; die "not healthy after 900 s"; }
+    sleep 1
+  done
+  local healthy_seconds=$((SECONDS - start))
+  log "healthy after ${healthy_seconds} s"
+  docker logs "$cid" 2>&1 | grep -E '^\[(entrypoint|gpu_check)\]' >&2 || true
+
+  log "running the bundled workflow (tiny models) through the RunPod worker in the container"
+  "$COMFYUI_PYTHON" - "$WORK/graph.json" "$WORK/inputs" >"$WORK/job.json" <<'PY'
+import base64, json, sys
+from pathlib import Path
+graph = json.loads(Path(sys.argv[1]).read_text())
+inputs = Path(sys.argv[2])
+images = [{"name": p.name, "image": base64.b64encode(p.read_bytes()).decode()}
+          for p in sorted(inputs.iterdir()) if p.is_file()]
+print(json.dumps({"id": "test-image", "input": {"workflow": graph, "images": images}}))
+PY
+  start=$SECONDS
+  docker exec -i -e COMFYUI_URL="http://127.0.0.1:$port" "$cid" \
+    python "$PACKAGE_DIR/docker/runpod_handler.py" --job - --save /opt/ComfyUI/output/worker-result \
+    <"$WORK/job.json" >"$WORK/result.json" || { cat "$WORK/result.json" >&2; die "the job failed"; }
+  local job_seconds=$((SECONDS - start))
+  local video
+  video=$(find "$WORK/output/worker-result" -type f \( -name '*.mp4' -o -name '*.webm' \) | head -n 1)
+  [[ -n "$video" ]] || { cat "$WORK/result.json" >&2; die "the worker returned no video"; }
+  local width height
+  read -r width height < <("$COMFYUI_PYTHON" -c 'import json,sys; g=json.load(open(sys.argv[1])); n=[v["inputs"] for v in g.values() if v["class_type"]=="SteadyDancerImageToVideo"][0]; print(n["width"], n["height"])' "$WORK/graph.json")
+  check_video "$video" "$width" "$height" >&2 || die "bad video"
+
+  log "PASSED"
+  printf 'image %s: %s bytes (%s GB)\nbuild: %s s\ntime to healthy: %s s\njob (tiny models, CPU): %s s\n' \
+    "$IMAGE" "$size" "$(python3 -c "print(round($size / 1e9, 2))")" "$build_seconds" \
+    "$healthy_seconds" "$job_seconds"
+}
+
+main "$@"
