@@ -18,8 +18,8 @@ import torch
 from comfy_api.latest import io
 from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
-from ..steadydancer.guidance import calls_needed, combine, in_pose_window
-from ..steadydancer.schedule import num_steps, step_index
+from ..steadydancer.guidance import combine
+from ..steadydancer.schedule import predictions_for
 
 # Prediction name (steadydancer.guidance) -> the conditioning it is made with.
 PREDICTIONS = {"cond": "positive", "uncond_text": "negative", "uncond_pose": "pose_negative"}
@@ -36,17 +36,13 @@ class SteadyDancerCFGGuider(comfy.samplers.CFGGuider):
     def set_scales(self, text_scale: float, pose_scale: float, start: float, end: float) -> None:
         self.text_scale, self.pose_scale, self.start, self.end = text_scale, pose_scale, start, end
 
-    def pose_active(self, timestep: torch.Tensor, model_options: dict) -> bool:
-        """Whether this sigma's step lies strictly inside the (start, end) window."""
-        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if sigmas is None or num_steps(sigmas) == 0:
-            return False
-        return in_pose_window(step_index(sigmas, timestep), num_steps(sigmas), self.start, self.end)
-
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
+        """The guided prediction at `timestep`, from only the predictions this step needs."""
         model_options = model_options or {}
-        pose_active = self.pose_scale != 0 and self.pose_active(timestep, model_options)
-        needed = set(calls_needed(self.text_scale, pose_active))
+        needed = set(predictions_for(
+            model_options.get("transformer_options", {}).get("sample_sigmas"), timestep,
+            text_scale=self.text_scale, pose_scale=self.pose_scale, start=self.start, end=self.end,
+        ))
         if model_options.get("disable_cfg1_optimization", False):
             needed.add("uncond_text")
         conds = [self.conds.get(PREDICTIONS[name]) if name in needed else None for name in PREDICTIONS]

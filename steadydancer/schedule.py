@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .guidance import calls_needed, in_pose_window
+
 # Samplers copy sigmas between devices and dtypes; a sigma this close to a schedule entry
 # is that entry, not a point just below it.
 _REL_TOL = 1e-4
@@ -36,3 +38,25 @@ def step_index(sigmas: torch.Tensor | Sequence[float], sigma: float | torch.Tens
     # Entries 1..n-1 at or above sigma (within tolerance) are the steps already passed.
     passed = values[1:-1] >= s - _REL_TOL * max(abs(s), 1e-8)
     return int(passed.sum())
+
+
+def predictions_for(
+    sigmas: torch.Tensor | Sequence[float] | None,
+    sigma: float | torch.Tensor,
+    *,
+    text_scale: float,
+    pose_scale: float,
+    start: float,
+    end: float,
+) -> tuple[str, ...]:
+    """The predictions (steadydancer.guidance names) the guider makes at `sigma`.
+
+    The pose term needs `uncond_pose` only while start < step/steps < end and the pose
+    scale is not 0; without a schedule (`sigmas` None or empty) the step is unknown and the
+    pose term is left out.
+    """
+    steps = 0 if sigmas is None else num_steps(sigmas)
+    pose_active = (
+        pose_scale != 0.0 and steps > 0 and in_pose_window(step_index(sigmas, sigma), steps, start, end)
+    )
+    return calls_needed(text_scale, pose_active)
