@@ -780,6 +780,7 @@ def load_model(
     attention: str | None = "auto",
     operations: Any = None,
     num_heads: int | None = None,
+    memory: str | int | None = None,
 ) -> SteadyDancerDiT:
     """A ready-to-run SteadyDancer DiT (eval mode, no gradients) from a file or a state dict.
 
@@ -788,10 +789,16 @@ def load_model(
     (names may carry a prefix; GGMLTensors in it stay packed). `dtype` is the compute dtype
     and the dtype of float weights. `attention`: a backend name of steadydancer.attention or
     "auto". The model is built without allocating weights first, then takes the tensors of
-    the state dict as they are (no second copy).
+    the state dict as they are (no second copy). `memory` (issue 7, `steadydancer.streaming`):
+    None/"full" puts everything on `device`; "auto" or a number of resident blocks keeps the
+    other blocks packed in pinned host memory and streams them in per forward.
     """
     from .gguf.ops import GGMLOps, is_quantized
+    from .streaming import enable_streaming, parse_memory_option
     from .weights import load_weights
+
+    streaming = parse_memory_option(memory) != "full"
+    place = torch.device("cpu") if streaming else device  # streamed weights stay on the host
 
     if isinstance(source, Mapping):
         sd = {strip_prefix(k): v for k, v in source.items() if isinstance(v, torch.Tensor)}
@@ -829,10 +836,13 @@ def load_model(
         if is_quantized(value):
             ready[name] = value
         elif value.is_floating_point():
-            ready[name] = value.to(device=device, dtype=target.dtype)
+            ready[name] = value.to(device=place, dtype=target.dtype)
         else:
             raise ModelFileError(f"{name} holds {value.dtype} values; a float tensor was expected")
     model.requires_grad_(False)
     model.load_state_dict(ready, strict=True, assign=True)
-    model.to(device)
+    if streaming:
+        enable_streaming(model, device, memory)
+    else:
+        model.to(device)
     return model.eval()

@@ -282,3 +282,20 @@ def test_streaming_keeps_ggml_tensors_packed_and_identical(resident):
         for p in model.blocks[i].parameters()
     )
     assert packed < 0.35 * as_float32
+
+
+def test_load_model_memory_option_streams_and_matches():
+    model_mod = pytest.importorskip("steadydancer.model")
+    from steadydancer.keys import TinyConfig, tiny_state_dict
+
+    plain, run = _tiny_steadydancer()
+    sd = {k: torch.from_numpy(v) for k, v in tiny_state_dict(TinyConfig(), seed=3).items()}
+    streamed = model_mod.load_model(
+        sd, device="cpu", dtype=torch.float32, attention="math", memory=1
+    )
+    assert streamed.streamer is not None and streamed.streamer.resident == 1
+    assert all(b.ffn_chunk_size is not None for b in streamed.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(run(streamed), run(plain), rtol=0, atol=1e-6)
+    with pytest.raises(MemoryOptionError):
+        model_mod.load_model(sd, device="cpu", dtype=torch.float32, memory="most")
