@@ -31,7 +31,7 @@ QK_K = 256
 
 # Output elements computed per chunk: bounds the float32 temporaries (a few per element).
 CPU_CHUNK_ELEMENTS = 1 << 18
-DEVICE_CHUNK_ELEMENTS = 1 << 26
+DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 def as_qtype(qtype: Q | int | str) -> Q:
