@@ -87,8 +87,13 @@ def compute_scales(reference: Pose, first: Pose) -> dict[str, float]:
 
 
 def _scale_about(points: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
-    """cv2.getRotationMatrix2D(centre, 0, scale) applied to points, in its arithmetic."""
-    return points * scale + (1.0 - scale) * centre
+    """cv2.getRotationMatrix2D(centre, 0, scale) applied to points, in its arithmetic.
+
+    cv2 takes the pivot as a float32 point: rounding it the same way keeps the result
+    equal to the reference's to float64 precision rather than to ~1e-6.
+    """
+    pivot = centre.astype(np.float32).astype(np.float64)
+    return points * scale + (1.0 - scale) * pivot
 
 
 def _align_limbs(body: np.ndarray, hands: np.ndarray, s: dict[str, float]) -> None:
