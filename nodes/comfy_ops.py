@@ -20,6 +20,7 @@ import comfy.ops
 import comfy.utils
 import torch
 
+from ..steadydancer.errors import GGUFError
 from ..steadydancer.gguf.ops import GGMLLayer, dequantize_tensor, is_quantized
 
 WeightFunction = Callable[[torch.Tensor], torch.Tensor]
@@ -138,6 +139,14 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         attr = f"{param}_function"
         patch = comfy.model_patcher.LowVramPatch(key, self.patches)
         setattr(module, attr, [*_without_patches(getattr(module, attr), key), patch])
+
+    def patch_hook_weight_to_device(self, hooks: object, combined_patches: dict, key: str, original_weights: dict, memory_counter: object) -> None:
+        if key in combined_patches and is_quantized(comfy.utils.get_attr(self.model, key)):
+            raise GGUFError(
+                f"LoRA hooks (scheduled or per-conditioning LoRA) cannot patch the quantised GGUF weight {key}: "
+                "load the LoRA with LoraLoaderModelOnly instead, or use a .safetensors model"
+            )
+        super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
 
     def unpatch_model(self, device_to: torch.device | None = None, unpatch_weights: bool = True) -> None:
         if unpatch_weights:

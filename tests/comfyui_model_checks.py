@@ -296,12 +296,18 @@ def check_lora(world: World) -> dict:
         patched.patch_model(device_to=world.torch.device("cpu"), lowvram_model_memory=1)
         lowvram = predict_loaded(world, patched)
         patched.unpatch_model()
+        # Fully loaded, then partially unloaded (ComfyUI freeing VRAM): patches apply once.
+        patched.patch_model(device_to=world.torch.device("cpu"))
+        patched.partially_unload(world.torch.device("cpu"), memory_to_free=1 << 40)
+        partial = predict_loaded(world, patched)
+        patched.unpatch_model()
         after = predict(world, base)
         q = base.model.diffusion_model.blocks[0].self_attn.q.weight
         out[name] = {
             "patched_keys": len(patched.patches),
             "lora_vs_merged": max_diff(with_lora, expected),
             "lowvram_vs_merged": max_diff(lowvram, expected),
+            "partial_unload_vs_merged": max_diff(partial, expected),
             "lora_effect": max_diff(with_lora, before),
             "base_after_vs_before": max_diff(after, before),
             "still_quantised": is_quantized(q) if name.endswith(".gguf") else None,

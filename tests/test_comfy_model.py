@@ -65,6 +65,7 @@ def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str) -> N
     assert r["lora_effect"] > 1e-3, "the LoRA must change the prediction"
     assert r["lora_vs_merged"] < 1e-4, r
     assert r["lowvram_vs_merged"] < 1e-4, r
+    assert r["partial_unload_vs_merged"] < 1e-4, r
     assert r["base_after_vs_before"] < 1e-6, "unpatching must restore the base model"
     if name.endswith(".gguf"):
         assert r["still_quantised"]
