@@ -65,18 +65,23 @@ def forward_flops(
 
 
 # ------------------------------------------------------------------------------ weights
-def _quantised(name: str, shape: tuple[int, ...], block: int) -> bool:
+def _quantised(name: str, shape: tuple[int, ...], block: int, min_elements: int) -> bool:
     """Which tensors a GGUF converter stores quantised: large 2-D weights."""
     return (
         name.endswith(".weight")
         and len(shape) == 2
         and shape[-1] % block == 0
-        and math.prod(shape) >= 1 << 20
+        and math.prod(shape) >= min_elements
     )
 
 
 def random_state_dict(
-    weights: str, *, seed: int = 0, device: str = "cuda", dims: dict[str, int] | None = None
+    weights: str,
+    *,
+    seed: int = 0,
+    device: str = "cuda",
+    dims: dict[str, int] | None = None,
+    min_elements: int = 1 << 20,
 ) -> dict[str, torch.Tensor]:
     """A 14B-shaped state dict of random weights made on `device` (bf16 or packed GGUF blocks)."""
     from .keys import model_shapes
@@ -93,7 +98,7 @@ def random_state_dict(
         block_elems = BLOCK_LAYOUT[quant][0]
     for name, shape in shapes.items():
         shape = tuple(shape)
-        if quant is not None and _quantised(name, shape, block_elems):
+        if quant is not None and _quantised(name, shape, block_elems, min_elements):
             raw = random_packed(quant, math.prod(shape), g, device)
             sd[name] = GGMLTensor(raw, tensor_type=quant, tensor_shape=shape)
             continue
@@ -136,22 +141,31 @@ def random_packed(qtype: str, n_elements: int, g: torch.Generator, device: str) 
     return raw.reshape(-1)
 
 
-def build_model(weights: str, *, attention: str = "auto", seed: int = 0) -> torch.nn.Module:
+def build_model(
+    weights: str,
+    *,
+    attention: str = "auto",
+    seed: int = 0,
+    device: str = "cuda",
+    dims: dict[str, int] | None = None,
+    min_elements: int = 1 << 20,
+) -> torch.nn.Module:
     """The 14B SteadyDancer with random weights, on the GPU, through the public loader."""
     from .model import load_model
 
-    sd = random_state_dict(weights, seed=seed)
+    sd = random_state_dict(weights, seed=seed, device=device, dims=dims, min_elements=min_elements)
     operations = None
     if weights.lower() not in ("bf16", "bfloat16"):
         from .gguf.ops import GGMLOps
 
         operations = GGMLOps
     model = load_model(
-        sd, device="cuda", dtype=torch.bfloat16, attention=attention, operations=operations
+        sd, device=device, dtype=torch.bfloat16, attention=attention, operations=operations
     )
     del sd
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return model.eval()
 
 
@@ -163,17 +177,18 @@ def random_inputs(
     *,
     seed: int = 1,
     dims: dict[str, int] | None = None,
+    device: str = "cuda",
 ) -> dict[str, torch.Tensor]:
     dims = dims or DIMS_14B
     F, h, w = latent_shape(width, height, frames)
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, device="cuda")
+        return torch.randn(*shape, generator=g, device=device)
 
     return dict(
         x=r(batch, 16, F, h, w),
-        t=torch.full((batch,), 700.0, device="cuda"),
+        t=torch.full((batch,), 700.0, device=device),
         text=r(batch, 512, dims["text_dim"]),
         clip_x=r(batch, 257, dims["clip_dim"]),
         clip_c=r(batch, 257, dims["clip_dim"]),
@@ -277,7 +292,7 @@ def run_model(
 
 
 def _run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat) -> dict[str, Any]:
-    from .streaming import BlockStreamer
+    from .streaming import BlockStreamer, tensor_bytes
 
     row: dict[str, Any] = {
         "part": "model",
@@ -296,7 +311,14 @@ def _run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0)
     try:
         t0 = time.time()
-        streamer = BlockStreamer.attach(model, "cuda", memory)
+        available = None
+        if cap_gib:
+            # what a card of cap_gib would have free with this model's weights not yet on it
+            on_device = sum(
+                tensor_bytes(t) for t in [*model.parameters(), *model.buffers()] if t.is_cuda
+            )
+            available = int(cap_gib * GIB) - (torch.cuda.memory_allocated() - on_device)
+        streamer = BlockStreamer.attach(model, "cuda", memory, available_bytes=available)
         model.streamer = streamer
         gc.collect()
         torch.cuda.empty_cache()

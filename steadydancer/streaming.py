@@ -206,11 +206,15 @@ class BlockStreamer:
         memory: str | int | None = "auto",
         *,
         reserve_bytes: int | None = None,
+        available_bytes: int | None = None,
         ffn_chunk_size: int | None = DEFAULT_FFN_CHUNK,
     ) -> BlockStreamer | None:
         """Apply a memory option to a model whose weights are on the CPU (or anywhere).
 
         Returns None for "full" (the model is simply moved to `device`), else the streamer.
+        "auto" sizes the resident set from `available_bytes` (default: what the device has
+        free for this process, counting the model's bytes already there) minus
+        `reserve_bytes` for activations (default `default_activation_reserve`).
         """
         option = parse_memory_option(memory)
         device = torch.device(device)
@@ -228,7 +232,9 @@ class BlockStreamer:
                 other = module_bytes(model) - sum(block_bytes)
                 if reserve_bytes is None:
                     reserve_bytes = default_activation_reserve(_model_dim(model))
-                free = free_device_memory(device, _bytes_on(model, device))
+                free = available_bytes
+                if free is None:
+                    free = free_device_memory(device, _bytes_on(model, device))
                 resident = auto_resident_blocks(block_bytes, free, other, reserve_bytes)
         else:
             resident = int(option)

@@ -1,0 +1,86 @@
+"""The GPU benchmark's pieces that must be right before any device time is spent on them.
+
+The model builder, FLOP count and table run here on the CPU at a small size; the timed
+runs themselves happen on the GPU (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steadydancer import bench_gpu
+from steadydancer import bench_model_gpu as bm
+
+SMALL = dict(
+    dim=256,
+    ffn_dim=512,
+    num_layers=2,
+    in_dim=36,
+    out_dim=16,
+    text_dim=256,
+    clip_dim=256,
+    freq_dim=256,
+)
+
+
+def test_token_count_and_flops_of_the_14b_setting():
+    assert bm.latent_shape(832, 480, 81) == (21, 60, 104)
+    assert bm.tokens_for(832, 480, 81) == 35_880
+    flops = bm.forward_flops(35_880, dim=5120, ffn_dim=13824, num_layers=40)
+    # ~1.9 PFLOP per forward: 55% attention scores, the rest linears
+    assert 1.85e15 < flops < 1.95e15
+    with pytest.raises(ValueError, match="4k\\+1"):
+        bm.latent_shape(832, 480, 80)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "Q8_0", "Q4_K"])
+def test_random_model_builds_and_runs(weights):
+    from steadydancer.gguf.ops import is_quantized
+
+    sd = bm.random_state_dict(weights, device="cpu", dims=SMALL, min_elements=1 << 16)
+    quantised = [k for k, v in sd.items() if is_quantized(v)]
+    if weights == "bf16":
+        assert not quantised
+    else:
+        assert "blocks.0.ffn.0.weight" in quantised and "blocks.1.self_attn.q.weight" in quantised
+        assert all(sd[k].tensor_type.name == weights for k in quantised)
+        w = sd["blocks.0.ffn.0.weight"].dequantize()
+        assert torch.isfinite(w).all() and 0.002 < w.std() < 0.2
+    model = bm.build_model(
+        weights, device="cpu", dims=SMALL, min_elements=1 << 16, attention="sdpa"
+    )
+    inputs = bm.random_inputs(1, 64, 32, 5, dims=SMALL, device="cpu")
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
+
+
+def test_table_formats_every_part():
+    records = [
+        {"part": "env", "device": "H100", "total_gib": 79.2, "torch": "2.11", "cuda": "13.0", "triton": "3.6", "date": "d"},
+        {"part": "matmul", "shape": "8192^3", "tflops": 770.0, "seconds": 1.0},
+        {"part": "dequant", "qtype": "Q4_K", "plain_ms": 1.5, "plain_gbs": 116.0, "triton_ms": 0.1,
+         "triton_gbs": 1581.0, "speedup": 13.7, "bit_exact_bf16": True, "bit_exact_f32": True},
+        {"part": "attention", "backend": "sdpa", "rel_err": 2e-3, "ms": 45.0, "tflops": 584.0},
+        {"part": "attention", "backend": "xformers", "error": "NotImplementedError"},
+        {"part": "model", "weights": "bf16", "mode": "full VRAM", "seconds": 3.2, "tflops": 600.0,
+         "peak_gib": 40.0, "attention": "sdpa"},
+        {"part": "model", "weights": "Q4_K", "mode": "16 GB auto", "seconds": 3.4, "tflops": 560.0,
+         "peak_gib": 12.0, "resident_blocks": 40, "streamed_blocks": 0, "rel_err_vs_full": 1e-3},
+        {"part": "model", "weights": "Q4_K", "mode": "12 GB auto", "error": "OutOfMemoryError"},
+        {"part": "guidance", "weights": "bf16", "calls": 3, "one_forward_s": 3.2, "separate_s": 9.7,
+         "batched_s": 9.5, "separate_over_3_forwards": 1.01, "batched_over_separate": 0.98,
+         "peak_separate_gib": 40.0, "peak_batched_gib": 50.0, "rel_err_batched_vs_separate": 1e-3},
+    ]  # fmt: skip
+    table = bench_gpu.format_table(records)
+    assert "H100" in table and "13.7x True" in table and "584" in table
+    assert "x bf16" in table and "1.06" in table and "ERROR OutOfMemoryError" in table
+    assert "0.980 x separate" in table
+
+
+def test_cli_refuses_without_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench_gpu.main(["matmul"]) == 2
+    assert "CUDA" in capsys.readouterr().err
