@@ -478,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", default="832x480x81", help="WIDTHxHEIGHTxFRAMES of the video")
     parser.add_argument("--repeat", type=int, default=2, help="timed forwards (median)")
+    parser.add_argument("--runs", default="", help="models/all: comma list of MODEL_RUNS indices")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu needs a CUDA GPU; none is visible to torch", file=sys.stderr)
@@ -489,8 +490,9 @@ def main(argv: list[str] | None = None) -> int:
             for part in ("matmul", "dequant", "attention"):
                 _run_child([part], args.out, timeout=300)
         if args.part in ("models", "all"):
-            for child in MODEL_RUNS:
-                _run_child(child, args.out, timeout=420)
+            picked = [int(i) for i in args.runs.split(",")] if args.runs else range(len(MODEL_RUNS))
+            for i in picked:
+                _run_child(MODEL_RUNS[i], args.out, timeout=420)
         print(format_table(_load_records(args.out)))
         return 0
     if args.part in ("model", "guidance"):
