@@ -209,13 +209,13 @@ def predict(world: World, patcher: object, pose: object | None = None) -> object
                                  transformer_options=patcher.model_options["transformer_options"])
 
 
-def direct(world: World, dit: object, inputs: dict | None = None) -> object:
+def direct(world: World, dit: object, inputs: dict | None = None, sigma: float = SIGMA) -> object:
     """steadydancer.model's forward, turned into the same denoised prediction."""
     torch = world.torch
     inputs = inputs or world.model_inputs()
     with torch.no_grad():
-        velocity = dit(world.noise, torch.tensor([SIGMA * 1000.0]), **inputs)
-    return world.noise - SIGMA * velocity.float()
+        velocity = dit(world.noise, torch.tensor([sigma * 1000.0]), **inputs)
+    return world.noise - sigma * velocity.float()
 
 
 def max_diff(a: object, b: object) -> float:
@@ -373,6 +373,44 @@ def check_guider(world: World) -> dict:
     return out
 
 
+class ProbeSampler:
+    """A ComfyUI sampler that asks the guider for one prediction, at step `step`, from the noise."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def sample(self, model_wrap: Callable, sigmas: object, extra_args: dict, callback: object, noise: object,
+               latent_image: object = None, denoise_mask: object = None, disable_pbar: bool = False) -> object:
+        return model_wrap(noise, sigmas[self.step].reshape(1), **extra_args)
+
+
+def check_guidance_values(world: World) -> dict:
+    """The guider's prediction equals the formula on three direct forwards (which cond is which)."""
+    import comfy.samplers
+    from comfyui_steadydancer.nodes.guider import make_guider
+    from comfyui_steadydancer.steadydancer.model import load_model
+
+    torch = world.torch
+    model = load(world, "tiny.safetensors")
+    dit = load_model(str(world.unet / "tiny.safetensors"), dtype=torch.float32, attention="math")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
+    guider = make_guider(
+        model, world.conditioning(world.text, world.pose), world.conditioning(world.text_negative, world.pose),
+        world.conditioning(world.text, world.pose_negative), 5.0, 1.5, 0.1, 0.4,
+    )
+    fmt = model.model.latent_format
+    out = {}
+    for step in (2, 5):  # inside and outside the pose window
+        sigma = float(sigmas[step])
+        got = guider.sample(world.noise.clone(), torch.zeros_like(world.noise), ProbeSampler(step), sigmas.clone())
+        cond = direct(world, dit, world.model_inputs(), sigma)
+        uncond_text = direct(world, dit, world.model_inputs(text=world.text_negative), sigma)
+        uncond_pose = direct(world, dit, world.model_inputs(pose=world.pose_negative), sigma)
+        expected = uncond_text + 5.0 * (cond - uncond_text) + (1.5 * (cond - uncond_pose) if step == 2 else 0.0)
+        out[str(step)] = max_diff(fmt.process_in(got), expected)  # the guider's result leaves via process_latent_out
+    return out
+
+
 def check_sampler_node(world: World) -> dict:
     from comfyui_steadydancer.nodes.guider import SteadyDancerSampler
 
@@ -417,6 +455,7 @@ CHECKS: dict[str, Callable[[World], dict]] = {
     "lora": check_lora,
     "attention": check_attention,
     "guider": check_guider,
+    "guidance_values": check_guidance_values,
     "sampler_node": check_sampler_node,
     "errors": check_errors,
 }

@@ -106,3 +106,9 @@ def test_clear_errors_for_wrong_files_and_conditioning(report: dict) -> None:
     r = result(report, "errors")
     assert r["plain_wan"] and "Wan2.1" in r["plain_wan"], r
     assert r["missing_pose"] and "steadydancer_pose" in r["missing_pose"], r
+
+
+def test_guider_prediction_is_the_formula_on_the_right_conditionings(report: dict) -> None:
+    r = result(report, "guidance_values")
+    assert r["2"] < 1e-4, "inside the window: text and pose terms"
+    assert r["5"] < 1e-4, "outside the window: text term only"
