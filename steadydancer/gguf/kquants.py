@@ -3,12 +3,12 @@
 Why our own: the converter must write the types SteadyDancer GGUFs are published in (Q4_K,
 Q5_K, Q6_K...), and `gguf.quants.quantize` raises NotImplementedError for all K types.
 
-The method is the direct one, without llama.cpp's iterative search for the best scales
-(`make_qkx2_quants`) or importance matrices: per sub-block take the range (or the extreme
-value for the symmetric types), quantise the sub-block scales against one fp16 super-block
-scale, then round every value against the scale it will really be decoded with. Output
-files are therefore valid GGUF read by any GGML implementation, with an error a little
-above llama.cpp's for the same type. The tests decode our blocks with
+The method is simpler than llama.cpp's (`make_qkx2_quants` searches many candidate
+scales; no importance matrices here): per sub-block take the range (or the extreme value
+for the symmetric types), quantise the sub-block scales against one fp16 super-block scale,
+round every value against the scale it will really be decoded with, then refit the
+sub-block scales by least squares on the chosen quants and keep the better encoding. Output
+files are valid GGUF read by any GGML implementation, with an error close to llama.cpp's. The tests decode our blocks with
 `gguf.quants.dequantize` and bound the error.
 
 Layouts (QK_K = 256 values per super-block) mirror `dequant.py`; `_pack` is the exact
@@ -28,6 +28,7 @@ Q = gguf.GGMLQuantizationType
 QK_K = 256
 # Super-blocks per step: keeps float32 temporaries near 1M elements whatever the tensor.
 _CHUNK_BLOCKS = 4096
+REFITS = 1  # least-squares refits of the sub-block scales (each costs about one more pass)
 
 
 def _f16(values: np.ndarray, qtype: Q) -> np.ndarray:
@@ -57,18 +58,20 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den != 0, num / np.where(den != 0, den, 1), 0).astype(np.float32)
 
 
-def _affine(x: np.ndarray, sub: int, qmax: int, sbits: int, qtype: Q) -> tuple[np.ndarray, ...]:
-    """Asymmetric types (x ~ d*sc*q - dmin*m): returns d16, dmin16, sc, m, q.
+def _keep_better(
+    cand: tuple[np.ndarray, ...], best: tuple[np.ndarray, ...], better: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Per super-block (first axis), the candidate encoding where `better`, else the old one."""
+    return tuple(
+        np.where(better.reshape((-1,) + (1,) * (b.ndim - 1)), c, b)
+        for c, b in zip(cand, best, strict=True)
+    )
 
-    x: [n, 256]; `sub` values per sub-block; q in [0, qmax]; sc, m in [0, 2**sbits - 1].
-    """
-    n = x.shape[0]
-    smax = (1 << sbits) - 1
-    xs = x.reshape(n, -1, sub)
-    lo = np.minimum(xs.min(axis=-1), 0.0)  # the minimum is stored as a non-negative offset
-    hi = xs.max(axis=-1)
-    scale = (hi - lo) / qmax
-    offset = -lo
+
+def _encode_affine(
+    xs: np.ndarray, scale: np.ndarray, offset: np.ndarray, qmax: int, smax: int, qtype: Q
+) -> tuple[np.ndarray, ...]:
+    """Quantise sub-block (scale, offset) against the super-block scales, then the values."""
     d = _f16(scale.max(axis=-1, keepdims=True) / smax, qtype)
     dmin = _f16(offset.max(axis=-1, keepdims=True) / smax, qtype)
     d32, dmin32 = d.astype(np.float32), dmin.astype(np.float32)
@@ -77,24 +80,82 @@ def _affine(x: np.ndarray, sub: int, qmax: int, sbits: int, qtype: Q) -> tuple[n
     eff_scale = (d32 * sc)[..., None]
     eff_min = (dmin32 * m)[..., None]
     q = np.clip(np.rint(_safe_div(xs + eff_min, eff_scale)), 0, qmax)
-    return d, dmin, sc.astype(np.uint8), m.astype(np.uint8), q.reshape(n, QK_K).astype(np.uint8)
+    err = ((eff_scale * q - eff_min - xs) ** 2).sum(axis=(1, 2))
+    return d, dmin, sc, m, q, err
 
 
-def _symmetric(
-    x: np.ndarray, sub: int, qlo: int, scale_max: int, qtype: Q
-) -> tuple[np.ndarray, ...]:
-    """Symmetric types (x ~ d*sc*q, q in [qlo, -qlo-1]): returns d16, sc (signed), q (signed)."""
+def _affine(x: np.ndarray, sub: int, qmax: int, sbits: int, qtype: Q) -> tuple[np.ndarray, ...]:
+    """Asymmetric types (x ~ d*sc*q - dmin*m): returns d16, dmin16, sc, m, q.
+
+    x: [n, 256]; `sub` values per sub-block; q in [0, qmax]; sc, m in [0, 2**sbits - 1].
+    Starts from each sub-block's range, then refits scale and offset by least squares on the
+    chosen quants (twice), keeping per super-block whichever encoding has the lower error.
+    """
     n = x.shape[0]
+    smax = (1 << sbits) - 1
     xs = x.reshape(n, -1, sub)
-    idx = np.abs(xs).argmax(axis=-1)[..., None]
-    extreme = np.take_along_axis(xs, idx, axis=-1)[..., 0]
-    scale = extreme / qlo  # the extreme value maps to qlo, using the longer (negative) side
+    offset = -np.minimum(xs.min(axis=-1), 0.0)  # the minimum is stored as a non-negative offset
+    scale = (xs.max(axis=-1) + offset) / qmax
+    best = _encode_affine(xs, scale, offset, qmax, smax, qtype)
+    q = best[4]
+    for _ in range(REFITS):
+        qm, xm = q.mean(axis=-1), xs.mean(axis=-1)
+        var = ((q - qm[..., None]) ** 2).sum(axis=-1)
+        cov = ((q - qm[..., None]) * (xs - xm[..., None])).sum(axis=-1)
+        new_scale = np.where(var > 0, _safe_div(cov, var), scale)
+        new_offset = new_scale * qm - xm
+        # An offset must be >= 0 (it is stored unsigned): refit the scale alone through 0.
+        through_zero = _safe_div((q * xs).sum(axis=-1), (q * q).sum(axis=-1))
+        new_scale = np.where(new_offset < 0, through_zero, new_scale)
+        new_offset = np.maximum(new_offset, 0.0)
+        new_scale = np.where(new_scale > 0, new_scale, scale).astype(np.float32)
+        cand = _encode_affine(xs, new_scale, new_offset.astype(np.float32), qmax, smax, qtype)
+        best = _keep_better(cand, best, cand[-1] < best[-1])
+        q = cand[4]
+    d, dmin, sc, m, q, _ = best
+    return (
+        d.astype(np.float16),
+        dmin.astype(np.float16),
+        sc.astype(np.uint8),
+        m.astype(np.uint8),
+        q.reshape(n, QK_K).astype(np.uint8),
+    )
+
+
+def _encode_symmetric(
+    xs: np.ndarray, scale: np.ndarray, qlo: int, scale_max: int, qtype: Q
+) -> tuple[np.ndarray, ...]:
     d = _f16(np.abs(scale).max(axis=-1, keepdims=True) / scale_max, qtype)
     d32 = d.astype(np.float32)
     sc = np.clip(np.rint(_safe_div(scale, d32)), -scale_max - 1, scale_max)
     eff = (d32 * sc)[..., None]
     q = np.clip(np.rint(_safe_div(xs, eff)), qlo, -qlo - 1)
-    return d, sc.astype(np.int8), q.reshape(n, QK_K).astype(np.int8)
+    err = ((eff * q - xs) ** 2).sum(axis=(1, 2))
+    return d, sc, q, err
+
+
+def _symmetric(
+    x: np.ndarray, sub: int, qlo: int, scale_max: int, qtype: Q
+) -> tuple[np.ndarray, ...]:
+    """Symmetric types (x ~ d*sc*q, q in [qlo, -qlo-1]): returns d16, sc (signed), q (signed).
+
+    Starts by mapping each sub-block's extreme value to `qlo` (the longer, negative side),
+    then refits the scales by least squares on the chosen quants, keeping the better one.
+    """
+    n = x.shape[0]
+    xs = x.reshape(n, -1, sub)
+    idx = np.abs(xs).argmax(axis=-1)[..., None]
+    scale = np.take_along_axis(xs, idx, axis=-1)[..., 0] / qlo
+    best = _encode_symmetric(xs, scale, qlo, scale_max, qtype)
+    q = best[2]
+    for _ in range(REFITS):
+        refit = _safe_div((q * xs).sum(axis=-1), (q * q).sum(axis=-1))
+        refit = np.where(refit != 0, refit, scale).astype(np.float32)
+        cand = _encode_symmetric(xs, refit, qlo, scale_max, qtype)
+        best = _keep_better(cand, best, cand[-1] < best[-1])
+        q = cand[2]
+    d, sc, q, _ = best
+    return d.astype(np.float16), sc.astype(np.int8), q.reshape(n, QK_K).astype(np.int8)
 
 
 def _q2_k(x: np.ndarray) -> np.ndarray:
