@@ -31,7 +31,6 @@ from ..steadydancer.gguf.ops import is_quantized
 from ..steadydancer.model import load_model
 from .comfy_ops import GGUFModelPatcher, GGUFOps
 
-TEXT_LEN = 512  # umT5 rows the DiT attends to; ComfyUI's umT5 already zero-pads to 512
 MASK_CHANNELS = 4
 DEFAULT_SHIFT = 5.0
 COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
@@ -127,8 +126,12 @@ def _required(kwargs: dict, key: str) -> object:
     return value
 
 
-def pad_text(context: torch.Tensor, length: int = TEXT_LEN) -> torch.Tensor:
-    """Text states as the reference feeds them: exactly `length` rows, zero-padded/truncated."""
+def pad_text(context: torch.Tensor, length: int) -> torch.Tensor:
+    """Text states as the reference feeds them: exactly `length` rows, zero-padded/truncated.
+
+    ComfyUI's umT5 already pads to 512 rows but does not truncate a longer prompt; equal
+    lengths also let the positive and negative predictions share one batch.
+    """
     if context.shape[1] >= length:
         return context[:, :length]
     return torch.nn.functional.pad(context, (0, 0, 0, length - context.shape[1]))
@@ -179,7 +182,7 @@ class SteadyDancerModel(comfy.model_base.WAN21):
             "y": comfy.conds.CONDNoiseShape(self.concat_cond(**kwargs)),
             "pose": comfy.conds.CONDNoiseShape(pose),
             **refs,
-            "text": comfy.conds.CONDRegular(pad_text(_required(kwargs, "cross_attn"))),
+            "text": comfy.conds.CONDRegular(pad_text(_required(kwargs, "cross_attn"), self.model_config.dit_config.text_len)),
             "clip_x": comfy.conds.CONDRegular(_required(kwargs, "clip_vision_output").penultimate_hidden_states),
             "clip_c": comfy.conds.CONDRegular(_required(kwargs, "steadydancer_clip_c").penultimate_hidden_states),
         }

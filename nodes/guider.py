@@ -15,6 +15,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
+from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
@@ -56,7 +57,7 @@ class SteadyDancerCFGGuider(comfy.samplers.CFGGuider):
         )
 
 
-def make_guider(model: object, positive: list, negative: list, pose_negative: list,
+def make_guider(model: ModelPatcher, positive: list, negative: list, pose_negative: list,
                 text_scale: float, pose_scale: float, start: float, end: float) -> SteadyDancerCFGGuider:
     """A configured guider (shared by both nodes)."""
     guider = SteadyDancerCFGGuider(model)
@@ -95,7 +96,7 @@ class SteadyDancerGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model: object, positive: list, negative: list, pose_negative: list,
+    def execute(cls, model: ModelPatcher, positive: list, negative: list, pose_negative: list,
                 text_scale: float, pose_scale: float, start: float, end: float) -> io.NodeOutput:
         return io.NodeOutput(make_guider(model, positive, negative, pose_negative, text_scale, pose_scale, start, end))
 
@@ -138,7 +139,7 @@ class SteadyDancerSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model: object, positive: list, negative: list, pose_negative: list,
+    def execute(cls, model: ModelPatcher, positive: list, negative: list, pose_negative: list,
                 text_scale: float, pose_scale: float, start: float, end: float, latent: dict,
                 seed: int, steps: int, shift: float, sampler_name: str, scheduler: str) -> io.NodeOutput:
         shifted = ModelSamplingSD3().patch(model, shift)[0]
