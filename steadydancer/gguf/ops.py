@@ -109,7 +109,10 @@ class GGMLTensor(torch.Tensor):
         """The float tensor (float32 unless `dtype`), on `device` (default: where the bytes are)."""
         raw = self.as_subclass(torch.Tensor)
         if device is not None:
-            raw = raw.to(device, non_blocking=True)
+            device = torch.device(device)
+            # Asynchronous only towards an accelerator: the kernels that follow are queued
+            # behind the copy there, while a CPU consumer would read before it completes.
+            raw = raw.to(device, non_blocking=device.type != "cpu")
         return dequantize(raw, self.tensor_type, self.tensor_shape, dtype or torch.float32)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
