@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..steadydancer.attention import BACKENDS
+from ..steadydancer.errors import ModelFileError
 from ..steadydancer.weights import load_weights
 from .comfy_model import COMPUTE_DTYPES, build_model_patcher
 
@@ -38,10 +39,14 @@ def model_files() -> list[str]:
 
 
 def model_path(name: str) -> str:
-    """Full path of a listed file (FileNotFoundError naming the folder when it is gone)."""
-    folder = GGUF_FOLDER if name.lower().endswith(".gguf") else MODEL_FOLDER
+    """Full path of a listed file; ModelFileError naming the folders when it is not there."""
     register_gguf_folder()
-    return folder_paths.get_full_path_or_raise(folder, name)
+    folder = GGUF_FOLDER if name.lower().endswith(".gguf") else MODEL_FOLDER
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        searched = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
+        raise ModelFileError(f"{name!r} is not in the diffusion model folders ({searched}); put it there and refresh")
+    return path
 
 
 class SteadyDancerModelLoader(io.ComfyNode):

@@ -438,6 +438,11 @@ def check_errors(world: World) -> dict:
         out["plain_wan"] = None
     except ModelFileError as exc:
         out["plain_wan"] = str(exc)
+    try:
+        load(world, "gone.gguf")
+        out["missing_file"] = None
+    except ModelFileError as exc:
+        out["missing_file"] = str(exc)
     patcher = load(world, "tiny.safetensors")
     kwargs = {**world.values, "cross_attn": world.text}  # no steadydancer_pose
     try:

@@ -106,6 +106,7 @@ def test_clear_errors_for_wrong_files_and_conditioning(report: dict) -> None:
     r = result(report, "errors")
     assert r["plain_wan"] and "Wan2.1" in r["plain_wan"], r
     assert r["missing_pose"] and "steadydancer_pose" in r["missing_pose"], r
+    assert r["missing_file"] and "gone.gguf" in r["missing_file"] and "diffusion_models" in r["missing_file"], r
 
 
 def test_guider_prediction_is_the_formula_on_the_right_conditionings(report: dict) -> None:
