@@ -161,7 +161,7 @@ def test_truncated_file(tmp_path, keep):
 def test_tensor_data_past_the_end_of_the_file(tmp_path):
     path = _valid(tmp_path)
     path.write_bytes(path.read_bytes()[:-40])
-    with pytest.raises(GGUFError, match=r"truncated or corrupt.*tensor data"):
+    with pytest.raises(GGUFError, match=r"truncated file: the data of tensor .b. \(bytes"):
         read_gguf(path)
 
 
@@ -171,7 +171,7 @@ def test_data_offset_pointing_past_the_end(tmp_path):
     data = bytearray(path.read_bytes())
     data[offset_at : offset_at + 8] = (10**9).to_bytes(8, "little")
     path.write_bytes(bytes(data))
-    with pytest.raises(GGUFError, match="truncated or corrupt"):
+    with pytest.raises(GGUFError, match=r"data of tensor .w. .* lies past"):
         read_gguf(path)
 
 

@@ -130,6 +130,16 @@ class _CheckedReader(gguf.GGUFReader):
                     f"tensor {name!r} has an unknown GGML type id {raw_type}: the file is corrupt "
                     "or was written by a newer llama.cpp than the installed `gguf` package knows"
                 )
+            block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type)]
+            n = math.prod(int(d) for d in f.parts[3])
+            begin = int(start_offs) + int(f.parts[5][0])
+            end = begin + n * type_size // block_size
+            if end > self.data.shape[0]:
+                name = bytes(f.parts[1]).decode("utf-8", "replace")
+                raise GGUFError(
+                    f"truncated file: the data of tensor {name!r} (bytes {begin}..{end}) lies past "
+                    f"its end ({self.data.shape[0]} bytes); an incomplete download?"
+                )
         super()._build_tensors(start_offs, fields)
 
 
@@ -221,8 +231,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
             f"{path}: truncated or corrupt GGUF file: its {reader.stage} needs bytes "
             f"{exc.offset}..{exc.offset + exc.needed} but the file has {exc.size} bytes"
         ) from None
-    except UnsupportedQuantError as exc:
-        raise UnsupportedQuantError(f"{path}: {exc}") from None
+    except GGUFError as exc:  # ours, raised inside the reader: add the path
+        raise type(exc)(f"{path}: {exc}") from None
     except Exception as exc:  # the gguf reader raises ValueError/KeyError/IndexError/...
         raise GGUFError(f"{path}: not a valid GGUF file: {type(exc).__name__}: {exc}") from None
 
