@@ -31,6 +31,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import gguf
 import numpy as np
@@ -69,6 +70,14 @@ FILE_TYPES: dict[Q, gguf.LlamaFileType] = {
 # Lossless float storage for each source dtype (safetensors dtype strings).
 _LOSSLESS = {"BF16": Q.BF16, "F16": Q.F16, "F32": Q.F32}
 _READABLE = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+class SafetensorsHandle(Protocol):
+    """What the converter uses of `safetensors.safe_open(...)`."""
+
+    def keys(self) -> list[str]: ...
+    def get_slice(self, name: str) -> Any: ...
+    def get_tensor(self, name: str) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -152,9 +161,9 @@ def _scale_key(source: str, keys: set[str]) -> str | None:
     return None
 
 
-def plan_conversion(handle: object, target: Q) -> list[TensorPlan]:
+def plan_conversion(handle: SafetensorsHandle, target: Q) -> list[TensorPlan]:
     """Decide type and layout of every tensor from the source's header alone."""
-    keys = list(handle.keys())  # type: ignore[attr-defined]
+    keys = list(handle.keys())
     key_set = set(keys)
     names = _source_names(keys)
     missing = [k for k in WAN_KEY_SET if k not in names]
@@ -165,7 +174,7 @@ def plan_conversion(handle: object, target: Q) -> list[TensorPlan]:
         )
     plans = []
     for name, source in names.items():
-        info = handle.get_slice(source)  # type: ignore[attr-defined]
+        info = handle.get_slice(source)
         dtype, shape = info.get_dtype(), tuple(info.get_shape())
         if dtype not in _READABLE:
             raise ModelFileError(
@@ -176,12 +185,12 @@ def plan_conversion(handle: object, target: Q) -> list[TensorPlan]:
     return plans
 
 
-def _load(handle: object, plan: TensorPlan) -> np.ndarray:
+def _load(handle: SafetensorsHandle, plan: TensorPlan) -> np.ndarray:
     """The source tensor as float32 numpy, fp8 scales applied."""
-    tensor = handle.get_tensor(plan.source)  # type: ignore[attr-defined]
+    tensor = handle.get_tensor(plan.source)
     values = tensor.to(torch.float32)
     if plan.scale is not None:
-        scale = handle.get_tensor(plan.scale).to(torch.float32)  # type: ignore[attr-defined]
+        scale = handle.get_tensor(plan.scale).to(torch.float32)
         try:
             values = values * scale
         except RuntimeError as exc:
