@@ -1,0 +1,507 @@
+"""The RunPod worker: job input -> workflow (docker/job_input.py), the ComfyUI client's
+message handling (docker/comfy_client.py), output encoding and error results
+(docker/runpod_handler.py).
+
+Logic is tested with plain data and a stand-in client; the tests marked `comfyui` run the
+worker against a real ComfyUI (COMFYUI_DIR): uploads, /prompt validation errors, execution
+errors over the websocket, and saved files coming back as base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKER = REPO / "docker"
+if str(DOCKER) not in sys.path:
+    sys.path.insert(0, str(DOCKER))
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cc = _load("comfy_client")
+ji = _load("job_input")
+rh = _load("runpod_handler")
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+MP4 = b"\x00\x00\x00\x20ftypisom" + b"\x00" * 64
+WORKFLOW = json.loads((REPO / "workflows" / "steadydancer_api.json").read_text())
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def nodes(workflow, class_type):
+    return [n for n in workflow.values() if n["class_type"] == class_type]
+
+
+def simple(**params):
+    request = {"image": b64(PNG), "video": b64(MP4), **params}
+    return ji.prepare(request, workflow=WORKFLOW, rng=random.Random(0))
+
+
+# --- simple request -> bundled workflow -----------------------------------------------------
+
+def test_simple_request_fills_in_the_bundled_workflow():
+    job = simple(prompt="a dancer", negative_prompt="blurry", seed=7, size="512x768", length=33,
+                 steps=12, model="other.gguf")
+    wf = job.workflow
+    reference, driving = job.uploads
+    assert reference.data == PNG and reference.name.endswith("_reference.png")
+    assert driving.data == MP4 and driving.name.endswith("_driving.mp4")
+    assert nodes(wf, "LoadImage")[0]["inputs"]["image"] == reference.name
+    assert nodes(wf, "LoadVideo")[0]["inputs"]["file"] == driving.name
+    # The prompt goes to the text encoder linked as `positive`, the negative to `negative`.
+    conditioning = nodes(wf, "SteadyDancerImageToVideo")[0]["inputs"]
+    assert wf[conditioning["positive"][0]]["inputs"]["text"] == "a dancer"
+    assert wf[conditioning["negative"][0]]["inputs"]["text"] == "blurry"
+    assert nodes(wf, "RandomNoise")[0]["inputs"]["noise_seed"] == 7
+    assert nodes(wf, "SteadyDancerPoseAlign")[0]["inputs"]["seed"] == 7
+    for class_type in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign"):
+        inputs = nodes(wf, class_type)[0]["inputs"]
+        assert (inputs["width"], inputs["height"]) == (512, 768)
+    assert conditioning["length"] == 33
+    assert nodes(wf, "ImageFromBatch")[0]["inputs"]["length"] == 1  # not a frame count: untouched
+    assert nodes(wf, "BasicScheduler")[0]["inputs"]["steps"] == 12
+    assert nodes(wf, "SteadyDancerModelLoader")[0]["inputs"]["model_name"] == "other.gguf"
+    assert job.seed == 7
+    assert json.loads((REPO / "workflows" / "steadydancer_api.json").read_text()) == WORKFLOW  # not mutated
+
+
+def test_simple_request_keeps_the_workflows_defaults_and_draws_a_seed():
+    job = simple()
+    conditioning = nodes(job.workflow, "SteadyDancerImageToVideo")[0]["inputs"]
+    template = nodes(WORKFLOW, "SteadyDancerImageToVideo")[0]["inputs"]
+    assert (conditioning["width"], conditioning["length"]) == (template["width"], template["length"])
+    assert isinstance(job.seed, int)
+    assert nodes(job.workflow, "RandomNoise")[0]["inputs"]["noise_seed"] == job.seed
+
+
+def test_media_may_be_data_urls_urlsafe_base64_or_urls():
+    fetched = []
+
+    def fetch(url, limit):
+        fetched.append(url)
+        return MP4
+
+    job = ji.prepare(
+        {"image": "data:image/png;base64," + b64(PNG), "video": "https://example.com/v.mp4"},
+        workflow=WORKFLOW, fetch_url=fetch,
+    )
+    assert job.uploads[0].data == PNG and fetched == ["https://example.com/v.mp4"]
+    urlsafe = base64.urlsafe_b64encode(b"\xff\xd8\xff" + b"\xfb" * 30).decode().rstrip("=")
+    assert ji.load_media(urlsafe, "image", ji.IMAGE_TYPES, max_bytes=1000)[1] == "jpg"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"video": b64(MP4)}, "`image` is required"),
+        ({"image": b64(PNG)}, "`video` is required"),
+        ({"image": "not base64 !!", "video": b64(MP4)}, "neither an http(s) URL nor valid base64"),
+        ({"image": b64(MP4), "video": b64(MP4)}, "`image` is a mp4 file; send one of: jpg, png, webp"),
+        ({"image": b64(PNG), "video": b64(PNG)}, "`video` is a png file"),
+        ({"image": b64(b"hello"), "video": b64(MP4)}, "not a file type we recognise"),
+        ({"image": b64(PNG), "video": b64(MP4), "size": "500x800"}, "multiple of 16"),
+        ({"image": b64(PNG), "video": b64(MP4), "size": "big"}, 'look like "480x832"'),
+        ({"image": b64(PNG), "video": b64(MP4), "size": "480x832", "width": 480}, "either `size` or"),
+        ({"image": b64(PNG), "video": b64(MP4), "length": 32}, "4k+1 frames"),
+        ({"image": b64(PNG), "video": b64(MP4), "steps": 0}, "`steps` must be between 1 and 200"),
+        ({"image": b64(PNG), "video": b64(MP4), "seed": "7"}, "`seed` must be an integer"),
+        ({"image": b64(PNG), "video": b64(MP4), "seed": True}, "`seed` must be an integer"),
+        ({"image": b64(PNG), "video": b64(MP4), "prompt": 3}, "`prompt` must be a string"),
+        ({"image": b64(PNG), "video": b64(MP4), "fps": 8}, "unknown input ['fps']"),
+        ({}, "must be an object"),
+        ({"workflow": {"nodes": [], "links": []}}, "UI format"),
+        ({"workflow": {"1": {"inputs": {}}}}, "has no class_type"),
+        ({"workflow": "{not json"}, "not JSON"),
+        ({"workflow": {"1": {"class_type": "X", "inputs": {}}}, "images": [{"name": "../x.png", "image": b64(PNG)}]},
+         "plain file name"),
+        ({"workflow": {"1": {"class_type": "X", "inputs": {}}}, "prompt": "x"}, "unknown input ['prompt']"),
+    ],
+)
+def test_bad_input_is_one_clear_message(params, message):
+    with pytest.raises(ji.JobInputError) as info:
+        ji.prepare(params, workflow=WORKFLOW, max_bytes=10_000)
+    assert message in str(info.value)
+
+
+def test_media_size_is_capped():
+    with pytest.raises(ji.JobInputError, match="larger than 0 MB"):
+        ji.prepare({"image": b64(PNG * 100), "video": b64(MP4)}, workflow=WORKFLOW, max_bytes=500)
+
+
+def test_urls_to_private_addresses_are_refused():
+    pytest.importorskip("runpod")
+    with pytest.raises(ji.JobInputError, match="cannot be fetched"):
+        ji.fetch_url_safely("http://127.0.0.1:8188/view?filename=x", 1000)
+
+
+def test_a_workflow_request_uploads_its_named_files():
+    workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": "mine.png"}}}
+    job = ji.prepare({"workflow": workflow, "images": [{"name": "mine.png", "image": b64(PNG)}]})
+    assert job.workflow == workflow and job.workflow is not workflow
+    assert job.uploads == [ji.Upload("mine.png", PNG)]
+    assert job.seed is None
+
+
+def test_inputs_are_found_by_role_even_with_other_node_ids():
+    renumbered = {f"n{k}": v for k, v in json.loads(json.dumps(WORKFLOW)).items()}
+    for node in renumbered.values():
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2:
+                node["inputs"][key] = [f"n{value[0]}", value[1]]
+    job = ji.prepare({"image": b64(PNG), "video": b64(MP4), "prompt": "p"}, workflow=renumbered)
+    assert renumbered["n8"]["inputs"]["text"] != "p"  # the template is untouched
+    assert job.workflow["n8"]["inputs"]["text"] == "p"
+
+
+def test_a_workflow_without_the_needed_node_says_which():
+    workflow = {k: v for k, v in WORKFLOW.items() if v["class_type"] != "LoadVideo"}
+    with pytest.raises(ji.JobInputError, match="no single node for the driving video: found none"):
+        ji.prepare({"image": b64(PNG), "video": b64(MP4)}, workflow=workflow)
+
+
+# --- ComfyUI messages ------------------------------------------------------------------------
+
+def test_node_errors_become_one_readable_message():
+    response = {
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                  "details": ""},
+        "node_errors": {"16": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                           "details": "model_name: 'x.gguf' not in ['a.gguf']"}],
+                               "class_type": "SteadyDancerModelLoader"}},
+    }
+    message = cc.format_node_errors(response, WORKFLOW)
+    assert message.splitlines() == [
+        "Prompt outputs failed validation",
+        "node 16 (SteadyDancerModelLoader, 'SteadyDancer model (GGUF)'): Value not in list: "
+        "model_name: 'x.gguf' not in ['a.gguf']",
+    ]
+
+
+def test_execution_errors_name_the_node_and_exception():
+    data = {"prompt_id": "p", "node_id": "5", "node_type": "SteadyDancerPoseExtract",
+            "exception_type": "pose.errors.MissingPersonError", "exception_message": "no person in frame 3\n"}
+    assert cc.format_execution_error(data) == (
+        "node 5 (SteadyDancerPoseExtract) failed: pose.errors.MissingPersonError: no person in frame 3"
+    )
+
+
+def test_outputs_are_the_saved_files_not_previews():
+    entry = {"outputs": {
+        "25": {"images": [{"filename": "steadydancer_00001_.mp4", "subfolder": "video", "type": "output"}],
+               "animated": [True]},
+        "9": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}]},
+        "30": {"images": [{"filename": "still.png", "subfolder": "", "type": "output"}]},
+    }}
+    files = cc.collect_outputs(entry)
+    assert [(f.node, f.filename, f.is_video) for f in files] == [
+        ("25", "steadydancer_00001_.mp4", True), ("30", "still.png", False),
+    ]
+
+
+class FakeWebSocket:
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    def recv(self):
+        if not self.messages:
+            raise ConnectionError("closed")
+        item = self.messages.pop(0)
+        return item if isinstance(item, bytes) else json.dumps(item)
+
+    def close(self):
+        pass
+
+
+class HistoryClient(cc.ComfyClient):
+    def __init__(self, entries):
+        super().__init__("http://comfy.invalid")
+        self.entries = entries
+
+    def history(self, prompt_id):
+        return self.entries.pop(0) if self.entries else None
+
+
+def test_wait_reports_progress_and_returns_the_history():
+    events = [
+        {"type": "execution_start", "data": {"prompt_id": "p"}},
+        b"\x00\x01binary preview",
+        {"type": "progress", "data": {"prompt_id": "other", "value": 9, "max": 9, "node": "1"}},
+        {"type": "progress", "data": {"prompt_id": "p", "value": 1, "max": 2, "node": "22"}},
+        {"type": "progress", "data": {"prompt_id": "p", "value": 2, "max": 2, "node": "22"}},
+        {"type": "executing", "data": {"prompt_id": "p", "node": None}},
+    ]
+    seen = []
+    client = HistoryClient([{"outputs": {}, "status": {"status_str": "success"}}])
+    entry = client.wait("p", on_progress=seen.append, connect=lambda url: FakeWebSocket(events))
+    assert entry["status"]["status_str"] == "success"
+    assert seen == [cc.Progress("22", 1, 2), cc.Progress("22", 2, 2)]
+
+
+def test_wait_raises_the_execution_error():
+    events = [{"type": "execution_error", "data": {"prompt_id": "p", "node_id": "23", "node_type": "VAEDecode",
+                                                   "exception_type": "torch.OutOfMemoryError",
+                                                   "exception_message": "CUDA out of memory"}}]
+    client = HistoryClient([])
+    with pytest.raises(cc.ExecutionFailed, match=r"node 23 \(VAEDecode\) failed: torch.OutOfMemoryError"):
+        client.wait("p", connect=lambda url: FakeWebSocket(events))
+
+
+def test_wait_falls_back_to_the_history_when_the_websocket_fails():
+    error_entry = {"status": {"status_str": "error", "messages": [
+        ["execution_start", {}],
+        ["execution_error", {"node_id": "5", "node_type": "X", "exception_type": "ValueError",
+                             "exception_message": "bad"}],
+    ]}}
+    client = HistoryClient([None, error_entry])
+
+    def refuse(url):
+        raise OSError("connection refused")
+
+    with pytest.raises(cc.ExecutionFailed, match=r"node 5 \(X\) failed: ValueError: bad"):
+        client.wait("p", connect=refuse)
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+VIDEO = cc.OutputFile("25", "steadydancer_00001_.mp4", "video", "output", "images")
+
+
+def test_small_outputs_come_back_as_base64():
+    [entry] = rh.encode_outputs("job", [(VIDEO, b"video bytes")], mode="auto", inline_limit=1000, s3_ready=False)
+    assert base64.b64decode(entry["base64"]) == b"video bytes"
+    assert entry | {"base64": None} == {"filename": "steadydancer_00001_.mp4", "type": "video", "mime": "video/mp4",
+                                        "node": "25", "bytes": 11, "base64": None}
+
+
+def test_outputs_too_large_for_the_payload_say_how_to_get_them():
+    with pytest.raises(rh.JobOutputError, match="BUCKET_ENDPOINT_URL") as info:
+        rh.encode_outputs("job", [(VIDEO, b"x" * 3000)], mode="auto", inline_limit=1000, s3_ready=False)
+    assert "above the 0 MB" in str(info.value) or "above the" in str(info.value)
+
+
+def test_outputs_go_to_s3_when_a_bucket_is_configured():
+    uploaded = []
+
+    def upload(job_id, name, data):
+        uploaded.append((job_id, name, data))
+        return f"https://bucket/{job_id}/{name}"
+
+    [entry] = rh.encode_outputs("job1", [(VIDEO, b"x" * 3000)], mode="auto", inline_limit=1000, s3_ready=True,
+                                s3_upload=upload)
+    assert entry["url"] == "https://bucket/job1/steadydancer_00001_.mp4" and "base64" not in entry
+    assert uploaded == [("job1", "steadydancer_00001_.mp4", b"x" * 3000)]
+    with pytest.raises(rh.JobOutputError, match="needs BUCKET_ENDPOINT_URL"):
+        rh.encode_outputs("job", [(VIDEO, b"x")], mode="s3", inline_limit=1000, s3_ready=False)
+
+
+def test_s3_needs_all_three_variables():
+    full = {"BUCKET_ENDPOINT_URL": "https://s3", "BUCKET_ACCESS_KEY_ID": "a", "BUCKET_SECRET_ACCESS_KEY": "b"}
+    assert rh.s3_configured(full)
+    assert not rh.s3_configured({**full, "BUCKET_SECRET_ACCESS_KEY": ""})
+
+
+def test_progress_updates_are_throttled_but_the_last_step_is_sent():
+    sent, now = [], [0.0]
+    reporter = rh.ProgressReporter({"id": "j"}, WORKFLOW, lambda job, m: sent.append(m), interval=2.0,
+                                   clock=lambda: now[0])
+    for step in range(1, 6):
+        now[0] += 0.5
+        reporter(cc.Progress("22", step, 5))
+    assert [m["step"] for m in sent] == [1, 5]
+    assert sent[-1] == {"node": "22", "title": "Sample", "step": 5, "steps": 5, "percent": 100}
+
+
+# --- the whole job with a stand-in client -------------------------------------------------------
+
+class FakeClient:
+    def __init__(self, *, reject=None, fail=None, outputs=None):
+        self.reject, self.fail = reject, fail
+        self.outputs = outputs if outputs is not None else {"25": {"images": [
+            {"filename": "steadydancer_00001_.mp4", "subfolder": "video", "type": "output"}]}}
+        self.uploaded, self.queued = {}, None
+
+    def wait_ready(self, timeout):
+        return {}
+
+    def upload(self, name, data):
+        self.uploaded[name] = data
+        return name
+
+    def queue(self, workflow):
+        if self.reject:
+            raise self.reject
+        self.queued = workflow
+        return "prompt-1"
+
+    def wait(self, prompt_id, on_progress, timeout):
+        if self.fail:
+            raise self.fail
+        on_progress(cc.Progress("22", 1, 1))
+        return {"outputs": self.outputs}
+
+    def download(self, output):
+        return b"mp4 bytes"
+
+
+def test_a_job_runs_end_to_end():
+    client, progress = FakeClient(), []
+    result = rh.run_job({"id": "j1", "input": {"image": b64(PNG), "video": b64(MP4), "seed": 3}}, client=client,
+                        send=lambda job, m: progress.append(m), environ={})
+    assert result["prompt_id"] == "prompt-1" and result["seed"] == 3
+    assert [o["filename"] for o in result["outputs"]] == ["steadydancer_00001_.mp4"]
+    assert base64.b64decode(result["outputs"][0]["base64"]) == b"mp4 bytes"
+    assert set(client.uploaded.values()) == {PNG, MP4}
+    assert progress and progress[-1]["percent"] == 100
+
+
+def test_bad_input_never_reaches_comfyui():
+    client = FakeClient()
+    result = rh.run_job({"id": "j", "input": {"image": b64(PNG)}}, client=client, environ={})
+    assert result == {"error": "bad input: `video` is required (base64 or an http(s) URL), or send a full `workflow`"}
+    assert client.uploaded == {}
+
+
+def test_rejected_workflows_return_the_node_errors():
+    details = {"node_errors": {"16": {"errors": [{"message": "Value not in list"}]}}}
+    client = FakeClient(reject=cc.WorkflowRejected("node 16: Value not in list", details))
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={})
+    assert result["error"] == "ComfyUI rejected the workflow: node 16: Value not in list"
+    assert result["node_errors"] == details["node_errors"]
+
+
+def test_execution_errors_return_the_failing_node():
+    data = {"node_id": "5", "node_type": "SteadyDancerPoseExtract", "exception_type": "MissingPersonError",
+            "exception_message": "no person", "traceback": ["..."]}
+    client = FakeClient(fail=cc.ExecutionFailed("node 5 failed", data))
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={})
+    assert result == {"error": "node 5 failed", "details": {k: data[k] for k in list(data)[:4]}}
+
+
+def test_a_workflow_that_saves_nothing_is_an_error():
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=FakeClient(outputs={}), environ={})
+    assert "saved no file" in result["error"]
+
+
+def test_test_input_flag_without_a_value_reads_test_input_json():
+    argv = rh._runpod_argv(["--test_input", "--rp_log_level", "INFO"])
+    assert json.loads(argv[1]) == json.loads((DOCKER / "test_input.json").read_text())
+    assert argv[2:] == ["--rp_log_level", "INFO"]
+    assert rh._runpod_argv(["--test_input", '{"input": {}}']) == ["--test_input", '{"input": {}}']
+
+
+def test_test_input_json_is_a_valid_simple_request():
+    job = json.loads((DOCKER / "test_input.json").read_text())
+    fetched = []
+    ji.prepare(job["input"], workflow=WORKFLOW,
+               fetch_url=lambda url, limit: fetched.append(url) or (PNG if url.endswith(".png") else MP4))
+    assert len(fetched) == 2
+
+
+# --- against a real ComfyUI ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    """A real ComfyUI (COMFYUI_DIR, core nodes only) on a free port, for the worker's client."""
+    comfy_dir = Path(os.environ["COMFYUI_DIR"])
+    python = os.environ.get("COMFYUI_PYTHON") or str(comfy_dir / ".venv" / "bin" / "python")
+    work = tmp_path_factory.mktemp("comfy")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+               "--disable-all-custom-nodes", "--input-directory", str(work / "input"),
+               "--output-directory", str(work / "output"), "--temp-directory", str(work)]
+    log = open(work / "comfyui.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT)
+    client = cc.ComfyClient(f"http://127.0.0.1:{port}")
+    try:
+        client.wait_ready(timeout=180)
+        yield client
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+IMAGE_WORKFLOW = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "upload.png"}},
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "worker-test"}},
+}
+
+
+def _png(width=8, height=8) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.comfyui
+def test_real_comfyui_runs_a_workflow_request_and_returns_the_image(comfyui):
+    job = {"id": "t1", "input": {"workflow": IMAGE_WORKFLOW, "images": [{"name": "upload.png", "image": b64(_png())}]}}
+    result = rh.run_job(job, client=comfyui, send=lambda j, m: None, environ={})
+    assert "error" not in result, result
+    [output] = result["outputs"]
+    assert output["type"] == "image" and output["mime"] == "image/png"
+    import io
+
+    from PIL import Image
+
+    pixel = Image.open(io.BytesIO(base64.b64decode(output["base64"]))).getpixel((0, 0))
+    assert all(abs(a - b) <= 1 for a, b in zip(pixel, (245, 55, 225), strict=True))  # inverted by ComfyUI
+
+
+@pytest.mark.comfyui
+def test_real_comfyui_validation_errors_come_back_with_the_node(comfyui):
+    workflow = json.loads(json.dumps(IMAGE_WORKFLOW))
+    workflow["1"]["inputs"]["image"] = "missing-file.png"
+    result = rh.run_job({"input": {"workflow": workflow}}, client=comfyui, environ={})
+    assert result["error"].startswith("ComfyUI rejected the workflow")
+    assert "node 1 (LoadImage)" in result["error"]
+    assert "1" in result["node_errors"]
+
+
+@pytest.mark.comfyui
+def test_real_comfyui_unknown_nodes_are_rejected_clearly(comfyui):
+    workflow = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
+    result = rh.run_job({"input": {"workflow": workflow}}, client=comfyui, environ={})
+    assert "NoSuchNode" in result["error"]
+
+
+@pytest.mark.comfyui
+def test_real_comfyui_execution_errors_name_the_failing_node(comfyui):
+    job = {"input": {"workflow": IMAGE_WORKFLOW, "images": [{"name": "upload.png", "image": b64(PNG)}]}}
+    started = time.monotonic()
+    result = rh.run_job(job, client=comfyui, environ={})  # a PNG header without an image
+    assert result["error"].startswith("node 1 (LoadImage) failed:"), result
+    assert result["details"]["node_type"] == "LoadImage"
+    assert time.monotonic() - started < 60
