@@ -166,7 +166,12 @@ def write_gguf(path: Path, arrays: dict) -> set[str]:
 
 
 def write_lora(path: Path, float_sd: dict, layers: tuple[str, ...]) -> dict:
-    """A LoRA in two of ComfyUI's key formats (kohya `lora_unet_*` and `diffusion_model.*`)."""
+    """A LoRA in two of ComfyUI's key formats (kohya `lora_unet_*` and `diffusion_model.*`).
+
+    The first layer also gets a bias difference (`diff_b`, as distilled-step Wan LoRAs carry):
+    on a GGUF model that patches a float tensor next to a quantised weight. Returns the
+    expected change of every patched tensor.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -180,7 +185,9 @@ def write_lora(path: Path, float_sd: dict, layers: tuple[str, ...]) -> dict:
         tensors[f"{prefix}.lora_down.weight"] = down
         tensors[f"{prefix}.lora_up.weight"] = up
         tensors[f"{prefix}.alpha"] = torch.tensor(LORA_ALPHA)
-        factors[layer] = up @ down * (LORA_ALPHA / LORA_RANK)
+        factors[f"{layer}.weight"] = up @ down * (LORA_ALPHA / LORA_RANK)
+        if i == 0:
+            tensors[f"{prefix}.diff_b"] = factors[f"{layer}.bias"] = torch.randn(out_dim, generator=gen) * 0.3
     save_file(tensors, path)
     return factors
 
@@ -272,8 +279,8 @@ def _merged_patcher(world: World, source: dict) -> object:
     from comfyui_steadydancer.nodes.comfy_model import build_model_patcher
 
     merged = {k: v.clone() for k, v in source.items()}
-    for layer, delta in world.lora.items():
-        merged[f"{layer}.weight"] += LORA_STRENGTH * delta
+    for key, delta in world.lora.items():
+        merged[key] += LORA_STRENGTH * delta
     return build_model_patcher(merged, compute_dtype="fp32", attention="math")
 
 

@@ -61,7 +61,7 @@ def test_gguf_weights_stay_quantised_after_loading_and_running(report: dict) -> 
 @pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf"])
 def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str) -> None:
     r = result(report, "lora")[name]
-    assert r["patched_keys"] == 2
+    assert r["patched_keys"] == 3  # two weights (lora_unet_* and diffusion_model.* keys) and a bias (diff_b)
     assert r["lora_effect"] > 1e-3, "the LoRA must change the prediction"
     assert r["lora_vs_merged"] < 1e-4, r
     assert r["lowvram_vs_merged"] < 1e-4, r
