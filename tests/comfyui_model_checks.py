@@ -437,7 +437,11 @@ def check_sampler_node(world: World) -> dict:
 
 
 def check_errors(world: World) -> dict:
-    from comfyui_steadydancer.steadydancer.errors import ConditioningError, ModelFileError
+    from comfyui_steadydancer.steadydancer.errors import (
+        AttentionBackendError,
+        ConditioningError,
+        ModelFileError,
+    )
 
     out = {}
     try:
@@ -445,6 +449,11 @@ def check_errors(world: World) -> dict:
         out["plain_wan"] = None
     except ModelFileError as exc:
         out["plain_wan"] = str(exc)
+    try:
+        load(world, "tiny.safetensors", attention="flash_attn_2")  # not installed here (CPU)
+        out["attention_missing"] = None
+    except AttentionBackendError as exc:
+        out["attention_missing"] = str(exc)
     try:
         load(world, "gone.gguf")
         out["missing_file"] = None

@@ -106,6 +106,7 @@ def test_clear_errors_for_wrong_files_and_conditioning(report: dict) -> None:
     r = result(report, "errors")
     assert r["plain_wan"] and "Wan2.1" in r["plain_wan"], r
     assert r["missing_pose"] and "steadydancer_pose" in r["missing_pose"], r
+    assert r["attention_missing"] and "flash_attn_2" in r["attention_missing"], r
     assert r["missing_file"] and "gone.gguf" in r["missing_file"] and "diffusion_models" in r["missing_file"], r
 
 
