@@ -208,9 +208,11 @@ class RMSNorm(_FloatParams):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return normed * _as_float(self.weight, x.dtype, x.device)
+        # float32 statistics and product, written straight into x's dtype: no float32 copy of x
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        scale = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(self.eps))
+        out = torch.mul(x, scale, out=torch.empty_like(x))
+        return out.mul_(_as_float(self.weight, x.dtype, x.device))
 
 
 class ChannelLayerNorm(_FloatParams):
@@ -281,10 +283,23 @@ def rope_table(
     return full.reshape(f * h * w, head_dim // 2)
 
 
+ROPE_CHUNK_ELEMENTS = 1 << 24  # elements of x rotated at once: bounds the float32 temporaries
+
+
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2m, 2m+1) of x [B, L, H, D] by table [L, D/2] (float32 maths)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * table[:, None, :]).flatten(-2).to(x.dtype)
+    """Rotate channel pairs (2m, 2m+1) of x [B, L, H, D] by table [L, D/2] (float32 maths).
+
+    Works through the tokens in chunks so that the complex float32 temporaries stay small
+    whatever the sequence length; the result is written into a tensor of x's dtype.
+    """
+    b, n, h, d = x.shape
+    out = torch.empty_like(x)
+    step = max(1, ROPE_CHUNK_ELEMENTS // (b * h * d))
+    for start in range(0, n, step):
+        part = x[:, start : start + step].float().unflatten(-1, (-1, 2))
+        rotated = torch.view_as_complex(part) * table[start : start + step, None, :]
+        out[:, start : start + step] = torch.view_as_real(rotated).flatten(-2)
+    return out
 
 
 # ------------------------------------------------------------------------------- pose path
@@ -469,7 +484,7 @@ class ImageTextCrossAttention(nn.Module):
         out = attention(q, k, v)
         k = self.norm_k_img(self.k_img(context_img)).view(b, -1, self.heads, q.shape[-1])
         v = self.v_img(context_img).view(b, -1, self.heads, q.shape[-1])
-        out = out + attention(q, k, v)
+        out.add_(attention(q, k, v))  # attention results are fresh tensors
         return self.o(out.reshape(b, n, -1))
 
 

@@ -360,3 +360,31 @@ def test_dynamic_1x1_module_matches_hand_computation():
     expected = (torch.einsum("oc,ncp->nop", w2("conv_p"), q) + r).reshape(z.shape)
     with torch.no_grad():
         torch.testing.assert_close(module(z), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_apply_rope_in_chunks_is_exact(monkeypatch):
+    import steadydancer.model as model_module
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 50, 3, 32, generator=g).bfloat16()
+    table = rope_table((5, 2, 5), 32, torch.device("cpu"))
+    whole = apply_rope(x, table)
+    monkeypatch.setattr(model_module, "ROPE_CHUNK_ELEMENTS", 7 * 2 * 3 * 32)  # 7 tokens a chunk
+    assert torch.equal(apply_rope(x, table), whole)
+
+
+def test_rms_norm_matches_reference_formula():
+    from steadydancer.model import RMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) + 0.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 9, 64, generator=g) * 3).to(dtype)
+        xf = x.float()
+        expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(
+            dtype
+        ) * norm.weight.to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-6)
