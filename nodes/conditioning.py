@@ -62,7 +62,7 @@ class SteadyDancerImageToVideo(io.ComfyNode):
                 io.Int.Input("width", default=480, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation width; keep the reference's aspect ratio (images are stretched to this size)."),
                 io.Int.Input("height", default=832, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation height, a multiple of 16."),
                 io.Int.Input("length", default=81, min=1, max=MAX_RESOLUTION, step=4, tooltip="Frames to generate, 4k+1 (81 in the reference)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos sampled at once (different noise, same conditioning)."),
                 io.Combo.Input("short_video", options=list(cond.SHORT_POLICIES), default="pad", tooltip="When the pose frames are fewer than length: 'pad' repeats the last pose, 'error' stops. Extra frames are ignored."),
             ],
             outputs=[
@@ -96,7 +96,7 @@ class SteadyDancerImageToVideo(io.ComfyNode):
         batch_size: int,
         short_video: str = "pad",
     ) -> io.NodeOutput:
-        problem = cond.length_error(length) or cond.size_error(width, height)
+        problem = cond.length_error(length) or cond.size_error(width, height) or cond.short_policy_error(short_video)
         if problem:
             raise ConditioningError(problem)
         reference = _resize(reference_image[:1], width, height)

@@ -52,6 +52,11 @@ def register_dwpose_folder() -> None:
     folder_paths.folder_names_and_paths[DWPOSE_FOLDER] = (paths, set(extensions) | DWPOSE_EXTENSIONS)
 
 
+def choice_error(name: str, value: object, options: tuple[str, ...]) -> str | None:
+    """Why a combo value is refused; ComfyUI 0.3.64 does not check V3 combo values itself."""
+    return None if value is None or value in options else f"{name} must be one of {list(options)}; got {value!r}"
+
+
 def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
     """ComfyUI IMAGE [N,H,W,C] floats in 0..1 -> RGB uint8 [N,H,W,3], the pose library's input."""
     return (images[..., :3].clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu().numpy()
@@ -144,6 +149,10 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, backend: str | None = None) -> bool | str:
+        return choice_error("backend", backend, BACKENDS) or True
+
+    @classmethod
     def execute(cls, backend: str) -> io.NodeOutput:
         return io.NodeOutput(_load_from_folders(backend))
 
@@ -157,8 +166,8 @@ class SteadyDancerPoseExtract(io.ComfyNode):
             category="SteadyDancer/pose",
             description="Whole-body poses of every frame (e.g. from LoadVideo + GetVideoComponents), one person per frame.",
             inputs=[
-                PoseDetectorType.Input("pose_detector"),
-                io.Image.Input("images", tooltip="Frames of the driving video."),
+                PoseDetectorType.Input("pose_detector", tooltip="From SteadyDancer Pose Detector Loader."),
+                io.Image.Input("images", tooltip="Frames of the driving video (LoadVideo + GetVideoComponents)."),
                 io.Int.Input("detect_resolution", default=1024, min=64, max=4096, step=64, tooltip="Short side the frames are resized to for detection (reference: 1024)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Frames per detector call; the progress bar and Cancel act between batches. The public ONNX files take one frame at a time; mmpose on a GPU is faster with 8."),
             ],
@@ -204,6 +213,11 @@ class SteadyDancerPoseAlign(io.ComfyNode):
                 io.Image.Output(display_name="negative"),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, missing_person: str | None = None) -> bool | str:
+        # one input per validate_inputs: ComfyUI files the message under each input it takes
+        return choice_error("missing_person", missing_person, MISSING_POLICIES) or True
 
     @classmethod
     def execute(

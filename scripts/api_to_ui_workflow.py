@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,10 @@ COLUMNS = [
     ["18", "19", "20", "21", "22"],
     ["23", "24", "25"],
 ]
+
+# Seeds that stay fixed between runs: a new pose-augmentation seed would redo the pose
+# rendering and every VAE encode of the conditioning for nothing.
+FIXED_SEED_NODES = {"6"}
 
 LAYOUT = """
 const [api, columns, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
@@ -47,8 +53,9 @@ const [api, columns, done] = [arguments[0], arguments[1], arguments[arguments.le
     }
     x += width + 60;
   }
-  graph.setDirtyCanvas(true, true);
-  done(graph.serialize());
+  const workflow = JSON.parse(JSON.stringify(graph.serialize()));  // drops undefined fields
+  workflow.extra.ds = {scale: 0.7, offset: [30, 30]};  // the whole graph in view
+  done(workflow);
 })().catch(e => done({error: String(e)}));
 """
 
@@ -63,13 +70,16 @@ def main() -> int:
     api = json.loads((REPO_ROOT / "workflows" / "steadydancer_api.json").read_text())
     with tempfile.TemporaryDirectory() as work:
         server = ComfyServer(args.comfyui, Path(work), args.models)
+        os.environ.setdefault("SE_AVOID_STATS", "true")
         options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or ""
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1920,1080"):
             options.add_argument(arg)
         driver = None
         try:
             server.wait_ready()
-            driver = webdriver.Chrome(options=options)
+            service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+            driver = webdriver.Chrome(service=service, options=options)
             driver.set_script_timeout(60)
             driver.get(server.url)
             while not driver.execute_script("return !!(window.app && window.app.graph)"):
@@ -81,6 +91,9 @@ def main() -> int:
             server.stop()
     if "error" in workflow:
         raise SystemExit(workflow["error"])
+    for node in workflow["nodes"]:
+        if str(node["id"]) in FIXED_SEED_NODES:
+            node["widgets_values"] = ["fixed" if v == "randomize" else v for v in node["widgets_values"]]
     out = REPO_ROOT / "workflows" / "steadydancer.json"
     out.write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out} ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links)")

@@ -41,6 +41,11 @@ def size_error(width: int, height: int) -> str | None:
     return None
 
 
+def short_policy_error(short: str) -> str | None:
+    """Why `short` is not a padding policy (None when it is)."""
+    return None if short in SHORT_POLICIES else f"short_video must be one of {list(SHORT_POLICIES)}; got {short!r}"
+
+
 def latent_frames(length: int) -> int:
     """Latent frames of a 4k+1-frame video (the first frame has its own latent frame)."""
     return (length - 1) // TIME_STRIDE + 1
@@ -63,8 +68,8 @@ def fit_frames(frames: torch.Tensor, length: int, *, short: ShortPolicy = "pad",
             f"{(count - 1) // TIME_STRIDE * TIME_STRIDE + 1}, use a longer driving video, or set "
             "short_video to 'pad' (repeats the last frame)"
         )
-    if short != "pad":
-        raise ConditioningError(f"short_video must be one of {SHORT_POLICIES}; got {short!r}")
+    if short_policy_error(short):
+        raise ConditioningError(short_policy_error(short))
     padding = frames[-1:].expand(length - count, *frames.shape[1:])
     return torch.cat([frames, padding], dim=0)
 

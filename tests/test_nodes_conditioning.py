@@ -55,6 +55,11 @@ def test_unknown_short_policy_is_refused() -> None:
         cond.fit_frames(_frames(2), 5, short="loop")
 
 
+def test_short_policy_names_the_choices() -> None:
+    assert cond.short_policy_error("pad") is None and cond.short_policy_error("error") is None
+    assert "['pad', 'error']" in cond.short_policy_error("loop")
+
+
 def test_empty_pose_batch_is_refused() -> None:
     with pytest.raises(ConditioningError, match="non-empty"):
         cond.fit_frames(torch.zeros(0, 4, 4, 3), 5)
