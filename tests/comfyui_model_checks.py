@@ -372,11 +372,16 @@ def check_guider(world: World) -> dict:
         ).result[0]
         latent = sample(guider, {"samples": torch.zeros_like(world.noise)}, seed=1, steps=10, sampler_name="euler", scheduler="simple")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
-        per_step = []
+        per_step, forwards = [], []
         for i in range(10):
-            made = [index for t, c in calls if abs(t - float(sigmas[i])) < 1e-5 for index in c]
-            per_step.append(sorted(made))
-        out[str(text_scale)] = {"per_step": per_step, "finite": bool(torch.isfinite(latent["samples"]).all())}
+            at_step = [c for t, c in calls if abs(t - float(sigmas[i])) < 1e-5]
+            per_step.append(sorted(index for c in at_step for index in c))
+            forwards.append(len(at_step))
+        out[str(text_scale)] = {
+            "per_step": per_step,
+            "forwards_per_step": forwards,
+            "finite": bool(torch.isfinite(latent["samples"]).all()),
+        }
     return out
 
 

@@ -87,6 +87,8 @@ def test_guider_makes_three_predictions_only_inside_the_window(report: dict) -> 
     assert r["finite"]
     for i, made in enumerate(r["per_step"]):
         assert made == ([0, 1, 2] if i in WINDOW_STEPS else [0, 1]), (i, made)
+    # The conditionings have equal shapes, so ComfyUI batches a step's predictions in one pass.
+    assert r["forwards_per_step"] == [1] * 10
 
 
 def test_guider_with_text_scale_one_skips_the_negative_prompt(report: dict) -> None:
