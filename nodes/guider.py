@@ -21,6 +21,7 @@ from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
 from ..steadydancer.guidance import combine
 from ..steadydancer.schedule import predictions_for
+from .model_loader import invalid_choice
 
 # Prediction name (steadydancer.guidance) -> the conditioning it is made with.
 PREDICTIONS = {"cond": "positive", "uncond_text": "negative", "uncond_pose": "pose_negative"}
@@ -136,6 +137,14 @@ class SteadyDancerSampler(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=DEFAULT_SCHEDULER),
             ],
             outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name: str | None = None, scheduler: str | None = None) -> bool | str:
+        return (
+            invalid_choice("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS)
+            or invalid_choice("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)
+            or True
         )
 
     @classmethod

@@ -49,6 +49,17 @@ def model_path(name: str) -> str:
     return path
 
 
+def invalid_choice(name: str, value: object, options: list[str] | tuple[str, ...]) -> str | None:
+    """Why a combo value is refused (ComfyUI 0.3.64 leaves V3 combo values unchecked); None if fine.
+
+    None as value means the input is linked to another node's output: checked when it runs.
+    """
+    if value is None or value in options:
+        return None
+    shown = list(options) if len(options) <= 20 else f"{len(options)} choices"
+    return f"{name} must be one of {shown}; got {value!r}"
+
+
 class SteadyDancerModelLoader(io.ComfyNode):
     """Loads a SteadyDancer DiT (.gguf stays quantised, or .safetensors) as a ComfyUI MODEL."""
 
@@ -66,6 +77,15 @@ class SteadyDancerModelLoader(io.ComfyNode):
                 io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", tooltip="Attention kernel for this model only. 'auto' takes the fastest installed (flash-attn, SageAttention, xformers, then PyTorch SDPA); 'comfy' uses ComfyUI's own choice (its --use-*-attention flags)."),
             ],
             outputs=[io.Model.Output(tooltip="The SteadyDancer model; use it with the SteadyDancer guider.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str | None = None, compute_dtype: str | None = None, attention: str | None = None) -> bool | str:
+        return (
+            invalid_choice("model_name", model_name, model_files())
+            or invalid_choice("compute_dtype", compute_dtype, list(COMPUTE_DTYPES))
+            or invalid_choice("attention", attention, ATTENTION_CHOICES)
+            or True
         )
 
     @classmethod

@@ -464,6 +464,15 @@ def check_errors(world: World) -> dict:
         out["missing_file"] = None
     except ModelFileError as exc:
         out["missing_file"] = str(exc)
+    from comfyui_steadydancer.nodes.guider import SteadyDancerSampler
+    from comfyui_steadydancer.nodes.model_loader import SteadyDancerModelLoader
+
+    validate = SteadyDancerModelLoader.validate_inputs
+    out["validate_ok"] = validate(model_name="tiny_q8.gguf", compute_dtype="bf16", attention="sdpa")
+    out["validate_linked"] = validate(model_name=None, compute_dtype=None, attention=None)
+    out["validate_model"] = validate(model_name="nope.gguf", compute_dtype="default", attention="auto")
+    out["validate_attention"] = validate(model_name="tiny.safetensors", compute_dtype="default", attention="fast")
+    out["validate_sampler"] = SteadyDancerSampler.validate_inputs(sampler_name="uni_pc_bh3", scheduler="simple")
     patcher = load(world, "tiny.safetensors")
     kwargs = {**world.values, "cross_attn": world.text}  # no steadydancer_pose
     try:

@@ -116,3 +116,12 @@ def test_guider_prediction_is_the_formula_on_the_right_conditionings(report: dic
     r = result(report, "guidance_values")
     assert r["2"] < 1e-4, "inside the window: text and pose terms"
     assert r["5"] < 1e-4, "outside the window: text term only"
+
+
+def test_combo_values_are_validated_before_running(report: dict) -> None:
+    r = result(report, "errors")
+    assert r["validate_ok"] is True
+    assert r["validate_linked"] is True
+    assert "model_name" in r["validate_model"] and "nope.gguf" in r["validate_model"]
+    assert "attention" in r["validate_attention"] and "'fast'" in r["validate_attention"]
+    assert "sampler_name" in r["validate_sampler"]
