@@ -241,11 +241,14 @@ def hsigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """[cos(t w_i), sin(t w_i)] with w_i = 10000^(-i/(dim/2)), computed in float64 ([B, dim])."""
+    """[cos(t w_i), sin(t w_i)] with w_i = 10000^(-i/(dim/2)): float32 [B, dim] on t's device.
+
+    Computed in float64 on the CPU (a few hundred numbers; not every device has float64).
+    """
     half = dim // 2
-    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    angles = torch.outer(t.to(torch.float64), freqs)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(t.detach().to("cpu", torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).to(t.device, torch.float32)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -261,16 +264,15 @@ def rope_table(
 
     Token n = (i*h + j)*w + k sits at frame i, row j, column k. Each axis has its own
     frequencies 1/theta^(2m/d_axis), d_axis = 2 * its pairs. Angles are computed in float64
-    per axis (small tables) and the token table is assembled in complex64.
+    per axis on the CPU (small tables; not every device has float64) and the token table is
+    assembled in complex64 on `device`.
     """
     tables = []
     for size, pairs in zip(grid, rope_split(head_dim), strict=True):
         d_axis = 2 * pairs
-        inv = 1.0 / torch.pow(
-            theta, torch.arange(0, d_axis, 2, dtype=torch.float64, device=device) / d_axis
-        )
-        angles = torch.outer(torch.arange(size, dtype=torch.float64, device=device), inv)
-        tables.append(torch.polar(torch.ones_like(angles), angles).to(torch.complex64))
+        inv = 1.0 / torch.pow(theta, torch.arange(0, d_axis, 2, dtype=torch.float64) / d_axis)
+        angles = torch.outer(torch.arange(size, dtype=torch.float64), inv)
+        tables.append(torch.polar(torch.ones_like(angles), angles).to(device, torch.complex64))
     f, h, w = grid
     full = torch.cat(
         [
@@ -665,16 +667,14 @@ class SteadyDancerDiT(nn.Module):
         grid = (f // pt, h // ph, w // pw)
 
         # pose path: temporal + spatial features, fused, then aligned to the noisy latent
-        c = pose.to(dtype)
+        c, xd = pose.to(dtype), x.to(dtype)
         spatial = self.condition_embedding_spatial(_frames(c)).view(b, f, -1, h, w).transpose(1, 2)
         fused = c + self.condition_embedding_temporal(c) + spatial
         del spatial
-        aligned = self.condition_embedding_align(fused, x.to(dtype))
+        aligned = self.condition_embedding_align(fused, xd)
 
         # tokens: video frames (x, y, fused, aligned), then the two reference frames
-        video = self.patch_embedding_fuse(
-            torch.cat([x.to(dtype), y.to(dtype), fused, aligned], dim=1)
-        )
+        video = self.patch_embedding_fuse(torch.cat([xd, y.to(dtype), fused, aligned], dim=1))
         del fused, aligned
         refs = [
             self.patch_embedding(ref_x.to(dtype)),
