@@ -203,10 +203,6 @@ def build_demo(python: str, comfyui: Path, models: Path, work: Path) -> dict:
 
 def run_demo(server: ComfyServer, graph: dict, timeout: float = 1800.0) -> Path:
     """Submit the graph, report progress on stderr, return the saved video's path."""
-    response = server.submit(graph)
-    if response.status_code != 200:
-        raise RuntimeError(f"ComfyUI refused the graph ({response.status_code}): {response.text}")
-    prompt_id = response.json()["prompt_id"]
     classes = {k: v["class_type"] for k, v in graph.items()}
 
     def report(message: dict) -> None:
@@ -214,8 +210,12 @@ def run_demo(server: ComfyServer, graph: dict, timeout: float = 1800.0) -> Path:
         if message["type"] == "executing" and data.get("node"):
             print(f"  running {classes.get(data['node'], data['node'])}", file=sys.stderr, flush=True)
 
-    ws = server.websocket()
+    ws = server.websocket()  # before submitting: the first messages come at once
     try:
+        response = server.submit(graph)
+        if response.status_code != 200:
+            raise RuntimeError(f"ComfyUI refused the graph ({response.status_code}): {response.text}")
+        prompt_id = response.json()["prompt_id"]
         messages = messages_until_done(ws, prompt_id, timeout, on_message=report)
     finally:
         ws.close()
