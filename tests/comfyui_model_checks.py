@@ -201,28 +201,36 @@ def load(world: World, name: str, dtype: str = "fp32", attention: str = "math") 
     return SteadyDancerModelLoader.execute(name, dtype, attention).result[0]
 
 
-def predict(world: World, patcher: object, pose: object | None = None) -> object:
-    """The MODEL's denoised prediction for one step, through ComfyUI's conditioning path."""
+def predict(world: World, patcher: object, noise: object | None = None, *, manage: bool = True) -> object:
+    """The MODEL's denoised prediction for one step, through ComfyUI's conditioning path.
+
+    `manage`: load through ComfyUI's model management first (False: the patcher was
+    patched by hand and is used as it is).
+    """
     import comfy.model_management
 
     torch = world.torch
-    comfy.model_management.load_models_gpu([patcher])
+    noise = world.noise if noise is None else noise
+    if manage:
+        comfy.model_management.load_models_gpu([patcher])
     model = patcher.model
-    kwargs = {**world.values, "steadydancer_pose": world.pose if pose is None else pose, "cross_attn": world.text}
-    conds = model.extra_conds(**kwargs, noise=world.noise, device=torch.device("cpu"))
-    sigma = torch.tensor([SIGMA])
+    kwargs = {**world.values, "steadydancer_pose": world.pose, "cross_attn": world.text}
+    conds = model.extra_conds(**kwargs, noise=noise, device=torch.device("cpu"))
+    # What calc_cond_batch does to every cond before the forward pass.
+    inputs = {k: v.process_cond(batch_size=noise.shape[0], area=None).cond for k, v in conds.items()}
     with torch.no_grad():
-        return model.apply_model(world.noise, sigma, **{k: v.cond for k, v in conds.items()},
+        return model.apply_model(noise, torch.tensor([SIGMA] * noise.shape[0]), **inputs,
                                  transformer_options=patcher.model_options["transformer_options"])
 
 
-def direct(world: World, dit: object, inputs: dict | None = None, sigma: float = SIGMA) -> object:
+def direct(world: World, dit: object, inputs: dict | None = None, sigma: float = SIGMA, noise: object | None = None) -> object:
     """steadydancer.model's forward, turned into the same denoised prediction."""
     torch = world.torch
     inputs = inputs or world.model_inputs()
+    noise = world.noise if noise is None else noise
     with torch.no_grad():
-        velocity = dit(world.noise, torch.tensor([sigma * 1000.0]), **inputs)
-    return world.noise - sigma * velocity.float()
+        velocity = dit(noise, torch.tensor([sigma * 1000.0]), **inputs)
+    return noise - sigma * velocity.float()
 
 
 def max_diff(a: object, b: object) -> float:
@@ -251,10 +259,17 @@ def check_parity(world: World) -> dict:
 
     torch = world.torch
     out = {}
+    batch = torch.cat([world.noise, 0.5 * world.noise.flip(-1)])  # conds of batch 1, latent of batch 2
     for name in ("tiny.safetensors", "tiny_q8.gguf"):
-        ours = predict(world, load(world, name))
-        reference = direct(world, load_model(str(world.unet / name), dtype=torch.float32, attention="math"))
-        out[name] = {"max_diff": max_diff(ours, reference), "scale": float(reference.abs().max())}
+        patcher = load(world, name)
+        dit = load_model(str(world.unet / name), dtype=torch.float32, attention="math")
+        reference = direct(world, dit)
+        batched = predict(world, patcher, batch)
+        out[name] = {
+            "max_diff": max_diff(predict(world, patcher), reference),
+            "batch_max_diff": max(max_diff(batched[i:i + 1], direct(world, dit, noise=batch[i:i + 1])) for i in range(2)),
+            "scale": float(reference.abs().max()),
+        }
     return out
 
 
@@ -301,12 +316,12 @@ def check_lora(world: World) -> dict:
         # Low-VRAM path: every layer streamed, patches applied per forward as weight functions.
         patched.unpatch_model()
         patched.patch_model(device_to=world.torch.device("cpu"), lowvram_model_memory=1)
-        lowvram = predict_loaded(world, patched)
+        lowvram = predict(world, patched, manage=False)
         patched.unpatch_model()
         # Fully loaded, then partially unloaded (ComfyUI freeing VRAM): patches apply once.
         patched.patch_model(device_to=world.torch.device("cpu"))
         patched.partially_unload(world.torch.device("cpu"), memory_to_free=1 << 40)
-        partial = predict_loaded(world, patched)
+        partial = predict(world, patched, manage=False)
         patched.unpatch_model()
         after = predict(world, base)
         q = base.model.diffusion_model.blocks[0].self_attn.q.weight
@@ -320,17 +335,6 @@ def check_lora(world: World) -> dict:
             "still_quantised": is_quantized(q) if name.endswith(".gguf") else None,
         }
     return out
-
-
-def predict_loaded(world: World, patcher: object) -> object:
-    """Like `predict`, for a patcher already patched by hand (no model management)."""
-    torch = world.torch
-    model = patcher.model
-    kwargs = {**world.values, "steadydancer_pose": world.pose, "cross_attn": world.text}
-    conds = model.extra_conds(**kwargs, noise=world.noise, device=torch.device("cpu"))
-    with torch.no_grad():
-        return model.apply_model(world.noise, torch.tensor([SIGMA]), **{k: v.cond for k, v in conds.items()},
-                                 transformer_options=patcher.model_options["transformer_options"])
 
 
 def check_attention(world: World) -> dict:

@@ -48,6 +48,7 @@ def test_gguf_files_are_listed_without_touching_shared_extensions(report: dict) 
 def test_comfy_prediction_equals_direct_forward(report: dict, name: str) -> None:
     r = result(report, "parity")[name]
     assert r["max_diff"] <= 1e-5 * max(1.0, r["scale"]), r
+    assert r["batch_max_diff"] <= 1e-5 * max(1.0, r["scale"]), r  # batch-1 conditioning, batch-2 latent
 
 
 def test_gguf_weights_stay_quantised_after_loading_and_running(report: dict) -> None:
