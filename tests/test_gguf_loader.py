@@ -121,3 +121,15 @@ def test_not_gguf_and_truncated(tmp_path, tiny_file):
     bad.write_bytes(tiny_file.read_bytes()[: tiny_file.stat().st_size // 2])
     with pytest.raises(GGUFError, match="truncated"):
         load_gguf_state_dict(bad)
+
+
+def test_reads_the_layout_comfyui_gguf_tools_write(tmp_path):
+    """convert.py (BF16 main weights, F32 1-D) + fix_5d_tensors.py (5-D convs as F32 with 5 dims)."""
+    path = write_gguf(tmp_path / "cg.gguf", tiny_model_tensors(Q.BF16, prefix="model.diffusion_model."))
+    sd = load_gguf_state_dict(path)
+    for name, value in tiny_state_dict().items():
+        expected = torch.from_numpy(value)
+        if value.ndim in (2, 3, 4):
+            expected = expected.to(torch.bfloat16)
+        assert sd[name].dtype == expected.dtype and torch.equal(sd[name], expected), name
+    assert sd["condition_embedding_temporal.0.spatial.weight"].shape == (16, 1, 1, 3, 3)
