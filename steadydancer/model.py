@@ -193,7 +193,7 @@ class _FloatParams(nn.Module):
         for name in self._parameters:
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and getattr(value, "tensor_type", None) is not None:
-                state_dict[prefix + name] = _as_float(value, torch.float32, torch.device("cpu"))
+                state_dict[prefix + name] = _as_float(value, torch.float32, value.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -399,7 +399,15 @@ class _AlignAttention(_FloatParams):
 
 class FrameAlignment(nn.Module):
     """The frame-wise attention alignment unit: at every spatial position, the reference
-    features of each frame attend to the pose features of all frames of the same sample."""
+    features of each frame attend to the pose features of all frames of the same sample.
+
+    The original calls torch.nn.MultiheadAttention in its sequence-first layout on
+    [B*T, H*W, 128] tensors: the frames are the sequence and the positions the batch. It only
+    ever runs one sample (B = 1); with B > 1 its sequence would mix the frames of different
+    samples, so here each sample attends over its own T frames (identical for B = 1, and a
+    batch gives the same result as its samples run one by one). The attention batch is
+    B*H*W sequences of T frames, so nothing larger than [B*H*W, heads, T, T] is formed.
+    """
 
     def __init__(
         self, channels: int, hidden: int, heads: int, ops: Any, device: Any, dtype: Any
