@@ -388,3 +388,19 @@ def test_rms_norm_matches_reference_formula():
         ) * norm.weight.to(dtype)
         with torch.no_grad():
             torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_forward_with_every_available_backend_matches_cpu_fp32():
+    from steadydancer.attention import available_backends
+
+    sd = tiny_sd()
+    inputs = make_inputs(b=2)
+    with torch.no_grad():
+        ref = load_model(sd, dtype=torch.float32, attention="math")(**inputs)
+        gpu_inputs = {k: v.cuda() for k, v in inputs.items()}
+        for name in available_backends("cuda", torch.bfloat16, CFG.dim // CFG.num_heads):
+            model = load_model(sd, device="cuda", dtype=torch.bfloat16, attention=name)
+            out = model(**gpu_inputs)
+            assert model.attention.backend_used == name
+            assert rel(out.cpu(), ref) < (5e-2 if name == "sage" else 2e-2), name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import pytest
 import torch
@@ -55,6 +57,10 @@ def test_tiny_bench_runs_on_cpu(capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "448 tokens" in out and "attention  " in out and "RESULT " in out
+    assert "448 tokens" in out and "attention  sdpa" in out
+    result = json.loads(out.split("RESULT ", 1)[1])
+    packed, total = result["quantised_tensors"]
+    assert 0 < packed < total  # the Linear weights are random Q8_0 blocks
+    assert result["tokens"] == 448 and result["median_s"] > 0 and result["flops"]["total"] > 0
     with pytest.raises(SystemExit, match="--dtype applies"):
         bench.main(["--tiny", "--weights", "bf16", "--dtype", "fp32"])

@@ -158,3 +158,27 @@ def test_gguf_without_pose_path_refused(tmp_path: Path):
     path = write_gguf(tmp_path / "wan.gguf", tiny_model_tensors(Q.Q8_0, drop=POSE_PATH_KEYS))
     with pytest.raises(ModelFileError, match=r"plain Wan2\.1"):
         load_model(path)
+
+
+def test_plain_load_state_dict_with_ggml_ops(tmp_path: Path):
+    """As ComfyUI loads: build with GGMLOps, then load_state_dict (no assign)."""
+    from steadydancer.gguf.loader import load_gguf_state_dict
+    from steadydancer.model import SteadyDancerDiT, config_from_state_dict
+
+    path = write_gguf(tmp_path / "tiny_q8.gguf", tiny_model_tensors(Q.Q8_0))
+    sd = load_gguf_state_dict(path)
+    model = SteadyDancerDiT(
+        config_from_state_dict(sd), operations=GGMLOps, dtype=torch.float32, attention="math"
+    )
+    model.requires_grad_(False)
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert is_quantized(model.blocks[0].self_attn.q.weight)
+    assert (
+        not is_quantized(model.blocks[0].modulation)
+        and model.blocks[0].modulation.dtype == torch.float32
+    )
+    inputs = make_inputs()
+    torch.testing.assert_close(
+        _run(model, inputs), _run(load_model(path, dtype=torch.float32, attention="math"), inputs)
+    )
