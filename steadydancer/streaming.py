@@ -251,6 +251,7 @@ class BlockStreamer:
                 if b is not None and id(b) not in streamed:
                     module._buffers[name] = _to(b, self.device)
         for i in self.streamed:
+            _unview(self.blocks[i])
             entries = []
             for t in _block_tensors(self.blocks[i]):
                 host = _to(t, torch.device("cpu"))
@@ -347,6 +348,27 @@ class BlockStreamer:
             "streamed_bytes": sum(module_bytes(self.blocks[i]) for i in self.streamed),
             "ffn_chunk_size": self.ffn_chunk_size,
         }
+
+
+def _unview(block: nn.Module) -> None:
+    """Replace parameters/buffers that are views by equal non-view tensors (same storage).
+
+    Why: swapping `.data` under a view leaves the view's base alive, and the base holds the
+    old storage. Tensor subclasses (GGMLTensor) are created through `as_subclass`, i.e. as
+    views, so without this their device memory would never be freed when streamed out.
+    The new object keeps the class and the attributes (tensor_type, tensor_shape, ...).
+    """
+    for module in block.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                with _plain():
+                    if not t._is_view():
+                        continue
+                    fresh = torch.Tensor._make_subclass(type(t), t.detach(), t.requires_grad)
+                fresh.__dict__.update(t.__dict__)
+                store[name] = fresh
 
 
 def _block_tensors(block: nn.Module) -> list[torch.Tensor]:

@@ -299,3 +299,28 @@ def test_load_model_memory_option_streams_and_matches():
         torch.testing.assert_close(run(streamed), run(plain), rtol=0, atol=1e-6)
     with pytest.raises(MemoryOptionError):
         model_mod.load_model(sd, device="cpu", dtype=torch.float32, memory="most")
+
+
+@pytest.mark.parametrize("which", ["stand-in", "quantised"])
+def test_streamed_out_storage_is_released(which, monkeypatch):
+    """Moving a block to the host must free its device storage, also for GGMLTensor weights
+    (created as views through as_subclass, whose base would otherwise keep it alive)."""
+    import gc
+    import weakref
+
+    from steadydancer import streaming
+
+    def move(t, device):  # on the CPU, pretend the host is another device: a real copy
+        with streaming._plain():
+            return t.detach().clone()
+
+    monkeypatch.setattr(streaming, "_to", move)
+    model, run = _stand_in() if which == "stand-in" else _quant_model()
+    with torch.no_grad():
+        expected = run(model)
+    old = [weakref.ref(p.untyped_storage()) for p in model.blocks[1].parameters()]
+    BlockStreamer(model, "cpu", 1, ffn_chunk_size=None)
+    gc.collect()
+    assert all(r() is None for r in old)
+    with torch.no_grad():
+        assert torch.equal(run(model), expected)
