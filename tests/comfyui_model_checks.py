@@ -337,6 +337,29 @@ def check_lora(world: World) -> dict:
     return out
 
 
+def check_lora_hooks(world: World) -> dict:
+    """Scheduled/per-conditioning LoRA (hooks): works on float weights, a clear error on GGUF."""
+    import comfy.hooks
+    import comfy.utils
+    from comfyui_steadydancer.nodes.guider import make_guider, sample
+    from comfyui_steadydancer.steadydancer.errors import GGUFError
+
+    torch = world.torch
+    lora = comfy.utils.load_torch_file(str(world.unet.parent / "loras" / "tiny_lora.safetensors"), safe_load=True)
+    hooks = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
+    out = {}
+    for name in ("tiny.safetensors", "tiny_q8.gguf"):
+        positive = comfy.hooks.set_hooks_for_conditioning(world.conditioning(world.text, world.pose), hooks)
+        guider = make_guider(load(world, name), positive, world.conditioning(world.text_negative, world.pose),
+                             world.conditioning(world.text, world.pose_negative), 5.0, 1.5, 0.1, 0.4)
+        try:
+            result = sample(guider, {"samples": torch.zeros_like(world.noise)}, seed=1, steps=2, sampler_name="euler", scheduler="simple")
+            out[name] = {"finite": bool(torch.isfinite(result["samples"]).all())}
+        except GGUFError as exc:
+            out[name] = {"error": str(exc)}
+    return out
+
+
 def check_attention(world: World) -> dict:
     models = {name: load(world, "tiny.safetensors", attention=name) for name in ("math", "sdpa", "comfy")}
     outputs = {name: predict(world, model) for name, model in models.items()}
@@ -492,6 +515,7 @@ CHECKS: dict[str, Callable[[World], dict]] = {
     "parity": check_parity,
     "gguf_quantised": check_gguf_quantised,
     "lora": check_lora,
+    "lora_hooks": check_lora_hooks,
     "attention": check_attention,
     "guider": check_guider,
     "guidance_values": check_guidance_values,

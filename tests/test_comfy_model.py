@@ -126,3 +126,9 @@ def test_combo_values_are_validated_before_running(report: dict) -> None:
     assert "model_name" in r["validate_model"] and "nope.gguf" in r["validate_model"]
     assert "attention" in r["validate_attention"] and "'fast'" in r["validate_attention"]
     assert "sampler_name" in r["validate_sampler"]
+
+
+def test_lora_hooks_work_on_float_weights_and_are_refused_clearly_on_gguf(report: dict) -> None:
+    r = result(report, "lora_hooks")
+    assert r["tiny.safetensors"] == {"finite": True}
+    assert "LoraLoaderModelOnly" in r["tiny_q8.gguf"]["error"]
