@@ -296,12 +296,6 @@ def dequantize(
     return out.reshape(shape)
 
 
-def dequantize_numpy(raw: np.ndarray, qtype: Q | int | str, shape: Sequence[int]) -> np.ndarray:
-    """float32 numpy dequantisation of raw bytes, through `dequantize` on the CPU."""
-    data = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
-    return dequantize(data, qtype, shape, torch.float32).numpy()
-
-
 def quantize(array: np.ndarray, qtype: Q | int | str) -> np.ndarray:
     """Pack a float array into `qtype` blocks along its last axis (the converter's quantiser).
 
