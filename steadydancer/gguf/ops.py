@@ -358,8 +358,3 @@ class GGMLOps:
     GroupNorm = GroupNorm
     Embedding = Embedding
     cache_dequantized = staticmethod(cache_dequantized)
-
-
-def quantized_nbytes(module: nn.Module) -> int:
-    """Bytes of packed weights held by `module` (for memory estimates)."""
-    return sum(p.numel() for p in module.parameters() if isinstance(p, GGMLTensor))
