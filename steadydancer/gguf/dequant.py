@@ -46,11 +46,6 @@ def as_qtype(qtype: Q | int | str) -> Q:
         ) from exc
 
 
-def block_layout(qtype: Q | int | str) -> tuple[int, int]:
-    """(elements per block, bytes per block) of a quantisation type."""
-    return gguf.GGML_QUANT_SIZES[as_qtype(qtype)]
-
-
 def packed_nbytes(qtype: Q | int | str, shape: Sequence[int]) -> int:
     """Bytes that a tensor of this logical shape takes in this quantisation type."""
     qt = as_qtype(qtype)
