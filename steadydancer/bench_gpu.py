@@ -347,6 +347,15 @@ def format_table(records: list[dict[str, Any]]) -> str:
             f"peak {r['peak_separate_gib']:.1f} / {r['peak_batched_gib']:.1f} GiB, "
             f"rel_err {_fmt(r['rel_err_batched_vs_separate'])}"
         )
+    mem = [r for r in records if r.get("part") == "memory"]
+    for weights in sorted({r["weights"] for r in mem}):
+        rows = [r for r in mem if r["weights"] == weights][:14]
+        lines.append(
+            f"memory peaks, {weights}, FFN chunks of 8192 (GiB: at entry -> peak while running)"
+        )
+        lines.extend(
+            f"  {r['module']:<34} {r['before_gib']:>6.2f} -> {r['peak_gib']:>6.2f}" for r in rows
+        )
     for part in ("pose", "error"):
         for r in (r for r in records if r.get("part") == part):
             lines.append(
@@ -394,30 +403,14 @@ def _fmt(v: Any) -> str:
 # ------------------------------------------------------------------------------ CLI
 # The model runs of `all`/`models`, each in its own process (peak memory and caps stay apart).
 MODEL_RUNS: list[list[str]] = [
-    [
-        "model",
-        "--weights",
-        "bf16",
-        "--backends",
-        "sdpa,sage,xformers,flash_attn_2,flash_attn_3",
-        "--mode",
-        "16 GB auto:16:auto",
-    ],
+    ["model", "--weights", "bf16", "--profile", "--mode", "16 GB auto:16:auto",
+     "--backends", "sdpa_cudnn,sage,xformers,flash_attn_2,flash_attn_3"],
     ["model", "--weights", "Q8_0", "--mode", "16 GB auto:16:auto"],
-    [
-        "model",
-        "--weights",
-        "Q4_K",
-        "--mode",
-        "16 GB auto:16:auto",
-        "--mode",
-        "16 GB all streamed:16:0",
-        "--mode",
-        "12 GB auto:12:auto",
-    ],
+    ["model", "--weights", "Q4_K", "--profile", "--mode", "16 GB auto:16:auto",
+     "--mode", "16 GB all streamed:16:0", "--mode", "12 GB auto:12:auto"],
     ["guidance", "--weights", "bf16"],
     ["guidance", "--weights", "Q4_K"],
-]
+]  # fmt: skip
 
 
 def _load_records(out: Path | None) -> list[dict[str, Any]]:
@@ -478,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", default="832x480x81", help="WIDTHxHEIGHTxFRAMES of the video")
     parser.add_argument("--repeat", type=int, default=2, help="timed forwards (median)")
+    parser.add_argument(
+        "--profile", action="store_true", help="model: FFN-chunk timing + memory profile"
+    )
     parser.add_argument("--runs", default="", help="models/all: comma list of MODEL_RUNS indices")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -519,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                 backends=tuple(b for b in args.backends.split(",") if b),
                 modes=tuple(modes),
                 repeat=args.repeat,
+                profile=args.profile,
             )
         else:
             records = bm.run_guidance(

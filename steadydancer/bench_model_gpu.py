@@ -221,12 +221,14 @@ def run_model(
     backends: tuple[str, ...] = (),
     modes: tuple[tuple[str, float | None, str | int], ...] = (),
     repeat: int = 2,
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     """Full-VRAM forward of one weight format, then each (label, cap_gib, memory) mode.
 
-    `backends`: extra attention backends timed on the same model (bf16 run). `modes`: the
-    memory-saving configurations, run after the full-VRAM ones because the process memory
-    cap is set for them.
+    `backends`: extra attention backends timed on the same model ("sdpa_cudnn" = SDPA held
+    to its cuDNN kernel). `profile`: also time the full-VRAM forward with FFN chunking and
+    record the per-module memory peaks. `modes`: the memory-saving configurations, run last
+    because the process memory cap is set for them.
     """
     rows: list[dict[str, Any]] = []
     t0 = time.time()
@@ -258,6 +260,31 @@ def run_model(
         }
     )
     print(rows[-1], flush=True)
+    if profile:
+        for block in model.blocks:
+            block.ffn_chunk_size = 8192
+        with torch.inference_mode():
+            s = cuda_time(lambda: model(**inputs), warmup=1, repeat=repeat)
+            torch.cuda.reset_peak_memory_stats()
+            out = model(**inputs)
+        rows.append(
+            {
+                "part": "model",
+                "weights": weights,
+                "mode": "full VRAM, FFN chunks of 8192",
+                "seconds": s,
+                "tflops": flops / s / 1e12,
+                "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+                "attention": getattr(model.attention, "backend_used", None),
+                "rel_err_vs_full": _rel(out, ref),
+            }
+        )
+        print(rows[-1], flush=True)
+        for r in profile_memory(model, inputs):
+            r["weights"] = weights
+            rows.append(r)
+        for block in model.blocks:
+            block.ffn_chunk_size = None
     for backend in backends:
         from .attention import AttentionDispatcher
 
@@ -267,7 +294,10 @@ def run_model(
             "mode": f"full VRAM, attention={backend}",
         }
         try:
-            model.attention = AttentionDispatcher(backend=backend)
+            if backend == "sdpa_cudnn":
+                model.attention = _SdpaCudnn()
+            else:
+                model.attention = AttentionDispatcher(backend=backend)
             with torch.inference_mode():
                 out = model(**inputs)
                 s = cuda_time(lambda: model(**inputs), warmup=0, repeat=repeat)
@@ -278,7 +308,7 @@ def run_model(
                 rel_err_vs_default=_rel(out, ref),
             )
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         rows.append(row)
         print(row, flush=True)
     if backends:
@@ -289,6 +319,22 @@ def run_model(
         rows.append(_run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat))
         print(rows[-1], flush=True)
     return rows
+
+
+class _SdpaCudnn:
+    """PyTorch SDPA restricted to its cuDNN kernel (to compare with SDPA's own choice)."""
+
+    backend_used = "sdpa[cudnn]"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )
+        return out.transpose(1, 2)
 
 
 def _run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat) -> dict[str, Any]:
@@ -325,6 +371,7 @@ def _run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat
         row["attach_s"] = time.time() - t0
         if streamer is not None:
             row.update(streamer.summary())
+        row["allocated_after_attach_gib"] = torch.cuda.memory_allocated() / GIB
         torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             out = model(**inputs)
@@ -338,7 +385,8 @@ def _run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat
             finite=bool(torch.isfinite(out).all()),
         )
     except torch.OutOfMemoryError as exc:
-        row["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0][:200]}"
+        row["error"] = "OutOfMemoryError: " + " ".join(str(exc).split())[:420]
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     finally:
@@ -420,3 +468,77 @@ def run_guidance(
     )
     print(rows[-1], flush=True)
     return rows
+
+
+def profile_memory(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Peak allocated memory inside each top-level part and each part of block 0, one forward.
+
+    Nested peaks are tracked with a stack (an inner reset of the peak counter is folded
+    into its parent's running maximum), so every figure is the true peak while that module
+    ran. Tells which activation dominates the memory-saving modes.
+    """
+    rows: list[dict[str, Any]] = []
+    stack: list[list[Any]] = []
+    GB = GIB
+
+    def pre(name: str):
+        def hook(*_: Any) -> None:
+            now = torch.cuda.memory_allocated()
+            if stack:
+                stack[-1][2] = max(stack[-1][2], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            stack.append([name, now, now])
+
+        return hook
+
+    def post(*_: Any) -> None:
+        name, before, running = stack.pop()
+        peak = max(running, torch.cuda.max_memory_allocated())
+        rows.append(
+            {
+                "part": "memory",
+                "module": name,
+                "before_gib": before / GB,
+                "peak_gib": peak / GB,
+                "rise_gib": (peak - before) / GB,
+            }
+        )
+        if stack:
+            stack[-1][2] = max(stack[-1][2], peak)
+
+    handles = []
+    watched = [(n, m) for n, m in model.named_children() if n != "blocks"]
+    watched += [(f"blocks.0.{n}", m) for n, m in model.blocks[0].named_modules() if n]
+    watched += [("blocks.0", model.blocks[0]), ("blocks.1", model.blocks[1])]
+    for name, module in watched:
+        handles.append(module.register_forward_pre_hook(pre(name)))
+        handles.append(module.register_forward_hook(lambda *a: post()))
+    inner = model.attention
+
+    def attention(q, k, v):
+        pre(f"attention L={q.shape[1]}x{k.shape[1]}")()
+        out = inner(q, k, v)
+        post()
+        return out
+
+    model.attention = attention
+    try:
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            pre("forward")()
+            model(**inputs)
+            post()
+    finally:
+        model.attention = inner
+        for h in handles:
+            h.remove()
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:  # keep the largest occurrence of each module (attention runs several times)
+        if r["module"] not in seen or r["peak_gib"] > seen[r["module"]]["peak_gib"]:
+            seen[r["module"]] = r
+    out = sorted(seen.values(), key=lambda r: -r["peak_gib"])
+    for r in out:
+        r["start_gib"] = start / GB
+    return out

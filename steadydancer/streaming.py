@@ -88,9 +88,9 @@ def module_bytes(module: nn.Module) -> int:
 def default_activation_reserve(dim: int) -> int:
     """VRAM kept free for activations when choosing resident blocks automatically.
 
-    Scaled from the 14B model (dim 5120) at 832x480x81, where the measured peak of
-    activations plus one dequantised weight with FFN chunking is below 4 GiB (see
-    docs/benchmarks.md); 5 GiB leaves headroom for other sizes and fragmentation.
+    Scaled from the 14B model (dim 5120) at 832x480x81, whose activation peak measured on
+    an H100 is about 6.3 GiB without FFN chunking (docs/benchmarks.md); 7 GiB leaves room
+    for the allocator's fragmentation. Longer or larger videos need more:
     `STEADYDANCER_ACTIVATION_RESERVE_GB` overrides it.
     """
     env = os.environ.get(ENV_RESERVE)
@@ -99,7 +99,7 @@ def default_activation_reserve(dim: int) -> int:
             return int(float(env) * GIB)
         except ValueError as exc:
             raise MemoryOptionError(f"{ENV_RESERVE} must be a number of GiB, got {env!r}") from exc
-    return int(5 * GIB * max(dim, 1) / 5120)
+    return int(7 * GIB * max(dim, 1) / 5120)
 
 
 def auto_resident_blocks(
