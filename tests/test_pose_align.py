@@ -33,9 +33,7 @@ def test_uniformly_scaled_driving_person_is_mapped_back_onto_the_reference():
     np.testing.assert_allclose(aligned[0].hands, reference.hands, atol=TOL)
     # The second frame's neck moved by (0.05, 0.05): the neck is the root of every limb
     # scaling and the translation is fixed by the first frame, so everything moves by that.
-    np.testing.assert_allclose(
-        aligned[1].body - aligned[0].body, np.full((18, 2), 0.05), atol=TOL
-    )
+    np.testing.assert_allclose(aligned[1].body - aligned[0].body, np.full((18, 2), 0.05), atol=TOL)
 
 
 def test_only_the_upper_arm_scale_changes_the_elbow_and_its_children_follow():
