@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from scripts.comfyui_demo import comfyui_python
 
 pytestmark = pytest.mark.comfyui
 
@@ -22,7 +23,7 @@ CHECKS = Path(__file__).with_name("comfyui_graph_checks.py")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("graph_nodes") / "report.json"
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    python = comfyui_python(Path(os.environ["COMFYUI_DIR"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([python, str(CHECKS), str(out)], capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode != 0 or not out.exists():

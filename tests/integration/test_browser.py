@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.comfyui_demo import REPO_ROOT
+from scripts.comfyui_demo import PACKAGE_FOLDER, REPO_ROOT
 
 pytestmark = pytest.mark.comfyui
 
@@ -47,10 +47,13 @@ def _wait_for_app(driver, timeout: float = 90.0) -> None:
     raise TimeoutError("the ComfyUI page did not start its app")
 
 
+# Loads the template as the frontend's template browser does: fetch it from ComfyUI's
+# /api/workflow_templates/<package>/<name>.json route, then loadGraphData.
 LOAD_AND_EXPORT = """
-const [workflow, done] = [arguments[0], arguments[arguments.length - 1]];
+const [url, done] = [arguments[0], arguments[arguments.length - 1]];
 (async () => {
-  await window.app.loadGraphData(workflow);
+  const workflow = await (await fetch(url)).json();
+  await window.app.loadGraphData(workflow, true, true, "steadydancer");
   await new Promise(r => setTimeout(r, 1500));
   const nodes = window.app.graph._nodes;
   const unknown = nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type);
@@ -62,11 +65,12 @@ const [workflow, done] = [arguments[0], arguments[arguments.length - 1]];
 """
 
 
-def test_ui_workflow_renders_every_node(comfy_server, browser, api_workflow: dict) -> None:
+def test_ui_workflow_template_renders_every_node(comfy_server, browser, api_workflow: dict) -> None:
     workflow = json.loads((REPO_ROOT / "workflows" / "steadydancer.json").read_text())
     browser.get(comfy_server.url)
     _wait_for_app(browser)
-    result = browser.execute_async_script(LOAD_AND_EXPORT, workflow)
+    template = f"{comfy_server.url}/api/workflow_templates/{PACKAGE_FOLDER}/steadydancer.json"
+    result = browser.execute_async_script(LOAD_AND_EXPORT, template)
     out = REPO_ROOT / "test-output"
     out.mkdir(exist_ok=True)
     browser.save_screenshot(str(out / "steadydancer_workflow.png"))
