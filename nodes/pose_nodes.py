@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import comfy.model_management
 import comfy.utils
+import cv2
 import folder_paths
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from ..pose import (
     augment_poses,
     from_pose_keypoint,
     load_detector,
+    render_pose,
     render_sequence,
     to_pose_keypoint,
 )
@@ -74,18 +76,15 @@ def preview_size(height: int, width: int, longest: int = PREVIEW_SIZE) -> tuple[
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def render_at_size(poses: list, reference_size: tuple[int, int], width: int, height: int, colours: str, chunk: int = 8) -> torch.Tensor:
-    """Poses drawn at twice the reference size, bicubic-resized to the generation size (spec §2, §5).
-
-    Drawn in chunks so that 81 frames at 2x a large reference never sit in memory at once.
-    """
+def render_at_size(poses: list, reference_size: tuple[int, int], width: int, height: int, colours: str) -> torch.Tensor:
+    """Poses drawn at twice the reference size, then bicubic-resized to the generation size
+    (spec §2, §5), one frame at a time: 81 frames at 2x a large reference never sit in memory."""
     ref_h, ref_w = reference_size
-    out = torch.empty((len(poses), height, width, 3))
-    for start in range(0, len(poses), chunk):
-        drawn = to_image(render_sequence(poses[start : start + chunk], 2 * ref_h, 2 * ref_w, colours=colours, supersample=1))
-        resized = torch.nn.functional.interpolate(drawn.movedim(-1, 1), size=(height, width), mode="bicubic")
-        out[start : start + chunk] = resized.movedim(1, -1).clamp_(0.0, 1.0)
-    return out
+    frames = np.empty((len(poses), height, width, 3), dtype=np.uint8)
+    for index, pose in enumerate(poses):
+        drawn = render_pose(pose, 2 * ref_h, 2 * ref_w, colours=colours)
+        frames[index] = cv2.resize(drawn, (width, height), interpolation=cv2.INTER_CUBIC)
+    return to_image(frames)
 
 
 def detector_device(backend: str) -> str | None:
