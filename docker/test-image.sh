@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end test of the container on a machine without a GPU or a registry (not part of CI):
-# build the image with a local base and a local ComfyUI tree, start it with compose (host
-# networking, CPU), wait for the health check, run the bundled workflow on the tiny models
-# through the RunPod worker inside the container, and check the video it returns.
+# build the image with a local base and a local ComfyUI tree, start docker-compose.yml's
+# comfyui-cpu service with compose (on the host network, CPU), wait for the health check,
+# run the bundled workflow on the tiny models through the RunPod worker inside the
+# container, and check the video it returns.
 #
 # usage: docker/test-image.sh [--worktree] [--keep] [--no-build]
 #   --worktree  build from the working tree (tracked + untracked, not ignored) instead of HEAD
@@ -25,6 +26,11 @@ COMFYUI_DIR=${COMFYUI_DIR:-/tmp/ComfyUI}
 COMFYUI_PYTHON=${COMFYUI_PYTHON:-$COMFYUI_DIR/.venv/bin/python}
 IMAGE=${IMAGE:-comfyui-steadydancer:test}
 PACKAGE_DIR=/opt/ComfyUI/custom_nodes/comfyui-steadydancer
+
+PROJECT="sdtest$$"
+WORK=""
+COMPOSE_FILE=""
+KEEP=0
 
 log() { printf '[test-image] %s\n' "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
@@ -81,6 +87,38 @@ make_context() {
     --exclude=./custom_nodes --exclude=./models -cf - . | tar -C "$ctx/docker/local/ComfyUI" -xf -
 }
 
+cleanup() {
+  [[ -n "$WORK" ]] || return 0
+  if ((KEEP)); then
+    log "kept: compose project $PROJECT ($COMPOSE_FILE), work folder $WORK"
+    return 0
+  fi
+  if [[ -f "$COMPOSE_FILE" ]]; then
+    "${COMPOSE[@]}" -p "$PROJECT" -f "$COMPOSE_FILE" down -v --remove-orphans >/dev/null 2>&1 || true
+  fi
+  rm -rf "$WORK"
+}
+
+# The compose file's comfyui-cpu service on the host network. Compose cannot drop `ports` in
+# an override (and host networking refuses published ports), so the service is taken from
+# docker-compose.yml as it is, minus ports/build/profiles, with a faster health probe.
+derive_compose() {
+  "$COMFYUI_PYTHON" - "$REPO/docker/docker-compose.yml" "$1" <<'PY'
+import sys
+import yaml
+with open(sys.argv[1]) as f:
+    spec = yaml.safe_load(f)
+service = spec["services"]["comfyui-cpu"]
+for key in ("ports", "build", "profiles"):
+    service.pop(key, None)
+service.update(network_mode="host", restart="no")
+service["healthcheck"].update(interval="2s", start_period="600s")
+out = {"services": {"comfyui-cpu": service}, "volumes": spec.get("volumes", {})}
+with open(sys.argv[2], "w") as f:
+    yaml.safe_dump(out, f, sort_keys=False)
+PY
+}
+
 container_health() {
   docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.State.Status}}' "$1"
 }
@@ -103,11 +141,11 @@ PY
 }
 
 main() {
-  local from=head keep=0 build=1 arg
+  local from=head build=1 arg
   for arg in "$@"; do
     case "$arg" in
       --worktree) from=worktree ;;
-      --keep) keep=1 ;;
+      --keep) KEEP=1 ;;
       --no-build) build=0 ;;
       *) die "unknown argument $arg (see the header of $0)" ;;
     esac
@@ -117,19 +155,7 @@ main() {
   pick_compose
 
   WORK=$(mktemp -d /tmp/steadydancer-image-test.XXXX)
-  PROJECT="sdtest$$"
-  local override="$WORK/compose.override.yml"
-  cleanup() {
-    if ((keep)); then
-      log "kept: project $PROJECT, work folder $WORK"
-      return
-    fi
-    if [[ -f "$override" ]]; then
-      "${COMPOSE[@]}" -p "$PROJECT" -f "$REPO/docker/docker-compose.yml" -f "$override" \
-        down -v --remove-orphans >/dev/null 2>&1 || true
-    fi
-    rm -rf "$WORK"
-  }
+  COMPOSE_FILE="$WORK/docker-compose.test.yml"
   trap cleanup EXIT
 
   local build_seconds="(not built)"
@@ -162,18 +188,10 @@ main() {
 
   local port
   port=$(free_port)
-  cat >"$override" <<EOF
-services:
-  comfyui-cpu:
-    network_mode: host
-    restart: "no"
-    healthcheck:
-      interval: 2s
-      start_period: 600s
-EOF
+  derive_compose "$COMPOSE_FILE"
   export STEADYDANCER_IMAGE=$IMAGE MODELS_PATH=$WORK/models INPUT_PATH=$WORK/input \
     OUTPUT_PATH=$WORK/output COMFYUI_PORT=$port COMFYUI_HOST_PORT=$port
-  local -a compose=("${COMPOSE[@]}" -p "$PROJECT" -f "$REPO/docker/docker-compose.yml" -f "$override")
+  local -a compose=("${COMPOSE[@]}" -p "$PROJECT" -f "$COMPOSE_FILE")
   log "starting the container (port $port, host network)"
   local start=$SECONDS
   "${compose[@]}" up -d --no-build comfyui-cpu >&2 || die "compose up failed"
