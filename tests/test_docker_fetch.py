@@ -125,12 +125,6 @@ def test_default_models_are_the_files_the_bundled_workflow_loads():
     assert wanted <= provided, f"missing from the default group: {sorted(wanted - provided)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workflows/steadydancer_api.json loads 'SteadyDancer-14B-Q4_K_M.gguf', a name no published "
-    "file has; MCG-NJU/SteadyDancer-GGUF's files are named like "
-    "Wan21_I2V_SteadyDancer_fp16-Q6_K_fix_5d_tensor_from_fp8_e4m3fn_scaled_KJ.gguf",
-)
 def test_default_diffusion_model_is_the_one_the_bundled_workflow_loads():
     manifest = fm.load_manifest(DOCKER / "models.yaml")
     provided = {Path(e.target or e.file or "").name for e in fm.select(manifest, "default")}

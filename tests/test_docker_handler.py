@@ -189,11 +189,11 @@ def test_node_errors_become_one_readable_message():
                                            "details": "model_name: 'x.gguf' not in ['a.gguf']"}],
                                "class_type": "SteadyDancerModelLoader"}},
     }
-    message = cc.format_node_errors(response, WORKFLOW)
+    workflow = {"16": {"class_type": "SteadyDancerModelLoader", "inputs": {}, "_meta": {"title": "DiT"}}}
+    message = cc.format_node_errors(response, workflow)
     assert message.splitlines() == [
         "Prompt outputs failed validation",
-        "node 16 (SteadyDancerModelLoader, 'SteadyDancer model (GGUF)'): Value not in list: "
-        "model_name: 'x.gguf' not in ['a.gguf']",
+        "node 16 (SteadyDancerModelLoader, 'DiT'): Value not in list: model_name: 'x.gguf' not in ['a.gguf']",
     ]
 
 
