@@ -66,3 +66,15 @@ def test_extra_paths_load_the_package_without_copying_it(tmp_path: Path) -> None
     assert link.is_symlink() and (link / "__init__.py").is_file()
     assert f"custom_nodes: {tmp_path / 'custom_nodes'}" in config
     assert "  dwpose: dwpose" in config and "  diffusion_models: diffusion_models" in config
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ComfyUI 0.3.64 lists every workflows/*.json as a template (app/custom_node_manager.py), "
+    "so steadydancer_api.json appears in the template browser, where loading it fails "
+    "('nodes is not iterable', seen in chromium): the API graph must move out of workflows/ "
+    "(its path is a team contract: docker/ reads it)",
+)
+def test_every_served_template_is_ui_format() -> None:
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        assert "nodes" in json.loads(path.read_text()), f"{path.name} is served as a template but is not UI format"
