@@ -106,22 +106,24 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --- one function per type: uint8 blocks [n, type_size] -> float32 [n, block_size] --------
+# Integer quants are multiplied as they are: type promotion widens them to float32 inside
+# the multiply (exactly, as an explicit cast would), which saves a pass over the data.
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b, 0)
-    return b[:, 2:].view(torch.int8).to(torch.float32) * d
+    return b[:, 2:].view(torch.int8) * d
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b, 0)
     q = _unpack(b[:, 2:], 16, (0, 4), 0x0F).to(torch.int8) - 8
-    return d * q.to(torch.float32)
+    return d * q
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
     d, m = _f16(b, 0), _f16(b, 2)
-    q = _unpack(b[:, 4:], 16, (0, 4), 0x0F).to(torch.float32)
+    q = _unpack(b[:, 4:], 16, (0, 4), 0x0F)
     return (d * q) + m
 
 
@@ -130,14 +132,14 @@ def _q5_0(b: torch.Tensor) -> torch.Tensor:
     qh = _bits_le(b[:, 2:6])  # a little-endian uint32: bit i is the high bit of element i
     ql = _unpack(b[:, 6:], 16, (0, 4), 0x0F)
     q = (ql | (qh << 4)).to(torch.int8) - 16
-    return d * q.to(torch.float32)
+    return d * q
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
     d, m = _f16(b, 0), _f16(b, 2)
     qh = _bits_le(b[:, 4:8])
     ql = _unpack(b[:, 8:], 16, (0, 4), 0x0F)
-    q = (ql | (qh << 4)).to(torch.float32)
+    q = ql | (qh << 4)
     return (d * q) + m
 
 
@@ -147,7 +149,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = _unpack(b[:, 16:80], 32, (0, 2, 4, 6), 0x03).reshape(n, 16, 16).to(torch.float32)
+    q = _unpack(b[:, 16:80], 32, (0, 2, 4, 6), 0x03).reshape(n, 16, 16)
     return (dl * q - ml).reshape(n, QK_K)
 
 
@@ -161,7 +163,7 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     dl = (d * sc).reshape(n, 16, 1)
     ql = _unpack(qs, 32, (0, 2, 4, 6), 0x03).reshape(n, 16, 16)
     qh = _high_bits(hmask, 32).reshape(n, 16, 16) ^ 1  # a set bit means "no offset"
-    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).to(torch.float32)
+    q = ql.to(torch.int8) - (qh << 2).to(torch.int8)
     return (dl * q).reshape(n, QK_K)
 
 
@@ -171,7 +173,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     sc, mn = _scale_min_k4(b[:, 4:16])
     ds = (d * sc.to(torch.float32)).reshape(n, 8, 1)
     dm = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
-    q = _unpack(b[:, 16:], 32, (0, 4), 0x0F).reshape(n, 8, 32).to(torch.float32)
+    q = _unpack(b[:, 16:], 32, (0, 4), 0x0F).reshape(n, 8, 32)
     return (ds * q - dm).reshape(n, QK_K)
 
 
@@ -183,7 +185,7 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     dm = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
     qh = _high_bits(b[:, 16:48], 32)
     ql = _unpack(b[:, 48:], 32, (0, 4), 0x0F)
-    q = (ql | (qh << 4)).reshape(n, 8, 32).to(torch.float32)
+    q = (ql | (qh << 4)).reshape(n, 8, 32)
     return (ds * q - dm).reshape(n, QK_K)
 
 
@@ -194,7 +196,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     ds = (d * sc).reshape(n, 16, 1)
     ql = _unpack(b[:, :128], 64, (0, 4), 0x0F)
     qh = _unpack(b[:, 128:192], 32, (0, 2, 4, 6), 0x03)
-    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16)
     return (ds * q).reshape(n, QK_K)
 
 
