@@ -9,6 +9,7 @@ import cv2
 import pytest
 
 from scripts.comfyui_demo import messages_until_done, saved_files
+from scripts.make_tiny_models import DEMO
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -17,8 +18,10 @@ def _node(graph: dict, class_type: str) -> str:
     return next(k for k, v in graph.items() if v["class_type"] == class_type)
 
 
-def _frames(path) -> tuple[int, int, int]:
+def _frames(path) -> tuple[int, int, int, float]:
+    """(frames, height, width, fps) of a video file, decoded."""
     capture = cv2.VideoCapture(str(path))
+    fps = capture.get(cv2.CAP_PROP_FPS)
     count, size = 0, (0, 0)
     while True:
         ok, frame = capture.read()
@@ -26,7 +29,7 @@ def _frames(path) -> tuple[int, int, int]:
             break
         count, size = count + 1, frame.shape[:2]
     capture.release()
-    return count, *size
+    return count, *size, fps
 
 
 def test_demo_graph_writes_video_and_reports_progress(comfy_server, demo_graph: dict) -> None:
@@ -48,7 +51,8 @@ def test_demo_graph_writes_video_and_reports_progress(comfy_server, demo_graph: 
     assert len(videos) == 1
     path = comfy_server.output_dir / videos[0]["subfolder"] / videos[0]["filename"]
     i2v = demo_graph[_node(demo_graph, "SteadyDancerImageToVideo")]["inputs"]
-    assert _frames(path) == (i2v["length"], i2v["height"], i2v["width"])
+    # the generated length and size, at the driving video's frame rate
+    assert _frames(path) == (i2v["length"], i2v["height"], i2v["width"], pytest.approx(DEMO["fps"]))
 
 
 def test_interrupt_stops_sampling_and_next_prompt_runs(comfy_server, demo_graph: dict) -> None:
