@@ -103,9 +103,13 @@ class ComfyServer:
             time.sleep(0.5)
         else:
             raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log()}")
-        text = self.log_path.read_text(errors="replace")
-        if "IMPORT FAILED" in text and PACKAGE_FOLDER in text.split("IMPORT FAILED", 1)[1][:300]:
-            raise RuntimeError(f"ComfyUI could not import the package:\n{self.log(8000)}")
+        failed = [
+            line
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if PACKAGE_FOLDER in line and ("IMPORT FAILED" in line or "Error while calling comfy_entrypoint" in line)
+        ]
+        if failed:  # ComfyUI starts anyway; say why our nodes are missing
+            raise RuntimeError(f"ComfyUI could not load the package ({failed[0].strip()}):\n{self.log(8000)}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
