@@ -280,3 +280,11 @@ def test_layers_follow_the_model_to_cuda(tiny):
     tiny.to("cuda")
     assert isinstance(tiny.a.weight, GGMLTensor) and tiny.a.weight.device.type == "cuda"
     assert torch.allclose(tiny(x.cuda()).cpu(), expected, atol=1e-5)
+
+
+def test_load_state_dict_pre_hooks_still_run():
+    lin = GGMLOps.Linear(256, 4)
+    seen = []
+    lin._register_load_state_dict_pre_hook(lambda sd, prefix, *rest: seen.append(sorted(sd)))
+    lin.load_state_dict({"weight": packed(weights((4, 256)), Q.Q8_0), "bias": torch.zeros(4)})
+    assert seen == [["bias", "weight"]]

@@ -206,6 +206,16 @@ class GGMLLayer(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        for hook in self._load_state_dict_pre_hooks.values():  # as nn.Module's version does
+            hook(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
         for name in self._param_names:
             current = self._parameters.get(name)
             if current is None:
