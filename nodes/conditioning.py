@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import comfy.clip_vision
 import comfy.model_management
+import comfy.sd
 import comfy.utils
 import node_helpers
 import torch
@@ -82,9 +83,9 @@ class SteadyDancerImageToVideo(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        positive: list,
-        negative: list,
-        vae: object,
+        positive: list[list],
+        negative: list[list],
+        vae: comfy.sd.VAE,
         clip_vision_reference: comfy.clip_vision.Output,
         clip_vision_pose: comfy.clip_vision.Output,
         reference_image: torch.Tensor,

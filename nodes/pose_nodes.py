@@ -27,7 +27,9 @@ from ..pose import (
     render_sequence,
     to_pose_keypoint,
 )
+from ..pose.backends import PoseDetector
 from ..pose.errors import CheckpointNotFoundError, PoseCancelled, PoseError
+from ..pose.types import Pose
 from .conditioning import MAX_RESOLUTION
 
 DWPOSE_FOLDER = "dwpose"
@@ -76,7 +78,7 @@ def preview_size(height: int, width: int, longest: int = PREVIEW_SIZE) -> tuple[
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def render_at_size(poses: list, reference_size: tuple[int, int], width: int, height: int, colours: str) -> torch.Tensor:
+def render_at_size(poses: list[Pose], reference_size: tuple[int, int], width: int, height: int, colours: str) -> torch.Tensor:
     """Poses drawn at twice the reference size, then bicubic-resized to the generation size
     (spec §2, §5), one frame at a time: 81 frames at 2x a large reference never sit in memory."""
     ref_h, ref_w = reference_size
@@ -96,7 +98,7 @@ def detector_device(backend: str) -> str | None:
     return None if backend == "onnx" else str(device)
 
 
-def _load_from_folders(backend: str):  # -> pose.backends.PoseDetector
+def _load_from_folders(backend: str) -> PoseDetector:
     """The detector from the first `dwpose` folder holding this backend's checkpoints."""
     folders = folder_paths.get_folder_paths(DWPOSE_FOLDER)
     first_error: CheckpointNotFoundError | None = None
@@ -111,8 +113,8 @@ def _load_from_folders(backend: str):  # -> pose.backends.PoseDetector
 
 
 def _detect(
-    detector, images: torch.Tensor, detect_resolution: int, batch_size: int = 1, progress: Callable[[int, int], None] | None = None
-) -> list:
+    detector: PoseDetector, images: torch.Tensor, detect_resolution: int, batch_size: int = 1, progress: Callable[[int, int], None] | None = None
+) -> list[Pose | None]:
     """Run the detector with ComfyUI's Cancel: an interrupt stops it between batches."""
     try:
         return detector.detect(
@@ -177,7 +179,7 @@ class SteadyDancerPoseExtract(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, pose_detector, images: torch.Tensor, detect_resolution: int, batch_size: int = 1) -> io.NodeOutput:
+    def execute(cls, pose_detector: PoseDetector, images: torch.Tensor, detect_resolution: int, batch_size: int = 1) -> io.NodeOutput:
         bar = comfy.utils.ProgressBar(images.shape[0])
         progress = lambda done, total: bar.update_absolute(done, total)  # noqa: E731
         poses = _detect(pose_detector, images, detect_resolution, batch_size, progress)
@@ -229,7 +231,7 @@ class SteadyDancerPoseAlign(io.ComfyNode):
         missing_person: str,
         seed: int,
         colours: str = "steadydancer",
-        pose_detector=None,
+        pose_detector: PoseDetector | None = None,
         reference_pose: list[dict] | None = None,
     ) -> io.NodeOutput:
         reference = _reference_pose(reference_image[:1], pose_detector, reference_pose)
@@ -241,7 +243,7 @@ class SteadyDancerPoseAlign(io.ComfyNode):
         )
 
 
-def _reference_pose(image: torch.Tensor, detector, keypoints: list[dict] | None):
+def _reference_pose(image: torch.Tensor, detector: PoseDetector | None, keypoints: list[dict] | None) -> Pose | None:
     """The reference person's pose (None: no person, which align_poses reports clearly)."""
     if keypoints is not None:
         poses = from_pose_keypoint(keypoints[:1])
