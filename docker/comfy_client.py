@@ -196,34 +196,49 @@ class ComfyClient:
         with contextlib.suppress(requests.RequestException):
             self.session.post(self._url("/interrupt"), timeout=self.timeout)
 
+    def run(
+        self,
+        workflow: dict[str, Any],
+        *,
+        on_progress: Callable[[Progress], None] | None = None,
+        timeout: float = 3600.0,
+        connect: Callable[[str], Any] | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """Queue a workflow and follow it to its end; returns (prompt id, history entry).
+
+        The websocket is opened before the workflow is queued, so that no event of a fast
+        (or fully cached) run is missed. Raises WorkflowRejected or ExecutionFailed.
+        """
+        try:
+            ws = (connect or _connect_websocket)(self._ws_url())
+        except Exception:  # no websocket: the history is polled instead
+            ws = None
+        try:
+            prompt_id = self.queue(workflow)
+            return prompt_id, self.wait(prompt_id, on_progress=on_progress, timeout=timeout, ws=ws)
+        finally:
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    ws.close()
+
     def wait(
         self,
         prompt_id: str,
         *,
         on_progress: Callable[[Progress], None] | None = None,
         timeout: float = 3600.0,
-        connect: Callable[[str], Any] | None = None,
+        ws: Any = None,
     ) -> dict[str, Any]:
         """Follow a queued prompt until it ends; returns its history entry.
 
-        Progress and errors come from the websocket (/ws). If the websocket cannot be opened
-        or drops, the history is polled instead, so a job never hangs on a lost connection.
-        Raises ExecutionFailed with the failing node and its exception.
+        Progress and errors come from the websocket `ws` (opened on /ws with this client's id)
+        when given; without it, or when it drops, the history is polled, so a job never hangs
+        on a lost connection. Raises ExecutionFailed with the failing node and its exception.
         """
         deadline = time.monotonic() + timeout
-        ws = None
-        try:
-            ws = (connect or _connect_websocket)(self._ws_url())
-        except Exception:
-            ws = None
-        try:
-            if ws is not None:
-                self._follow_websocket(ws, prompt_id, on_progress, deadline)
-            return self._poll_history(prompt_id, deadline)
-        finally:
-            if ws is not None:
-                with contextlib.suppress(Exception):
-                    ws.close()
+        if ws is not None:
+            self._follow_websocket(ws, prompt_id, on_progress, deadline)
+        return self._poll_history(prompt_id, deadline)
 
     def _ws_url(self) -> str:
         scheme, rest = self.base_url.split("://", 1)
@@ -282,7 +297,7 @@ class ComfyClient:
             time.sleep(interval)
 
 
-def _connect_websocket(url: str, timeout: float = 30.0) -> Any:
+def _connect_websocket(url: str, timeout: float = 10.0) -> Any:
     import websocket  # websocket-client
 
     ws = websocket.create_connection(url, timeout=timeout)

@@ -175,11 +175,10 @@ def run_job(
             stored = client.upload(upload.name, upload.data)
             if stored != upload.name:
                 raise ComfyError(f"ComfyUI stored {upload.name} as {stored}")
-        prompt_id = client.queue(prepared.workflow)
-        log.info("job %s: queued prompt %s", job_id, prompt_id)
         reporter = ProgressReporter(job, prepared.workflow, send)
-        entry = client.wait(prompt_id, on_progress=reporter,
-                            timeout=_env_float("STEADYDANCER_JOB_TIMEOUT", 3600))
+        prompt_id, entry = client.run(prepared.workflow, on_progress=reporter,
+                                      timeout=_env_float("STEADYDANCER_JOB_TIMEOUT", 3600))
+        log.info("job %s: prompt %s finished", job_id, prompt_id)
         saved = collect_outputs(entry)
         if not saved:
             return {"error": "the workflow finished but saved no file: it needs a SaveVideo or "

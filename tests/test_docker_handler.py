@@ -252,7 +252,7 @@ def test_wait_reports_progress_and_returns_the_history():
     ]
     seen = []
     client = HistoryClient([{"outputs": {}, "status": {"status_str": "success"}}])
-    entry = client.wait("p", on_progress=seen.append, connect=lambda url: FakeWebSocket(events))
+    entry = client.wait("p", on_progress=seen.append, ws=FakeWebSocket(events))
     assert entry["status"]["status_str"] == "success"
     assert seen == [cc.Progress("22", 1, 2), cc.Progress("22", 2, 2)]
 
@@ -263,7 +263,7 @@ def test_wait_raises_the_execution_error():
                                                    "exception_message": "CUDA out of memory"}}]
     client = HistoryClient([])
     with pytest.raises(cc.ExecutionFailed, match=r"node 23 \(VAEDecode\) failed: torch.OutOfMemoryError"):
-        client.wait("p", connect=lambda url: FakeWebSocket(events))
+        client.wait("p", ws=FakeWebSocket(events))
 
 
 def test_wait_falls_back_to_the_history_when_the_websocket_fails():
@@ -273,12 +273,27 @@ def test_wait_falls_back_to_the_history_when_the_websocket_fails():
                              "exception_message": "bad"}],
     ]}}
     client = HistoryClient([None, error_entry])
+    client.queue = lambda workflow: "p"
 
     def refuse(url):
         raise OSError("connection refused")
 
     with pytest.raises(cc.ExecutionFailed, match=r"node 5 \(X\) failed: ValueError: bad"):
-        client.wait("p", connect=refuse)
+        client.run({}, connect=refuse)
+
+
+def test_run_listens_before_it_queues():
+    order = []
+    client = HistoryClient([{"outputs": {}}])
+    client.queue = lambda workflow: order.append("queue") or "p"
+
+    def connect(url):
+        order.append("connect")
+        assert url.startswith("ws://comfy.invalid/ws?clientId=")
+        return FakeWebSocket([{"type": "execution_success", "data": {"prompt_id": "p"}}])
+
+    assert client.run({}, connect=connect) == ("p", {"outputs": {}})
+    assert order == ["connect", "queue"]
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -347,17 +362,14 @@ class FakeClient:
         self.uploaded[name] = data
         return name
 
-    def queue(self, workflow):
+    def run(self, workflow, on_progress, timeout):
         if self.reject:
             raise self.reject
         self.queued = workflow
-        return "prompt-1"
-
-    def wait(self, prompt_id, on_progress, timeout):
         if self.fail:
             raise self.fail
         on_progress(cc.Progress("22", 1, 1))
-        return {"outputs": self.outputs}
+        return "prompt-1", {"outputs": self.outputs}
 
     def download(self, output):
         return b"mp4 bytes"
