@@ -377,3 +377,21 @@ def test_cli_lists_and_rejects_unknown_selections(tmp_path, capsys):
     assert "group default:" in out and "steadydancer-q6_k" in out
     assert fm.main(["--select", "nope", "--models-dir", str(tmp_path)]) == 2
     assert "unknown model or group 'nope'" in capsys.readouterr().err
+
+
+def test_hub_metadata_gives_the_size_and_hash_to_check(hub_backend):
+    from huggingface_hub.hf_api import RepoFile
+
+    class Api:
+        def list_repo_files(self, repo, revision):
+            return ["README.md", "x-Q4_K_M.gguf", "x-Q8_0.gguf"]
+
+        def get_paths_info(self, repo, paths, expand, revision):
+            assert expand and revision == "main"
+            return [RepoFile(path=paths[0], size=123, oid="git-oid",
+                             lfs={"size": 123, "oid": GOOD_SHA, "pointerSize": 130})]
+
+    backend = hub_backend(None)
+    backend.api = Api()
+    remote = backend.resolve(entry(file=None, pattern="*-Q4_K_M*.gguf"))
+    assert remote == fm.RemoteFile(path="x-Q4_K_M.gguf", size=123, sha256=GOOD_SHA)
