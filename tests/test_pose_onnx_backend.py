@@ -149,3 +149,16 @@ def test_missing_and_wrong_files(tmp_path, model_dir):
     (tmp_path / "yolox_l.onnx").write_bytes(b"not onnx")
     with pytest.raises(InvalidCheckpointError, match="could not be loaded"):
         load_detector("onnx", tmp_path, device="cpu")
+
+
+def test_letterbox_scale_maps_boxes_back_to_the_detection_image(tmp_path):
+    # A 384x768 detection image is letterboxed at 640/768: 640x320 (w x h), 1.2 px per box px.
+    export(
+        ConstantDetector([(100.0, 50.0, 300.0, 300.0, 0, 0.8)]),
+        tmp_path / "yolox_l.onnx",
+        "detector",
+    )
+    export(ProfilePoseNet(), tmp_path / "dw-ll_ucoco_384.onnx", "pose")
+    detector = load_detector("onnx", tmp_path, device="cpu", flip_test=False)
+    (boxes,) = detector.person_boxes([np.zeros((384, 768, 3), np.uint8)])
+    np.testing.assert_allclose(boxes, [[120, 60, 360, 360]], atol=1e-3)
