@@ -118,6 +118,12 @@ def bench_matmul() -> list[dict[str, Any]]:
             {"part": "matmul", "shape": name, "seconds": t, "tflops": 2 * m * k * n / t / 1e12}
         )
         del a, b
+    # host -> device copy from pinned memory: the rate block streaming relies on
+    host = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device="cuda")
+    t = cuda_time(lambda: dev.copy_(host, non_blocking=True), warmup=2, repeat=5)
+    rows.append({"part": "h2d", "bytes": host.numel(), "seconds": t, "gbs": host.numel() / t / 1e9})
+    del host, dev
     torch.cuda.empty_cache()
     return rows
 
@@ -315,6 +321,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
         lines.append(
             "matmul bf16: " + "; ".join(f"{r['shape']} {r['tflops']:.0f} TFLOP/s" for r in mm)
         )
+    for r in (r for r in records if r.get("part") == "h2d"):
+        lines.append(f"host->device copy from pinned memory: {r['gbs']:.1f} GB/s (1 GiB)")
     dq = [r for r in records if r.get("part") == "dequant"]
     if dq:
         lines.append(
@@ -355,6 +363,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
         )
         lines.extend(
             f"  {r['module']:<34} {r['before_gib']:>6.2f} -> {r['peak_gib']:>6.2f}" for r in rows
+        )
+    for r in (r for r in records if r.get("part") == "alloc"):
+        lines.append(
+            f"alloc {r.get('weights')} {r.get('when')}: {r['size_mib']:9.1f} MiB  {r['site']}"
         )
     for part in ("pose", "error"):
         for r in (r for r in records if r.get("part") == part):
@@ -410,6 +422,7 @@ MODEL_RUNS: list[list[str]] = [
      "--mode", "16 GB all streamed:16:0", "--mode", "12 GB auto:12:auto"],
     ["guidance", "--weights", "bf16"],
     ["guidance", "--weights", "Q4_K"],
+    ["model", "--weights", "Q4_K", "--snapshot", "--repeat", "1"],
 ]  # fmt: skip
 
 
@@ -474,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="model: FFN-chunk timing + memory profile"
     )
+    parser.add_argument(
+        "--snapshot", action="store_true", help="model: list non-weight allocations"
+    )
     parser.add_argument("--runs", default="", help="models/all: comma list of MODEL_RUNS indices")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -516,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                 modes=tuple(modes),
                 repeat=args.repeat,
                 profile=args.profile,
+                snapshot=args.snapshot,
             )
         else:
             records = bm.run_guidance(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -222,6 +223,7 @@ def run_model(
     modes: tuple[tuple[str, float | None, str | int], ...] = (),
     repeat: int = 2,
     profile: bool = False,
+    snapshot: bool = False,
 ) -> list[dict[str, Any]]:
     """Full-VRAM forward of one weight format, then each (label, cap_gib, memory) mode.
 
@@ -231,8 +233,14 @@ def run_model(
     because the process memory cap is set for them.
     """
     rows: list[dict[str, Any]] = []
+    if snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
     t0 = time.time()
     model = build_model(weights, attention=attention)
+    if snapshot:
+        rows.extend(
+            dict(r, weights=weights, when="after build") for r in persistent_allocations(model)
+        )
     build_s = time.time() - t0
     inputs = random_inputs(1, width, height, frames)
     tokens = tokens_for(width, height, frames)
@@ -260,6 +268,11 @@ def run_model(
         }
     )
     print(rows[-1], flush=True)
+    if snapshot:
+        rows.extend(
+            dict(r, weights=weights, when="after forwards") for r in persistent_allocations(model)
+        )
+        torch.cuda.memory._record_memory_history(enabled=None)
     if profile:
         for block in model.blocks:
             block.ffn_chunk_size = 8192
@@ -542,3 +555,43 @@ def profile_memory(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> l
     for r in out:
         r["start_gib"] = start / GB
     return out
+
+
+def persistent_allocations(model: torch.nn.Module, top: int = 12) -> list[dict[str, Any]]:
+    """Live device allocations that are not the model's weights, largest first, with the
+    source line that made each (needs torch.cuda.memory._record_memory_history() enabled
+    before they were made). Finds caches and leaks that eat into the 16 GB budget."""
+    from .streaming import _plain
+
+    owned = set()
+    with _plain():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_cuda:
+                owned.add(t.untyped_storage().data_ptr())
+    snap = torch.cuda.memory._snapshot()
+    found: list[dict[str, Any]] = []
+    for seg in snap.get("segments", []):
+        addr = seg["address"]
+        for blk in seg.get("blocks", []):
+            start = blk.get("address", addr)
+            addr = start + blk["size"]
+            if blk.get("state") != "active_allocated" or start in owned:
+                continue
+            frames = [
+                f"{Path(f['filename']).name}:{f['line']}:{f['name']}"
+                for f in blk.get("frames", [])
+                if "steadydancer" in f.get("filename", "") or "/torch/nn/" in f.get("filename", "")
+            ]
+            found.append(
+                {"part": "alloc", "size_mib": blk["size"] / 2**20, "site": " < ".join(frames[:4])}
+            )
+    found.sort(key=lambda r: -r["size_mib"])
+    total = sum(r["size_mib"] for r in found)
+    return [
+        {
+            "part": "alloc",
+            "size_mib": total,
+            "site": f"TOTAL of {len(found)} non-weight allocations",
+        },
+        *found[:top],
+    ]
