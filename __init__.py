@@ -10,7 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-async def comfy_entrypoint():  # noqa: ANN201 - returns comfy_api's ComfyExtension
+async def comfy_entrypoint():
     """Called by ComfyUI (V3 node API) once, when it loads custom nodes."""
     from .nodes import SteadyDancerExtension
 
