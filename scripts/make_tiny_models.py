@@ -30,8 +30,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,8 +52,12 @@ CLIP_DIM = 1024  # ViT-L/14 hidden size
 DEMO = {"width": 64, "height": 64, "length": 5, "steps": 2, "driving_frames": 7, "fps": 8}
 
 
-def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: str):  # -> dict[str, torch.Tensor]
-    """Initialised-looking random tensors: norms 1, biases 0, matrices ~ N(0, 1/fan_in)."""
+EMBEDDING_STD = 0.14  # token/position embeddings: rows of unit-ish norm, as trained ones
+
+
+def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: str) -> dict[str, torch.Tensor]:
+    """Initialised-looking random tensors: norms 1, biases 0, matrices ~ N(0, 1/fan_in), so
+    that activations stay finite through real-depth encoders (24 ViT blocks, the VAE)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -60,9 +68,10 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: str): 
             t = torch.ones(shape)
         elif lower.endswith("bias") or len(shape) <= 1:
             t = torch.zeros(shape)
+        elif "embedding" in lower:
+            t = torch.randn(shape, generator=gen) * EMBEDDING_STD
         else:
-            fan_in = int(np.prod(shape[1:])) if "embedding" not in lower else 50
-            t = torch.randn(shape, generator=gen) / float(np.sqrt(max(fan_in, 1)))
+            t = torch.randn(shape, generator=gen) / float(np.sqrt(max(int(np.prod(shape[1:])), 1)))
         out[name] = t.to(getattr(torch, dtype)).contiguous()
     return out
 
@@ -75,7 +84,7 @@ def use_comfyui(comfyui: Path) -> None:
     args.cpu = True
 
 
-def _shapes(module) -> dict[str, tuple[int, ...]]:  # module: torch.nn.Module
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
