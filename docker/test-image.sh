@@ -213,6 +213,14 @@ main() {
   log "healthy after ${healthy_seconds} s"
   docker logs "$cid" 2>&1 | grep -E '^\[(entrypoint|gpu_check)\]' >&2 || true
 
+  # The constraints file must stop any later install from replacing torch.
+  local pip_out
+  if pip_out=$(docker exec "$cid" pip install --dry-run torch==2.12.0 2>&1); then
+    die "pip would replace torch inside the image: the constraints file does not hold it"
+  fi
+  grep -qiE "conflict|ResolutionImpossible" <<<"$pip_out" || die "unexpected pip failure: $pip_out"
+  log "torch is held by the constraints file (pip refuses torch==2.12.0)"
+
   log "running the bundled workflow (tiny models) through the RunPod worker in the container"
   "$COMFYUI_PYTHON" - "$WORK/graph.json" "$WORK/inputs" >"$WORK/job.json" <<'PY'
 import base64, json, sys
