@@ -28,10 +28,15 @@ EXPECTED = {
         {},
         ["CONDITIONING", "CONDITIONING", "CONDITIONING", "LATENT"],
     ),
+    # the nodes-model side, as the team contract names them
+    "SteadyDancerModelLoader": ({"model_name": "COMBO", "compute_dtype": "COMBO", "attention": "COMBO"}, {}, ["MODEL"]),
+    "SteadyDancerGuider": (
+        {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING", "pose_negative": "CONDITIONING",
+         "text_scale": "FLOAT", "pose_scale": "FLOAT", "start": "FLOAT", "end": "FLOAT"},
+        {},
+        ["GUIDER"],
+    ),
 }  # fmt: skip
-
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
 
 def _type(spec: list) -> str:
     return "COMBO" if isinstance(spec[0], list) else spec[0]
