@@ -257,3 +257,38 @@ def test_probe_on_this_machine_gives_a_reason_when_there_is_no_gpu():
     gpus, why = gc.probe_gpus()
     if not gpus:
         assert why  # e.g. "torch 2.13.0+cpu is a CPU build"
+
+
+def test_fetch_mode_downloads_the_manifests_files_into_the_volume(tmp_path):
+    """`entrypoint.sh fetch` end to end: manifest -> fetcher -> file in its ComfyUI folder."""
+    import http.server
+    import threading
+
+    payload = b"tiny detector weights"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(yaml.safe_dump({"models": {"det": {
+        "url": f"http://127.0.0.1:{server.server_address[1]}/yolox.onnx", "folder": "dwpose",
+        "size": len(payload)}}}))
+    comfy, package = _fake_tree(tmp_path, "")
+    try:
+        result = run_main(tmp_path, comfy, package, "fetch",
+                          env={"STEADYDANCER_FETCH": "det", "STEADYDANCER_MANIFEST": str(manifest)})
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "models" / "dwpose" / "yolox.onnx").read_bytes() == payload
+    assert "1 models ready" in result.stderr
+    assert not (tmp_path / "argv.json").exists()  # fetch mode does not start ComfyUI
