@@ -217,3 +217,15 @@ def test_huge_array_length_fails_fast_instead_of_looping(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(GGUFError, match=r"truncated or corrupt.*metadata"):
         read_gguf(path)
+
+
+def test_big_endian_file_is_refused(tmp_path):
+    path = tmp_path / "be.gguf"
+    writer = gguf.GGUFWriter(str(path), "wan", endianess=gguf.GGUFEndian.BIG)
+    writer.add_tensor("w", np.ones(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFError, match="big-endian"):
+        read_gguf(path)

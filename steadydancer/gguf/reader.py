@@ -236,6 +236,11 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     except Exception as exc:  # the gguf reader raises ValueError/KeyError/IndexError/...
         raise GGUFError(f"{path}: not a valid GGUF file: {type(exc).__name__}: {exc}") from None
 
+    if reader.byte_order != "I":
+        raise GGUFError(
+            f"{path}: a GGUF file of the opposite byte order (big-endian); only little-endian "
+            "files, what every converter writes by default, are supported"
+        )
     tensors: dict[str, GGUFTensor] = {}
     try:
         for t in reader.tensors:
