@@ -9,8 +9,9 @@ import torch
 from gguf_testutils import tiny_model_tensors, write_gguf
 
 from steadydancer.errors import GGUFError, ModelFileError, UnsupportedQuantError
-from steadydancer.gguf.loader import load_gguf_state_dict
+from steadydancer.gguf.loader import load_gguf_state_dict, to_torch
 from steadydancer.gguf.ops import GGMLTensor, is_quantized
+from steadydancer.gguf.reader import read_gguf
 from steadydancer.keys import POSE_PATH_KEYS, tiny_state_dict
 
 Q = gguf.GGMLQuantizationType
@@ -125,7 +126,9 @@ def test_not_gguf_and_truncated(tmp_path, tiny_file):
 
 def test_reads_the_layout_comfyui_gguf_tools_write(tmp_path):
     """convert.py (BF16 main weights, F32 1-D) + fix_5d_tensors.py (5-D convs as F32 with 5 dims)."""
-    path = write_gguf(tmp_path / "cg.gguf", tiny_model_tensors(Q.BF16, prefix="model.diffusion_model."))
+    path = write_gguf(
+        tmp_path / "cg.gguf", tiny_model_tensors(Q.BF16, prefix="model.diffusion_model.")
+    )
     sd = load_gguf_state_dict(path)
     for name, value in tiny_state_dict().items():
         expected = torch.from_numpy(value)
@@ -133,3 +136,28 @@ def test_reads_the_layout_comfyui_gguf_tools_write(tmp_path):
             expected = expected.to(torch.bfloat16)
         assert sd[name].dtype == expected.dtype and torch.equal(sd[name], expected), name
     assert sd["condition_embedding_temporal.0.spatial.weight"].shape == (16, 1, 1, 3, 3)
+
+
+def test_unaligned_float_data_from_a_custom_alignment(tmp_path):
+    tensors = tiny_model_tensors()
+    writer_path = tmp_path / "align1.gguf"
+    writer = gguf.GGUFWriter(str(writer_path), "wan")
+    writer.add_custom_alignment(1)
+    writer.add_tensor(
+        "odd", np.zeros(3, np.uint8), raw_dtype=Q.I8
+    )  # 3 bytes: what follows is unaligned
+    for name, (value, qtype) in tensors.items():
+        writer.add_tensor(
+            name, value if qtype == Q.F32 else gguf.quants.quantize(value, qtype), raw_dtype=qtype
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedQuantError, match=r"odd \(I8\)"):
+        load_gguf_state_dict(writer_path)
+    with read_gguf(writer_path) as file:
+        bias = file.tensors["blocks.0.ffn.0.bias"]
+        assert bias.data.ctypes.data % 4 != 0  # really unaligned
+        expected = torch.from_numpy(tiny_state_dict()["blocks.0.ffn.0.bias"])
+        assert torch.equal(to_torch(bias), expected)

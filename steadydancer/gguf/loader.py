@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ModelFileError, UnsupportedQuantError
 from ..keys import POSE_PATH_KEYS
-from .dequant import FLOAT_QTYPES, SUPPORTED_QTYPES, supported_names
+from .dequant import FLOAT_QTYPES, SUPPORTED_QTYPES, _reinterpret, supported_names
 from .ops import GGMLTensor
 from .reader import GGUFFile, GGUFTensor, read_gguf
 
@@ -95,8 +95,8 @@ def to_torch(tensor: GGUFTensor) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         raw = torch.from_numpy(tensor.data)
-    if tensor.qtype in FLOAT_QTYPES:
-        return raw.view(_TORCH_FLOAT[tensor.qtype]).view(tensor.shape)
+    if tensor.qtype in FLOAT_QTYPES:  # a view; copied only where torch refuses the view
+        return _reinterpret(raw, _TORCH_FLOAT[tensor.qtype]).view(tensor.shape)
     return GGMLTensor(raw, tensor_type=tensor.qtype, tensor_shape=tensor.shape)
 
 
