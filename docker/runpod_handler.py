@@ -14,6 +14,7 @@ Run:
 Environment: COMFYUI_URL (http://127.0.0.1:8188), COMFYUI_READY_TIMEOUT (600 s),
 STEADYDANCER_JOB_TIMEOUT (3600 s), STEADYDANCER_INLINE_LIMIT_MB (15),
 STEADYDANCER_MAX_INPUT_MB (200), STEADYDANCER_OUTPUT (auto | base64 | s3),
+STEADYDANCER_KEEP_FILES (1: keep each job's files in ComfyUI's input/output folders),
 BUCKET_ENDPOINT_URL / BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY (S3 for rp_upload).
 """
 
@@ -50,11 +51,11 @@ S3_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_AC
 OUTPUT_MODES = ("auto", "base64", "s3")
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(environ: dict[str, str] | os._Environ, name: str, default: float) -> float:
     try:
-        return float(os.environ.get(name, default))
+        return float(environ.get(name, default))
     except ValueError:
-        log.warning("%s=%r is not a number: using %s", name, os.environ.get(name), default)
+        log.warning("%s=%r is not a number: using %s", name, environ.get(name), default)
         return default
 
 
@@ -153,31 +154,59 @@ class JobOutputError(Exception):
     """The job ran but its outputs cannot be returned as configured."""
 
 
+def remove_job_files(comfyui_dir: Path, inputs: list[str], outputs: list[OutputFile]) -> None:
+    """Delete a finished job's uploads and saved files from ComfyUI's input/output folders.
+
+    A serverless worker serves job after job; without this its disk fills up. Only files
+    inside those two folders are touched.
+    """
+    roots = {"input": (comfyui_dir / "input").resolve(), "output": (comfyui_dir / "output").resolve()}
+    paths = [roots["input"] / name for name in inputs]
+    paths += [roots["output"] / o.subfolder / o.filename for o in outputs if o.type == "output"]
+    for path in paths:
+        resolved = path.resolve()
+        if not any(resolved.is_relative_to(root) for root in roots.values()):
+            log.warning("not removing %s: outside ComfyUI's input/output folders", path)
+            continue
+        try:
+            resolved.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", resolved, exc)
+
+
 def run_job(
     job: dict[str, Any], *, client: ComfyClient | None = None,
     send: Callable[[dict[str, Any], Any], None] = send_progress,
     s3_upload: Callable[[str, str, bytes], str] = upload_to_s3,
     environ: dict[str, str] | os._Environ = os.environ,
+    cleanup_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run one job; returns RunPod's output ({"outputs": [...]} or {"error": ...})."""
+    """Run one job; returns RunPod's output ({"outputs": [...]} or {"error": ...}).
+
+    With `cleanup_dir` (ComfyUI's folder), the job's inputs and outputs are deleted from it
+    afterwards, whatever the result.
+    """
     job_id = str(job.get("id") or "local")
     try:
         prepared: PreparedJob = prepare(
-            job.get("input"), max_bytes=int(_env_float("STEADYDANCER_MAX_INPUT_MB", 200) * 2**20)
+            job.get("input"), max_bytes=int(_env_float(environ, "STEADYDANCER_MAX_INPUT_MB", 200) * 2**20)
         )
     except JobInputError as exc:
         return {"error": f"bad input: {exc}"}
     client = client or ComfyClient(environ.get("COMFYUI_URL", "http://127.0.0.1:8188"))
     started = time.monotonic()
+    uploaded: list[str] = []
+    saved: list[OutputFile] = []
     try:
-        client.wait_ready(timeout=_env_float("COMFYUI_READY_TIMEOUT", 600))
+        client.wait_ready(timeout=_env_float(environ, "COMFYUI_READY_TIMEOUT", 600))
         for upload in prepared.uploads:
             stored = client.upload(upload.name, upload.data)
+            uploaded.append(stored)
             if stored != upload.name:
                 raise ComfyError(f"ComfyUI stored {upload.name} as {stored}")
         reporter = ProgressReporter(job, prepared.workflow, send)
         prompt_id, entry = client.run(prepared.workflow, on_progress=reporter,
-                                      timeout=_env_float("STEADYDANCER_JOB_TIMEOUT", 3600))
+                                      timeout=_env_float(environ, "STEADYDANCER_JOB_TIMEOUT", 3600))
         log.info("job %s: prompt %s finished", job_id, prompt_id)
         saved = collect_outputs(entry)
         if not saved:
@@ -186,7 +215,7 @@ def run_job(
         files = [(output, client.download(output)) for output in saved]
         outputs = encode_outputs(
             job_id, files, mode=environ.get("STEADYDANCER_OUTPUT", "auto").strip().lower(),
-            inline_limit=int(_env_float("STEADYDANCER_INLINE_LIMIT_MB", 15) * 2**20),
+            inline_limit=int(_env_float(environ, "STEADYDANCER_INLINE_LIMIT_MB", 15) * 2**20),
             s3_ready=s3_configured(environ), s3_upload=s3_upload,
         )
     except WorkflowRejected as exc:
@@ -197,6 +226,9 @@ def run_job(
         return {"error": str(exc), "details": {k: exc.details[k] for k in keys if k in exc.details}}
     except (ComfyError, JobOutputError) as exc:
         return {"error": str(exc)}
+    finally:
+        if cleanup_dir is not None:
+            remove_job_files(cleanup_dir, uploaded, saved)
     result: dict[str, Any] = {"prompt_id": prompt_id, "outputs": outputs,
                               "seconds": round(time.monotonic() - started, 1)}
     if prepared.seed is not None:
@@ -205,8 +237,11 @@ def run_job(
 
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """The RunPod handler."""
-    return run_job(job)
+    """The RunPod handler. The job's files are removed from ComfyUI's folders afterwards
+    (STEADYDANCER_KEEP_FILES=1 keeps them) when ComfyUI runs in this container."""
+    comfyui_dir = Path(os.environ.get("COMFYUI_DIR", "/opt/ComfyUI"))
+    keep = os.environ.get("STEADYDANCER_KEEP_FILES", "").strip() in ("1", "true", "yes")
+    return run_job(job, cleanup_dir=None if keep or not comfyui_dir.is_dir() else comfyui_dir)
 
 
 def save_outputs(result: dict[str, Any], folder: Path) -> list[Path]:

@@ -414,6 +414,40 @@ def test_a_workflow_that_saves_nothing_is_an_error():
     assert "saved no file" in result["error"]
 
 
+def test_job_files_are_removed_from_comfyuis_folders_afterwards(tmp_path):
+    (tmp_path / "input").mkdir()
+    (tmp_path / "output" / "video").mkdir(parents=True)
+    (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").write_bytes(b"v")
+    (tmp_path / "output" / "other.png").write_bytes(b"kept")
+    client = FakeClient()
+    client.upload = lambda name, data: (tmp_path / "input" / name).write_bytes(data) and name
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={},
+                        cleanup_dir=tmp_path)
+    assert "error" not in result
+    assert list((tmp_path / "input").iterdir()) == []
+    assert not (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").exists()
+    assert (tmp_path / "output" / "other.png").exists()
+
+
+def test_job_files_are_removed_after_a_failure_too(tmp_path):
+    (tmp_path / "input").mkdir()
+    client = FakeClient(fail=cc.ExecutionFailed("node 5 failed", {}))
+    client.upload = lambda name, data: (tmp_path / "input" / name).write_bytes(data) and name
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={},
+                        cleanup_dir=tmp_path)
+    assert result["error"] == "node 5 failed"
+    assert list((tmp_path / "input").iterdir()) == []
+
+
+def test_cleanup_never_leaves_comfyuis_folders(tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("keep me")
+    (tmp_path / "comfy" / "output").mkdir(parents=True)
+    rh.remove_job_files(tmp_path / "comfy", ["../secret.txt"],
+                        [cc.OutputFile("1", "../../secret.txt", "", "output", "images")])
+    assert outside.read_text() == "keep me"
+
+
 def test_test_input_flag_without_a_value_reads_test_input_json():
     argv = rh._runpod_argv(["--test_input", "--rp_log_level", "INFO"])
     assert json.loads(argv[1]) == json.loads((DOCKER / "test_input.json").read_text())
