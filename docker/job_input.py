@@ -98,7 +98,12 @@ def decode_base64(text: str, field: str) -> bytes:
 
 def fetch_url_safely(url: str, max_bytes: int, timeout: float = 60.0) -> bytes:
     """Download a job's URL with the RunPod SDK's SSRF guard (no private or metadata addresses)."""
-    from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
+    try:
+        from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
+    except ImportError:
+        raise JobInputError(
+            f"{url}: URL inputs need the runpod SDK >= 1.12 (its SSRF-safe download); send base64"
+        ) from None
 
     try:
         response = safe_get(url, timeout=int(timeout), max_bytes=max_bytes)
