@@ -29,6 +29,21 @@ class GPU:
     total_bytes: int
 
 
+_HINT = (
+    "start the container with `--gpus all` (or the compose file's GPU reservation) on a host "
+    "with the NVIDIA container toolkit and a driver new enough for this torch build"
+)
+
+
+def _cuda_init_error(torch) -> str:  # torch: the module
+    """Why CUDA is unavailable, in torch's words (no driver, driver too old, no device)."""
+    try:
+        torch.cuda.init()
+    except Exception as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return "torch sees no device"
+
+
 def probe_gpus() -> tuple[list[GPU], str | None]:
     """The CUDA devices torch sees, or ([], why none) when there is none."""
     try:
@@ -39,10 +54,7 @@ def probe_gpus() -> tuple[list[GPU], str | None]:
         return [], f"torch {torch.__version__} is a CPU build"
     try:
         if not torch.cuda.is_available():
-            return [], (
-                "no CUDA GPU is visible (start the container with `--gpus all`, or the compose "
-                "file's GPU reservation, on a host with the NVIDIA container toolkit)"
-            )
+            return [], f"no usable CUDA GPU ({_cuda_init_error(torch)}); {_HINT}"
         gpus = [
             GPU(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
             for i in range(torch.cuda.device_count())

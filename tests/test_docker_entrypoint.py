@@ -232,7 +232,7 @@ GIB = 1024**3
 @pytest.mark.parametrize(
     ("user", "mode", "gpus", "flags", "reason"),
     [
-        ([], "auto", [], ["--cpu"], "no CUDA GPU is visible"),
+        ([], "auto", [], ["--cpu"], "running on the CPU (very slow): no usable CUDA GPU"),
         ([], "auto", [gc.GPU("NVIDIA H100", 80 * GIB)], [], "GPU NVIDIA H100 with 80.0 GiB"),
         ([], "auto", [gc.GPU("RTX 4060 Ti", 16 * GIB)], ["--lowvram"], "16.0 GiB, below"),
         ([], "normal", [gc.GPU("RTX 4060 Ti", 16 * GIB)], [], "RTX 4060 Ti"),
@@ -242,7 +242,7 @@ GIB = 1024**3
     ],
 )
 def test_choose_flags(user, mode, gpus, flags, reason):
-    why = None if gpus else "no CUDA GPU is visible (start the container with `--gpus all`)"
+    why = None if gpus else "no usable CUDA GPU (Found no NVIDIA driver on your system)"
     got, message = gc.choose_flags(user, mode, gpus, why, 20.0)
     assert got == flags
     assert reason in message
@@ -251,6 +251,24 @@ def test_choose_flags(user, mode, gpus, flags, reason):
 def test_choose_flags_rejects_unknown_modes():
     with pytest.raises(ValueError, match="use one of auto, cpu, lowvram, normal"):
         gc.choose_flags([], "fast", [], None, 20.0)
+
+
+def test_an_unusable_cuda_is_explained_in_torchs_words():
+    class Cuda:
+        @staticmethod
+        def is_available():
+            return False
+
+        @staticmethod
+        def init():
+            raise RuntimeError("The NVIDIA driver on your system is too old (found version 12040).\nPlease update")
+
+    class Torch:
+        __version__ = "2.13.0"
+        version = type("V", (), {"cuda": "13.0"})
+        cuda = Cuda
+
+    assert gc._cuda_init_error(Torch) == "The NVIDIA driver on your system is too old (found version 12040)."
 
 
 def test_probe_on_this_machine_gives_a_reason_when_there_is_no_gpu():
