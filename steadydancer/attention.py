@@ -29,8 +29,10 @@ import functools
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -214,10 +216,37 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def _import_isolated(load: Callable[[], AttentionFn]) -> AttentionFn:
+    """Run a backend's import in a worker thread and return (or raise) its result.
+
+    Why a thread: some packages keep the exception of a failed step of their import (xformers
+    does when its compiled ops do not match the installed torch), and that traceback pins
+    every frame under the import, with their locals. Backends are imported lazily, i.e.
+    inside the first forward pass, so the pinned locals were the forward's activations: 2.9
+    GiB for the 14B model at 832x480x81, for the rest of the process (measured on an H100,
+    docs/benchmarks.md). A thread's frames end at the thread, so nothing of the caller is
+    reachable from such a traceback.
+    """
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["fn"] = load()
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            result["exc"] = exc
+
+    worker = threading.Thread(target=work, name="steadydancer-attention-import", daemon=True)
+    worker.start()
+    worker.join()
+    if "exc" in result:
+        raise result.pop("exc")
+    return result["fn"]
+
+
 @functools.cache
 def _loaded(name: str) -> AttentionFn | None:
     try:
-        return SPECS[name].load()
+        return _import_isolated(SPECS[name].load)
     except ImportError:
         return None
     except Exception as exc:  # a broken install (ABI mismatch) counts as not installed
