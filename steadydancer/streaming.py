@@ -88,9 +88,10 @@ def module_bytes(module: nn.Module) -> int:
 def default_activation_reserve(dim: int) -> int:
     """VRAM kept free for activations when choosing resident blocks automatically.
 
-    Scaled from the 14B model (dim 5120) at 832x480x81, whose activation peak measured on
-    an H100 is about 6.3 GiB without FFN chunking (docs/benchmarks.md); 7 GiB leaves room
-    for the allocator's fragmentation. Longer or larger videos need more:
+    Scaled from the 14B model (dim 5120) at 832x480x81 (35,880 tokens), whose activation
+    peak measured on an H100 is 2.9 GiB (docs/benchmarks.md); 4 GiB leaves room for the
+    allocator's fragmentation. Activations grow with the token count (720p x 81 frames is
+    2.3x the tokens): for longer or larger videos raise the reserve with
     `STEADYDANCER_ACTIVATION_RESERVE_GB` overrides it.
     """
     env = os.environ.get(ENV_RESERVE)
@@ -99,7 +100,7 @@ def default_activation_reserve(dim: int) -> int:
             return int(float(env) * GIB)
         except ValueError as exc:
             raise MemoryOptionError(f"{ENV_RESERVE} must be a number of GiB, got {env!r}") from exc
-    return int(7 * GIB * max(dim, 1) / 5120)
+    return int(4 * GIB * max(dim, 1) / 5120)
 
 
 def auto_resident_blocks(
