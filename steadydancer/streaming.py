@@ -91,8 +91,8 @@ def default_activation_reserve(dim: int) -> int:
     Scaled from the 14B model (dim 5120) at 832x480x81 (35,880 tokens), whose activation
     peak measured on an H100 is 2.9 GiB (docs/benchmarks.md); 4 GiB leaves room for the
     allocator's fragmentation. Activations grow with the token count (720p x 81 frames is
-    2.3x the tokens): for longer or larger videos raise the reserve with
-    `STEADYDANCER_ACTIVATION_RESERVE_GB` overrides it.
+    2.3x the tokens): for longer or larger videos raise it with
+    `STEADYDANCER_ACTIVATION_RESERVE_GB` (GiB), which overrides this default.
     """
     env = os.environ.get(ENV_RESERVE)
     if env:
