@@ -295,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_file(options.job, options.save)
     import runpod
 
+    if not os.environ.get("RUNPOD_WEBHOOK_GET_JOB") and not {"--test_input", "--rp_serve_api"} & set(args):
+        # Off RunPod the SDK runs one local job from ./test_input.json: use the one next to this file.
+        log.info("not on RunPod (no RUNPOD_WEBHOOK_GET_JOB): running %s once", TEST_INPUT)
+        args = ["--test_input", *args]
     sys.argv = [sys.argv[0], *_runpod_argv(args)]
     runpod.serverless.start({"handler": handler})
     return 0
