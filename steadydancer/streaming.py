@@ -154,19 +154,26 @@ def _memory_fraction(device: torch.device) -> float | None:
     return fraction if fraction < 1.0 else None
 
 
+ALIGN = 512  # byte alignment of each tensor inside a staging buffer
+
+
 @dataclass
 class _Slot:
-    """The device copy of one streamed block while it is in flight or computing."""
+    """A streamed block whose weights are in staging buffer `buf` (copied or in flight)."""
 
-    tensors: list[torch.Tensor]
-    ready: Any  # torch.cuda.Event or None on CPU
+    buf: int
+    ready: Any  # torch.cuda.Event recorded after the copy, or None on the CPU
 
 
 class BlockStreamer:
     """Keeps `resident` leading blocks of `model.blocks` on `device` and streams the rest.
 
+    Streamed blocks are copied into two fixed staging buffers on the device, each the size
+    of the largest block: the block computing uses one, the next block is copied into the
+    other. Fixed buffers instead of fresh allocations keep the caching allocator out of it:
+    no per-block allocation, no fragmentation, no memory held by a second stream's pool.
     Use `BlockStreamer.attach(model, device, memory)`; `detach()` moves every block to the
-    device again (or raises if it does not fit) and removes the hooks.
+    device again and removes the hooks.
     """
 
     def __init__(
@@ -176,7 +183,6 @@ class BlockStreamer:
         resident: int,
         *,
         ffn_chunk_size: int | None = DEFAULT_FFN_CHUNK,
-        prefetch: int = 1,
     ) -> None:
         blocks = getattr(model, "blocks", None)
         if not isinstance(blocks, nn.ModuleList):
@@ -186,12 +192,13 @@ class BlockStreamer:
         self.blocks: nn.ModuleList = blocks
         self.resident = min(max(int(resident), 0), len(blocks))
         self.streamed: list[int] = list(range(self.resident, len(blocks)))
-        self.prefetch = max(int(prefetch), 1)
         self.ffn_chunk_size = ffn_chunk_size
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        # per streamed block: (tensor objects to swap, their host storage)
-        self._host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # per streamed block: (tensor object, its pinned host storage, byte offset in a buffer)
+        self._host: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self._buffers: list[torch.Tensor] = []
+        self._free: list[Any] = [None, None]  # event: the last block using buffer b is done
         self._slots: dict[int, _Slot] = {}
         self._hooks: list[Any] = []
         self.copies = 0  # number of block copies made (tests and benchmarks read it)
@@ -260,11 +267,28 @@ class BlockStreamer:
                     with _plain():
                         host = host.pin_memory()
                 _set_data(t, host)
-                entries.append((t, host))
+                entries.append((t, host, 0))
             self._host[i] = entries
+        self._layout()
         for block in self.blocks:
             if hasattr(block, "ffn_chunk_size") or self.ffn_chunk_size is not None:
                 block.ffn_chunk_size = self.ffn_chunk_size
+
+    def _layout(self) -> None:
+        """Byte offsets of each streamed tensor in a staging buffer; allocate the two buffers."""
+        size = 0
+        for i, entries in self._host.items():
+            offset = 0
+            placed = []
+            for t, host, _ in entries:
+                placed.append((t, host, offset))
+                offset += -(-tensor_bytes(host) // ALIGN) * ALIGN
+            self._host[i] = placed
+            size = max(size, offset)
+        if self._host:
+            self._buffers = [
+                torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)
+            ]
 
     def _install(self) -> None:
         for i, block in enumerate(self.blocks):
@@ -277,66 +301,95 @@ class BlockStreamer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
         self._slots.clear()
+        self._buffers = []
+        self._free = [None, None]
         for entries in self._host.values():
-            for t, host in entries:
+            for t, host, _ in entries:
                 _set_data(t, _to(host, self.device))
         self._host.clear()
         self.streamed = []
         self.resident = len(self.blocks)
 
     # ---------------------------------------------------------------- streaming
-    def _next_streamed(self, after: int, count: int) -> list[int]:
-        """The next `count` streamed block indices after block `after`, wrapping to the next call."""
+    def _next_streamed(self, after: int) -> int | None:
+        """The streamed block that runs after block `after` (wrapping to the next call)."""
         if not self.streamed:
-            return []
+            return None
         later = [i for i in self.streamed if i > after]
-        order = later + [i for i in self.streamed if i <= after]
-        return order[: min(count, len(order))]
+        return later[0] if later else self.streamed[0]
 
-    def _issue_copy(self, index: int) -> None:
-        if index in self._slots:
-            return
-        entries = self._host[index]
+    def _views(self, index: int, buf: int) -> list[torch.Tensor]:
+        """Typed views of staging buffer `buf` shaped like block `index`'s tensors."""
+        data = self._buffers[buf]
+        views = []
+        with _plain():
+            for _, host, offset in self._host[index]:
+                n = tensor_bytes(host)
+                views.append(data[offset : offset + n].view(host.dtype).view(host.shape))
+        return views
+
+    def _issue_copy(self, index: int, keep: int | None) -> _Slot:
+        """Start copying block `index` into the buffer that is not `keep` (the one in use)."""
+        slot = self._slots.get(index)
+        if slot is not None:
+            return slot
+        buf = 1 if keep == 0 else 0
+        for other, s in list(self._slots.items()):
+            if s.buf == buf:  # a prefetched block that was not run next: copy it again later
+                del self._slots[other]
+        views = self._views(index, buf)
         if self._cuda:
             assert self._copy_stream is not None
             with torch.cuda.stream(self._copy_stream), _plain():
-                tensors = [host.to(self.device, non_blocking=True) for _, host in entries]
+                if self._free[buf] is not None:
+                    self._copy_stream.wait_event(self._free[buf])
+                for (_, host, _), dst in zip(self._host[index], views, strict=True):
+                    dst.copy_(host, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(self._copy_stream)
         else:
-            # on the CPU the "copy" is a fresh tensor: the same swapping logic runs
+            # on the CPU the copy is synchronous; the buffer logic is the same
             with _plain():
-                tensors = [host.clone() for _, host in entries]
+                for (_, host, _), dst in zip(self._host[index], views, strict=True):
+                    dst.copy_(host)
             ready = None
-        self._slots[index] = _Slot(tensors, ready)
+        slot = _Slot(buf, ready)
+        self._slots[index] = slot
         self.copies += 1
+        return slot
 
     def _make_pre_hook(self, index: int):
         def hook(module: nn.Module, args: Any) -> None:
+            keep = None
             if index in self._host:
-                self._issue_copy(index)
-                slot = self._slots[index]
+                in_flight = [s.buf for i, s in self._slots.items() if i != index]
+                slot = self._issue_copy(index, keep=in_flight[0] if in_flight else None)
                 if self._cuda:
-                    stream = torch.cuda.current_stream(self.device)
-                    stream.wait_event(slot.ready)
-                    for t in slot.tensors:
-                        t.record_stream(stream)
-                for (t, _), dev in zip(self._host[index], slot.tensors, strict=True):
-                    _set_data(t, dev)
-            # overlap: start copying the next streamed block(s) while this one computes
-            for nxt in self._next_streamed(index, self.prefetch):
-                if nxt != index:
-                    self._issue_copy(nxt)
+                    torch.cuda.current_stream(self.device).wait_event(slot.ready)
+                for (t, _, _), view in zip(
+                    self._host[index], self._views(index, slot.buf), strict=True
+                ):
+                    _set_data(t, view)
+                keep = slot.buf
+            # overlap: copy the next streamed block into the other buffer while this one computes
+            nxt = self._next_streamed(index)
+            if nxt is not None and nxt != index:
+                self._issue_copy(nxt, keep=keep)
 
         return hook
 
     def _make_post_hook(self, index: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             slot = self._slots.pop(index, None)
-            for t, host in self._host[index]:
+            for t, host, _ in self._host[index]:
                 _set_data(t, host)
-            del slot  # the device copy is freed once the compute stream is past it
+            if slot is not None and self._cuda:
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+                self._free[slot.buf] = done  # the next copy into this buffer waits for it
 
         return hook
 
@@ -347,6 +400,7 @@ class BlockStreamer:
             "streamed_blocks": len(self.streamed),
             "resident_bytes": sum(module_bytes(self.blocks[i]) for i in range(self.resident)),
             "streamed_bytes": sum(module_bytes(self.blocks[i]) for i in self.streamed),
+            "staging_bytes": sum(tensor_bytes(b) for b in self._buffers),
             "ffn_chunk_size": self.ffn_chunk_size,
         }
 

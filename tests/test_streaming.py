@@ -1,8 +1,9 @@
 """Block streaming must give exactly the plain path's outputs, and keep weights where it says.
 
-CPU: the "copy" is a fresh tensor, but the hooks, storage swaps and prefetch order run as on
-the GPU. The real tiny SteadyDancer model is used when steadydancer.model is present; a
-small stand-in with the same `blocks`/`run_blocks`/`ffn_chunk_size` seams otherwise.
+CPU: the copy into the staging buffers is synchronous, but the hooks, storage swaps, buffer
+alternation and prefetch order run as on the GPU. The real tiny SteadyDancer model is used
+when steadydancer.model is present; a small stand-in with the same `blocks`/`run_blocks`/
+`ffn_chunk_size` seams otherwise.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def test_streaming_output_identical_to_plain(which, resident):
 def test_streamed_weights_return_to_host_storage_after_each_block():
     model, run = _stand_in()
     streamer = BlockStreamer(model, "cpu", 1, ffn_chunk_size=None)
-    host_ptrs = {i: [h.data_ptr() for _, h in streamer._host[i]] for i in streamer.streamed}
+    host_ptrs = {i: [h.data_ptr() for _, h, _ in streamer._host[i]] for i in streamer.streamed}
     seen = []
 
     def spy(module, args):
@@ -212,7 +213,9 @@ def test_gpu_streaming_identical_and_smaller(resident):
         torch.cuda.synchronize()
     assert torch.equal(out, expected) and torch.equal(out2, expected)
     block = module_bytes(model.blocks[0])
-    assert resident_bytes <= module_bytes(model) - (6 - resident) * block + 4096
+    staging = 2 * block + 4096  # the two staging buffers of the streamed blocks
+    assert resident_bytes <= module_bytes(model) - (6 - resident) * block + staging
+    assert streamer.summary()["staging_bytes"] <= staging
     assert all(p.is_pinned() for i in streamer.streamed for p in model.blocks[i].parameters())
 
 
@@ -323,4 +326,19 @@ def test_streamed_out_storage_is_released(which, monkeypatch):
     gc.collect()
     assert all(r() is None for r in old)
     with torch.no_grad():
+        assert torch.equal(run(model), expected)
+
+
+def test_blocks_called_out_of_order_still_get_their_own_weights():
+    model, run = _stand_in()
+    x = torch.randn(2, 40, 16)
+    shift = x.mean(dim=1, keepdim=True)
+    with torch.no_grad():
+        expected = run(model)
+        alone = [model.blocks[i](x.clone(), shift=shift) for i in (4, 2, 3)]
+        BlockStreamer(model, "cpu", 1, ffn_chunk_size=None)
+        run(model)  # leaves block 1 prefetched for the next call
+        # a caller that runs single blocks in another order (a prefetched block is evicted)
+        for i, want in zip((4, 2, 3), alone, strict=True):
+            assert torch.equal(model.blocks[i](x.clone(), shift=shift), want)
         assert torch.equal(run(model), expected)
