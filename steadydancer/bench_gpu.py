@@ -423,6 +423,9 @@ MODEL_RUNS: list[list[str]] = [
     ["guidance", "--weights", "bf16"],
     ["guidance", "--weights", "Q4_K"],
     ["model", "--weights", "Q4_K", "--snapshot", "--repeat", "1"],
+    ["model", "--weights", "bf16", "--mode", "16 GB auto:16:auto"],
+    ["model", "--weights", "Q4_K", "--mode", "16 GB auto:16:auto",
+     "--mode", "16 GB all streamed:16:0", "--mode", "12 GB auto:12:auto"],
 ]  # fmt: skip
 
 

@@ -89,8 +89,8 @@ def default_activation_reserve(dim: int) -> int:
     """VRAM kept free for activations when choosing resident blocks automatically.
 
     Scaled from the 14B model (dim 5120) at 832x480x81 (35,880 tokens), whose activation
-    peak measured on an H100 is 2.9 GiB (docs/benchmarks.md); 4 GiB leaves room for the
-    allocator's fragmentation. Activations grow with the token count (720p x 81 frames is
+    peak measured on an H100 is 2.9 GiB (docs/benchmarks.md); 4.5 GiB leaves room for the
+    allocator's fragmentation and keeps the peak under 15 GiB on a 16 GB card. Activations grow with the token count (720p x 81 frames is
     2.3x the tokens): for longer or larger videos raise it with
     `STEADYDANCER_ACTIVATION_RESERVE_GB` (GiB), which overrides this default.
     """
@@ -100,7 +100,7 @@ def default_activation_reserve(dim: int) -> int:
             return int(float(env) * GIB)
         except ValueError as exc:
             raise MemoryOptionError(f"{ENV_RESERVE} must be a number of GiB, got {env!r}") from exc
-    return int(4 * GIB * max(dim, 1) / 5120)
+    return int(4.5 * GIB * max(dim, 1) / 5120)
 
 
 def auto_resident_blocks(
