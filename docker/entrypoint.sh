@@ -15,7 +15,7 @@
 #                           exists (its ComfyUI/models if present, else its models/), else
 #                           ComfyUI's own models/ folder
 #   STEADYDANCER_FETCH      manifest entries or groups to fetch at start, comma-separated
-#                           ("default", "all", "steadydancer-q4_k_m,umt5-fp8", ...); empty: none
+#                           ("default", "small", "all", "steadydancer-q8_0,umt5-xxl-fp16", ...); empty: none
 #   HF_TOKEN                Hugging Face token, for gated or private repositories
 #   COMFYUI_PORT (8188), COMFYUI_LISTEN (0.0.0.0; 127.0.0.1 in runpod mode)
 #   COMFYUI_ARGS            extra ComfyUI arguments (e.g. "--lowvram --preview-method auto")
