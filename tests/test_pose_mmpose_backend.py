@@ -15,6 +15,10 @@ pytestmark = [pytest.mark.mmpose, pytest.mark.slow, pytest.mark.filterwarnings("
 DETECT_RESOLUTION = 256  # small frames keep YOLOX-L/RTMPose-L on the CPU to a few seconds
 
 
+class Payload:
+    """An arbitrary object: a checkpoint holding one needs a full unpickle, which is refused."""
+
+
 def frames(count: int = 2) -> np.ndarray:
     rng = np.random.default_rng(0)
     out = rng.integers(0, 60, (count, 256, 320, 3), dtype=np.uint8)
@@ -30,13 +34,18 @@ def random_models():
 
     torch.manual_seed(0)
     detector, pose_model = build_models(None, None, "cpu", flip_test=True)
-    # Random YOLOX heads start at a 1% prior (no box over 0.5): raise objectness and the
-    # person class so the box selection path runs, with distinct scores per anchor.
+    # Freshly initialised YOLOX heads give every anchor the same ~1% score. Make the scores
+    # depend on the image (large objectness weights) with distinct maxima, every anchor a
+    # person, and boxes of tens of pixels, so box selection and the crop are exercised.
     with torch.no_grad():
         for conv in detector.bbox_head.multi_level_conv_obj:
-            conv.bias.fill_(3.0)
+            conv.weight.mul_(3000.0)
+            conv.bias.fill_(0.5)
         for conv in detector.bbox_head.multi_level_conv_cls:
             conv.bias[0] = 3.0
+        for conv in detector.bbox_head.multi_level_conv_reg:
+            conv.weight.mul_(1000.0)
+            conv.bias[2:] = float(np.log(6.0))
     return detector, pose_model
 
 
@@ -122,10 +131,7 @@ def test_checkpoints_are_loaded_weights_only(random_models, tmp_path):
     loaded = load_detector("mmpose", tmp_path, device="cpu")
     for name, tensor in pose_model.state_dict().items():
         assert torch.equal(loaded._pose.state_dict()[name], tensor), name
-    assert torch.equal(loaded._det.bbox_head.multi_level_conv_obj[0].bias, torch.full((1,), 3.0))
-
-    class Payload:  # anything needing a full unpickle is refused
-        pass
+    assert torch.equal(loaded._det.bbox_head.multi_level_conv_obj[0].bias, torch.full((1,), 0.5))
 
     torch.save({"state_dict": {}, "x": Payload()}, tmp_path / DWPOSE_PTH.filename)
     with pytest.raises(InvalidCheckpointError, match="weights-only"):

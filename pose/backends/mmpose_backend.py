@@ -83,13 +83,14 @@ def build_models(detector_ckpt: Path | None, pose_ckpt: Path | None, device: str
 
     det_cfg = Config.fromfile(str(DETECTOR_CONFIG))
     detector = init_detector(det_cfg, None, device="cpu")
-    if detector_ckpt is not None:
-        load_weights(detector, detector_ckpt)
     pose_cfg = Config.fromfile(str(POSE_CONFIG))
     pose_cfg.model.test_cfg.flip_test = flip_test
     pose_model = init_model(pose_cfg, None, device="cpu")
-    if pose_ckpt is not None:
-        load_weights(pose_model, pose_ckpt)
+    for model, ckpt in ((detector, detector_ckpt), (pose_model, pose_ckpt)):
+        if ckpt is None:
+            model.init_weights()  # the models' own init: activations of a sane scale
+        else:
+            load_weights(model, ckpt)
     return detector.to(device).eval(), pose_model.to(device).eval()
 
 
