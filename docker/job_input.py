@@ -3,7 +3,7 @@
 A job input is either
 - `{"workflow": {...API format...}, "images": [{"name": ..., "image": <media>}]}`: run that
   workflow; the listed files are uploaded to ComfyUI's input folder first, under their names;
-- or a simple request that fills in the bundled workflow (workflows/steadydancer_api.json):
+- or a simple request that fills in the bundled workflow (workflows/api/steadydancer_api.json):
   `{"image": <media>, "video": <media>, "prompt": ..., "negative_prompt": ...,
     "seed": int, "width": int, "height": int (or "size": "480x832" / [480, 832]),
     "length": int, "steps": int, "model": "<file in diffusion_models>"}`;
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "steadydancer_api.json"
+WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "steadydancer_api.json"
 MAX_SEED = 2**63 - 1
 SIMPLE_FIELDS = frozenset(
     {"image", "video", "prompt", "negative_prompt", "seed", "width", "height", "size", "length",

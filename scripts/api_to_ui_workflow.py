@@ -1,4 +1,4 @@
-"""Regenerate workflows/steadydancer.json (UI format) from workflows/steadydancer_api.json.
+"""Regenerate workflows/steadydancer.json (UI format) from workflows/api/steadydancer_api.json.
 
 The UI format (node positions, widget order, link table) is what ComfyUI's frontend writes;
 rather than imitate it, this asks the frontend itself: it starts ComfyUI with this package,
@@ -67,7 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     from selenium import webdriver
 
-    api = json.loads((REPO_ROOT / "workflows" / "steadydancer_api.json").read_text())
+    api = json.loads((REPO_ROOT / "workflows" / "api" / "steadydancer_api.json").read_text())
     with tempfile.TemporaryDirectory() as work:
         server = ComfyServer(args.comfyui, Path(work), args.models)
         os.environ.setdefault("SE_AVOID_STATS", "true")

@@ -18,7 +18,7 @@ It writes, under OUT (ComfyUI's folder layout, usable as an extra_model_paths ba
   inputs and outputs that always find one person in a fixed pose;
 - input/steadydancer_reference.png and input/steadydancer_driving.mp4: a synthetic reference
   image and driving video.
-`--graph FILE` also writes workflows/steadydancer_api.json rewritten to use these files at a
+`--graph FILE` also writes workflows/api/steadydancer_api.json rewritten to use these files at a
 tiny size (what `scripts/setup.sh`, the integration tests and the container test submit).
 Random weights produce noise, not a dance: this proves the plumbing, not the model.
 """
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing {path}", flush=True)
         build(path)
     if args.graph:
-        api = json.loads((REPO_ROOT / "workflows" / "steadydancer_api.json").read_text())
+        api = json.loads((REPO_ROOT / "workflows" / "api" / "steadydancer_api.json").read_text())
         args.graph.write_text(json.dumps(demo_graph(api), indent=2))
     return 0
 

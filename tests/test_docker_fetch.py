@@ -112,10 +112,10 @@ def test_manifest_folders_are_ones_the_entrypoint_registers():
 
 
 def test_default_models_are_the_files_the_bundled_workflow_loads():
-    """`STEADYDANCER_FETCH=default` must provide what workflows/steadydancer_api.json asks for."""
+    """`STEADYDANCER_FETCH=default` must provide what workflows/api/steadydancer_api.json asks for."""
     manifest = fm.load_manifest(DOCKER / "models.yaml")
     provided = {Path(e.target or e.file or "").name for e in fm.select(manifest, "default")}
-    workflow = json.loads((REPO / "workflows" / "steadydancer_api.json").read_text())
+    workflow = json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text())
     wanted = {
         node["inputs"][key]
         for node in workflow.values()
@@ -128,7 +128,7 @@ def test_default_models_are_the_files_the_bundled_workflow_loads():
 def test_default_diffusion_model_is_the_one_the_bundled_workflow_loads():
     manifest = fm.load_manifest(DOCKER / "models.yaml")
     provided = {Path(e.target or e.file or "").name for e in fm.select(manifest, "default")}
-    workflow = json.loads((REPO / "workflows" / "steadydancer_api.json").read_text())
+    workflow = json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text())
     names = {n["inputs"]["model_name"] for n in workflow.values() if n["class_type"] == "SteadyDancerModelLoader"}
     assert names <= provided
 

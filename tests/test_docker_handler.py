@@ -41,7 +41,7 @@ rh = _load("runpod_handler")
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 MP4 = b"\x00\x00\x00\x20ftypisom" + b"\x00" * 64
-WORKFLOW = json.loads((REPO / "workflows" / "steadydancer_api.json").read_text())
+WORKFLOW = json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text())
 
 
 def b64(data: bytes) -> str:
@@ -82,7 +82,7 @@ def test_simple_request_fills_in_the_bundled_workflow():
     assert nodes(wf, "BasicScheduler")[0]["inputs"]["steps"] == 12
     assert nodes(wf, "SteadyDancerModelLoader")[0]["inputs"]["model_name"] == "other.gguf"
     assert job.seed == 7
-    assert json.loads((REPO / "workflows" / "steadydancer_api.json").read_text()) == WORKFLOW  # not mutated
+    assert json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text()) == WORKFLOW  # not mutated
 
 
 def test_simple_request_keeps_the_workflows_defaults_and_draws_a_seed():

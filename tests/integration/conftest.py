@@ -26,7 +26,7 @@ def _comfyui_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def api_workflow() -> dict:
-    return json.loads((REPO_ROOT / "workflows" / "steadydancer_api.json").read_text())
+    return json.loads((REPO_ROOT / "workflows" / "api" / "steadydancer_api.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -122,6 +122,6 @@ def test_unknown_missing_person_policy_is_refused(comfy_server, demo_graph: dict
 
 def test_workflow_templates_are_served(comfy_server) -> None:
     templates = comfy_server.get("/workflow_templates").json()
-    assert "steadydancer" in templates.get("comfyui-steadydancer", [])
+    assert templates.get("comfyui-steadydancer") == ["steadydancer"], "only the UI-format graph is a template"
     ui = comfy_server.get("/api/workflow_templates/comfyui-steadydancer/steadydancer.json")
     assert ui.ok and ui.json()["nodes"]
