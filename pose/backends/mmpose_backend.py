@@ -10,6 +10,7 @@ YOLOX; the pose data preprocessor turns BGR into RGB).
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..errors import InvalidCheckpointError, PoseDependencyError
 from .base import PoseDetector, WholeBody
 from .geometry import select_people
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DETECTOR_CONFIG = CONFIG_DIR / "yolox_l_8xb8-300e_coco.py"
 POSE_CONFIG = CONFIG_DIR / "dwpose-l_384x288.py"
@@ -75,6 +77,18 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def mmcv_has_cuda_ops(device: str) -> bool:
+    """Whether mmcv's compiled NMS runs on `device` (a build without FORCE_CUDA=1 has CPU ops only)."""
+    import torch
+    from mmcv.ops import nms
+
+    try:
+        nms(torch.zeros(1, 4, device=device), torch.ones(1, device=device), 0.5)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
 def build_models(detector_ckpt: Path | None, pose_ckpt: Path | None, device: str, flip_test: bool):
     """(detector, pose model) from the shipped configs; random weights where ckpt is None."""
     from mmdet.apis import init_detector
@@ -118,6 +132,13 @@ class MMPoseDetector(PoseDetector):
             self.device,
             flip_test,
         )
+        if self.device != "cpu" and not mmcv_has_cuda_ops(self.device):
+            log.warning(
+                "mmcv was built without CUDA ops: the YOLOX detector runs on the CPU, the pose "
+                "model on %s (rebuild mmcv with FORCE_CUDA=1 for GPU detection)",
+                self.device,
+            )
+            self._det = self._det.cpu()
         self._det_pipeline = Compose(self._det.cfg.test_dataloader.dataset.pipeline)
         self._pose_pipeline = Compose(self._pose.cfg.test_dataloader.dataset.pipeline)
         self._collate = pseudo_collate
