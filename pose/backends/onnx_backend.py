@@ -9,6 +9,8 @@ dynamic, one image at a time when it is fixed (the public yolox_l.onnx takes [1,
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +22,7 @@ SIMCC_X_BINS = int(g.POSE_INPUT_SIZE[0] * g.SIMCC_SPLIT_RATIO)  # 576
 SIMCC_Y_BINS = int(g.POSE_INPUT_SIZE[1] * g.SIMCC_SPLIT_RATIO)  # 768
 
 
-def import_onnxruntime():
+def import_onnxruntime() -> ModuleType:
     try:
         import onnxruntime
     except ImportError as exc:
@@ -31,7 +33,7 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def providers_for(ort, device: str | None) -> tuple[list, str]:
+def providers_for(ort: ModuleType, device: str | None) -> tuple[list, str]:
     """onnxruntime providers for a device string ("cpu", "cuda", "cuda:1", None = best)."""
     available = ort.get_available_providers()
     has_cuda = "CUDAExecutionProvider" in available
@@ -53,7 +55,7 @@ def providers_for(ort, device: str | None) -> tuple[list, str]:
     raise PoseDependencyError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
 
 
-def _session(ort, path: Path, providers: list, threads: int | None):
+def _session(ort: ModuleType, path: Path, providers: list, threads: int | None) -> Any:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -114,7 +116,12 @@ class OnnxPoseDetector(PoseDetector):
         self._simcc_names = [outputs[SIMCC_X_BINS], outputs[SIMCC_Y_BINS]]
 
     def _run(
-        self, session, feed_name: str, outputs: list[str] | None, x: np.ndarray, fixed: int | None
+        self,
+        session: Any,
+        feed_name: str,
+        outputs: list[str] | None,
+        x: np.ndarray,
+        fixed: int | None,
     ) -> list[np.ndarray]:
         step = fixed or len(x)
         parts = [session.run(outputs, {feed_name: x[i : i + step]}) for i in range(0, len(x), step)]
