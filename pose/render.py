@@ -47,6 +47,7 @@ HAND_JOINT_COLOUR = (0, 0, 255)
 FACE_RADIUS = 3
 FACE_COLOUR = (255, 255, 255)
 EPS = 0.01  # hand/face points whose integer pixel coordinate is <= EPS are not drawn
+MAX_PIXEL = 1 << 24  # farther points (absurd alignment scales) are not drawn: cv2 takes int32
 
 
 def hsv_to_rgb(h: float, s: float = 1.0, v: float = 1.0) -> tuple[float, float, float]:
@@ -67,7 +68,7 @@ HAND_EDGE_COLOURS = tuple(
 
 def _draw_body(canvas: np.ndarray, pose: Pose) -> np.ndarray:
     height, width = canvas.shape[:2]
-    present = pose.body_present
+    present = _pixel_points(pose.body, width, height)[1]
     for i, (a, b) in enumerate(LIMBS):
         if not (present[a - 1] and present[b - 1]):
             continue
@@ -94,8 +95,16 @@ def _draw_body(canvas: np.ndarray, pose: Pose) -> np.ndarray:
     return canvas
 
 
-def _pixels(points: np.ndarray, width: int, height: int) -> list[tuple[int, int]]:
-    return [(int(x * width), int(y * height)) for x, y in points.tolist()]
+def _pixel_points(
+    points: np.ndarray, width: int, height: int
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Integer pixels (truncated, as the reference does) and which points can be drawn."""
+    scaled = points * np.array([float(width), float(height)])
+    ok = ~missing_mask(points) & (np.abs(np.nan_to_num(scaled, nan=np.inf)) < MAX_PIXEL).all(
+        axis=-1
+    )
+    safe = np.where(ok[..., None], scaled, -1.0)
+    return [(int(x), int(y)) for x, y in safe.tolist()], ok
 
 
 def _drawn(point: tuple[int, int]) -> bool:
@@ -104,20 +113,20 @@ def _drawn(point: tuple[int, int]) -> bool:
 
 def _draw_hands(canvas: np.ndarray, pose: Pose) -> None:
     height, width = canvas.shape[:2]
-    for hand, absent in zip(pose.hands, missing_mask(pose.hands), strict=True):
-        px = _pixels(hand, width, height)
+    for hand in pose.hands:
+        px, ok = _pixel_points(hand, width, height)
         for (a, b), colour in zip(HAND_EDGES, HAND_EDGE_COLOURS, strict=True):
-            if not (absent[a] or absent[b]) and _drawn(px[a]) and _drawn(px[b]):
+            if ok[a] and ok[b] and _drawn(px[a]) and _drawn(px[b]):
                 cv2.line(canvas, px[a], px[b], colour, thickness=HAND_LINE_WIDTH)
-        for point, gone in zip(px, absent, strict=True):
-            if not gone and _drawn(point):
+        for point, drawable in zip(px, ok, strict=True):
+            if drawable and _drawn(point):
                 cv2.circle(canvas, point, HAND_JOINT_RADIUS, HAND_JOINT_COLOUR, thickness=-1)
 
 
 def _draw_face(canvas: np.ndarray, pose: Pose) -> None:
     height, width = canvas.shape[:2]
-    for point, gone in zip(_pixels(pose.face, width, height), missing_mask(pose.face), strict=True):
-        if not gone and _drawn(point):
+    for point, drawable in zip(*_pixel_points(pose.face, width, height), strict=True):
+        if drawable and _drawn(point):
             cv2.circle(canvas, point, FACE_RADIUS, FACE_COLOUR, thickness=-1)
 
 

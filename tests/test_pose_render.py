@@ -105,3 +105,15 @@ def test_bad_render_options():
         render_pose(make_pose(), 10, 10, colours="rainbow")
     with pytest.raises(PoseFormatError):
         render_pose(make_pose(), 0, 10)
+
+
+def test_non_finite_and_absurd_coordinates_are_skipped_not_fatal():
+    pose = make_pose()
+    pose.hands[0, 3] = (np.nan, 0.5)
+    pose.hands[1, 4] = (np.inf, 0.5)
+    pose.body[4] = (1e12, 0.5)  # r-wrist thrown away by an absurd scale
+    img = render_pose(pose, 64, 64)
+    assert img.any()
+    clean = make_pose()
+    clean.hands[0, 3] = clean.hands[1, 4] = clean.body[4] = -1
+    np.testing.assert_array_equal(img, render_pose(clean, 64, 64))
