@@ -424,6 +424,7 @@ MODEL_RUNS: list[list[str]] = [
     ["guidance", "--weights", "Q4_K"],
     ["model", "--weights", "Q4_K", "--snapshot", "--repeat", "1"],
     ["model", "--weights", "bf16", "--mode", "16 GB auto:16:auto"],
+    ["model", "--weights", "bf16", "--expandable", "--mode", "16 GB auto, expandable segments:16:auto"],
     ["model", "--weights", "Q4_K", "--mode", "16 GB auto:16:auto",
      "--mode", "16 GB all streamed:16:0", "--mode", "12 GB auto:12:auto"],
 ]  # fmt: skip
@@ -493,8 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--snapshot", action="store_true", help="model: list non-weight allocations"
     )
+    parser.add_argument(
+        "--expandable", action="store_true", help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    )
     parser.add_argument("--runs", default="", help="models/all: comma list of MODEL_RUNS indices")
     args = parser.parse_args(argv)
+    if args.expandable:  # read by the CUDA allocator at its first use, which comes later
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if not torch.cuda.is_available():
         print("bench_gpu needs a CUDA GPU; none is visible to torch", file=sys.stderr)
         return 2

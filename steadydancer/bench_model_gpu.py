@@ -103,18 +103,20 @@ def random_state_dict(
             raw = random_packed(quant, math.prod(shape), g, device)
             sd[name] = GGMLTensor(raw, tensor_type=quant, tensor_shape=shape)
             continue
-        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+        # made in bf16 and scaled in place: no float32 temporaries, so each weight gets its
+        # own allocator segment, as when a file is loaded (no fragmentation of our making)
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16)
         leaf = name.rsplit(".", 1)[-1]
         if "norm" in name and leaf == "weight" and len(shape) in (1, 4):
-            t = 1.0 + 0.05 * t
+            t.mul_(0.05).add_(1.0)
         elif "modulation" in name:
-            t = 0.05 * t
+            t.mul_(0.05)
         elif leaf == "bias" or len(shape) == 1:
-            t = 0.01 * t
+            t.mul_(0.01)
         else:
             fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-            t = t / math.sqrt(fan_in)
-        sd[name] = t.to(torch.bfloat16)
+            t.mul_(1.0 / math.sqrt(fan_in))
+        sd[name] = t
     return sd
 
 
