@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 detect_resolution=args.detect_resolution,
                 batch_size=args.batch_size,
                 flip_test=not args.no_flip,
-                weights="real" if args.model_dir else "random",
+                weights=f"files in {args.model_dir}" if args.model_dir else "random",
             )
             if args.json:
                 print(json.dumps(result))
