@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{backend:7s} {result['device']:7s} {result['frames_per_s']:8.3f} frames/s "
                     f"({result['seconds'] / result['frames']:.3f} s/frame; {result['frames']} frames "
                     f"{result['size']}, detect {args.detect_resolution}, batch {args.batch_size}, "
-                    f"flip {result['flip_test']}, {result['weights']} weights)"
+                    f"flip {result['flip_test']}, weights: {result['weights']})"
                 )
     return status
 
