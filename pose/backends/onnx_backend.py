@@ -132,9 +132,9 @@ class OnnxPoseDetector(PoseDetector):
         boxed = [g.letterbox(image) for image in images]
         batch = np.stack([padded.transpose(2, 0, 1) for padded, _ in boxed]).astype(np.float32)
         raw = self._run(self._det, self._det_input, None, batch, self._det_batch)[0]
-        if raw.ndim != 3 or raw.shape[0] != len(images):
+        if raw.ndim != 3 or raw.shape[0] != len(images) or raw.shape[1] != len(g.yolox_grid()[0]):
             raise InvalidCheckpointError(
-                f"YOLOX output has shape {list(raw.shape)}, expected [N, 8400, 85]"
+                f"the detector's output has shape {list(raw.shape)}, expected YOLOX's [N, 8400, 85]"
             )
         return [
             g.select_people(*g.decode_yolox(out, scale))
