@@ -8,6 +8,8 @@ reference, the 640x640 letterbox, YOLOX box decoding and filtering, the bbox -> 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
 
@@ -51,15 +53,21 @@ def letterbox(
     return padded, (new_w / width, new_h / height)
 
 
+@lru_cache(maxsize=4)
 def yolox_grid(size: int = DETECTOR_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(cell xy [A, 2], stride [A, 1]) of the anchors, in YOLOX's output order."""
+    """(cell xy [A, 2], stride [A, 1]) of the anchors, in YOLOX's output order (read-only)."""
     grids, strides = [], []
     for stride in YOLOX_STRIDES:
         n = size // stride
         xv, yv = np.meshgrid(np.arange(n), np.arange(n))
         grids.append(np.stack((xv, yv), axis=2).reshape(-1, 2))
         strides.append(np.full((n * n, 1), stride))
-    return np.concatenate(grids).astype(np.float32), np.concatenate(strides).astype(np.float32)
+    grid, stride = (
+        np.concatenate(grids).astype(np.float32),
+        np.concatenate(strides).astype(np.float32),
+    )
+    grid.flags.writeable = stride.flags.writeable = False
+    return grid, stride
 
 
 def decode_yolox(
