@@ -76,7 +76,16 @@ def _flash_attn_2() -> AttentionFn:
 
 
 def _xformers() -> AttentionFn:
+    import xformers
     from xformers.ops import memory_efficient_attention
+
+    if getattr(xformers, "_has_cpp_library", True) is False:
+        # Seen on an H100 with torch 2.11 and xformers 0.0.35 (built for torch 2.10): the
+        # import works, every call raises "No operator found". Treat it as not installed.
+        raise RuntimeError(
+            f"xformers {getattr(xformers, '__version__', '?')} imports but its compiled ops do not "
+            f"load with torch {torch.__version__}; install the xformers build made for this torch"
+        )
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return memory_efficient_attention(q, k, v)
