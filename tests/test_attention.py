@@ -122,8 +122,13 @@ def test_failing_backend_is_dropped_with_one_warning(monkeypatch, caplog):
         assert disp.backend_used == "sdpa"
         assert disp.dropped == {"flash_attn_2"}
         assert len(calls) == 1  # not retried
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1 and "flash_attn_2" in warnings[0].getMessage()
+        # only the dropped backend's warning counts: a broken optional install elsewhere on
+        # the machine (an xformers built for another torch) may warn once on its own
+        warnings = [
+            r for r in caplog.records
+            if r.levelno == logging.WARNING and "flash_attn_2" in r.getMessage()
+        ]
+        assert len(warnings) == 1
         torch.testing.assert_close(out1.double(), _reference(q, k, v), rtol=1e-4, atol=1e-5)
         assert torch.equal(out1, out2)
         # an explicit choice is never replaced silently
