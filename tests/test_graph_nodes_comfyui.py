@@ -6,14 +6,10 @@ that writes a JSON report; each test asserts one behaviour a user depends on.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-
-from scripts.comfyui_demo import comfyui_python
+from comfyui_report import result, run_checks
 
 pytestmark = pytest.mark.comfyui
 
@@ -22,19 +18,7 @@ CHECKS = Path(__file__).with_name("comfyui_graph_checks.py")
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("graph_nodes") / "report.json"
-    python = comfyui_python(Path(os.environ["COMFYUI_DIR"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([python, str(CHECKS), str(out)], capture_output=True, text=True, timeout=600, env=env)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"the ComfyUI check process failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
-
-
-def result(report: dict, name: str) -> dict:
-    entry = report[name]
-    assert entry["ok"], f"{entry['error']}\n{entry['traceback']}"
-    return entry
+    return run_checks(CHECKS, tmp_path_factory.mktemp("graph_nodes"), timeout=600)
 
 
 def test_dwpose_folder_is_registered_next_to_extra_paths(report: dict) -> None:
