@@ -162,3 +162,34 @@ def test_letterbox_scale_maps_boxes_back_to_the_detection_image(tmp_path):
     detector = load_detector("onnx", tmp_path, device="cpu", flip_test=False)
     (boxes,) = detector.person_boxes([np.zeros((384, 768, 3), np.uint8)])
     np.testing.assert_allclose(boxes, [[120, 60, 360, 360]], atol=1e-3)
+
+
+def test_bench_cli_reports_frames_per_second(model_dir, capsys):
+    import json
+
+    from pose.bench import main
+
+    argv = [
+        "--backend",
+        "onnx",
+        "--model-dir",
+        str(model_dir),
+        "--frames",
+        "2",
+        "--batch-size",
+        "1",
+    ]
+    argv += [
+        "--height",
+        "64",
+        "--width",
+        "80",
+        "--detect-resolution",
+        "64",
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["backend"] == "onnx" and result["frames"] == 2 and result["frames_per_s"] > 0
