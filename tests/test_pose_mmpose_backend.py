@@ -51,18 +51,9 @@ def random_models():
 
 @pytest.fixture(scope="module")
 def mm_detector(random_models):
-    from mmcv.transforms import Compose
-    from mmengine.dataset import pseudo_collate
-
     from pose.backends.mmpose_backend import MMPoseDetector
 
-    detector = MMPoseDetector.__new__(MMPoseDetector)
-    detector.device, detector.flip_test = "cpu", True
-    detector._det, detector._pose = random_models
-    detector._det_pipeline = Compose(detector._det.cfg.test_dataloader.dataset.pipeline)
-    detector._pose_pipeline = Compose(detector._pose.cfg.test_dataloader.dataset.pipeline)
-    detector._collate = pseudo_collate
-    return detector
+    return MMPoseDetector.from_models(*random_models, device="cpu", flip_test=True)
 
 
 def test_random_models_detect_end_to_end():

@@ -121,22 +121,37 @@ class MMPoseDetector(PoseDetector):
     ) -> None:
         """Checkpoint paths (None = random weights, for tests and benchmarks)."""
         import_stack()
+        resolved = resolve_device(device)
+        detector, pose_model = build_models(
+            None if detector_ckpt is None else Path(detector_ckpt),
+            None if pose_ckpt is None else Path(pose_ckpt),
+            resolved,
+            flip_test,
+        )
+        self._setup(detector, pose_model, resolved, flip_test)
+
+    @classmethod
+    def from_models(
+        cls, detector, pose_model, *, device: str = "cpu", flip_test: bool = True
+    ) -> MMPoseDetector:
+        """Wrap already built mmdet/mmpose models (as build_models returns them)."""
+        import_stack()
+        self = cls.__new__(cls)
+        self._setup(detector.to(device), pose_model.to(device), device, flip_test)
+        return self
+
+    def _setup(self, detector, pose_model, device: str, flip_test: bool) -> None:
         from mmcv.transforms import Compose
         from mmengine.dataset import pseudo_collate
 
-        self.device = resolve_device(device)
-        self.flip_test = flip_test
-        self._det, self._pose = build_models(
-            None if detector_ckpt is None else Path(detector_ckpt),
-            None if pose_ckpt is None else Path(pose_ckpt),
-            self.device,
-            flip_test,
-        )
-        if self.device != "cpu" and not mmcv_has_cuda_ops(self.device):
+        self.device, self.flip_test = device, flip_test
+        pose_model.test_cfg = {**pose_model.test_cfg, "flip_test": flip_test}  # read per predict
+        self._det, self._pose = detector, pose_model
+        if device != "cpu" and not mmcv_has_cuda_ops(device):
             log.warning(
                 "mmcv was built without CUDA ops: the YOLOX detector runs on the CPU, the pose "
                 "model on %s (rebuild mmcv with FORCE_CUDA=1 for GPU detection)",
-                self.device,
+                device,
             )
             self._det = self._det.cpu()
         self._det_pipeline = Compose(self._det.cfg.test_dataloader.dataset.pipeline)
