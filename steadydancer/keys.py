@@ -9,9 +9,12 @@ the code users run.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import ModelFileError
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
@@ -85,6 +88,40 @@ def pose_path_shapes(c: int = POSE_CHANNELS, dim: int = 5120, in_dim: int = 36) 
 
 
 POSE_PATH_KEYS: tuple[str, ...] = tuple(pose_path_shapes())
+
+# Tensors every Wan2.1 DiT has: their absence means the file is some other model.
+WAN_KEYS: tuple[str, ...] = ("head.modulation", "text_embedding.0.weight", "blocks.0.self_attn.q.weight")
+
+
+def missing_pose_path(names: Iterable[str]) -> list[str]:
+    """The pose-path tensors (SteadyDancer's additions to Wan2.1) absent from `names`."""
+    present = set(names)
+    return [k for k in POSE_PATH_KEYS if k not in present]
+
+
+def check_pose_path(names: Iterable[str], source: str = "the weights") -> None:
+    """Refuse what is not SteadyDancer with a ModelFileError that says what it is instead:
+    not a Wan DiT at all, a plain Wan2.1 file (the common wrong download), or a file with
+    part of the pose path (every missing tensor named)."""
+    present = set(names)
+    if not any(k in present for k in WAN_KEYS):
+        raise ModelFileError(
+            f"{source}: not a Wan2.1/SteadyDancer diffusion model (none of {', '.join(WAN_KEYS)} "
+            "is present). Load a SteadyDancer file (MCG-NJU/SteadyDancer-14B, its GGUF or Kijai's files)."
+        )
+    missing = missing_pose_path(present)
+    if not missing:
+        return
+    if len(missing) == len(POSE_PATH_KEYS):
+        raise ModelFileError(
+            f"{source}: a plain Wan2.1 model, not SteadyDancer: none of the {len(missing)} pose-path "
+            f"tensors is present ({', '.join(missing[:4])}, ...). Use the SteadyDancer weights "
+            "(MCG-NJU/SteadyDancer-14B, MCG-NJU/SteadyDancer-GGUF or Kijai's fp8/bf16 files)."
+        )
+    raise ModelFileError(
+        f"{source}: incomplete SteadyDancer weights: {len(missing)} pose-path tensors are missing: "
+        f"{', '.join(missing)}"
+    )
 
 
 @dataclass(frozen=True)

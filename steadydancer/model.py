@@ -35,7 +35,7 @@ from torch import nn
 
 from .attention import AttentionDispatcher, AttentionFn
 from .errors import ConditioningError, ModelFileError
-from .keys import ALIGN_HIDDEN, POSE_PATH_KEYS, strip_prefix
+from .keys import ALIGN_HIDDEN, check_pose_path, strip_prefix
 
 HEAD_DIM = 128  # every Wan2.1 size uses heads of 128 channels
 # heads of the tiny test models (keys.TinyConfig), whose dim is not a multiple of 128
@@ -136,32 +136,6 @@ def config_from_state_dict(
         clip_dim=shape("img_emb.proj.1.weight")[1],
         freq_dim=shape("time_embedding.0.weight")[1],
         patch=(patch[0], patch[1], patch[2]),
-    )
-
-
-WAN_KEYS = ("head.modulation", "text_embedding.0.weight", "blocks.0.self_attn.q.weight")
-
-
-def check_pose_path(names: Any, source: str = "the weights") -> None:
-    """Refuse what is not SteadyDancer: not a Wan DiT at all, or a Wan2.1 file without the pose
-    path (ModelFileError naming the missing pose-path tensors)."""
-    present = set(names)
-    if not any(k in present for k in WAN_KEYS):
-        raise ModelFileError(
-            f"{source}: not a Wan2.1/SteadyDancer diffusion model (none of {', '.join(WAN_KEYS)} is present)"
-        )
-    missing = [k for k in POSE_PATH_KEYS if k not in present]
-    if not missing:
-        return
-    if len(missing) == len(POSE_PATH_KEYS):
-        raise ModelFileError(
-            f"{source}: a plain Wan2.1 model, not SteadyDancer: none of the {len(missing)} pose-path "
-            f"tensors is present ({', '.join(missing[:4])}, ...). Use the SteadyDancer weights "
-            "(MCG-NJU/SteadyDancer-14B, its GGUF or Kijai's fp8/bf16 files)."
-        )
-    raise ModelFileError(
-        f"{source}: incomplete SteadyDancer weights: {len(missing)} pose-path tensors are missing: "
-        f"{', '.join(missing)}"
     )
 
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelFileError
-from .keys import strip_prefix
-from .model import check_pose_path
+from .keys import check_pose_path, strip_prefix
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")

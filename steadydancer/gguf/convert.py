@@ -39,9 +39,9 @@ import torch
 from tqdm import tqdm
 
 from ..errors import GGUFError, ModelFileError, SteadyDancerError, UnsupportedQuantError
-from ..keys import strip_prefix
+from ..keys import missing_pose_path, strip_prefix
 from .dequant import SUPPORTED_QTYPES, as_qtype, packed_nbytes, quantize, supported_names
-from .loader import WAN_ARCHITECTURE, WAN_KEY_SET, missing_pose_path
+from .loader import WAN_ARCHITECTURE, WAN_KEY_SET
 from .reader import ORIG_SHAPE_PREFIX
 
 Q = gguf.GGMLQuantizationType

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import SteadyDancerError
-from ..keys import POSE_PATH_KEYS
+from ..keys import POSE_PATH_KEYS, missing_pose_path
 from .dequant import SUPPORTED_QTYPES
-from .loader import check_architecture, missing_pose_path
+from .loader import check_architecture
 from .reader import read_gguf
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
 
 import gguf
 import torch
 
 from ..errors import ModelFileError, UnsupportedQuantError
-from ..keys import POSE_PATH_KEYS
+from ..keys import check_pose_path
 from .dequant import FLOAT_QTYPES, SUPPORTED_QTYPES, _reinterpret, supported_names
 from .ops import GGMLTensor
 from .reader import GGUFFile, GGUFTensor, read_gguf
@@ -54,29 +53,6 @@ def check_architecture(file: GGUFFile) -> str:
     raise ModelFileError(
         f"{file.path}: a {arch!r} model; SteadyDancer needs a Wan2.1-based ('wan') GGUF file "
         "such as MCG-NJU/SteadyDancer-GGUF"
-    )
-
-
-def missing_pose_path(names: Iterable[str]) -> list[str]:
-    """The pose-path tensors (spec: SteadyDancer's additions to Wan2.1) absent from `names`."""
-    present = set(names)
-    return [k for k in POSE_PATH_KEYS if k not in present]
-
-
-def check_pose_path(names: Iterable[str], source: str) -> None:
-    """Raise ModelFileError naming the missing pose-path tensors, if any."""
-    missing = missing_pose_path(names)
-    if not missing:
-        return
-    if len(missing) == len(POSE_PATH_KEYS):
-        raise ModelFileError(
-            f"{source}: this is a plain Wan2.1 model, not SteadyDancer: none of the "
-            f"{len(POSE_PATH_KEYS)} pose-path tensors is present ({', '.join(missing[:4])}, ...). "
-            "Use the SteadyDancer weights (e.g. MCG-NJU/SteadyDancer-GGUF)."
-        )
-    raise ModelFileError(
-        f"{source}: incomplete SteadyDancer file: {len(missing)} pose-path tensors are missing: "
-        f"{', '.join(missing)}"
     )
 
 
