@@ -74,7 +74,7 @@ class SteadyDancerModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=model_files(), tooltip="A SteadyDancer .gguf or .safetensors file in models/diffusion_models (or models/unet). Plain Wan2.1 files are refused."),
                 io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default", tooltip="Dtype of the computation (and of float weights). 'default' lets ComfyUI pick for your GPU (bf16 on recent NVIDIA cards)."),
-                io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", tooltip="Attention kernel for this model only. 'auto' takes the fastest installed (flash-attn, SageAttention, xformers, then PyTorch SDPA); 'comfy' uses ComfyUI's own choice (its --use-*-attention flags)."),
+                io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", tooltip="Attention kernel for this model only. 'auto' takes the fastest installed for your GPU (flash-attn 3, then flash-attn 2 / xformers / PyTorch SDPA; on Hopper SDPA comes before flash-attn 2); SageAttention is lossy and only used when chosen; 'comfy' uses ComfyUI's own choice (its --use-*-attention flags)."),
             ],
             outputs=[io.Model.Output(tooltip="The SteadyDancer model; use it with the SteadyDancer guider.")],
         )

@@ -13,8 +13,8 @@ What differs is speed, memory and where it runs:
 | sdpa           | PyTorch                           | everywhere                           |
 | math           | PyTorch, written out, chunked     | everywhere (the reference)           |
 
-`auto` takes the first installed backend of `AUTO_ORDER` that supports the tensors'
-device, dtype and head size. SageAttention quantises q and k to 8 bits, which changes the
+`auto` takes the first installed backend of `auto_order(device)` (AUTO_ORDER; on Hopper
+SDPA moves up, measured faster there) that supports the tensors' device, dtype and head size. SageAttention quantises q and k to 8 bits, which changes the
 result beyond bf16 noise, so `auto` never picks it: ask for it by name. A backend that
 raises when called (a wheel built for another GPU, a kernel without this shape) is dropped
 for the rest of the run with one warning and the next one is used; an explicitly chosen
@@ -45,8 +45,19 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 ENV_VAR = "STEADYDANCER_ATTENTION"
 BACKENDS: tuple[str, ...] = ("flash_attn_3", "flash_attn_2", "xformers", "sage", "sdpa", "math")
-# Fastest first (measured on Hopper: FA3 > FA2 ~ cuDNN/flash SDPA > xformers); sage is opt-in.
+# Fastest first before Hopper (FA2 ~ SDPA's own flash kernel > xformers); sage is opt-in (lossy).
 AUTO_ORDER: tuple[str, ...] = ("flash_attn_3", "flash_attn_2", "xformers", "sdpa", "math")
+# On Hopper PyTorch's SDPA dispatches to cuDNN's attention, which beat FA2-class kernels there
+# (H100, torch 2.11, 14B self-attention: SDPA 581 TFLOP/s, its FA2 kernel alone 354; see
+# docs/benchmarks.md), so there it goes right after FA3.
+HOPPER_AUTO_ORDER: tuple[str, ...] = ("flash_attn_3", "sdpa", "flash_attn_2", "xformers", "math")
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """The order `auto` tries backends in on this device (fastest first)."""
+    if device.type == "cuda" and cuda_capability(device)[0] >= 9:
+        return HOPPER_AUTO_ORDER
+    return AUTO_ORDER
 
 _HALF = frozenset({torch.float16, torch.bfloat16})
 _FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -330,7 +341,7 @@ class AttentionDispatcher:
             return [self.choice]
         return [
             n
-            for n in AUTO_ORDER
+            for n in auto_order(device)
             if n not in self.dropped
             and is_installed(n)
             and SPECS[n].supports(device, dtype, head_dim) is None

@@ -58,8 +58,8 @@ def test_selection_for_every_combination_of_installed_backends(fake_install, ins
     avail = A.available_backends(cuda, torch.bfloat16, 128)
     assert avail == [n for n in A.BACKENDS if n in installed or n in ("sdpa", "math")]
     auto = A.AttentionDispatcher("auto").candidates(cuda, torch.bfloat16, 128)
-    first = next(n for n in A.AUTO_ORDER if n in installed or n in ("sdpa", "math"))
-    assert auto[0] == first
+    # sm90 (the fixture's GPU): FA3, then SDPA (cuDNN attention, measured faster there), ...
+    assert auto == [n for n in A.HOPPER_AUTO_ORDER if n in installed or n in ("sdpa", "math")]
     assert "sage" not in auto  # lossy: only on request
     # float32: only xformers, sdpa, math can run it
     assert A.available_backends(cuda, torch.float32, 128) == [
@@ -76,6 +76,13 @@ def test_selection_for_every_combination_of_installed_backends(fake_install, ins
         else:
             with pytest.raises(AttentionBackendError, match="not installed"):
                 A.AttentionDispatcher(name)
+
+
+@pytest.mark.parametrize("installed", [(), ("flash_attn_2",), ("xformers",), ("flash_attn_2", "xformers")])
+def test_auto_prefers_flash_and_xformers_over_sdpa_before_hopper(fake_install, installed):
+    fake_install(set(installed), capability=(8, 9))
+    auto = A.AttentionDispatcher("auto").candidates(torch.device("cuda"), torch.float16, 128)
+    assert auto == [n for n in ("flash_attn_2", "xformers", "sdpa", "math") if n in installed or n in ("sdpa", "math")]
 
 
 def test_capability_dtype_and_head_size_limits(fake_install):
