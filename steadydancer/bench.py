@@ -4,132 +4,38 @@
     python -m steadydancer.bench --weights Q4_K --attention sdpa
     python -m steadydancer.bench --tiny --device cpu            # a few seconds on a laptop
 
-Random weights are made directly in their final form: float weights as random `dtype`
-tensors, quantised weights as random packed GGML blocks whose fp16 scale fields are
-overwritten with small finite values (random bytes would give NaN/inf scales), so a 14B
-model never exists in float first. The FLOP count is the matrix products of the forward
-pass (2*m*n*k each), stated per part in the output; element-wise work, norms, the pose path
-and dequantisation are not counted, so TFLOP/s is "useful matmul work per second".
+Random weights are made directly in their final form on the device (see bench_common):
+float weights as random `dtype` tensors, quantised weights as random packed GGML blocks
+whose fp16 scale fields are overwritten with small finite values (random bytes would give
+NaN/inf scales), so a 14B model never exists in float first. The FLOP count is
+bench_common.forward_flops: the matrix products of the forward pass (2*m*n*k each), stated
+per part in the output; element-wise work, norms, the pose path and dequantisation are not
+counted, so TFLOP/s is "useful matmul work per second".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .bench_common import (
+    FLOAT_WEIGHTS,
+    PACKED_TYPES,
+    forward_flops,
+    random_inputs,
+    random_weight,
+    shapes_for_video,
+)
 from .keys import TinyConfig
-from .model import CLIP_TOKENS, SteadyDancerConfig, SteadyDancerDiT
-
-# Byte offsets of the fp16 scale fields (d, and dmin/m where present) in one block.
-SCALE_FIELDS: dict[str, tuple[int, ...]] = {
-    "Q8_0": (0,),
-    "Q4_0": (0,),
-    "Q4_1": (0, 2),
-    "Q5_0": (0,),
-    "Q5_1": (0, 2),
-    "Q2_K": (80, 82),
-    "Q3_K": (108,),
-    "Q4_K": (0, 2),
-    "Q5_K": (0, 2),
-    "Q6_K": (208,),
-}
-FLOAT_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """Latent shapes of one run."""
-
-    batch: int
-    frames: int  # latent frames F (video frames 4(F-1)+1)
-    height: int  # latent h
-    width: int  # latent w
-    text_len: int
-
-    def grid(self, cfg: SteadyDancerConfig) -> tuple[int, int, int]:
-        """Token grid including the two reference frames."""
-        pt, ph, pw = cfg.patch
-        return self.frames // pt + 2, self.height // ph, self.width // pw
-
-    def tokens(self, cfg: SteadyDancerConfig) -> int:
-        return math.prod(self.grid(cfg))
-
-
-def shapes_for_video(
-    width: int, height: int, frames: int, batch: int = 1, text_len: int = 512
-) -> Shapes:
-    """Latent shapes of a video of `frames` frames (4k+1) at width x height pixels."""
-    if (frames - 1) % 4 or width % 16 or height % 16:
-        raise SystemExit(
-            f"video {width}x{height}x{frames}: frames must be 4k+1, width and height multiples of 16"
-        )
-    return Shapes(batch, (frames - 1) // 4 + 1, height // 8, width // 8, text_len)
-
-
-def forward_flops(cfg: SteadyDancerConfig, shapes: Shapes) -> dict[str, float]:
-    """Matrix-product FLOPs of one forward pass, by part."""
-    b, d, f = shapes.batch, cfg.dim, cfg.ffn_dim
-    n = shapes.tokens(cfg)
-    n_video = n - 2 * math.prod(shapes.grid(cfg)[1:])
-    ctx_text, ctx_img = cfg.text_len, CLIP_TOKENS
-    per_block = {
-        "self_attn_proj": 4 * 2 * n * d * d,
-        "self_attn_sdpa": 2 * 2 * n * n * d,
-        "cross_attn_proj": 2 * 2 * n * d * d + 2 * 2 * (ctx_text + ctx_img) * d * d,
-        "cross_attn_sdpa": 2 * 2 * n * (ctx_text + ctx_img) * d,
-        "ffn": 2 * 2 * n * d * f,
-    }
-    out = {k: float(b * cfg.num_layers * v) for k, v in per_block.items()}
-    pt, ph, pw = cfg.patch
-    patch = pt * ph * pw
-    out["embeddings_head"] = float(
-        b
-        * (
-            2 * n * d * (cfg.in_dim + 2 * cfg.in_dim_c) * patch  # patch embeddings
-            + 2 * ctx_text * d * (cfg.text_dim + d)  # text embedding
-            + 2 * 2 * ctx_img * (cfg.clip_dim * cfg.clip_dim + cfg.clip_dim * d)  # img_emb x2
-            + 2 * n_video * d * cfg.out_dim * patch  # head
-        )
-    )
-    out["total"] = sum(out.values())
-    return out
-
-
-# ------------------------------------------------------------------------------ random model
-def _random_float(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
-) -> torch.Tensor:
-    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-    t = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-    return t.mul_(1.0 / math.sqrt(max(fan_in, 1)))
-
-
-def random_packed(
-    qtype_name: str, shape: tuple[int, ...], device: torch.device, gen: torch.Generator
-) -> torch.Tensor:
-    """A GGMLTensor of random blocks with valid, small scales (weights ~ 1/sqrt(fan_in))."""
-    import gguf
-
-    from .gguf.ops import GGMLTensor
-
-    qtype = gguf.GGMLQuantizationType[qtype_name]
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    n_blocks = math.prod(shape) // block
-    data = torch.randint(0, 256, (n_blocks, size), dtype=torch.uint8, device=device, generator=gen)
-    scale = 1.0 / (64.0 * math.sqrt(shape[-1]))  # quants of up to ~64 steps times this
-    bits = torch.tensor([scale], dtype=torch.float16).view(torch.uint8).to(device)
-    for offset in SCALE_FIELDS[qtype_name]:
-        data[:, offset : offset + 2] = bits
-    return GGMLTensor(data.reshape(-1), tensor_type=qtype, tensor_shape=shape)
+from .model import SteadyDancerConfig, SteadyDancerDiT
 
 
 def build_random_model(
@@ -150,9 +56,9 @@ def build_random_model(
     from .gguf.ops import GGMLLayer, GGMLOps
 
     quant = weights.upper() if weights.lower() not in FLOAT_WEIGHTS else None
-    if quant is not None and quant not in SCALE_FIELDS:
+    if quant is not None and quant not in PACKED_TYPES:
         raise SystemExit(
-            f"--weights {weights}: use bf16, fp16, fp32 or one of {', '.join(SCALE_FIELDS)}"
+            f"--weights {weights}: use bf16, fp16, fp32 or one of {', '.join(PACKED_TYPES)}"
         )
     float_dtype = compute_dtype if quant else FLOAT_WEIGHTS[weights.lower()]
     ops = GGMLOps if quant else nn
@@ -162,56 +68,22 @@ def build_random_model(
         )
     model.compute_dtype = compute_dtype
     gen = torch.Generator(device=device).manual_seed(seed)
-    if quant:
-        import gguf
-
-        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant]][0]
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
             shape = tuple(param.shape)
             full = f"{module_name}.{name}"
-            if (
-                quant
-                and isinstance(module, GGMLLayer)
-                and isinstance(module, nn.Linear)
-                and name == "weight"
-                and shape[-1] % block == 0
-            ):
-                value = random_packed(quant, shape, device, gen)
-            elif full.endswith("modulation"):
-                value = _random_float(shape, param.dtype, device, gen)
-            elif name == "weight" and (len(shape) == 1 or "norm" in full):
-                value = torch.ones(shape, dtype=param.dtype, device=device)
-            elif name == "bias" or name == "in_proj_bias":
-                value = torch.zeros(shape, dtype=param.dtype, device=device)
-            else:
-                value = _random_float(shape, param.dtype, device, gen)
+            value = random_weight(
+                full,
+                shape,
+                quant=quant if isinstance(module, GGMLLayer) else None,
+                dtype=param.dtype,
+                device=device,
+                generator=gen,
+            )
             module._parameters[name] = nn.Parameter(value, requires_grad=False)
     return model.eval()
-
-
-def random_inputs(
-    cfg: SteadyDancerConfig, shapes: Shapes, device: torch.device, dtype: torch.dtype, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    g = torch.Generator(device=device).manual_seed(seed)
-    b, f, h, w = shapes.batch, shapes.frames, shapes.height, shapes.width
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, device=device, dtype=dtype, generator=g)
-
-    return {
-        "x": rnd(b, cfg.out_dim, f, h, w),
-        "t": torch.full((b,), 500.0, device=device),
-        "text": rnd(b, shapes.text_len, cfg.text_dim),
-        "clip_x": rnd(b, CLIP_TOKENS, cfg.clip_dim),
-        "clip_c": rnd(b, CLIP_TOKENS, cfg.clip_dim),
-        "y": rnd(b, cfg.in_dim - cfg.out_dim, f, h, w),
-        "pose": rnd(b, cfg.in_dim_c, f, h, w),
-        "ref_x": rnd(b, cfg.in_dim, 1, h, w),
-        "ref_c": rnd(b, cfg.in_dim, 1, h, w),
-    }
 
 
 # ------------------------------------------------------------------------------ timing
@@ -262,7 +134,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = SteadyDancerConfig()
     if args.layers is not None:
         cfg = replace(cfg, num_layers=args.layers)
-    shapes = shapes_for_video(args.width, args.height, args.frames, args.batch)
+    try:
+        shapes = shapes_for_video(args.width, args.height, args.frames, args.batch)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     torch.manual_seed(args.seed)
     build_device = device if args.memory in (None, "full") else torch.device("cpu")
     start = time.perf_counter()
@@ -360,6 +235,14 @@ def format_result(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# video size options: flag, meaning, default, default with --tiny
+VIDEO_ARGS = (
+    ("--width", "video width in pixels", 832, 128),
+    ("--height", "video height in pixels", 480, 128),
+    ("--frames", "video frames, 4k+1", 81, 17),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m steadydancer.bench", description=__doc__.splitlines()[0]
@@ -381,21 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--attention", default="auto", help="auto or a backend of steadydancer.attention"
     )
-    p.add_argument(
-        "--width",
-        type=int,
-        default=None,
-        help="video width in pixels (default 832; 128 with --tiny)",
-    )
-    p.add_argument(
-        "--height",
-        type=int,
-        default=None,
-        help="video height in pixels (default 480; 128 with --tiny)",
-    )
-    p.add_argument(
-        "--frames", type=int, default=None, help="video frames, 4k+1 (default 81; 17 with --tiny)"
-    )
+    for flag, what, default, tiny in VIDEO_ARGS:
+        p.add_argument(
+            flag, type=int, default=None, help=f"{what} (default {default}; {tiny} with --tiny)"
+        )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument(
         "--layers", type=int, default=None, help="number of blocks (default: all of the model size)"
@@ -409,10 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line as well")
     args = p.parse_args(argv)
-    small = args.tiny
-    args.width = args.width or (128 if small else 832)
-    args.height = args.height or (128 if small else 480)
-    args.frames = args.frames or (17 if small else 81)
+    for flag, _, default, tiny in VIDEO_ARGS:
+        name = flag.lstrip("-")
+        setattr(args, name, getattr(args, name) or (tiny if args.tiny else default))
     return args
 
 

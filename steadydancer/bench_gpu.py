@@ -129,36 +129,18 @@ def bench_matmul() -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ dequant
-def _random_packed(qtype_name: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
-    """Random GGUF blocks on the GPU with finite, small fp16 scales (realistic magnitudes)."""
-    from .gguf.triton_dequant import BLOCK_LAYOUT
-
-    block_elems, block_bytes = BLOCK_LAYOUT[qtype_name]
-    n_blocks = shape[0] * shape[1] // block_elems
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    raw = torch.randint(
-        0, 256, (n_blocks, block_bytes), dtype=torch.uint8, device="cuda", generator=g
-    )
-    d = (torch.rand(n_blocks, 1, device="cuda", generator=g) * 1e-3 + 1e-4).half().view(torch.uint8)
-    if qtype_name == "Q6_K":
-        raw[:, 208:210] = d
-    else:
-        raw[:, 0:2] = d
-        if qtype_name in ("Q4_K", "Q5_K"):
-            raw[:, 2:4] = d
-    return raw.reshape(-1)
-
-
 def bench_dequant(shape: tuple[int, int] = (13824, 5120)) -> list[dict[str, Any]]:
     """Plain PyTorch dequant (dequant.py) vs the fused Triton kernels, bf16 output."""
     import gguf
 
+    from .bench_common import random_packed
     from .gguf import dequant, triton_dequant
 
     rows = []
     for name in ("Q4_K", "Q5_K", "Q6_K", "Q8_0"):
         qtype = gguf.GGMLQuantizationType[name]
-        raw = _random_packed(name, shape, seed=len(rows))
+        g = torch.Generator(device="cuda").manual_seed(len(rows))
+        raw = random_packed(name, shape, device="cuda", generator=g)
         out_bytes = shape[0] * shape[1] * 2
         moved = raw.numel() + out_bytes
 

@@ -11,71 +11,33 @@ checked to be finite and, for the memory-saving modes, compared with the full-VR
 from __future__ import annotations
 
 import gc
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .bench_common import Shapes, forward_flops, random_inputs, random_weight, shapes_for_video
 from .bench_gpu import GIB, cuda_time
+from .model import SteadyDancerConfig
 
-DIMS_14B = dict(
-    dim=5120,
-    ffn_dim=13824,
-    num_layers=40,
-    in_dim=36,
-    out_dim=16,
-    text_dim=4096,
-    clip_dim=1280,
-    freq_dim=256,
-)
-NUM_HEADS_14B = 40
-
-
-def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int]:
-    """(F, h, w) of the latent for a video: 4(F-1)+1 frames, stride 8 in space."""
-    if (frames - 1) % 4:
-        raise ValueError(f"frame count must be 4k+1, got {frames}")
-    return (frames - 1) // 4 + 1, height // 8, width // 8
-
-
-def tokens_for(width: int, height: int, frames: int) -> int:
-    F, h, w = latent_shape(width, height, frames)
-    return (F + 2) * (h // 2) * (w // 2)
-
-
-def forward_flops(
-    tokens: int,
-    *,
-    dim: int,
-    ffn_dim: int,
-    num_layers: int,
-    context: int = 512 + 257,
-    batch: int = 1,
-) -> float:
-    """Multiply-adds x2 of the transformer blocks (linears and attention), per forward.
-
-    Per block: self-attention q,k,v,o and cross-attention q,o on every token (6 L d^2 MACs),
-    the FFN (2 L d f), cross k,v on the context (small), self-attention scores and values
-    (2 L^2 d) and cross-attention (2 L ctx d). Embeddings and the head are < 0.1% and left out.
-    """
-    L, d, f = tokens, dim, ffn_dim
-    macs = 6 * L * d * d + 2 * L * d * f + 4 * context * d * d + 2 * L * L * d + 2 * L * context * d
-    return 2.0 * macs * num_layers * batch
+# the published 14B checkpoint's sizes (keys.model_shapes' arguments), from the config defaults
+DIMS_14B = {
+    name: getattr(SteadyDancerConfig(), name)
+    for name in (
+        "dim",
+        "ffn_dim",
+        "num_layers",
+        "in_dim",
+        "out_dim",
+        "text_dim",
+        "clip_dim",
+        "freq_dim",
+    )
+}
 
 
 # ------------------------------------------------------------------------------ weights
-def _quantised(name: str, shape: tuple[int, ...], block: int, min_elements: int) -> bool:
-    """Which tensors a GGUF converter stores quantised: large 2-D weights."""
-    return (
-        name.endswith(".weight")
-        and len(shape) == 2
-        and shape[-1] % block == 0
-        and math.prod(shape) >= min_elements
-    )
-
-
 def random_state_dict(
     weights: str,
     *,
@@ -84,64 +46,27 @@ def random_state_dict(
     dims: dict[str, int] | None = None,
     min_elements: int = 1 << 20,
 ) -> dict[str, torch.Tensor]:
-    """A 14B-shaped state dict of random weights made on `device` (bf16 or packed GGUF blocks)."""
+    """A 14B-shaped state dict of random weights made on `device`: bf16 tensors, and for a
+    GGUF type packed blocks for the tensors a converter would quantise (large 2-D weights)."""
     from .keys import model_shapes
 
-    dims = dims or DIMS_14B
-    shapes = model_shapes(**dims)
+    shapes = model_shapes(**(dims or DIMS_14B))
     g = torch.Generator(device=device).manual_seed(seed)
     quant = None if weights.lower() in ("bf16", "bfloat16") else weights.upper()
     sd: dict[str, torch.Tensor] = {}
-    if quant is not None:
-        from .gguf.ops import GGMLTensor
-        from .gguf.triton_dequant import BLOCK_LAYOUT
-
-        block_elems = BLOCK_LAYOUT[quant][0]
     for name, shape in shapes.items():
-        shape = tuple(shape)
-        if quant is not None and _quantised(name, shape, block_elems, min_elements):
-            raw = random_packed(quant, math.prod(shape), g, device)
-            sd[name] = GGMLTensor(raw, tensor_type=quant, tensor_shape=shape)
-            continue
-        # made in bf16 and scaled in place: no float32 temporaries, so each weight gets its
-        # own allocator segment, as when a file is loaded (no fragmentation of our making)
-        t = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16)
-        leaf = name.rsplit(".", 1)[-1]
-        if "norm" in name and leaf == "weight" and len(shape) in (1, 4):
-            t.mul_(0.05).add_(1.0)
-        elif "modulation" in name:
-            t.mul_(0.05)
-        elif leaf == "bias" or len(shape) == 1:
-            t.mul_(0.01)
-        else:
-            fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-            t.mul_(1.0 / math.sqrt(fan_in))
-        sd[name] = t
+        # bf16, scaled in place: no float32 temporaries, so each weight gets its own
+        # allocator segment, as when a file is loaded (no fragmentation of our making)
+        sd[name] = random_weight(
+            name,
+            tuple(shape),
+            quant=quant,
+            dtype=torch.bfloat16,
+            device=device,
+            generator=g,
+            min_elements=min_elements,
+        )
     return sd
-
-
-def random_packed(qtype: str, n_elements: int, g: torch.Generator, device: str) -> torch.Tensor:
-    """Random GGUF blocks with finite fp16 scales sized so weights stay ~1/sqrt(fan_in)."""
-    from .gguf.triton_dequant import BLOCK_LAYOUT
-
-    block_elems, block_bytes = BLOCK_LAYOUT[qtype]
-    n_blocks = n_elements // block_elems
-    raw = torch.randint(
-        0, 256, (n_blocks, block_bytes), dtype=torch.uint8, device=device, generator=g
-    )
-    scale = {"Q8_0": 1.2e-4, "Q6_K": 4e-5, "Q5_K": 1e-5, "Q4_K": 2e-5}[qtype]
-    d = (
-        (torch.rand(n_blocks, 1, device=device, generator=g) * scale + scale / 4)
-        .half()
-        .view(torch.uint8)
-    )
-    if qtype == "Q6_K":
-        raw[:, 208:210] = d
-    else:
-        raw[:, 0:2] = d
-        if qtype in ("Q4_K", "Q5_K"):
-            raw[:, 2:4] = d
-    return raw.reshape(-1)
 
 
 def build_model(
@@ -172,34 +97,34 @@ def build_model(
     return model.eval()
 
 
-def random_inputs(
-    batch: int,
-    width: int,
-    height: int,
-    frames: int,
-    *,
-    seed: int = 1,
-    dims: dict[str, int] | None = None,
-    device: str = "cuda",
-) -> dict[str, torch.Tensor]:
-    dims = dims or DIMS_14B
-    F, h, w = latent_shape(width, height, frames)
-    g = torch.Generator(device=device).manual_seed(seed)
+def _inputs(model: torch.nn.Module, shapes: Shapes, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random float32 forward inputs on the GPU (t = 700, as in the recorded runs)."""
+    return random_inputs(model.config, shapes, "cuda", seed=seed, timestep=700.0)
 
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, device=device)
 
-    return dict(
-        x=r(batch, 16, F, h, w),
-        t=torch.full((batch,), 700.0, device=device),
-        text=r(batch, 512, dims["text_dim"]),
-        clip_x=r(batch, 257, dims["clip_dim"]),
-        clip_c=r(batch, 257, dims["clip_dim"]),
-        y=r(batch, 20, F, h, w),
-        pose=r(batch, 16, F, h, w),
-        ref_x=r(batch, 36, 1, h, w),
-        ref_c=r(batch, 36, 1, h, w),
-    )
+def _run_and_time(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeat: int
+) -> tuple[torch.Tensor, float]:
+    """One untimed forward (its output, to compare with), then the median of `repeat`."""
+    with torch.inference_mode():
+        out = model(**inputs)
+        return out, cuda_time(lambda: model(**inputs), warmup=0, repeat=repeat)
+
+
+def _timed_row(
+    model: torch.nn.Module, weights: str, mode: str, seconds: float, flops: float, **extra: Any
+) -> dict[str, Any]:
+    """A result row of a timed forward: speed, peak memory since the last reset, backend."""
+    return {
+        "part": "model",
+        "weights": weights,
+        "mode": mode,
+        "seconds": seconds,
+        "tflops": flops / seconds / 1e12,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+        "attention": getattr(model.attention, "backend_used", None),
+        **extra,
+    }
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -244,30 +169,24 @@ def run_model(
             dict(r, weights=weights, when="after build") for r in persistent_allocations(model)
         )
     build_s = time.time() - t0
-    inputs = random_inputs(1, width, height, frames)
-    tokens = tokens_for(width, height, frames)
-    flops = forward_flops(
-        tokens, dim=DIMS_14B["dim"], ffn_dim=DIMS_14B["ffn_dim"], num_layers=DIMS_14B["num_layers"]
-    )
+    shapes = shapes_for_video(width, height, frames)
+    inputs = _inputs(model, shapes)
+    tokens = shapes.tokens(model.config)
+    flops = forward_flops(model.config, shapes)["total"]
     torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        ref = model(**inputs)
-        seconds = cuda_time(lambda: model(**inputs), warmup=0, repeat=repeat)
-    used = getattr(model.attention, "backend_used", None)
+    ref, seconds = _run_and_time(model, inputs, repeat)
     rows.append(
-        {
-            "part": "model",
-            "weights": weights,
-            "mode": "full VRAM",
-            "seconds": seconds,
-            "tflops": flops / seconds / 1e12,
-            "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-            "weights_gib": _weights_bytes(model) / GIB,
-            "attention": used,
-            "tokens": tokens,
-            "finite": bool(torch.isfinite(ref).all()),
-            "build_s": build_s,
-        }
+        _timed_row(
+            model,
+            weights,
+            "full VRAM",
+            seconds,
+            flops,
+            weights_gib=_weights_bytes(model) / GIB,
+            tokens=tokens,
+            finite=bool(torch.isfinite(ref).all()),
+            build_s=build_s,
+        )
     )
     print(rows[-1], flush=True)
     if snapshot:
@@ -283,16 +202,14 @@ def run_model(
             torch.cuda.reset_peak_memory_stats()
             out = model(**inputs)
         rows.append(
-            {
-                "part": "model",
-                "weights": weights,
-                "mode": "full VRAM, FFN chunks of 8192",
-                "seconds": s,
-                "tflops": flops / s / 1e12,
-                "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-                "attention": getattr(model.attention, "backend_used", None),
-                "rel_err_vs_full": _rel(out, ref),
-            }
+            _timed_row(
+                model,
+                weights,
+                "full VRAM, FFN chunks of 8192",
+                s,
+                flops,
+                rel_err_vs_full=_rel(out, ref),
+            )
         )
         print(rows[-1], flush=True)
         for r in profile_memory(model, inputs):
@@ -313,9 +230,7 @@ def run_model(
                 model.attention = _SdpaCudnn()
             else:
                 model.attention = AttentionDispatcher(backend=backend)
-            with torch.inference_mode():
-                out = model(**inputs)
-                s = cuda_time(lambda: model(**inputs), warmup=0, repeat=repeat)
+            out, s = _run_and_time(model, inputs, repeat)
             row.update(
                 seconds=s,
                 tflops=flops / s / 1e12,
@@ -388,9 +303,7 @@ def _run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat
             row.update(streamer.summary())
         row["allocated_after_attach_gib"] = torch.cuda.memory_allocated() / GIB
         torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            out = model(**inputs)
-            s = cuda_time(lambda: model(**inputs), warmup=0, repeat=repeat)
+        out, s = _run_and_time(model, inputs, repeat)
         row.update(
             seconds=s,
             tflops=flops / s / 1e12,
@@ -431,8 +344,9 @@ def run_guidance(
     from . import guidance
 
     model = build_model(weights)
-    base = random_inputs(1, width, height, frames)
-    neg = random_inputs(1, width, height, frames, seed=2)
+    shapes = shapes_for_video(width, height, frames)
+    base = _inputs(model, shapes)
+    neg = _inputs(model, shapes, seed=2)
     calls = {
         "cond": base,
         "uncond_text": {**base, "text": neg["text"]},

@@ -9,29 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steadydancer import bench_gpu
+from steadydancer import bench_common, bench_gpu
 from steadydancer import bench_model_gpu as bm
 
-SMALL = dict(
-    dim=256,
-    ffn_dim=512,
-    num_layers=2,
-    in_dim=36,
-    out_dim=16,
-    text_dim=256,
-    clip_dim=256,
-    freq_dim=256,
-)
+# a 2-layer model of width 256 with the 14B's channel counts
+SMALL = dict(bm.DIMS_14B, dim=256, ffn_dim=512, num_layers=2, text_dim=256, clip_dim=256)
 
 
-def test_token_count_and_flops_of_the_14b_setting():
-    assert bm.latent_shape(832, 480, 81) == (21, 60, 104)
-    assert bm.tokens_for(832, 480, 81) == 35_880
-    flops = bm.forward_flops(35_880, dim=5120, ffn_dim=13824, num_layers=40)
-    # ~1.9 PFLOP per forward: 55% attention scores, the rest linears
-    assert 1.85e15 < flops < 1.95e15
-    with pytest.raises(ValueError, match="4k\\+1"):
-        bm.latent_shape(832, 480, 80)
+def test_the_14b_dims_are_the_config_defaults():
+    from steadydancer.keys import model_shapes
+    from steadydancer.model import SteadyDancerConfig, config_from_state_dict
+
+    shapes = model_shapes(**bm.DIMS_14B)
+    cfg = config_from_state_dict({k: torch.empty(v, device="meta") for k, v in shapes.items()})
+    assert cfg == SteadyDancerConfig()
 
 
 @pytest.mark.parametrize("weights", ["bf16", "Q8_0", "Q4_K"])
@@ -50,7 +41,8 @@ def test_random_model_builds_and_runs(weights):
     model = bm.build_model(
         weights, device="cpu", dims=SMALL, min_elements=1 << 16, attention="sdpa"
     )
-    inputs = bm.random_inputs(1, 64, 32, 5, dims=SMALL, device="cpu")
+    shapes = bench_common.shapes_for_video(64, 32, 5)
+    inputs = bench_common.random_inputs(model.config, shapes, "cpu")
     with torch.no_grad():
         out = model(**inputs)
     assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
