@@ -8,31 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import importlib.util
 import json
-import sys
 import threading
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import yaml
+from docker_modules import load_docker_module
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 
 
-def _load(name: str):
-    if str(DOCKER) not in sys.path:
-        sys.path.insert(0, str(DOCKER))
-    spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fm = _load("fetch_models")
+fm = load_docker_module("fetch_models")
 
 GOOD = b"steadydancer weights " * 1000
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()

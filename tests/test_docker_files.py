@@ -6,7 +6,6 @@ is also run through `docker-compose config` / `docker compose config` when insta
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -18,19 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from docker_modules import load_docker_module
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "docker-compose.yml"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tool(name: str) -> str | None:
@@ -209,8 +201,8 @@ def test_compose_cli_accepts_the_file(command):
 
 # --- smoke test and health check ------------------------------------------------------------------
 
-st = _load("smoke_test")
-hc = _load("healthcheck")
+st = load_docker_module("smoke_test")
+hc = load_docker_module("healthcheck")
 
 CLEAN_LOG = """
 Import times for custom nodes:

@@ -10,7 +10,6 @@ errors over the websocket, and saved files coming back as base64.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import random
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from docker_modules import load_docker_module
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -27,17 +27,9 @@ if str(DOCKER) not in sys.path:
     sys.path.insert(0, str(DOCKER))
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cc = _load("comfy_client")
-ji = _load("job_input")
-rh = _load("runpod_handler")
+cc = load_docker_module("comfy_client")
+ji = load_docker_module("job_input")
+rh = load_docker_module("runpod_handler")
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 MP4 = b"\x00\x00\x00\x20ftypisom" + b"\x00" * 64
