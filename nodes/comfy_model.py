@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import comfy.conds
 import comfy.latent_formats
-import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -25,10 +24,10 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
-from ..steadydancer.attention import BACKENDS, AttentionDispatcher
 from ..steadydancer.errors import ConditioningError
 from ..steadydancer.gguf.ops import is_quantized
 from ..steadydancer.model import load_model
+from .comfy_attention import OVERRIDE_KEY, ComfyAttention, attention_override
 from .comfy_ops import GGUFModelPatcher, GGUFOps
 
 MASK_CHANNELS = 4
@@ -41,38 +40,6 @@ COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
 }
 # The DiT's inputs besides x and t, as extra_conds names them (= forward's argument names).
 DIT_INPUTS = ("text", "clip_x", "clip_c", "y", "pose", "ref_x", "ref_c")
-
-
-class AttentionOverride:
-    """The attention of one model: our dispatcher, or ComfyUI's own (`backend="comfy"`).
-
-    Stored in the patcher's model_options, so it follows the MODEL through clones and
-    leaves every other model alone. Deep copies (ModelPatcher.clone) share the instance.
-    """
-
-    def __init__(self, backend: str = "auto") -> None:
-        self.backend = backend
-        self._dispatcher = None if backend == "comfy" else AttentionDispatcher(backend)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention on [B, L, H, D] tensors, returning [B, L, H, D]."""
-        if self._dispatcher is not None:
-            return self._dispatcher(q, k, v)
-        b, length, heads, dim = q.shape
-        attention = comfy.ldm.modules.attention.optimized_attention  # honours ComfyUI's flags
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads, skip_reshape=True)
-        return out.view(b, length, heads, dim)
-
-    @property
-    def backend_used(self) -> str | None:
-        """The backend of the last call ("comfy" for ComfyUI's attention)."""
-        return self.backend if self._dispatcher is None else self._dispatcher.backend_used
-
-    def __deepcopy__(self, memo: dict) -> AttentionOverride:
-        return self
-
-    def __repr__(self) -> str:
-        return f"AttentionOverride({self.backend!r})"
 
 
 class SteadyDancerModelConfig(comfy.supported_models_base.BASE):
@@ -200,7 +167,8 @@ class SteadyDancerModel(comfy.model_base.WAN21):
         if missing:
             raise ConditioningError(f"SteadyDancer conditioning lacks {missing}: use the SteadyDancer Image to Video node")
         inputs = {name: comfy.model_base.convert_tensor(kwargs[name], dtype, xc.device) for name in DIT_INPUTS}
-        out = self.diffusion_model(xc, timestep, **inputs, transformer_options=transformer_options or {})
+        attention = ComfyAttention(transformer_options or {})
+        out = self.diffusion_model(xc, timestep, **inputs, attention=attention)
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
 
 
@@ -243,20 +211,22 @@ def build_model_patcher(
     offload_device = comfy.model_management.unet_offload_device()
     chosen = COMPUTE_DTYPES[compute_dtype]
     if any(is_quantized(t) for t in state_dict.values()):
+        # ComfyUI's dynamic VRAM casts dense or ComfyUI-quantised weights only (docs/ARCHITECTURE.md)
         weight_dtype = manual_cast = _gguf_compute_dtype(state_dict, chosen, load_device)
         operations, patcher_class = GGUFOps, GGUFModelPatcher
     else:
         weight_dtype, manual_cast = _float_dtypes(state_dict, chosen, load_device)
         operations = comfy.ops.pick_operations(weight_dtype, manual_cast, load_device=load_device)
-        patcher_class = comfy.model_patcher.ModelPatcher
-    override = AttentionOverride(attention)  # an unusable explicit backend fails here, before loading
+        # ModelPatcherDynamic where ComfyUI turned dynamic VRAM on (0.3x on NVIDIA), else the classic one
+        patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    override = attention_override(attention)  # an unusable explicit backend fails here, before loading
 
-    dit = load_model(state_dict, device=offload_device, dtype=weight_dtype, operations=operations,
-                     attention=attention if attention in BACKENDS else "auto")
+    dit = load_model(state_dict, device=offload_device, dtype=weight_dtype, operations=operations)
     dit.compute_dtype = manual_cast or weight_dtype
     model_config = SteadyDancerModelConfig(dit.config, weight_dtype, manual_cast, operations)
     model = model_config.get_model({}, device=offload_device)
     model.diffusion_model = dit
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
-    patcher.model_options["transformer_options"]["attention_override"] = override
+    if override is not None:
+        patcher.model_options["transformer_options"][OVERRIDE_KEY] = override
     return patcher

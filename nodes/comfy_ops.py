@@ -128,17 +128,46 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
     of partially loaded models. Float tensors are patched the usual way.
     """
 
-    def patch_weight_to_device(self, key: str, device_to: torch.device | None = None, inplace_update: bool = False) -> None:
+    def patch_weight_to_device(
+        self, key: str, device_to: torch.device | None = None, inplace_update: bool = False, **kwargs: object
+    ) -> torch.Tensor | None:
+        # kwargs: what the running ComfyUI adds (0.3x: return_weight, force_cast), passed on as given.
+        weight = comfy.utils.get_attr(self.model, key)
+        if not is_quantized(weight):
+            return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update, **kwargs)
+        if kwargs.get("return_weight"):
+            # A patched copy for whoever asked (checkpoint saving, LoRA extraction); the model is untouched.
+            return _materialise(weight, self.model.manual_cast_dtype or torch.float32, device_to or weight.device,
+                                [comfy.model_patcher.LowVramPatch(key, self.patches)] if key in self.patches else [])
         if key not in self.patches:
-            return
-        if not is_quantized(comfy.utils.get_attr(self.model, key)):
-            super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
-            return
+            return weight
         module_name, param = key.rsplit(".", 1)
         module = comfy.utils.get_attr(self.model, module_name)
         attr = f"{param}_function"
         patch = comfy.model_patcher.LowVramPatch(key, self.patches)
         setattr(module, attr, [*_without_patches(getattr(module, attr), key), patch])
+        return weight
+
+    def model_state_dict_for_saving(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
+        """ComfyUI 0.3x's checkpoint saving: what ComfyUI does, with quantised weights saved as
+        patched float weights (ComfyUI's version cannot wrap packed GGML blocks).
+
+        Weights that are not final in memory (patches pending, or not loaded) are placeholders
+        of their logical shape that ComfyUI's lazy caster fills, one at a time, while writing.
+        """
+        model = self.model if model is None else model
+        lazy = comfy.model_patcher.LazyCastingParam
+        dtype = self.model.manual_cast_dtype or torch.float32
+        out = {}
+        for name, value in model.state_dict().items():
+            module = comfy.utils.get_attr(model, name.rsplit(".", 1)[0]) if "." in name else model
+            if is_quantized(value):
+                out[name] = lazy(self, prefix + name, torch.empty(value.tensor_shape, dtype=dtype, device="meta"))
+            elif hasattr(module, "comfy_cast_weights") and not getattr(module, "comfy_patched_weights", False):
+                out[name] = lazy(self, prefix + name, value)
+            else:
+                out[name] = value
+        return out
 
     def patch_hook_weight_to_device(self, hooks: object, combined_patches: dict, key: str, original_weights: dict, memory_counter: object) -> None:
         if key in combined_patches and is_quantized(comfy.utils.get_attr(self.model, key)):
@@ -156,8 +185,8 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
                     module.bias_function = _without_patches(module.bias_function)
         super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
 
-    def partially_unload(self, device_to: torch.device, memory_to_free: int = 0) -> int:
-        freed = super().partially_unload(device_to, memory_to_free=memory_to_free)
+    def partially_unload(self, device_to: torch.device, memory_to_free: int = 0, **kwargs: object) -> int:
+        freed = super().partially_unload(device_to, memory_to_free=memory_to_free, **kwargs)
         for module in self.model.modules():
             if isinstance(module, GGMLLayer):
                 module.weight_function = _dedupe_patches(module.weight_function)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..steadydancer.attention import BACKENDS
 from ..steadydancer.errors import ModelFileError
-from ..steadydancer.weights import load_weights
+from ..steadydancer.weights import from_safetensors, load_weights
 from .comfy_model import COMPUTE_DTYPES, build_model_patcher
 
 MODEL_FOLDER = "diffusion_models"  # `models/unet` is one of its paths
@@ -47,6 +48,21 @@ def model_path(name: str) -> str:
         searched = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
         raise ModelFileError(f"{name!r} is not in the diffusion model folders ({searched}); put it there and refresh")
     return path
+
+
+def read_weights(path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict of a SteadyDancer file; .safetensors are read by ComfyUI's own reader.
+
+    ComfyUI's reader memory-maps the file in the way its dynamic VRAM expects (0.3x reads
+    weights straight from the file into GPU memory); fp8 weights become `dtype`.
+    """
+    if not path.lower().endswith(".safetensors"):
+        return load_weights(path, dtype=dtype)
+    try:
+        tensors = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as exc:  # ComfyUI raises plain exceptions for unreadable files
+        raise ModelFileError(f"{path}: not a readable safetensors file: {exc}") from exc
+    return from_safetensors(tensors, dtype=dtype, source=path)
 
 
 def invalid_choice(name: str, value: object, options: list[str] | tuple[str, ...]) -> str | None:
@@ -91,7 +107,7 @@ class SteadyDancerModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str, compute_dtype: str = "default", attention: str = "auto") -> io.NodeOutput:
         # fp8 .safetensors are dequantised into the compute dtype (bf16 unless one is chosen).
-        state_dict = load_weights(model_path(model_name), dtype=COMPUTE_DTYPES[compute_dtype] or torch.bfloat16)
+        state_dict = read_weights(model_path(model_name), COMPUTE_DTYPES[compute_dtype] or torch.bfloat16)
         return io.NodeOutput(build_model_patcher(state_dict, compute_dtype=compute_dtype, attention=attention))
 
 

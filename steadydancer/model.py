@@ -636,15 +636,16 @@ class SteadyDancerDiT(nn.Module):
         ref_x: torch.Tensor,
         ref_c: torch.Tensor,
         *,
-        transformer_options: Mapping[str, Any] | None = None,
+        attention: AttentionFn | None = None,
     ) -> torch.Tensor:
+        """The velocity prediction. `attention` ([B, L, H, D] in and out) replaces the model's
+        own backend for this call: the ComfyUI glue passes ComfyUI's attention here."""
         cfg, dtype = self.config, self.compute_dtype
         b, _, f, h, w = x.shape
         t, text, clip_x, clip_c, y, pose, ref_x, ref_c = self._check_inputs(
             x, t, text, clip_x, clip_c, y, pose, ref_x, ref_c
         )
-        options = transformer_options or {}
-        attention = options.get("attention_override") or self.attention
+        attention = attention or self.attention
         pt, ph, pw = cfg.patch
         grid = (f // pt, h // ph, w // pw)
 
@@ -769,6 +770,32 @@ def _token_sequence(grids: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- loading
+def parameter_layout(
+    config: SteadyDancerConfig, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every parameter of a DiT of `config` whose weights are `dtype`.
+
+    Read off a model of plain torch.nn layers on the meta device (nothing is allocated), so it
+    does not depend on the `operations` a caller builds with: ComfyUI's layers under dynamic
+    VRAM create their weights only when the state dict is loaded.
+    """
+    template = SteadyDancerDiT(config, operations=nn, device="meta", dtype=dtype, attention=None)
+    return {name: (tuple(p.shape), p.dtype) for name, p in template.named_parameters()}
+
+
+def _check_names(sd: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if not (missing or unexpected):
+        return
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            more = " ..." if len(names) > 12 else ""
+            parts.append(f"{len(names)} {label}: {', '.join(names[:12])}{more}")
+    raise ModelFileError("the weights do not fit a SteadyDancer DiT: " + "; ".join(parts))
+
+
 def load_model(
     source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
     *,
@@ -806,36 +833,24 @@ def load_model(
     quantised = any(is_quantized(v) for v in sd.values())
     if operations is None:
         operations = GGMLOps if quantised else nn
-    model = SteadyDancerDiT(
-        config, operations=operations, device="meta", dtype=dtype, attention=attention
-    )
-    expected = dict(model.named_parameters())
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} missing: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}"
-            )
-        if unexpected:
-            parts.append(
-                f"{len(unexpected)} unexpected: {', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''}"
-            )
-        raise ModelFileError("the weights do not fit a SteadyDancer DiT: " + "; ".join(parts))
+    expected = parameter_layout(config, dtype)
+    _check_names(sd, expected)
     ready: dict[str, torch.Tensor] = {}
     for name, value in sd.items():
-        target = expected[name]
-        if tuple(value.shape) != tuple(target.shape):
+        shape, target_dtype = expected[name]
+        if tuple(value.shape) != shape:
             raise ModelFileError(
-                f"{name} has shape {tuple(value.shape)}, the model (read from the other tensors) expects {tuple(target.shape)}"
+                f"{name} has shape {tuple(value.shape)}, the model (read from the other tensors) expects {shape}"
             )
         if is_quantized(value):
             ready[name] = value
         elif value.is_floating_point():
-            ready[name] = value.to(device=place, dtype=target.dtype)
+            ready[name] = value.to(device=place, dtype=target_dtype)  # the same tensor when it fits
         else:
             raise ModelFileError(f"{name} holds {value.dtype} values; a float tensor was expected")
+    model = SteadyDancerDiT(
+        config, operations=operations, device="meta", dtype=dtype, attention=attention
+    )
     model.requires_grad_(False)
     model.load_state_dict(ready, strict=True, assign=True)
     if streaming:

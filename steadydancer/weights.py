@@ -16,6 +16,7 @@ ModelFileError when it is not a Wan model or lacks the pose path.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -45,26 +46,42 @@ def load_weights(
 
         return load_gguf_state_dict(p, require_pose_path=require_pose_path)
     if suffix == ".safetensors":
-        sd = _read_safetensors(p, dtype)
-        if require_pose_path:
-            check_pose_path(sd, str(p))
-        return sd
+        return from_safetensors(_read_safetensors(p), dtype=dtype, source=str(p), require_pose_path=require_pose_path)
     raise ModelFileError(
         f"{p}: unsupported file type {suffix or '(none)'}; SteadyDancer weights are .gguf or .safetensors"
     )
 
 
-def _read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def from_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    source: str = "the weights",
+    require_pose_path: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The state dict of the tensors of a SteadyDancer .safetensors file, however it was read.
+
+    Drops container prefixes and applies the scaled-fp8 convention (module doc); the tensors
+    themselves are kept (a caller's memory-mapped tensors stay memory-mapped), except fp8
+    weights, which become `dtype`.
+    """
+    sd = dequantize_fp8({strip_prefix(k): v for k, v in tensors.items()}, dtype, source=source)
+    if require_pose_path:
+        check_pose_path(sd, source)
+    return sd
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
     raw: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                raw[strip_prefix(key)] = f.get_tensor(key)
+                raw[key] = f.get_tensor(key)
     except SafetensorError as exc:
         raise ModelFileError(f"{path}: not a readable safetensors file: {exc}") from exc
-    return dequantize_fp8(raw, dtype, source=str(path))
+    return raw
 
 
 def dequantize_fp8(

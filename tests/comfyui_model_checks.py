@@ -3,11 +3,18 @@
 `tests/test_comfy_model.py` runs this file once with $COMFYUI_PYTHON (ComfyUI's venv, which
 has no pytest) and asserts on the JSON it writes:
 
-    COMFYUI_DIR=/path/to/ComfyUI $COMFYUI_PYTHON tests/comfyui_model_checks.py OUT.json
+    COMFYUI_DIR=/path/to/ComfyUI $COMFYUI_PYTHON tests/comfyui_model_checks.py OUT.json [--dynamic-vram] [CHECK ...]
 
 ComfyUI is imported in-process on the CPU; this package is loaded as `comfyui_steadydancer`
 (as ComfyUI loads it); tiny random SteadyDancer models are written in the real file formats
-(.safetensors, and .gguf with Q8_0 linear weights) into a temporary models folder.
+(.safetensors in fp32, bf16, fp16 and Kijai's scaled fp8, and .gguf with Q8_0 linear weights)
+into a temporary models folder.
+
+`--dynamic-vram` turns on what ComfyUI 0.3x's main.py turns on for an NVIDIA GPU: comfy-aimdo
+initialised before ComfyUI is imported, `aimdo_enabled` (lazily built layers, ComfyUI's own
+memory-mapped safetensors reader) and ModelPatcherDynamic as the core patcher. On a CPU that
+patcher hands over to the classic one (ComfyUI does so for every CPU device), so the GPU side
+of dynamic VRAM (its weight streaming) is not exercised here.
 """
 
 from __future__ import annotations
@@ -29,17 +36,44 @@ LORA_RANK = 4
 LORA_ALPHA = 2.0
 
 
-def import_comfyui() -> None:
-    """Import ComfyUI as its main.py would, on the CPU."""
+# (file, compute_dtype of the loader) for check_formats: every format, float files also in their own dtype
+FORMAT_RUNS = (
+    ("tiny.safetensors", "default"),
+    ("tiny_bf16.safetensors", "default"),
+    ("tiny_bf16.safetensors", "bf16"),
+    ("tiny_fp16.safetensors", "fp16"),
+    ("tiny_fp8_scaled.safetensors", "default"),
+    ("tiny_q8.gguf", "default"),
+)
+
+
+def import_comfyui(dynamic_vram: bool = False) -> str | None:
+    """Import ComfyUI as its main.py would, on the CPU; None, or why dynamic VRAM is not possible."""
     comfy_dir = os.environ["COMFYUI_DIR"]
     sys.path.insert(0, comfy_dir)
     sys.argv = [sys.argv[0], "--cpu"]
+    if dynamic_vram:
+        try:
+            import comfy_aimdo.control
+        except ImportError:
+            return "this ComfyUI has no dynamic VRAM (comfy-aimdo is not installed)"
+        comfy_aimdo.control.init()  # main.py does this before ComfyUI's modules are imported
     import comfy.options
 
     comfy.options.enable_args_parsing()
     import comfy.cli_args
+    import comfy.model_patcher
 
     import nodes  # noqa: F401  (ComfyUI's node module, as custom nodes see it)
+
+    if dynamic_vram:
+        if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+            return "this ComfyUI has no ModelPatcherDynamic"
+        import comfy.memory_management
+
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    return None
 
 
 def load_package() -> object:
@@ -64,6 +98,7 @@ class World:
         import torch
         from comfyui_steadydancer.steadydancer.keys import TinyConfig, tiny_state_dict
         from safetensors.torch import save_file
+        from tiny_files import scaled_fp8, write_safetensors
 
         self.torch = torch
         self.config = TinyConfig()
@@ -76,7 +111,10 @@ class World:
         # Appending to ComfyUI's own list objects: the package's .gguf key shares them.
         folder_paths.folder_names_and_paths["diffusion_models"][0].append(str(unet))
         folder_paths.folder_names_and_paths["loras"][0].append(str(loras))
-        save_file({f"model.diffusion_model.{k}": v for k, v in self.float_sd.items()}, unet / "tiny.safetensors")
+        write_safetensors(unet / "tiny.safetensors", self.float_sd)
+        write_safetensors(unet / "tiny_bf16.safetensors", self.float_sd, torch.bfloat16)
+        write_safetensors(unet / "tiny_fp16.safetensors", self.float_sd, torch.float16)
+        save_file(scaled_fp8(self.float_sd), str(unet / "tiny_fp8_scaled.safetensors"))
         self.gguf_path = unet / "tiny_q8.gguf"
         self.quantised = write_gguf(self.gguf_path, arrays)
         wan = {k: v for k, v in self.float_sd.items() if not k.startswith(("condition_embedding", "patch_embedding_"))}
@@ -233,6 +271,11 @@ def direct(world: World, dit: object, inputs: dict | None = None, sigma: float =
     return noise - sigma * velocity.float()
 
 
+def dynamic_vram_on() -> bool:
+    memory_management = sys.modules.get("comfy.memory_management")  # absent before ComfyUI 0.3x
+    return bool(getattr(memory_management, "aimdo_enabled", False))
+
+
 def max_diff(a: object, b: object) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -337,6 +380,50 @@ def check_lora(world: World) -> dict:
     return out
 
 
+def check_gguf_patcher(world: World) -> dict:
+    """GGUFModelPatcher under the running ComfyUI's ModelPatcher API (0.3.64 and 0.3x differ).
+
+    A LoRA-patched GGUF model: the patched weight handed out on request (checkpoint saving and
+    LoRA extraction ask for it), shrinking a loaded model through partially_load, and saving.
+    """
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.utils
+    from comfyui_steadydancer.steadydancer.gguf.ops import dequantize_tensor, is_quantized
+    from comfyui_steadydancer.steadydancer.weights import load_weights
+    from safetensors.torch import load_file
+
+    import nodes
+
+    torch = world.torch
+    cpu = torch.device("cpu")
+    base = load(world, "tiny_q8.gguf")
+    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "tiny_lora.safetensors", LORA_STRENGTH)[0]
+    source = {k: dequantize_tensor(v, torch.float32) for k, v in load_weights(str(world.unet / "tiny_q8.gguf")).items()}
+    merged = {k: source[k] + LORA_STRENGTH * delta for k, delta in world.lora.items()}
+    expected = predict(world, _merged_patcher(world, source))  # merges the LoRA itself
+    key = "blocks.0.self_attn.q.weight"
+    out = {}
+    weight = patched.patch_weight_to_device(f"diffusion_model.{key}", device_to=cpu, return_weight=True)
+    out["return_weight_vs_merged"] = max_diff(weight, merged[key])
+    q = patched.model.diffusion_model.blocks[0].self_attn.q
+    out["model_untouched"] = is_quantized(q.weight) and not q.weight_function
+
+    comfy.model_management.load_models_gpu([patched])
+    patched.partially_load(cpu, extra_memory=-(1 << 40))  # ComfyUI shrinking a loaded model
+    out["shrunk_vs_merged"] = max_diff(predict(world, patched, manage=False), expected)
+    out["still_quantised"] = is_quantized(q.weight)
+
+    if hasattr(comfy.model_patcher.ModelPatcher, "model_state_dict_for_saving"):  # 0.3x saves via the patcher
+        path = world.unet.parent / "saved.safetensors"
+        comfy.utils.save_torch_file(patched.state_dict_for_saving(), str(path))
+        saved = load_file(str(path))
+        out["saved_vs_merged"] = max_diff(saved[f"model.diffusion_model.{key}"], merged[key])
+        out["saved_shape"] = list(saved[f"model.diffusion_model.{key}"].shape)
+        out["expected_shape"] = list(merged[key].shape)
+    return out
+
+
 def check_lora_hooks(world: World) -> dict:
     """Scheduled/per-conditioning LoRA (hooks): works on float weights, a clear error on GGUF."""
     import comfy.hooks
@@ -349,6 +436,11 @@ def check_lora_hooks(world: World) -> dict:
     hooks = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
     out = {}
     for name in ("tiny.safetensors", "tiny_q8.gguf"):
+        if dynamic_vram_on() and not name.endswith(".gguf"):
+            # On a GPU ComfyUI's dynamic patcher refuses hooks for every model; the CPU stand-in
+            # would patch ComfyUI's read-only file map in place, which no real run does.
+            out[name] = {"skipped": "dynamic VRAM"}
+            continue
         positive = comfy.hooks.set_hooks_for_conditioning(world.conditioning(world.text, world.pose), hooks)
         guider = make_guider(load(world, name), positive, world.conditioning(world.text_negative, world.pose),
                              world.conditioning(world.text, world.pose_negative), 5.0, 1.5, 0.1, 0.4)
@@ -361,15 +453,60 @@ def check_lora_hooks(world: World) -> dict:
 
 
 def check_attention(world: World) -> dict:
+    """The loader's choice is ComfyUI's optimized_attention_override; a ComfyUI override wins."""
+    from comfyui_steadydancer.nodes.comfy_attention import OVERRIDE_KEY
+
     models = {name: load(world, "tiny.safetensors", attention=name) for name in ("math", "sdpa", "comfy")}
     outputs = {name: predict(world, model) for name, model in models.items()}
-    overrides = {name: model.model_options["transformer_options"]["attention_override"] for name, model in models.items()}
+    overrides = {name: model.model_options["transformer_options"].get(OVERRIDE_KEY) for name, model in models.items()}
     clone = models["math"].clone()
+    # What ComfyUI's attention nodes do: their own override on a clone of the MODEL.
+    seen: list[tuple[int, ...]] = []
+
+    def comfy_override(func: Callable, q: object, *args: object, **kwargs: object) -> object:
+        seen.append(tuple(q.shape))
+        return func(q, *args, **kwargs)
+
+    patched = models["sdpa"].clone()
+    patched.model_options["transformer_options"][OVERRIDE_KEY] = comfy_override
+    with_override = predict(world, patched)
+    per_forward = len(seen)
+    seen.clear()
+    predict(world, models["comfy"])
     return {
-        "used": {name: o.backend_used for name, o in overrides.items()},
+        "used": {name: o.backend_used if o is not None else None for name, o in overrides.items()},
         "comfy_vs_math": max_diff(outputs["comfy"], outputs["math"]),
         "sdpa_vs_math": max_diff(outputs["sdpa"], outputs["math"]),
-        "clone_shares": clone.model_options["transformer_options"]["attention_override"] is overrides["math"],
+        "clone_shares": clone.model_options["transformer_options"][OVERRIDE_KEY] is overrides["math"],
+        "override_calls": per_forward,
+        "override_vs_math": max_diff(with_override, outputs["math"]),
+        "comfy_choice_calls_without_override": len(seen),
+        "layers": world.config.num_layers,
+    }
+
+
+def check_formats(world: World) -> dict:
+    """Every weight format through the loader node: the prediction equals the library's forward."""
+    import comfy.ops
+    from comfyui_steadydancer.steadydancer.model import load_model
+
+    torch = world.torch
+    out = {}
+    for name, dtype in FORMAT_RUNS:
+        patcher = load(world, name, dtype=dtype)
+        reference = direct(world, load_model(str(world.unet / name), dtype=torch.float32, attention="math"))
+        got = predict(world, patcher)
+        q = patcher.model.diffusion_model.blocks[0].self_attn.q
+        out[f"{name}@{dtype}"] = {
+            "patcher": type(patcher).__name__,
+            "rel_diff": float((got.float() - reference).abs().max() / reference.abs().max()),
+            "finite": bool(torch.isfinite(got).all()),
+            "weight_dtype": str(getattr(q.weight, "tensor_type", q.weight.dtype)),
+        }
+    return {
+        "runs": out,
+        "aimdo_enabled": dynamic_vram_on(),
+        "lazy_layers": comfy.ops.disable_weight_init.Linear(4, 4).weight is None,
     }
 
 
@@ -512,10 +649,12 @@ def check_errors(world: World) -> dict:
 
 CHECKS: dict[str, Callable[[World], dict]] = {
     "folders": check_folders,
+    "formats": check_formats,
     "parity": check_parity,
     "gguf_quantised": check_gguf_quantised,
     "lora": check_lora,
     "lora_hooks": check_lora_hooks,
+    "gguf_patcher": check_gguf_patcher,
     "attention": check_attention,
     "guider": check_guider,
     "guidance_values": check_guidance_values,
@@ -526,8 +665,12 @@ CHECKS: dict[str, Callable[[World], dict]] = {
 
 def main() -> None:
     out_path = Path(sys.argv[1])
-    selected = sys.argv[2:] or list(CHECKS)
-    import_comfyui()
+    dynamic_vram = "--dynamic-vram" in sys.argv[2:]
+    selected = [a for a in sys.argv[2:] if not a.startswith("--")] or list(CHECKS)
+    unsupported = import_comfyui(dynamic_vram)
+    if unsupported:
+        out_path.write_text(json.dumps({"unsupported": unsupported}))
+        return
     load_package()  # everything below imports `comfyui_steadydancer.*`: one copy of each class
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,15 +16,22 @@ import pytest
 from scripts.comfyui_demo import comfyui_python
 
 
-def run_checks(script: Path, out_dir: Path, timeout: int) -> dict:
-    """Run `script OUT.json` with ComfyUI's Python; fail the test with its stderr if it breaks."""
+def run_checks(script: Path, out_dir: Path, timeout: int, args: tuple[str, ...] = ()) -> dict:
+    """Run `script OUT.json ARGS` with ComfyUI's Python; fail the test with its stderr if it breaks.
+
+    A script may answer {"unsupported": why} (the running ComfyUI lacks what ARGS ask for):
+    the tests that use the report are skipped with that reason.
+    """
     out = out_dir / "report.json"
     python = comfyui_python(Path(os.environ["COMFYUI_DIR"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([python, str(script), str(out)], capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run([python, str(script), str(out), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"the ComfyUI check process failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    if "unsupported" in report:
+        pytest.skip(report["unsupported"])
+    return report
 
 
 def result(report: dict, name: str) -> dict:

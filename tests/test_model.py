@@ -192,7 +192,7 @@ def test_attention_override_is_used(model32):
     inputs = make_inputs(f=3, h=4, w=6)
     with torch.no_grad():
         expected = model32(**inputs)
-        out = model32(**inputs, transformer_options={"attention_override": override})
+        out = model32(**inputs, attention=override)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     # per block: self-attention over (3+2)*2*3 tokens, then text and image cross-attention
     assert shapes[:3] == [(1, 30, 2, 32)] * 3 and len(shapes) == 3 * CFG.num_layers

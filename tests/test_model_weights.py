@@ -10,6 +10,7 @@ import torch
 from gguf_testutils import tiny_model_tensors, write_gguf
 from safetensors.torch import save_file
 from test_model import make_inputs, rel, tiny_sd
+from tiny_files import scaled_fp8
 
 from steadydancer.errors import ModelFileError
 from steadydancer.gguf.ops import GGMLOps, is_quantized
@@ -54,17 +55,7 @@ def test_bf16_and_fp16_safetensors_load_in_the_compute_dtype(tmp_path: Path):
 
 
 def _fp8_file(path: Path, sd: dict[str, torch.Tensor], scale_name: str) -> dict[str, torch.Tensor]:
-    """Write the 2-D+ weights of `sd` as fp8_e4m3fn with one float32 scale each (Kijai's layout)."""
-    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
-    for k, v in sd.items():
-        if k.endswith(".weight") and v.ndim >= 2 and "condition_embedding" not in k:
-            scale = v.abs().max() / 448.0
-            out[f"model.diffusion_model.{k}"] = (v / scale).to(torch.float8_e4m3fn)
-            out[f"model.diffusion_model.{k[: -len('weight')]}{scale_name}"] = scale.reshape(
-                1
-            ).float()
-        else:
-            out[f"model.diffusion_model.{k}"] = v.to(torch.bfloat16)
+    out = scaled_fp8(sd, scale_name)
     save_file(out, str(path))
     return out
 
