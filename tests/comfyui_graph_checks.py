@@ -112,14 +112,25 @@ def run(out: Path) -> dict:
     frames = torch.rand(6, 96, 96, 3)
 
     def extract_progress() -> dict:
-        calls = []
+        # `reported`: what the node tells ComfyUI's progress bar; `sent`: what reaches the UI's
+        # hook (ComfyUI 0.3x throttles it: first and last always, others 100 ms apart).
+        reported, sent = [], []
+        bar_class, update = comfy.utils.ProgressBar, comfy.utils.ProgressBar.update_absolute
+
+        def recording_update(bar: object, value: int, total: int | None = None, preview: object = None) -> None:
+            reported.append([value, total])
+            update(bar, value, total, preview)
+
         previous = comfy.utils.PROGRESS_BAR_HOOK
-        comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append([value, total]))
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: sent.append([value, total]))
+        bar_class.update_absolute = recording_update
         try:
             poses, preview = pose_nodes.SteadyDancerPoseExtract.execute(detector, frames, 128).result
         finally:
+            bar_class.update_absolute = update
             comfy.utils.set_progress_bar_global_hook(previous)
-        return {"calls": calls, "frames": len(poses), "people": [len(p["people"]) for p in poses], "preview": list(preview.shape)}
+        return {"reported": reported, "sent": sent, "frames": len(poses), "people": [len(p["people"]) for p in poses],
+                "preview": list(preview.shape)}
 
     _check(report, "extract_progress", extract_progress)
 
@@ -128,7 +139,7 @@ def run(out: Path) -> dict:
         try:
             pose_nodes.SteadyDancerPoseExtract.execute(detector, frames, 128)
             raised = None
-        except Exception as error:
+        except BaseException as error:  # a BaseException since ComfyUI 0.3x
             raised = type(error).__name__
         return {"raised": raised, "flag_after": mm.processing_interrupted()}
 

@@ -31,7 +31,9 @@ def test_dwpose_folder_is_registered_next_to_extra_paths(report: dict) -> None:
 
 def test_extraction_reports_progress_per_frame(report: dict) -> None:
     r = result(report, "extract_progress")
-    assert r["calls"] == [[i, 6] for i in range(1, 7)]
+    assert r["reported"] == [[i, 6] for i in range(1, 7)]
+    assert r["sent"][0] == [1, 6] and r["sent"][-1] == [6, 6]  # the UI sees the start and the end
+    assert all(call in r["reported"] for call in r["sent"])
     assert r["frames"] == 6 and r["people"] == [1] * 6
     assert r["preview"] == [6, 96, 96, 3]
 

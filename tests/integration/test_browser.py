@@ -80,7 +80,15 @@ def test_ui_workflow_template_renders_every_node(comfy_server, browser, api_work
     assert result["dialogs"] == [], f"the page complained about the workflow: {result['dialogs']}"
     assert result["count"] == len(workflow["nodes"])
     # The page's own API export of the UI workflow is the API workflow: same nodes, settings, links.
+    # A newer ComfyUI adds inputs with defaults to its own nodes (0.33: CreateVideo's bit_depth);
+    # the API workflow leaves them out, and they never appear on this package's nodes.
     exported = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["output"].items()}
     expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api_workflow.items()}
-    assert exported == expected
+    assert exported.keys() == expected.keys()
+    for key, node in expected.items():
+        got = exported[key]
+        assert got["class_type"] == node["class_type"]
+        assert {name: got["inputs"].get(name) for name in node["inputs"]} == node["inputs"], key
+        if node["class_type"].startswith("SteadyDancer"):
+            assert got["inputs"].keys() == node["inputs"].keys(), key
     assert Path(out / "steadydancer_workflow.png").stat().st_size > 10_000
