@@ -76,7 +76,7 @@ def _stages() -> list[str]:
 
 def test_dockerfile_arguments_have_real_defaults():
     assert _arg_default("BASE_IMAGE") == "python:3.12-slim-bookworm"
-    assert _arg_default("COMFYUI_REF") == "v0.3.64"
+    assert _arg_default("COMFYUI_REF") == "v0.33.0"
     assert _arg_default("FLASH_ATTN") == "none"
     assert _arg_default("WITH_MMPOSE") == "0"
     torch = _arg_default("TORCH_SPEC")
