@@ -17,6 +17,14 @@ import sys
 from pathlib import Path
 
 _IMPORT_LINE = re.compile(r"^\s*[\d.]+ seconds(?P<failed> \(IMPORT FAILED\))?: (?P<path>.+?)\s*$")
+# ComfyUI 0.33.0 writes every console line as "<colour>[LEVEL]<reset> message", colours
+# always on; 0.3.64 writes the bare message. Both are read the same after this is removed.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LEVEL_TAG = re.compile(r"^\[(?:DEBUG|DETAIL|INFO|WARNING|ERROR|CRITICAL)\] ?")
+
+
+def _plain_lines(log: str) -> list[str]:
+    return [_LEVEL_TAG.sub("", _ANSI.sub("", line)) for line in log.splitlines()]
 
 
 def check_log(log: str, package: str) -> list[str]:
@@ -24,9 +32,10 @@ def check_log(log: str, package: str) -> list[str]:
 
     `package` is the folder name of the custom node under custom_nodes/.
     """
-    problems = [line.strip() for line in log.splitlines() if "IMPORT FAILED" in line]
+    lines = _plain_lines(log)
+    problems = [line.strip() for line in lines if "IMPORT FAILED" in line]
     loaded = [
-        m for m in map(_IMPORT_LINE.match, log.splitlines())
+        m for m in map(_IMPORT_LINE.match, lines)
         if m and Path(m.group("path")).name == package
     ]
     if not loaded:

@@ -226,6 +226,26 @@ def test_smoke_test_catches_a_failed_import_of_ours_or_anyone_elses():
     assert st.check_log(builtin, "comfyui-steadydancer") == ["IMPORT FAILED: nodes_audio.py"]
 
 
+# ComfyUI 0.33.0's console: every line "<colour>[LEVEL]<reset> message", colours always on.
+CLEAN_LOG_033 = (
+    "\x1b[32m[INFO]\x1b[0m \n"
+    "\x1b[32m[INFO]\x1b[0m Import times for custom nodes:\n"
+    "\x1b[32m[INFO]\x1b[0m    0.0 seconds: /opt/ComfyUI/custom_nodes/websocket_image_save.py\n"
+    "\x1b[32m[INFO]\x1b[0m    0.1 seconds: /opt/ComfyUI/custom_nodes/comfyui-steadydancer\n"
+    "\x1b[32m[INFO]\x1b[0m \n"
+)
+
+
+def test_smoke_test_reads_comfyui_033s_coloured_level_tagged_log():
+    assert st.check_log(CLEAN_LOG_033, "comfyui-steadydancer") == []
+    ours = CLEAN_LOG_033.replace("0.1 seconds:", "0.1 seconds (IMPORT FAILED):")
+    assert st.check_log(ours, "comfyui-steadydancer") == [
+        "0.1 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/comfyui-steadydancer"
+    ]
+    builtin = CLEAN_LOG_033 + "\x1b[1m\x1b[33m[WARNING]\x1b[0m IMPORT FAILED: nodes_audio.py\n"
+    assert st.check_log(builtin, "comfyui-steadydancer") == ["IMPORT FAILED: nodes_audio.py"]
+
+
 def test_smoke_test_catches_a_package_that_was_never_loaded():
     log = CLEAN_LOG.replace("comfyui-steadydancer", "something-else")
     [problem] = st.check_log(log, "comfyui-steadydancer")
