@@ -64,8 +64,10 @@ class ComfyServer:
     """A ComfyUI process on a free loopback port; `stop()` ends it (only it)."""
 
     def __init__(
-        self, comfyui_dir: Path, work: Path, models: Path, *, input_dir: Path | None = None, output_dir: Path | None = None
+        self, comfyui_dir: Path, work: Path, models: Path, *, input_dir: Path | None = None, output_dir: Path | None = None,
+        comfy_args: tuple[str, ...] = ("--cpu",),
     ) -> None:
+        """`comfy_args`: ComfyUI's own flags (default `--cpu`; () starts it as it starts on a GPU)."""
         self.comfyui_dir = comfyui_dir
         self.work = work
         self.port = free_port()
@@ -78,7 +80,7 @@ class ComfyServer:
         for folder in (self.input_dir, self.output_dir):
             folder.mkdir(parents=True, exist_ok=True)
         command = [
-            comfyui_python(comfyui_dir), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            comfyui_python(comfyui_dir), "main.py", *comfy_args, "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--extra-model-paths-config", str(config),
             "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
             "--temp-directory", str(work),

@@ -55,25 +55,29 @@ DEMO = {"width": 64, "height": 64, "length": 5, "steps": 2, "driving_frames": 7,
 EMBEDDING_STD = 0.14  # token/position embeddings: rows of unit-ish norm, as trained ones
 
 
-def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: str) -> dict[str, torch.Tensor]:
-    """Initialised-looking random tensors: norms 1, biases 0, matrices ~ N(0, 1/fan_in), so
-    that activations stay finite through real-depth encoders (24 ViT blocks, the VAE)."""
+def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """An initialised-looking random float32 tensor on the generator's device: norms 1,
+    biases 0, matrices ~ N(0, 1/fan_in), so that activations stay finite through
+    real-depth models (24 ViT or T5 blocks, 40 DiT blocks, the VAE)."""
+    import torch
+
+    lower = name.lower()
+    device = gen.device
+    if any(k in lower for k in ("norm", "gamma", "ln_", "layrnorm")) and (lower.endswith("weight") or "gamma" in lower):
+        return torch.ones(shape, device=device)
+    if lower.endswith("bias") or len(shape) <= 1:
+        return torch.zeros(shape, device=device)
+    if "embedding" in lower:
+        return torch.randn(shape, generator=gen, device=device) * EMBEDDING_STD
+    return torch.randn(shape, generator=gen, device=device) / float(np.sqrt(max(int(np.prod(shape[1:])), 1)))
+
+
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: str) -> dict[str, torch.Tensor]:
+    """`init_tensor` for every name, in `dtype`, on the CPU."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in shapes.items():
-        lower = name.lower()
-        if any(k in lower for k in ("norm", "gamma", "ln_", "layrnorm")) and (lower.endswith("weight") or "gamma" in lower):
-            t = torch.ones(shape)
-        elif lower.endswith("bias") or len(shape) <= 1:
-            t = torch.zeros(shape)
-        elif "embedding" in lower:
-            t = torch.randn(shape, generator=gen) * EMBEDDING_STD
-        else:
-            t = torch.randn(shape, generator=gen) / float(np.sqrt(max(int(np.prod(shape[1:])), 1)))
-        out[name] = t.to(getattr(torch, dtype)).contiguous()
-    return out
+    return {name: init_tensor(name, shape, gen).to(getattr(torch, dtype)).contiguous() for name, shape in shapes.items()}
 
 
 def use_comfyui(comfyui: Path) -> None:
@@ -94,7 +98,7 @@ def write_text_encoder(path: Path) -> None:
     from safetensors.torch import save_file
 
     model = comfy.sd1_clip.SDClipModel(device="cpu")
-    save_file(_random_weights(_shapes(model.transformer), 1, "float16"), str(path))
+    save_file(random_weights(_shapes(model.transformer), 1, "float16"), str(path))
 
 
 def write_clip_vision(path: Path) -> None:
@@ -104,7 +108,7 @@ def write_clip_vision(path: Path) -> None:
 
     config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json"
     model = comfy.clip_vision.ClipVisionModel(str(config))
-    save_file(_random_weights(_shapes(model.model), 2, "float16"), str(path))
+    save_file(random_weights(_shapes(model.model), 2, "float16"), str(path))
 
 
 def write_wan_vae(path: Path) -> None:
@@ -115,7 +119,7 @@ def write_wan_vae(path: Path) -> None:
     model = comfy.ldm.wan.vae.WanVAE(
         dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True]
     )
-    save_file(_random_weights(_shapes(model), 3, "bfloat16"), str(path))
+    save_file(random_weights(_shapes(model), 3, "bfloat16"), str(path))
 
 
 def write_dit(path: Path, work: Path) -> None:
@@ -207,56 +211,73 @@ def write_pose_standins(folder: Path) -> None:
     _constant_model(["N", 3, 384, 288], outputs, folder / "dw-ll_ucoco_384.onnx")
 
 
-def write_inputs(folder: Path) -> None:
-    """A reference image and a short driving video (a moving figure on a plain background)."""
+def write_inputs(
+    folder: Path, width: int = 96, height: int = 96, frames: int = DEMO["driving_frames"], fps: int = DEMO["fps"]
+) -> None:
+    """A reference image and a driving video of `frames` frames (a moving figure on a plain background)."""
     import av
     import cv2
 
-    size = 96
-    frame = np.full((size, size, 3), 200, np.uint8)
-    cv2.circle(frame, (48, 20), 9, (230, 180, 150), -1)
-    cv2.rectangle(frame, (38, 30), (58, 62), (40, 60, 160), -1)
+    def at(x: float, y: float) -> tuple[int, int]:  # drawn on a 96x96 canvas, scaled to the size
+        return round(x * width / 96), round(y * height / 96)
+
+    thick = max(1, round(min(width, height) / 24))
+    frame = np.full((height, width, 3), 200, np.uint8)
+    cv2.circle(frame, at(48, 20), max(1, round(9 * min(width, height) / 96)), (230, 180, 150), -1)
+    cv2.rectangle(frame, at(38, 30), at(58, 62), (40, 60, 160), -1)
     cv2.imwrite(str(folder / REFERENCE), frame[..., ::-1])
     with av.open(str(folder / DRIVING), "w") as container:
-        stream = container.add_stream("mpeg4", rate=DEMO["fps"])
-        stream.width = stream.height = size
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
-        for i in range(DEMO["driving_frames"]):
-            image = np.full((size, size, 3), 30, np.uint8)
-            cv2.line(image, (48, 30), (20 + 8 * i, 70), (255, 255, 255), 4)
+        for i in range(frames):
+            image = np.full((height, width, 3), 30, np.uint8)
+            cv2.line(image, at(48, 30), at(20 + 8 * (i % 8), 70), (255, 255, 255), thick)
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
 
 
-def demo_graph(api_workflow: dict, *, prefix: str = "steadydancer/demo") -> dict:
-    """The example API graph rewritten for the tiny models and a tiny size (same nodes, same links)."""
+DEMO_FILES = {  # what demo_graph puts into the loaders by default: the tiny models
+    "dit": DIT, "text_encoder": TEXT_ENCODER, "text_encoder_type": "stable_diffusion", "clip_vision": CLIP_VISION,
+    "vae": VAE, "reference": REFERENCE, "driving": DRIVING,
+}  # fmt: skip
+
+
+def demo_graph(
+    api_workflow: dict, *, prefix: str = "steadydancer/demo", files: dict | None = None, settings: dict | None = None,
+    detect_resolution: int = 128,
+) -> dict:
+    """The example API graph with other files and sizes (same nodes, same links): by default
+    the tiny models at the demo's tiny size; `files` and `settings` override DEMO_FILES and DEMO."""
+    files = {**DEMO_FILES, **(files or {})}
+    settings = {**DEMO, **(settings or {})}
     graph = json.loads(json.dumps(api_workflow))
     for node in graph.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CLIPLoader":
-            inputs.update(clip_name=TEXT_ENCODER, type="stable_diffusion")
+            inputs.update(clip_name=files["text_encoder"], type=files["text_encoder_type"])
         elif kind == "CLIPVisionLoader":
-            inputs["clip_name"] = CLIP_VISION
+            inputs["clip_name"] = files["clip_vision"]
         elif kind == "VAELoader":
-            inputs["vae_name"] = VAE
+            inputs["vae_name"] = files["vae"]
         elif kind == "SteadyDancerModelLoader":
-            inputs["model_name"] = DIT
+            inputs["model_name"] = files["dit"]
         elif kind == "LoadImage":
-            inputs["image"] = REFERENCE
+            inputs["image"] = files["reference"]
         elif kind == "LoadVideo":
-            inputs["file"] = DRIVING
+            inputs["file"] = files["driving"]
         elif kind in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign"):
-            inputs.update({k: DEMO[k] for k in ("width", "height") if k in inputs})
+            inputs.update({k: settings[k] for k in ("width", "height") if k in inputs})
             if "length" in inputs:
-                inputs["length"] = DEMO["length"]
+                inputs["length"] = settings["length"]
         elif kind == "BasicScheduler" or "steps" in inputs:
-            inputs["steps"] = DEMO["steps"]
+            inputs["steps"] = settings["steps"]
         elif kind == "SaveVideo":
             inputs["filename_prefix"] = prefix
         elif kind == "SteadyDancerPoseExtract":
-            inputs["detect_resolution"] = 128
+            inputs["detect_resolution"] = detect_resolution
     return graph
 
 

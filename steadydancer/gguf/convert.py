@@ -241,60 +241,70 @@ def convert_file(
     except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
         raise ModelFileError(f"{src}: not a readable safetensors file: {exc}") from None
 
-    report = ConversionReport(path=dst, target=target)
-    tmp = dst + ".part"
     with handle_ctx as handle:
         plans = plan_conversion(handle, target)
-        report.missing_pose_path = missing_pose_path(p.name for p in plans)
-        if report.missing_pose_path:
+        missing = missing_pose_path(p.name for p in plans)
+        if missing:
             say(
-                f"warning: {len(report.missing_pose_path)} SteadyDancer pose-path tensors are missing "
-                f"(e.g. {report.missing_pose_path[0]}); the GGUF loader will refuse this file"
+                f"warning: {len(missing)} SteadyDancer pose-path tensors are missing "
+                f"(e.g. {missing[0]}); the GGUF loader will refuse this file"
             )
-        writer = gguf.GGUFWriter(path=None, arch=WAN_ARCHITECTURE)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_file_type(int(FILE_TYPES[target]))
-        for plan in plans:
+
+        def encoded(plan: TensorPlan) -> np.ndarray:
+            try:
+                return encode(_load(handle, plan).reshape(plan.stored_shape), plan.qtype)
+            except GGUFError as exc:
+                raise GGUFError(f"tensor {plan.source!r}: {exc}") from None
+
+        report = write_plans(dst, plans, encoded, target, progress=progress)
+    report.missing_pose_path = missing
+    return report
+
+
+def write_plans(
+    dst: str,
+    plans: Sequence[TensorPlan],
+    data: Callable[[TensorPlan], np.ndarray],
+    target: Q,
+    *,
+    progress: bool = True,
+) -> ConversionReport:
+    """Write a Wan GGUF file of `plans`, asking `data(plan)` for each tensor's stored bytes in
+    turn (one tensor in memory at a time); written to DST.part and renamed when complete."""
+    report = ConversionReport(path=dst, target=target)
+    tmp = dst + ".part"
+    writer = gguf.GGUFWriter(path=None, arch=WAN_ARCHITECTURE)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(int(FILE_TYPES[target]))
+    for plan in plans:
+        if plan.reshaped:
+            writer.add_array(ORIG_SHAPE_PREFIX + plan.name, list(plan.shape))
+        byte_shape = gguf.quant_shape_to_byte_shape(plan.stored_shape, plan.qtype)
+        writer.add_tensor_info(
+            plan.name, byte_shape, np.dtype(np.uint8), plan.nbytes, raw_dtype=plan.qtype
+        )
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        bar = tqdm(plans, desc=f"to {target.name}", unit="tensor", disable=not progress, file=sys.stderr)
+        for plan in bar:
+            out = data(plan)
+            if out.nbytes != plan.nbytes:  # pragma: no cover - guards the writer's layout
+                raise GGUFError(f"tensor {plan.source!r}: encoded {out.nbytes} bytes, planned {plan.nbytes}")
+            writer.write_tensor_data(out)
+            report.tensors += 1
+            report.bytes_written += plan.nbytes
+            report.types[plan.qtype.name] += 1
             if plan.reshaped:
-                writer.add_array(ORIG_SHAPE_PREFIX + plan.name, list(plan.shape))
-            byte_shape = gguf.quant_shape_to_byte_shape(plan.stored_shape, plan.qtype)
-            writer.add_tensor_info(
-                plan.name, byte_shape, np.dtype(np.uint8), plan.nbytes, raw_dtype=plan.qtype
-            )
-        try:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            bar = tqdm(
-                plans,
-                desc=f"to {target.name}",
-                unit="tensor",
-                disable=not progress,
-                file=sys.stderr,
-            )
-            for plan in bar:
-                values = _load(handle, plan).reshape(plan.stored_shape)
-                try:
-                    data = encode(values, plan.qtype)
-                except GGUFError as exc:
-                    raise GGUFError(f"tensor {plan.source!r}: {exc}") from None
-                if data.nbytes != plan.nbytes:  # pragma: no cover - guards the writer's layout
-                    raise GGUFError(
-                        f"tensor {plan.source!r}: encoded {data.nbytes} bytes, planned {plan.nbytes}"
-                    )
-                writer.write_tensor_data(data)
-                report.tensors += 1
-                report.bytes_written += plan.nbytes
-                report.types[plan.qtype.name] += 1
-                if plan.reshaped:
-                    report.reshaped.append(plan.name)
-            writer.close()
-            os.replace(tmp, dst)
-        except BaseException:
-            writer.close()
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+                report.reshaped.append(plan.name)
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return report
 
 

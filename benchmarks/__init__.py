@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure speed and memory (docs/benchmarks.md); not part of the library."""

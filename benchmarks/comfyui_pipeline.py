@@ -1,0 +1,325 @@
+"""The whole example graph through a real ComfyUI server: time per stage and GPU memory.
+
+    python -m benchmarks.comfyui_pipeline --comfyui DIR [--scale 14b] [--weights gguf,fp8]
+        [--modes default,no-dynamic-vram,16gb] [--frames 81] [--steps 2] [--out DIR]
+
+For each weights file and each mode it starts ComfyUI (`main.py`, this package loaded from
+the checkout), submits `workflows/api/steadydancer_api.json` pointed at random-weight models
+of the chosen scale (`benchmarks.random_models`, built once into --models), and listens on
+ComfyUI's websocket. Stages are the nodes' run times as ComfyUI reports them (`executing`
+messages, timed here on arrival); sampling steps are the sampler's progress messages; GPU
+memory is the device's used memory sampled by nvidia-smi every 100 ms (everything on the
+card: weights, activations, the CUDA context, ComfyUI's dynamic-VRAM reservations), with
+the idle figure before ComfyUI started subtracted. Modes:
+- `default`: ComfyUI's flags as a user starts it (0.3x on an NVIDIA GPU: dynamic VRAM on);
+- `no-dynamic-vram`: `--disable-dynamic-vram` (skipped where ComfyUI has no such flag);
+- `16gb`: `--reserve-vram` set so that 16 GiB of the card remain, as on a 16 GB card.
+`--cpu` runs everything with ComfyUI's `--cpu` (for checking this script on a machine
+without a GPU: use `--scale tiny`). Prints one table per run, then a summary; writes
+report.json (and ComfyUI's logs) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.comfyui_demo import ComfyServer, comfyui_python, messages_until_done, saved_files  # noqa: E402
+
+GIB = 1024**3
+MODES = ("default", "no-dynamic-vram", "16gb")
+SMALL_CARD_GIB = 16
+# Node classes -> the stage they belong to (everything else is "other").
+STAGES = {
+    "SteadyDancerPoseExtract": "pose extraction",
+    "SteadyDancerPoseAlign": "pose align + render",
+    "CLIPTextEncode": "text encoder",
+    "CLIPVisionEncode": "CLIP vision encoder",
+    "SteadyDancerImageToVideo": "VAE encode (image to video)",
+    "SamplerCustomAdvanced": "sampling",
+    "SteadyDancerSampler": "sampling",
+    "VAEDecode": "VAE decode",
+    "CreateVideo": "video file",
+    "SaveVideo": "video file",
+    "LoadVideo": "load inputs",
+    "GetVideoComponents": "load inputs",
+    "LoadImage": "load inputs",
+    # ComfyUI's loaders read files; weights reach the GPU when a node first uses them
+    "SteadyDancerModelLoader": "load model files",
+    "CLIPLoader": "load model files",
+    "CLIPVisionLoader": "load model files",
+    "VAELoader": "load model files",
+    "SteadyDancerPoseDetectorLoader": "load model files",
+}
+STAGE_ORDER = (
+    "load model files", "load inputs", "pose extraction", "pose align + render", "text encoder", "CLIP vision encoder",
+    "VAE encode (image to video)", "sampling", "VAE decode", "video file", "other",
+)  # fmt: skip
+
+
+@dataclass
+class RunResult:
+    name: str
+    weights: str
+    mode: str
+    comfy_args: list[str]
+    ok: bool = False
+    error: str | None = None
+    total_s: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    stage_peak_gib: dict[str, float] = field(default_factory=dict)  # stage -> peak GPU GiB above idle
+    steps_s: list[float] = field(default_factory=list)  # each sampling step (the first includes loading)
+    peak_gib: float | None = None
+    idle_gib: float | None = None
+    video: dict | None = None
+
+
+class GpuMemory:
+    """The card's used memory over time (nvidia-smi every `interval_ms`), in GiB."""
+
+    def __init__(self, interval_ms: int = 100, gpu: int = 0) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self.process = subprocess.Popen(
+            ["nvidia-smi", "-i", str(gpu), "--query-gpu=memory.used", "--format=csv,noheader,nounits", f"-lms={interval_ms}"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                self.samples.append((time.monotonic(), float(line.strip()) / 1024))
+            except ValueError:
+                continue
+
+    def now(self) -> float:
+        time.sleep(0.3)
+        return self.samples[-1][1] if self.samples else 0.0
+
+    def peak(self, start: float = 0.0, end: float = float("inf")) -> float:
+        inside = [gib for t, gib in self.samples if start <= t <= end]
+        return max(inside, default=0.0)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def card_total_gib(gpu: int = 0) -> float:
+    out = subprocess.run(["nvidia-smi", "-i", str(gpu), "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return float(out.strip()) / 1024
+
+
+def mode_args(mode: str, comfyui: Path, cpu: bool) -> list[str] | None:
+    """ComfyUI flags of a mode, or None where this ComfyUI/machine cannot run it."""
+    if cpu:
+        return ["--cpu"] if mode == "default" else None
+    if mode == "default":
+        return []
+    if mode == "no-dynamic-vram":
+        has_flag = "disable-dynamic-vram" in (comfyui / "comfy" / "cli_args.py").read_text()
+        return ["--disable-dynamic-vram"] if has_flag else None
+    if mode == "16gb":
+        return ["--reserve-vram", f"{max(card_total_gib() - SMALL_CARD_GIB, 0):.1f}"]
+    raise ValueError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+
+
+def stage_times(messages: list[tuple[float, dict]], classes: dict[str, str], end: float) -> tuple[list, list[float]]:
+    """[(stage, start, stop)] of every node that ran, and the sampler's step times."""
+    spans, steps = [], []
+    running: tuple[str, float] | None = None
+    sampler_start, last_step = None, None
+    for t, message in messages:
+        kind, data = message["type"], message.get("data", {})
+        if kind == "executing":
+            if running is not None:
+                spans.append((STAGES.get(classes.get(running[0], ""), "other"), running[1], t))
+            running = (data["node"], t) if data.get("node") else None
+            if running and STAGES.get(classes.get(running[0], "")) == "sampling":
+                sampler_start = last_step = t
+        elif (
+            kind == "progress" and sampler_start is not None
+            and STAGES.get(classes.get(data.get("node"), "")) == "sampling"
+            and int(data["value"]) > len(steps)  # a new finished step (repeats are not)
+        ):  # fmt: skip
+            steps.append(t - last_step)
+            last_step = t
+    if running is not None:
+        spans.append((STAGES.get(classes.get(running[0], ""), "other"), running[1], end))
+    return spans, steps
+
+
+def probe_video(path: Path) -> dict:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return {"path": str(path), "frames": frames, "width": stream.width, "height": stream.height,
+                "fps": float(stream.average_rate or 0)}  # fmt: skip
+
+
+def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunResult, gpu: bool, timeout: float) -> RunResult:
+    classes = {k: v["class_type"] for k, v in graph.items()}
+    memory = GpuMemory() if gpu else None
+    try:
+        if memory:
+            result.idle_gib = memory.now()
+        server = ComfyServer(comfyui, work, models, input_dir=work / "input", output_dir=work / "output",
+                             comfy_args=tuple(result.comfy_args))  # fmt: skip
+        try:
+            server.wait_ready(timeout=600)
+            ws = server.websocket()
+            received: list[tuple[float, dict]] = []
+            try:
+                start = time.monotonic()
+                response = server.submit(graph)
+                if response.status_code != 200:
+                    raise RuntimeError(f"ComfyUI refused the graph ({response.status_code}): {response.text[:2000]}")
+                prompt_id = response.json()["prompt_id"]
+                messages_until_done(ws, prompt_id, timeout, on_message=lambda m: received.append((time.monotonic(), m)))
+                end = time.monotonic()
+            finally:
+                ws.close()
+            last = received[-1][1]
+            if last["type"] != "execution_success":
+                raise RuntimeError(f"the graph failed: {json.dumps(last.get('data'))[:3000]}")
+            result.total_s = end - start
+            spans, result.steps_s = stage_times(received, classes, end)
+            for stage, t0, t1 in spans:
+                result.stages[stage] = result.stages.get(stage, 0.0) + (t1 - t0)
+                if memory:
+                    peak = memory.peak(t0, t1) - (result.idle_gib or 0.0)
+                    result.stage_peak_gib[stage] = max(result.stage_peak_gib.get(stage, 0.0), peak)
+            if memory:
+                result.peak_gib = memory.peak(start, end) - (result.idle_gib or 0.0)
+            videos = [f for f in saved_files(server.wait(prompt_id)) if f["filename"].endswith(".mp4")]
+            if videos:
+                result.video = probe_video(server.output_dir / videos[0].get("subfolder", "") / videos[0]["filename"])
+            result.ok = True
+        finally:
+            server.stop()
+            shutil.copy(server.log_path, work.parent / f"comfyui-{result.name.replace('/', '-')}.log")
+    except Exception as error:  # one failed run is reported; the others still run
+        result.error = f"{type(error).__name__}: {error}"
+    finally:
+        if memory:
+            memory.stop()
+    return result
+
+
+def print_run(r: RunResult) -> None:
+    print(f"\n== {r.name}: ComfyUI {' '.join(r.comfy_args) or '(default flags)'}")
+    if not r.ok:
+        print(f"   FAILED: {r.error}")
+        return
+    for stage in STAGE_ORDER:
+        if stage in r.stages:
+            peak = f"{r.stage_peak_gib[stage]:6.2f} GiB" if stage in r.stage_peak_gib else ""
+            print(f"   {stage:30s} {r.stages[stage]:8.2f} s  {peak}")
+    for i, step in enumerate(r.steps_s, 1):
+        print(f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s")
+    peak = f", peak GPU memory {r.peak_gib:.2f} GiB above idle ({r.idle_gib:.2f} GiB)" if r.peak_gib is not None else ""
+    print(f"   whole graph {r.total_s:.2f} s{peak}")
+    if r.video:
+        v = r.video
+        print(f"   video: {v['frames']} frames {v['width']}x{v['height']} at {v['fps']:g} fps, {v['path']}")
+
+
+def print_summary(results: list[RunResult]) -> None:
+    print("\nSUMMARY (steps after the first exclude model loading)")
+    print(f"{'run':32s} {'graph s':>8s} {'step 1 s':>9s} {'later steps s':>14s} {'peak GiB':>9s}  video")
+    for r in results:
+        if not r.ok:
+            print(f"{r.name:32s} FAILED: {(r.error or '')[:80]}")
+            continue
+        later = sum(r.steps_s[1:]) / max(len(r.steps_s) - 1, 1) if len(r.steps_s) > 1 else float("nan")
+        peak = f"{r.peak_gib:9.2f}" if r.peak_gib is not None else f"{'-':>9s}"
+        video = f"{r.video['frames']}f {r.video['width']}x{r.video['height']}" if r.video else "none"
+        first = r.steps_s[0] if r.steps_s else float("nan")
+        print(f"{r.name:32s} {r.total_s:8.2f} {first:9.2f} {later:14.2f} {peak}  {video}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder")
+    parser.add_argument("--python", help="ComfyUI's Python (default: COMFYUI_PYTHON, DIR/.venv, python3)")
+    parser.add_argument("--models", type=Path, help="models folder (default: OUT/models); built when missing")
+    parser.add_argument("--scale", choices=("14b", "tiny"), default="14b")
+    parser.add_argument("--weights", default="gguf,fp8", help="DiT files to run: gguf (Q4_K), fp8 (scaled)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--width", type=int, default=480)
+    parser.add_argument("--height", type=int, default=832)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--detect-resolution", type=int, default=1024)
+    parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per graph")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "pipeline")
+    args = parser.parse_args(argv)
+    if args.python:
+        os.environ["COMFYUI_PYTHON"] = args.python
+    python = comfyui_python(args.comfyui)
+    out = args.out.resolve()
+    models = (args.models or out / "models").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    print(f"building {args.scale} models into {models} (first run only) ...", file=sys.stderr, flush=True)
+    subprocess.run([python, "-m", "benchmarks.random_models", "--comfyui", str(args.comfyui), "--out", str(models),
+                    "--scale", args.scale], cwd=REPO_ROOT, check=True)  # fmt: skip
+    names = json.loads(subprocess.run(
+        [python, "-c", f"import json; from benchmarks.random_models import file_names; print(json.dumps(file_names({args.scale!r})))"],
+        cwd=REPO_ROOT, check=True, capture_output=True, text=True).stdout)  # fmt: skip
+    inputs = out / "input"
+    inputs.mkdir(exist_ok=True)
+    subprocess.run([python, "-c", "import sys; from pathlib import Path; from scripts.make_tiny_models import write_inputs; "
+                    f"write_inputs(Path({str(inputs)!r}), {args.width}, {args.height}, {args.frames + 8}, 16)"],
+                   cwd=REPO_ROOT, check=True)  # fmt: skip
+
+    from scripts.make_tiny_models import demo_graph
+
+    api = json.loads((REPO_ROOT / "workflows" / "api" / "steadydancer_api.json").read_text())
+    results: list[RunResult] = []
+    for weights in args.weights.split(","):
+        files = {"dit": names[{"gguf": "gguf", "fp8": "fp8"}[weights]], **{k: names[k] for k in
+                 ("text_encoder", "text_encoder_type", "clip_vision", "vae")}}  # fmt: skip
+        settings = {"width": args.width, "height": args.height, "length": args.frames, "steps": args.steps}
+        graph = demo_graph(api, prefix=f"bench/{weights}", files=files, settings=settings,
+                           detect_resolution=args.detect_resolution)  # fmt: skip
+        for mode in args.modes.split(","):
+            flags = mode_args(mode, args.comfyui, args.cpu)
+            name = f"{weights}/{mode}"
+            if flags is None:
+                print(f"skipping {name}: not possible with this ComfyUI / machine", file=sys.stderr)
+                continue
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            work = out / "runs" / name.replace("/", "-")
+            work.mkdir(parents=True, exist_ok=True)
+            if (work / "input").exists():
+                shutil.rmtree(work / "input")
+            shutil.copytree(inputs, work / "input")
+            result = run_once(args.comfyui, models, work, graph, RunResult(name, weights, mode, flags), not args.cpu,
+                              args.timeout)  # fmt: skip
+            results.append(result)
+            print_run(result)
+            (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print_summary(results)
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

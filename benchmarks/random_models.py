@@ -1,0 +1,243 @@
+"""Random-weight models at their real sizes, in the file formats users load, for benchmarks.
+
+    $COMFYUI_PYTHON -m benchmarks.random_models --comfyui DIR --out MODELS [--scale 14b|tiny]
+
+writes under MODELS (ComfyUI's folder layout) what the example graph needs:
+- diffusion_models/: the SteadyDancer DiT as GGUF Q4_K (`steadydancer_<scale>_Q4_K.gguf`) and
+  as Kijai's scaled fp8 safetensors (`steadydancer_<scale>_fp8_e4m3fn_scaled.safetensors`);
+  at `14b`, SteadyDancer-14B's shapes (8.5 GB and 15 GB);
+- text_encoders/: at `14b` umT5-XXL in the scaled fp8 layout of `umt5_xxl_fp8_e4m3fn_scaled`
+  (5.7 B parameters, 4096-wide states) with a small SentencePiece vocabulary trained here
+  (ComfyUI reads the tokenizer from the file; token ids only index the embedding); at
+  `tiny` the demo's SD1 CLIP-L;
+- clip_vision/: CLIP ViT-H/14 at `14b` (1280-wide states), the demo's ViT-L at `tiny`;
+- vae/, dwpose/ and the inputs: as the demo (scripts/make_tiny_models.py): the Wan 2.1 VAE at
+  its real size, the ONNX pose stand-ins.
+
+Quantised GGUF tensors are random blocks with scales chosen so that weights come out
+~ N(0, 1/fan_in) in spread (as initialised weights), so activations stay finite over 40
+blocks; this is much faster than quantising random floats. Random weights make noise, not a
+dance: these files measure time and memory, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts import make_tiny_models as tiny  # noqa: E402
+from steadydancer.gguf.convert import TensorPlan, choose_storage, write_plans  # noqa: E402
+from steadydancer.gguf.dequant import as_qtype  # noqa: E402
+from steadydancer.keys import TinyConfig  # noqa: E402
+from steadydancer.model import SteadyDancerConfig, parameter_layout  # noqa: E402
+
+SCALES = ("14b", "tiny")
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+
+
+def dit_config(scale: str) -> SteadyDancerConfig:
+    """SteadyDancer-14B's sizes, or the demo's tiny DiT (text and CLIP widths of its encoders)."""
+    if scale == "14b":
+        return SteadyDancerConfig()
+    tc = TinyConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=tiny.TEXT_DIM, clip_dim=tiny.CLIP_DIM)
+    return SteadyDancerConfig(dim=tc.dim, ffn_dim=tc.ffn_dim, num_heads=tc.num_heads, num_layers=tc.num_layers,
+                              text_dim=tc.text_dim, clip_dim=tc.clip_dim)  # fmt: skip
+
+
+def file_names(scale: str) -> dict[str, str]:
+    """Model file names per ComfyUI folder role, as the benchmark graph refers to them."""
+    big = scale == "14b"
+    return {
+        "gguf": f"steadydancer_{scale}_Q4_K.gguf",
+        "fp8": f"steadydancer_{scale}_fp8_e4m3fn_scaled.safetensors",
+        "text_encoder": "umt5_xxl_random_fp8_e4m3fn_scaled.safetensors" if big else tiny.TEXT_ENCODER,
+        "text_encoder_type": "wan" if big else "stable_diffusion",
+        "clip_vision": "clip_vision_h_random.safetensors" if big else tiny.CLIP_VISION,
+        "vae": tiny.VAE,
+    }
+
+
+# ------------------------------------------------------------------------------ the DiT
+def _fan_in(shape: tuple[int, ...]) -> int:
+    return max(int(math.prod(shape[1:])), 1)
+
+
+def random_blocks(plan: TensorPlan, rng: np.random.Generator) -> np.ndarray:
+    """Random packed bytes of a Q8_0 or Q4_K tensor whose values spread like N(0, 1/fan_in)."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    block_size, type_size = gguf.GGML_QUANT_SIZES[plan.qtype]
+    n_blocks = math.prod(plan.stored_shape) // block_size
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    std = 1.0 / math.sqrt(_fan_in(plan.shape))
+    if plan.qtype == q.Q8_0:  # d (fp16), 32 int8: w = d * q, q spread ~74
+        blocks[:, 0:2] = np.frombuffer(np.float16(std / 74.0).tobytes(), np.uint8)
+    elif plan.qtype == q.Q4_K:  # d, dmin (fp16), 6-bit scales and mins, 4-bit q: spread ~258 d
+        blocks[:, 0:2] = np.frombuffer(np.float16(std / 258.0).tobytes(), np.uint8)
+        blocks[:, 2:4] = np.frombuffer(np.float16(7.5 * std / 258.0).tobytes(), np.uint8)  # centres q
+    else:
+        raise ValueError(f"random {plan.qtype.name} blocks are not implemented; use Q8_0 or Q4_K")
+    return blocks.reshape(-1)
+
+
+def _dit_tensors(config: SteadyDancerConfig, device: str, seed: int) -> Iterator[tuple[str, tuple[int, ...], torch.Generator]]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, (shape, _) in parameter_layout(config, torch.float32).items():
+        yield name, shape, gen
+
+
+def write_dit_gguf(path: Path, config: SteadyDancerConfig, qtype: str = "Q4_K", seed: int = 7) -> None:
+    """The DiT as GGUF, tensor by tensor (ComfyUI-GGUF's storage rules: steadydancer.gguf.convert)."""
+    target = as_qtype(qtype)
+    layout = parameter_layout(config, torch.float32)
+    plans = []
+    for name, (shape, _) in layout.items():
+        qtype_of_tensor, stored = choose_storage(name, shape, "BF16", target)
+        plans.append(TensorPlan(name, name, shape, stored, qtype_of_tensor))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def data(plan: TensorPlan) -> np.ndarray:
+        if plan.qtype.name == "F32":
+            return tiny.init_tensor(plan.name, plan.shape, gen).numpy()
+        return random_blocks(plan, rng)
+
+    write_plans(str(path), plans, data, target)
+
+
+def _scaled_fp8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = values.abs().amax().clamp_min(1e-12) / FP8_MAX
+    return (values / scale).to(torch.float8_e4m3fn).cpu(), scale.reshape(1).float().cpu()
+
+
+def write_dit_fp8(path: Path, config: SteadyDancerConfig, device: str = "cpu", seed: int = 8) -> None:
+    """The DiT as Kijai's `*_fp8_e4m3fn_scaled` safetensors: matrices fp8 with one scale each."""
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for name, shape, gen in _dit_tensors(config, device, seed):
+        values = tiny.init_tensor(name, shape, gen)
+        key = f"model.diffusion_model.{name}"
+        if name.endswith(".weight") and len(shape) >= 2 and "condition_embedding" not in name:
+            out[key], out[key[: -len("weight")] + "scale_weight"] = _scaled_fp8(values)
+        else:
+            out[key] = values.to(torch.bfloat16).cpu()
+    save_file(out, str(path))
+
+
+# ------------------------------------------------------------------------------ encoders
+def spiece_model_bytes(vocab_size: int = 256) -> bytes:
+    """A small SentencePiece model trained here on a few sentences (no download possible)."""
+    import sentencepiece
+
+    sentence = "a person dances to the music full body in view smooth natural motion static camera high quality"
+    words = sentence.split(" ")
+    lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        minloglevel=2,
+    )  # fmt: skip
+    return model.getvalue()
+
+
+def write_umt5_xxl(path: Path, device: str = "cpu", seed: int = 9) -> None:
+    """umT5-XXL (ComfyUI's `wan` text encoder) in the scaled-fp8 layout, with a tokenizer."""
+    import comfy.ops
+    import comfy.text_encoders.t5
+    from safetensors.torch import save_file
+
+    config_path = Path(comfy.text_encoders.t5.__file__).with_name("umt5_config_xxl.json")
+    config = json.loads(config_path.read_text())
+    with torch.device("meta"):
+        model = comfy.text_encoders.t5.T5(config, torch.float32, "meta", comfy.ops.manual_cast)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for name, tensor in model.state_dict().items():
+        values = tiny.init_tensor(name, tuple(tensor.shape), gen)
+        if name.endswith(".weight") and tensor.ndim == 2 and "shared" not in name and "relative_attention_bias" not in name:
+            out[name], out[name[: -len("weight")] + "scale_weight"] = _scaled_fp8(values)
+        else:
+            out[name] = values.to(torch.bfloat16).cpu()
+    out["spiece_model"] = torch.frombuffer(bytearray(spiece_model_bytes()), dtype=torch.uint8)
+    save_file(out, str(path))
+
+
+def write_clip_vision_h(path: Path) -> None:
+    """CLIP ViT-H/14 vision model (HF layout, what CLIPVisionLoader detects), random fp16."""
+    import comfy.clip_vision
+    from safetensors.torch import save_file
+
+    config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json"
+    with torch.device("meta"):
+        model = comfy.clip_vision.ClipVisionModel(str(config))
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    save_file(tiny.random_weights(shapes, 2, "float16"), str(path))
+
+
+# ------------------------------------------------------------------------------ all of it
+def build(comfyui: Path, out: Path, scale: str, device: str = "cpu", force: bool = False) -> dict[str, str]:
+    """Write every model of `scale` under `out` (skipping files that exist); returns file_names."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    tiny.use_comfyui(comfyui)
+    names = file_names(scale)
+    config = dit_config(scale)
+    steps = [
+        (out / "diffusion_models" / names["gguf"], lambda p: write_dit_gguf(p, config)),
+        (out / "diffusion_models" / names["fp8"], lambda p: write_dit_fp8(p, config, device)),
+        (out / "vae" / names["vae"], tiny.write_wan_vae),
+        (out / "dwpose" / "dw-ll_ucoco_384.onnx", lambda p: tiny.write_pose_standins(p.parent)),
+    ]
+    if scale == "14b":
+        steps += [
+            (out / "text_encoders" / names["text_encoder"], lambda p: write_umt5_xxl(p, device)),
+            (out / "clip_vision" / names["clip_vision"], write_clip_vision_h),
+        ]
+    else:
+        steps += [
+            (out / "text_encoders" / names["text_encoder"], tiny.write_text_encoder),
+            (out / "clip_vision" / names["clip_vision"], tiny.write_clip_vision),
+        ]
+    for path, make in steps:
+        if path.is_file() and not force:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing {path}", file=sys.stderr, flush=True)
+        if path.suffix == ".onnx":  # the pose stand-ins: two small files at once
+            make(path)
+            continue
+        part = path.with_name(path.name + ".part")  # a killed run leaves no file under the real name
+        make(part)
+        part.replace(path)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder (its model classes give the key layouts)")
+    parser.add_argument("--out", type=Path, required=True, help="models folder to fill")
+    parser.add_argument("--scale", choices=SCALES, default="14b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where random values are drawn (a GPU is much faster at 14b)")
+    parser.add_argument("--force", action="store_true", help="rewrite files that exist")
+    args = parser.parse_args(argv)
+    build(args.comfyui, args.out, args.scale, args.device, args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The pipeline benchmark's pieces that need no ComfyUI: random model files and stage timing.
+
+The 14B files are only written on the GPU machine; here the same writers run at the tiny
+size, and the files are read back by the loading code users run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from test_model import make_inputs
+
+from benchmarks import random_models
+from benchmarks.comfyui_pipeline import stage_times
+from steadydancer.gguf.loader import load_gguf_state_dict
+from steadydancer.gguf.ops import is_quantized
+from steadydancer.model import load_model
+
+CONFIG = random_models.SteadyDancerConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, clip_dim=32)
+
+
+def _inputs() -> dict:
+    inputs = make_inputs(f=2, h=4, w=4)
+    inputs["text"] = torch.randn(1, 7, CONFIG.text_dim)
+    inputs["clip_x"] = torch.randn(1, 257, CONFIG.clip_dim)
+    inputs["clip_c"] = torch.randn(1, 257, CONFIG.clip_dim)
+    return inputs
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_random_gguf_dit_loads_and_runs_finite_with_initialised_spread(tmp_path: Path, qtype: str) -> None:
+    path = tmp_path / "dit.gguf"
+    random_models.write_dit_gguf(path, CONFIG, qtype)
+    sd = load_gguf_state_dict(path)
+    weight = sd["blocks.0.ffn.0.weight"]  # [512, 256]: quantised, fan-in 256
+    assert is_quantized(weight) and weight.tensor_type == gguf.GGMLQuantizationType[qtype]
+    values = weight.dequantize()
+    assert torch.isfinite(values).all()
+    assert 0.5 < float(values.std()) * 256**0.5 < 2.0  # ~ N(0, 1/fan_in) in spread
+    assert abs(float(values.mean())) < 0.2 * float(values.std())
+    model = load_model(path, dtype=torch.float32, attention="math")
+    with torch.no_grad():
+        assert torch.isfinite(model(**_inputs())).all()
+
+
+def test_random_fp8_dit_is_kijais_layout_and_runs_finite(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "dit_fp8.safetensors"
+    random_models.write_dit_fp8(path, CONFIG)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.diffusion_model.blocks.0.ffn.0.weight").dtype == torch.float8_e4m3fn
+    assert "scaled_fp8" in keys and "model.diffusion_model.blocks.0.ffn.0.scale_weight" in keys
+    model = load_model(path, dtype=torch.float32, attention="math")
+    with torch.no_grad():
+        assert torch.isfinite(model(**_inputs())).all()
+
+
+def test_spiece_model_is_a_working_tokenizer() -> None:
+    sentencepiece = pytest.importorskip("sentencepiece", reason="needs sentencepiece (ComfyUI's Python has it)")
+    processor = sentencepiece.SentencePieceProcessor(model_proto=random_models.spiece_model_bytes())
+    ids = processor.encode("A person dances to the music.")
+    assert ids and max(ids) < processor.get_piece_size() and processor.pad_id() == 0 and processor.eos_id() == 1
+
+
+def test_stage_times_from_comfyui_messages() -> None:
+    classes = {"1": "LoadImage", "5": "SteadyDancerPoseExtract", "22": "SamplerCustomAdvanced", "23": "VAEDecode"}
+    messages = [
+        (0.0, {"type": "execution_start", "data": {}}),
+        (1.0, {"type": "executing", "data": {"node": "1"}}),
+        (2.0, {"type": "executing", "data": {"node": "5"}}),
+        (5.0, {"type": "executing", "data": {"node": "22"}}),
+        (9.0, {"type": "progress", "data": {"node": "22", "value": 1, "max": 2}}),
+        (9.5, {"type": "progress", "data": {"node": "22", "value": 1, "max": 2}}),  # repeated: not a step
+        (12.0, {"type": "progress", "data": {"node": "22", "value": 2, "max": 2}}),
+        (12.5, {"type": "executing", "data": {"node": "23"}}),
+        (20.0, {"type": "executing", "data": {"node": None}}),
+    ]
+    spans, steps = stage_times(messages, classes, end=20.5)
+    assert spans == [("load inputs", 1.0, 2.0), ("pose extraction", 2.0, 5.0), ("sampling", 5.0, 12.5),
+                     ("VAE decode", 12.5, 20.0)]  # fmt: skip
+    assert steps == [4.0, 3.0]
