@@ -235,7 +235,7 @@ def run_demo(server: ComfyServer, graph: dict, timeout: float = 1800.0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the example graph in ComfyUI on the tiny models.")
-    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder (0.3.64)")
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder (0.3.64 or 0.33.0)")
     parser.add_argument("--python", help="ComfyUI's Python (default: COMFYUI_PYTHON, DIR/.venv, python3)")
     parser.add_argument("--models", type=Path, default=REPO_ROOT / "tiny_models", help="tiny models folder")
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "out" / "demo", help="input/output/log folder")

@@ -2,9 +2,9 @@
 # The README's first command: set everything up, then run the example graph in a real ComfyUI
 # with this package, on tiny random-weight models built here, and print where the video is.
 #
-#   COMFYUI_DIR     an existing ComfyUI 0.3.64 to use (default: clone v0.3.64 into .comfyui/)
+#   COMFYUI_DIR     an existing ComfyUI to use, 0.3.64 or 0.33.0 (default: clone v0.33.0 into .comfyui/)
 #   COMFYUI_PYTHON  its Python (default: $COMFYUI_DIR/.venv/bin/python, created if missing)
-#   COMFYUI_REF     the ComfyUI tag to clone (default: v0.3.64)
+#   COMFYUI_REF     the ComfyUI tag to clone (default: v0.33.0)
 #   STEADYDANCER_VENV, STEADYDANCER_TORCH: see scripts/install.sh (the project's own venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ step "ComfyUI"
 COMFY=${COMFYUI_DIR:-$REPO/.comfyui}
 if [ ! -f "$COMFY/main.py" ]; then
   [ -z "${COMFYUI_DIR:-}" ] || { echo "COMFYUI_DIR=$COMFYUI_DIR has no main.py" >&2; exit 1; }
-  git clone --quiet --depth 1 --branch "${COMFYUI_REF:-v0.3.64}" https://github.com/comfyanonymous/ComfyUI.git "$COMFY"
+  git clone --quiet --depth 1 --branch "${COMFYUI_REF:-v0.33.0}" https://github.com/comfyanonymous/ComfyUI.git "$COMFY"
 fi
 COMFY=$(cd "$COMFY" && pwd)
 PY=${COMFYUI_PYTHON:-$COMFY/.venv/bin/python}

@@ -39,7 +39,7 @@ def load_package():
 def _comfyui_reason() -> str | None:
     path = os.environ.get("COMFYUI_DIR")
     if not path:
-        return "needs a real ComfyUI: set COMFYUI_DIR (and COMFYUI_PYTHON) to a ComfyUI 0.3.64 checkout"
+        return "needs a real ComfyUI: set COMFYUI_DIR (and COMFYUI_PYTHON) to a ComfyUI checkout (0.3.64 or 0.33.0)"
     if not (Path(path) / "main.py").is_file():
         return f"COMFYUI_DIR={path} has no main.py"
     return None

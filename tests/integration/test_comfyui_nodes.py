@@ -1,4 +1,4 @@
-"""Our nodes as a real ComfyUI 0.3.64 sees them: registration, schemas, workflows, validation."""
+"""Our nodes as a real ComfyUI (0.3.64 or 0.33.0) sees them: registration, schemas, workflows, validation."""
 
 from __future__ import annotations
 
