@@ -166,10 +166,48 @@ class SteadyDancerModel(comfy.model_base.WAN21):
         missing = [name for name in DIT_INPUTS if kwargs.get(name) is None]
         if missing:
             raise ConditioningError(f"SteadyDancer conditioning lacks {missing}: use the SteadyDancer Image to Video node")
+        options = transformer_options or {}
+        window = options.get("context_window")
+        if window is not None:
+            kwargs.update(window_frames(window, x, kwargs))
         inputs = {name: comfy.model_base.convert_tensor(kwargs[name], dtype, xc.device) for name in DIT_INPUTS}
-        attention = ComfyAttention(transformer_options or {})
+        attention = ComfyAttention(options)
         out = self.diffusion_model(xc, timestep, **inputs, attention=attention)
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
+
+
+FRAME_INPUTS = ("y", "pose")  # the DiT inputs with one entry per latent frame (the rest are per video)
+FRAME_DIM = 2
+
+
+def window_frames(window: object, x: torch.Tensor, conds: dict) -> dict[str, torch.Tensor]:
+    """The per-frame conditioning of one ComfyUI context window (comfy.context_windows).
+
+    ComfyUI 0.33 slices 5-D conditioning along the window's frames itself; 0.3.64 hands it
+    over whole, and it is sliced here with the window's own indexing (which includes 0.33's
+    causal anchor frame). Either way `y` (the image-to-video mask and first-frame latent) and
+    the pose latent cover exactly the window's frames: only the window that holds frame 0
+    carries the first-frame conditioning; the reference reaches every window through ref_x,
+    ref_c and the CLIP features, which are not per frame.
+    """
+    if getattr(window, "dim", FRAME_DIM) != FRAME_DIM:
+        raise ConditioningError(
+            f"context windows over dimension {window.dim}: SteadyDancer's frames are dimension {FRAME_DIM}; "
+            "use 'WAN Context Windows (Manual)', or set dim to 2 in 'Context Windows (Manual)'"
+        )
+    frames = x.shape[FRAME_DIM]
+    out = {}
+    for name in FRAME_INPUTS:
+        value = conds[name]
+        if value.shape[FRAME_DIM] != frames:
+            value = window.get_tensor(value)
+            if value.shape[FRAME_DIM] != frames:
+                raise ConditioningError(
+                    f"{name} has {conds[name].shape[FRAME_DIM]} latent frames; the context window asks for "
+                    f"{frames}: use the LATENT of the same SteadyDancer Image to Video node as its conditioning"
+                )
+        out[name] = value
+    return out
 
 
 def _param_count(state_dict: dict[str, torch.Tensor]) -> int:

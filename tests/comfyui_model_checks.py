@@ -424,6 +424,99 @@ def check_gguf_patcher(world: World) -> dict:
     return out
 
 
+WINDOW_FRAMES = 6  # latent frames of the context-window check (21 video frames)
+
+
+def _window_node_execute(node: type, model: object, length: int, overlap: int, dim: int | None = None) -> object:
+    """ComfyUI's (WAN) Context Windows (Manual) node on `model`, for either ComfyUI version's inputs."""
+    import inspect
+
+    import comfy.context_windows
+
+    wanted = {
+        "model": model, "context_length": length, "context_overlap": overlap,
+        "context_schedule": comfy.context_windows.ContextSchedules.STATIC_STANDARD, "context_stride": 1,
+        "closed_loop": False, "fuse_method": comfy.context_windows.ContextFuseMethods.PYRAMID, "dim": dim,
+        "freenoise": False,  # 0.33's noise shuffling: off, so both versions sample the same noise
+    }  # fmt: skip
+    params = inspect.signature(node.execute).parameters
+    return node.execute(**{k: v for k, v in wanted.items() if k in params}).result[0]
+
+
+def check_context_windows(world: World) -> dict:
+    """ComfyUI's context-window nodes on SteadyDancer: what each window's DiT call receives.
+
+    A 21-frame video (6 latent frames) in windows of 9 frames (3 latent) overlapping by 4
+    (1 latent). Per DiT call: the frame indices of its window (0.33 also prepends a causal
+    anchor frame), and whether the pose latent and the image-to-video mask it got are the
+    full video's at those indices.
+    """
+    import comfy.latent_formats
+    import comfy_extras.nodes_context_windows as windows_nodes
+    from comfyui_steadydancer.nodes.guider import make_guider
+
+    torch = world.torch
+    frames, h, w = WINDOW_FRAMES, 4, 6
+    gen = torch.Generator().manual_seed(11)
+    pose = torch.randn(1, 16, frames, h, w, generator=gen)
+    mask = torch.ones(1, 1, frames, h, w)
+    mask[:, :, :1] = 0.0
+    values = {**world.values, "concat_latent_image": torch.randn(1, 16, frames, h, w, generator=gen), "concat_mask": mask}
+
+    def conditioning(text: object, pose_latent: object) -> list:
+        return [[text, {**values, "steadydancer_pose": pose_latent}]]
+
+    normalised_pose = comfy.latent_formats.Wan21().process_in(pose)
+    out = {}
+    for label, node, dim in (("wan", windows_nodes.WanContextWindowsManualNode, None),
+                             ("generic", windows_nodes.ContextWindowsManualNode, 2)):  # fmt: skip
+        length, overlap = (9, 4) if label == "wan" else (3, 1)  # the Wan node counts video frames
+        model = _window_node_execute(node, load(world, "tiny.safetensors"), length, overlap, dim)
+        guider = make_guider(model, conditioning(world.text, pose), conditioning(world.text_negative, pose),
+                             conditioning(world.text, pose), 1.0, 0.0, 0.1, 0.4)  # fmt: skip
+        calls, latent = _record_window_calls(guider, normalised_pose, torch.zeros(1, 16, frames, h, w))
+        out[label] = {"calls": calls, "shape": list(latent.shape), "finite": bool(torch.isfinite(latent).all())}
+    return out
+
+
+def _record_window_calls(guider: object, normalised_pose: object, samples: object) -> tuple[list[dict], object]:
+    """Sample 2 steps with `guider`; per DiT call, its window's frame indices and what it got."""
+    import torch
+    from comfyui_steadydancer.nodes.guider import sample
+
+    model = guider.model_patcher
+    calls: list[dict] = []
+    window_now: list[object] = []
+
+    def recorder(apply: Callable, args: dict) -> object:
+        window_now[:] = [args["c"]["transformer_options"].get("context_window")]
+        return apply(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(recorder)
+    dit = model.model.diffusion_model
+    forward = dit.forward
+
+    def recording_forward(x: object, t: object, **inputs: object) -> object:
+        window = window_now[0]
+        anchor = getattr(window, "causal_anchor_index", None)  # 0.33 prepends the frame before the window
+        indices = ([anchor] if anchor is not None and anchor >= 0 else []) + list(window.index_list)
+        y_mask = inputs["y"][:, :4].float().amax(dim=(0, 1, 3, 4))  # 1 where a frame is given
+        calls.append({
+            "indices": indices,
+            "x_frames": x.shape[2],
+            "pose_is_slice": bool(torch.allclose(inputs["pose"].float(), normalised_pose[:, :, indices], atol=1e-6)),
+            "given_frames": [indices[i] for i, v in enumerate(y_mask.tolist()) if v > 0.5],
+        })
+        return forward(x, t, **inputs)
+
+    dit.forward = recording_forward
+    try:
+        latent = sample(guider, {"samples": samples}, seed=1, steps=2, sampler_name="euler", scheduler="simple")
+    finally:
+        dit.forward = forward
+    return calls, latent["samples"]
+
+
 def check_lora_hooks(world: World) -> dict:
     """Scheduled/per-conditioning LoRA (hooks): works on float weights, a clear error on GGUF."""
     import comfy.hooks
@@ -655,6 +748,7 @@ CHECKS: dict[str, Callable[[World], dict]] = {
     "lora": check_lora,
     "lora_hooks": check_lora_hooks,
     "gguf_patcher": check_gguf_patcher,
+    "context_windows": check_context_windows,
     "attention": check_attention,
     "guider": check_guider,
     "guidance_values": check_guidance_values,

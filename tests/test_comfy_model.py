@@ -163,3 +163,21 @@ def test_lora_hooks_work_on_float_weights_and_are_refused_clearly_on_gguf(report
     # Under dynamic VRAM ComfyUI itself refuses hooks (on a GPU); not checkable on a CPU.
     assert r["tiny.safetensors"] in ({"finite": True}, {"skipped": "dynamic VRAM"})
     assert "LoraLoaderModelOnly" in r["tiny_q8.gguf"]["error"]
+
+
+@pytest.mark.parametrize("node", ["wan", "generic"])
+def test_context_windows_give_each_window_its_frames_and_the_first_frame_only_to_window_0(report: dict, node: str) -> None:
+    r = result(report, "context_windows")[node]
+    assert r["shape"] == [1, 16, 6, 4, 6] and r["finite"]
+    calls = r["calls"]
+    assert calls, "the DiT was never called through a context window"
+    covered = set()
+    for call in calls:
+        assert call["x_frames"] == len(call["indices"])
+        assert call["pose_is_slice"], call  # the pose latent of exactly these frames
+        # the image-to-video first frame (mask on) is given only where the video starts
+        assert call["given_frames"] == ([0] if 0 in call["indices"] else []), call
+        covered.update(call["indices"])
+    assert covered == set(range(6))
+    assert sum(0 in call["indices"] for call in calls) == 2  # one window per step (2 steps) holds frame 0
+    assert len(calls) > 2  # more than one window per step
