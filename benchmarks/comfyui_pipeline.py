@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.comfyui_demo import ComfyServer, comfyui_python, messages_until_done, saved_files  # noqa: E402
 
-GIB = 1024**3
 MODES = ("default", "no-dynamic-vram", "16gb")
 SMALL_CARD_GIB = 16
 # Node classes -> the stage they belong to (everything else is "other").

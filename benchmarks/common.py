@@ -1,8 +1,12 @@
-"""Pieces shared by the benchmarks: latent shapes, the FLOP count, random weights and inputs.
+"""Pieces shared by the benchmarks: the timer, latent shapes, the FLOP count, random weights
+and inputs.
 
-`python -m steadydancer.bench` (issue 3) and `python -m steadydancer.bench_gpu` (issue 7)
-time the same model on the same kind of random data; keeping one definition of each piece
-here means their figures are computed the same way and can be compared.
+`python -m benchmarks.model_forward` (issue 3), `python -m benchmarks.gpu` (issue 7, with
+`benchmarks.model_gpu`), `python -m benchmarks.gguf_dequant` and `python -m
+benchmarks.pose_extract` time with the same timer; the two model benchmarks time the same
+model on the same kind of random data. Keeping one definition of each piece here means their
+figures are computed the same way and can be compared. This module imports no other
+benchmark module (`gpu` may import `model_gpu`, never the reverse).
 
 Random data is made directly on the target device, in its final dtype, with a generator on
 that device: float weights as random tensors of the weight dtype scaled in place, packed
@@ -15,11 +19,17 @@ file is loaded), and on the host a 14B model would otherwise exist in float firs
 from __future__ import annotations
 
 import math
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .model import CLIP_TOKENS, SteadyDancerConfig
+from steadydancer.model import CLIP_TOKENS, SteadyDancerConfig
+
+GIB = 1024**3
 
 # Per GGUF type: byte offsets of the fp16 scale fields in one block (d, and dmin/m where the
 # type has one), and the RMS of a dequantised block of uniformly random bytes whose scale
@@ -38,6 +48,68 @@ PACKED_TYPES: dict[str, tuple[tuple[int, ...], float]] = {
     "Q6_K": ((208,), 1360.0),
 }
 FLOAT_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ------------------------------------------------------------------------------ timing
+def sync(device: torch.device | str | None) -> None:
+    """Wait until the work queued on `device` is done (CUDA only; None: nothing to wait for)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | str | None = None,
+    warmup: int = 0,
+    repeat: int = 1,
+    cuda_events: bool = False,
+    each: Callable[[Any], None] | None = None,
+) -> list[float]:
+    """Seconds of each of `repeat` calls of `fn`, after `warmup` untimed calls: the one timer
+    of the benchmarks.
+
+    By default a call is timed on the host clock (`time.perf_counter`) from an idle device to
+    the end of its work: `device` is synchronised before and after the call (None: nothing
+    to synchronise, e.g. work that returns host results). With `cuda_events`, the call is
+    timed by CUDA events recorded before and after it on the current stream (the GPU's time
+    for the work, without the host's synchronisation latency); the warm-up calls are then
+    synchronised once, before the first timed call. `each`, if given, receives every call's
+    result (warm-up calls too) outside the timed span, e.g. to check it; a result is
+    dropped before the next call, so two never occupy memory at once.
+    """
+    for _ in range(warmup):
+        result = fn()
+        if each is not None:
+            each(result)
+        del result
+    if cuda_events:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        if cuda_events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            sync(device)
+            begin = time.perf_counter()
+            result = fn()
+            sync(device)
+            times.append(time.perf_counter() - begin)
+        if each is not None:
+            each(result)
+        del result
+    return times
+
+
+def cuda_time(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5) -> float:
+    """Median seconds of `fn` measured with CUDA events (`time_calls`), after `warmup`
+    untimed calls."""
+    return statistics.median(time_calls(fn, warmup=warmup, repeat=repeat, cuda_events=True))
 
 
 # ------------------------------------------------------------------------------ shapes
@@ -217,7 +289,7 @@ def random_weight(
     """The random parameter `name`: a GGMLTensor of `quant` blocks where a converter would
     pack it (see `packs`), else a float tensor of `dtype` (see `random_float`)."""
     if quant is not None and packs(name, shape, quant, min_elements):
-        from .gguf.ops import GGMLTensor
+        from steadydancer.gguf.ops import GGMLTensor
 
         raw = random_packed(quant, shape, device=device, generator=generator)
         return GGMLTensor(raw, tensor_type=quant, tensor_shape=shape)

@@ -1,6 +1,6 @@
 """Dequantisation throughput per type, in GB/s of output, on the current device.
 
-    python -m steadydancer.gguf.bench [--device cuda] [--dtype bf16] [--elements 16777216]
+    python -m benchmarks.gguf_dequant [--device cuda] [--dtype bf16] [--elements 16777216]
 
 One line per type. Input blocks come from quantising Gaussian weights (random bytes would
 contain NaN/subnormal scales, which run slower on some CPUs than real weights do). Each
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Sequence
 
 import gguf
 import numpy as np
 import torch
 
-from .dequant import SUPPORTED_QTYPES, as_qtype, dequantize, quantize
+from benchmarks.common import time_calls
+from steadydancer.gguf.dequant import SUPPORTED_QTYPES, as_qtype, dequantize, quantize
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ORDER = (
@@ -36,11 +36,6 @@ ORDER = (
     "Q3_K",
     "Q2_K",
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def packed_weights(
@@ -65,20 +60,15 @@ def bench_type(
     shape = (max(1, n_elements // 4096), 4096)
     out = dequantize(raw, qtype, shape, dtype)  # warm-up (kernel selection, caches)
     is_view = out.data_ptr() == raw.data_ptr()  # F32->fp32, BF16->bf16...: nothing to convert
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out = dequantize(raw, qtype, shape, dtype)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    out_bytes = out.numel() * out.element_size()
+    out_bytes = out.numel() * out.element_size()  # every run's output has this size
+    times = time_calls(lambda: dequantize(raw, qtype, shape, dtype), device=device, repeat=repeats)
+    best = min(times, default=float("inf"))
     return best, out_bytes / best / 1e9, is_view
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m steadydancer.gguf.bench", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.gguf_dequant", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(

@@ -1,18 +1,19 @@
 """GPU benchmarks of issue 7 (and the GPU half of issue 3), printed side by side in one run.
 
-    python -m steadydancer.bench_gpu all --out DIR      # everything below, one table
-    python -m steadydancer.bench_gpu matmul             # dense bf16 matmul ceiling
-    python -m steadydancer.bench_gpu dequant            # plain vs Triton dequant, GB/s
-    python -m steadydancer.bench_gpu attention          # backends: agreement + speed
-    python -m steadydancer.bench_gpu model --weights Q4_K --memory auto --cap-gb 16
-    python -m steadydancer.bench_gpu guidance --weights bf16
+    python -m benchmarks.gpu all --out DIR      # everything below, one table
+    python -m benchmarks.gpu matmul             # dense bf16 matmul ceiling
+    python -m benchmarks.gpu dequant            # plain vs Triton dequant, GB/s
+    python -m benchmarks.gpu attention          # backends: agreement + speed
+    python -m benchmarks.gpu model --weights Q4_K --mode "16 GB auto:16:auto"
+    python -m benchmarks.gpu guidance --weights bf16
 
 Each model configuration runs in its own process (`all` spawns them), so peak-memory
 figures and the per-process memory cap of the 16 GB mode never leak between runs. Every
 timed path is also checked against its plain counterpart (bit-exact dequant, attention
 error against a float64 reference, streamed vs resident forward), so a fast number that
 computes something else cannot pass unnoticed. Results are JSON lines (`--out`), the table
-is printed last.
+is printed last. The whole-model runs (`model`, `guidance`) live in `benchmarks.model_gpu`;
+timing, GIB and the random data come from `benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -31,26 +31,10 @@ from typing import Any
 
 import torch
 
-GIB = 1024**3
+from benchmarks.common import GIB, cuda_time
 
 
-# ------------------------------------------------------------------------------ timing
-def cuda_time(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5) -> float:
-    """Median seconds of `fn` measured with CUDA events, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
-    return statistics.median(times)
-
-
+# ------------------------------------------------------------------------------ results
 def _emit(record: dict[str, Any], out: Path | None) -> None:
     line = json.dumps(record, sort_keys=True)
     print("RESULT " + line, flush=True)
@@ -133,8 +117,8 @@ def bench_dequant(shape: tuple[int, int] = (13824, 5120)) -> list[dict[str, Any]
     """Plain PyTorch dequant (dequant.py) vs the fused Triton kernels, bf16 output."""
     import gguf
 
-    from .bench_common import random_packed
-    from .gguf import dequant, triton_dequant
+    from benchmarks.common import random_packed
+    from steadydancer.gguf import dequant, triton_dequant
 
     rows = []
     for name in ("Q4_K", "Q5_K", "Q6_K", "Q8_0"):
@@ -244,7 +228,7 @@ def bench_attention(
     rows = []
     candidates: dict[str, Callable[..., torch.Tensor]] = {}
     try:
-        from .attention import AttentionDispatcher, available_backends
+        from steadydancer.attention import AttentionDispatcher, available_backends
 
         names = available_backends(torch.device("cuda"), torch.bfloat16, head_dim)
         for name in names:
@@ -423,7 +407,7 @@ def _load_records(out: Path | None) -> list[dict[str, Any]]:
 
 
 def _run_child(args: list[str], out: Path | None, timeout: int) -> None:
-    cmd = [sys.executable, "-m", "steadydancer.bench_gpu", *args]
+    cmd = [sys.executable, "-m", "benchmarks.gpu", *args]
     if out is not None:
         cmd += ["--out", str(out)]
     print("$ " + " ".join(cmd), flush=True)
@@ -437,7 +421,7 @@ def _run_child(args: list[str], out: Path | None, timeout: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m steadydancer.bench_gpu", description=__doc__.splitlines()[0]
+        prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "part",
@@ -484,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.expandable:  # read by the CUDA allocator at its first use, which comes later
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if not torch.cuda.is_available():
-        print("bench_gpu needs a CUDA GPU; none is visible to torch", file=sys.stderr)
+        print("benchmarks.gpu needs a CUDA GPU; none is visible to torch", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.part in ("quick", "models", "all"):
@@ -499,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(_load_records(args.out)))
         return 0
     if args.part in ("model", "guidance"):
-        from . import bench_model_gpu as bm
+        from benchmarks import model_gpu as bm
 
         width, height, frames = (int(v) for v in args.size.lower().split("x"))
         if args.part == "model":

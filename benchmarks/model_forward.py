@@ -1,14 +1,14 @@
 """Time one forward pass of the SteadyDancer DiT with random weights.
 
-    python -m steadydancer.bench                                # 14B shapes, bf16, 832x480x81
-    python -m steadydancer.bench --weights Q4_K --attention sdpa
-    python -m steadydancer.bench --tiny --device cpu            # a few seconds on a laptop
+    python -m benchmarks.model_forward                          # 14B shapes, bf16, 832x480x81
+    python -m benchmarks.model_forward --weights Q4_K --attention sdpa
+    python -m benchmarks.model_forward --tiny --device cpu      # a few seconds on a laptop
 
-Random weights are made directly in their final form on the device (see bench_common):
+Random weights are made directly in their final form on the device (see benchmarks.common):
 float weights as random `dtype` tensors, quantised weights as random packed GGML blocks
 whose fp16 scale fields are overwritten with small finite values (random bytes would give
 NaN/inf scales), so a 14B model never exists in float first. The FLOP count is
-bench_common.forward_flops: the matrix products of the forward pass (2*m*n*k each), stated
+benchmarks.common.forward_flops: the matrix products of the forward pass (2*m*n*k each), stated
 per part in the output; element-wise work, norms, the pose path and dequantisation are not
 counted, so TFLOP/s is "useful matmul work per second".
 """
@@ -26,16 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench_common import (
+from benchmarks.common import (
     FLOAT_WEIGHTS,
+    GIB,
     PACKED_TYPES,
     forward_flops,
     random_inputs,
     random_weight,
     shapes_for_video,
+    time_calls,
 )
-from .keys import TinyConfig
-from .model import SteadyDancerConfig, SteadyDancerDiT
+from steadydancer.keys import TinyConfig
+from steadydancer.model import SteadyDancerConfig, SteadyDancerDiT
 
 
 def build_random_model(
@@ -53,7 +55,7 @@ def build_random_model(
     ("Q8_0", "Q4_K", ...): Linear weights whose rows fit the blocks are packed, the
     rest are float (as converters do).
     """
-    from .gguf.ops import GGMLLayer, GGMLOps
+    from steadydancer.gguf.ops import GGMLLayer, GGMLOps
 
     quant = weights.upper() if weights.lower() not in FLOAT_WEIGHTS else None
     if quant is not None and quant not in PACKED_TYPES:
@@ -87,9 +89,9 @@ def build_random_model(
 
 
 # ------------------------------------------------------------------------------ timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _check_finite(out: torch.Tensor) -> None:
+    if not torch.isfinite(out).all():
+        raise SystemExit("the forward pass produced NaN/inf: the benchmark is invalid")
 
 
 def time_forward(
@@ -99,20 +101,16 @@ def time_forward(
     warmup: int,
     repeat: int,
 ) -> list[float]:
-    """Seconds of each of `repeat` forward passes after `warmup` untimed ones."""
-    times = []
+    """Seconds of each of `repeat` forward passes after `warmup` untimed ones (host clock
+    between device synchronisations); every output is checked to be finite."""
     with torch.inference_mode():
-        for i in range(warmup + repeat):
-            _sync(device)
-            start = time.perf_counter()
-            out = model(**inputs)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-            if not torch.isfinite(out).all():
-                raise SystemExit("the forward pass produced NaN/inf: the benchmark is invalid")
-            del out
-    return times
+        return time_calls(
+            lambda: model(**inputs),
+            device=device,
+            warmup=warmup,
+            repeat=repeat,
+            each=_check_finite,
+        )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     streamer = None
     if args.memory not in (None, "full"):
-        from .streaming import enable_streaming
+        from steadydancer.streaming import enable_streaming
 
         streamer = enable_streaming(model, device, args.memory)
     build_s = time.perf_counter() - start
@@ -161,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     times = time_forward(model, inputs, device, args.warmup, args.repeat)
     flops = forward_flops(cfg, shapes)
     best, median = min(times), sorted(times)[len(times) // 2]
-    from .gguf.ops import is_quantized
+    from steadydancer.gguf.ops import is_quantized
 
     params = list(model.parameters())
     packed = [p for p in params if is_quantized(p)]
@@ -182,17 +180,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "flops": flops,
         "tflops_per_s": flops["total"] / median / 1e12,
         "attention": model.attention.backend_used,
-        "weight_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
+        "weight_gib": sum(p.numel() * p.element_size() for p in params) / GIB,
         "quantised_tensors": [len(packed), len(params)],
         "memory": args.memory or "full",
     }
     if streamer is not None:
         result["streaming"] = streamer.summary()
     if device.type == "cuda":
-        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        result["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        result["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
     result["peak_rss_gib"] = (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     )  # KiB on Linux
     return result
 
@@ -245,7 +243,7 @@ VIDEO_ARGS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m steadydancer.bench", description=__doc__.splitlines()[0]
+        prog="python -m benchmarks.model_forward", description=__doc__.splitlines()[0]
     )
     p.add_argument(
         "--tiny",

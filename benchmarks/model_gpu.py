@@ -1,7 +1,7 @@
 """Whole-model GPU benchmarks: one 14B forward per weight format, 16 GB mode, guidance step.
 
-Used by `python -m steadydancer.bench_gpu model|guidance ...`; one configuration per
-process. Weights are random but shaped like the published 14B checkpoint and generated on
+Used by `python -m benchmarks.gpu model|guidance ...`; one configuration per
+process (this module imports `benchmarks.common`, never `benchmarks.gpu`). Weights are random but shaped like the published 14B checkpoint and generated on
 the GPU (host generation of 16 billion values would take minutes): bf16 tensors, or for a
 GGUF quant type random packed blocks with small finite fp16 scales for every 2-D weight a
 GGUF converter would quantise. Timings do not depend on the values; outputs are still
@@ -17,9 +17,16 @@ from typing import Any
 
 import torch
 
-from .bench_common import Shapes, forward_flops, random_inputs, random_weight, shapes_for_video
-from .bench_gpu import GIB, cuda_time
-from .model import SteadyDancerConfig
+from benchmarks.common import (
+    GIB,
+    Shapes,
+    cuda_time,
+    forward_flops,
+    random_inputs,
+    random_weight,
+    shapes_for_video,
+)
+from steadydancer.model import SteadyDancerConfig
 
 # the published 14B checkpoint's sizes (keys.model_shapes' arguments), from the config defaults
 DIMS_14B = {
@@ -48,7 +55,7 @@ def random_state_dict(
 ) -> dict[str, torch.Tensor]:
     """A 14B-shaped state dict of random weights made on `device`: bf16 tensors, and for a
     GGUF type packed blocks for the tensors a converter would quantise (large 2-D weights)."""
-    from .keys import model_shapes
+    from steadydancer.keys import model_shapes
 
     shapes = model_shapes(**(dims or DIMS_14B))
     g = torch.Generator(device=device).manual_seed(seed)
@@ -79,12 +86,12 @@ def build_model(
     min_elements: int = 1 << 20,
 ) -> torch.nn.Module:
     """The 14B SteadyDancer with random weights, on the GPU, through the public loader."""
-    from .model import load_model
+    from steadydancer.model import load_model
 
     sd = random_state_dict(weights, seed=seed, device=device, dims=dims, min_elements=min_elements)
     operations = None
     if weights.lower() not in ("bf16", "bfloat16"):
-        from .gguf.ops import GGMLOps
+        from steadydancer.gguf.ops import GGMLOps
 
         operations = GGMLOps
     model = load_model(
@@ -133,7 +140,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
-    from .streaming import module_bytes
+    from steadydancer.streaming import module_bytes
 
     return module_bytes(model)
 
@@ -218,7 +225,7 @@ def run_model(
         for block in model.blocks:
             block.ffn_chunk_size = None
     for backend in backends:
-        from .attention import AttentionDispatcher
+        from steadydancer.attention import AttentionDispatcher
 
         row: dict[str, Any] = {
             "part": "model",
@@ -242,7 +249,7 @@ def run_model(
         rows.append(row)
         print(row, flush=True)
     if backends:
-        from .attention import AttentionDispatcher
+        from steadydancer.attention import AttentionDispatcher
 
         model.attention = AttentionDispatcher(backend=attention)
     for label, cap_gib, memory in modes:
@@ -268,7 +275,7 @@ class _SdpaCudnn:
 
 
 def _run_mode(model, inputs, ref, weights, label, cap_gib, memory, flops, repeat) -> dict[str, Any]:
-    from .streaming import BlockStreamer, tensor_bytes
+    from steadydancer.streaming import BlockStreamer, tensor_bytes
 
     row: dict[str, Any] = {
         "part": "model",
@@ -341,7 +348,7 @@ def run_guidance(
     calc_cond_batch does when memory allows). Both combined with guidance.combine; the two
     predictions must agree.
     """
-    from . import guidance
+    from steadydancer import guidance
 
     model = build_model(weights)
     shapes = shapes_for_video(width, height, frames)
@@ -408,7 +415,6 @@ def profile_memory(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> l
     """
     rows: list[dict[str, Any]] = []
     stack: list[list[Any]] = []
-    GB = GIB
 
     def pre(name: str):
         def hook(*_: Any) -> None:
@@ -427,9 +433,9 @@ def profile_memory(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> l
             {
                 "part": "memory",
                 "module": name,
-                "before_gib": before / GB,
-                "peak_gib": peak / GB,
-                "rise_gib": (peak - before) / GB,
+                "before_gib": before / GIB,
+                "peak_gib": peak / GIB,
+                "rise_gib": (peak - before) / GIB,
             }
         )
         if stack:
@@ -469,7 +475,7 @@ def profile_memory(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> l
             seen[r["module"]] = r
     out = sorted(seen.values(), key=lambda r: -r["peak_gib"])
     for r in out:
-        r["start_gib"] = start / GB
+        r["start_gib"] = start / GIB
     return out
 
 
@@ -477,10 +483,10 @@ def persistent_allocations(model: torch.nn.Module, top: int = 12) -> list[dict[s
     """Live device allocations that are not the model's weights, largest first, with the
     source line that made each (needs torch.cuda.memory._record_memory_history() enabled
     before they were made). Finds caches and leaks that eat into the 16 GB budget."""
-    from .streaming import _plain
+    from steadydancer.streaming import plain_tensors
 
     owned = set()
-    with _plain():
+    with plain_tensors():
         for t in [*model.parameters(), *model.buffers()]:
             if t.is_cuda:
                 owned.add(t.untyped_storage().data_ptr())
@@ -496,7 +502,10 @@ def persistent_allocations(model: torch.nn.Module, top: int = 12) -> list[dict[s
             frames = [
                 f"{Path(f['filename']).name}:{f['line']}:{f['name']}"
                 for f in blk.get("frames", [])
-                if "steadydancer" in f.get("filename", "") or "/torch/nn/" in f.get("filename", "")
+                if any(
+                    part in f.get("filename", "")
+                    for part in ("steadydancer", "/benchmarks/", "/torch/nn/")
+                )
             ]
             found.append(
                 {"part": "alloc", "size_mib": blk["size"] / 2**20, "site": " < ".join(frames[:4])}

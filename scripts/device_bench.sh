@@ -16,4 +16,4 @@ fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi; nproc; free -g; python3 -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)'; } > "$OUT/machine.txt" 2>&1
 python3 -m pytest -q -p no:cacheprovider tests/test_triton_dequant.py tests/test_streaming.py "$@" 2>&1 | tee "$OUT/pytest.txt" | tail -15
-python3 -m steadydancer.bench_gpu "$PART" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | grep -v '^RESULT' | tail -60
+python3 -m benchmarks.gpu "$PART" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | grep -v '^RESULT' | tail -60

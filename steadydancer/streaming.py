@@ -68,15 +68,21 @@ def parse_memory_option(option: str | int | None) -> str | int:
 
 
 @contextlib.contextmanager
-def _plain() -> Iterator[None]:
-    """Treat tensor subclasses (GGMLTensor) as plain tensors: raw storage moves only."""
+def plain_tensors() -> Iterator[None]:
+    """Within the block, tensor subclasses (GGMLTensor) behave as plain tensors.
+
+    Their `__torch_function__` is not called, so an operation sees what is stored: the
+    packed bytes of a quantised weight, with no dequantisation and no GGML metadata carried
+    over to the result. Use it to size, move or identify a tensor's storage (`tensor_bytes`,
+    block streaming, `untyped_storage().data_ptr()`); compute on weights outside it.
+    """
     with torch._C.DisableTorchFunctionSubclass():
         yield
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes the tensor's data occupies (packed bytes for a GGMLTensor)."""
-    with _plain():
+    with plain_tensors():
         return t.numel() * t.element_size()
 
 
@@ -265,7 +271,7 @@ class BlockStreamer:
             for t in _block_tensors(self.blocks[i]):
                 host = _to(t, torch.device("cpu"))
                 if self._cuda:
-                    with _plain():
+                    with plain_tensors():
                         host = host.pin_memory()
                 _set_data(t, host)
                 entries.append((t, host, 0))
@@ -326,7 +332,7 @@ class BlockStreamer:
         """Typed views of staging buffer `buf` shaped like block `index`'s tensors."""
         data = self._buffers[buf]
         views = []
-        with _plain():
+        with plain_tensors():
             for _, host, offset in self._host[index]:
                 n = tensor_bytes(host)
                 views.append(data[offset : offset + n].view(host.dtype).view(host.shape))
@@ -344,7 +350,7 @@ class BlockStreamer:
         views = self._views(index, buf)
         if self._cuda:
             assert self._copy_stream is not None
-            with torch.cuda.stream(self._copy_stream), _plain():
+            with torch.cuda.stream(self._copy_stream), plain_tensors():
                 if self._free[buf] is not None:
                     self._copy_stream.wait_event(self._free[buf])
                 for (_, host, _), dst in zip(self._host[index], views, strict=True):
@@ -353,7 +359,7 @@ class BlockStreamer:
                 ready.record(self._copy_stream)
         else:
             # on the CPU the copy is synchronous; the buffer logic is the same
-            with _plain():
+            with plain_tensors():
                 for (_, host, _), dst in zip(self._host[index], views, strict=True):
                     dst.copy_(host)
             ready = None
@@ -419,7 +425,7 @@ def _unview(block: nn.Module) -> None:
             for name, t in list(store.items()):
                 if t is None:
                     continue
-                with _plain():
+                with plain_tensors():
                     if not t._is_view():
                         continue
                     fresh = torch.Tensor._make_subclass(type(t), t.detach(), t.requires_grad)
@@ -432,13 +438,13 @@ def _block_tensors(block: nn.Module) -> list[torch.Tensor]:
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with _plain():
+    with plain_tensors():
         return t.detach().to(device)
 
 
 def _set_data(t: torch.Tensor, data: torch.Tensor) -> None:
     """Swap the storage under a tensor object, keeping the object (and its attributes)."""
-    with _plain(), torch.no_grad():
+    with plain_tensors(), torch.no_grad():
         t.data = data
 
 

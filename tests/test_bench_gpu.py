@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steadydancer import bench_common, bench_gpu
-from steadydancer import bench_model_gpu as bm
+from benchmarks import common, gpu
+from benchmarks import model_gpu as bm
 
 # a 2-layer model of width 256 with the 14B's channel counts
 SMALL = dict(bm.DIMS_14B, dim=256, ffn_dim=512, num_layers=2, text_dim=256, clip_dim=256)
@@ -41,8 +41,8 @@ def test_random_model_builds_and_runs(weights):
     model = bm.build_model(
         weights, device="cpu", dims=SMALL, min_elements=1 << 16, attention="sdpa"
     )
-    shapes = bench_common.shapes_for_video(64, 32, 5)
-    inputs = bench_common.random_inputs(model.config, shapes, "cpu")
+    shapes = common.shapes_for_video(64, 32, 5)
+    inputs = common.random_inputs(model.config, shapes, "cpu")
     with torch.no_grad():
         out = model(**inputs)
     assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
@@ -65,7 +65,7 @@ def test_table_formats_every_part():
          "batched_s": 9.5, "separate_over_3_forwards": 1.01, "batched_over_separate": 0.98,
          "peak_separate_gib": 40.0, "peak_batched_gib": 50.0, "rel_err_batched_vs_separate": 1e-3},
     ]  # fmt: skip
-    table = bench_gpu.format_table(records)
+    table = gpu.format_table(records)
     assert "H100" in table and "13.7x True" in table and "584" in table
     assert "x bf16" in table and "1.06" in table and "ERROR OutOfMemoryError" in table
     assert "0.980 x separate" in table
@@ -74,5 +74,32 @@ def test_table_formats_every_part():
 def test_cli_refuses_without_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert bench_gpu.main(["matmul"]) == 2
+    assert gpu.main(["matmul"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def _imported_modules(path) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_benchmarks_stay_out_of_the_library_and_import_in_one_direction():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for package in ("steadydancer", "pose"):
+        for path in (root / package).rglob("*.py"):
+            assert "bench" not in path.stem, path  # benchmark modules live in benchmarks/
+            assert not any(m.split(".")[0] == "benchmarks" for m in _imported_modules(path)), path
+    # common <- gpu, common <- model_gpu, gpu -> model_gpu: never model_gpu -> gpu
+    assert "benchmarks.gpu" not in _imported_modules(root / "benchmarks" / "model_gpu.py")
+    common_imports = _imported_modules(root / "benchmarks" / "common.py")
+    assert not [m for m in common_imports if m.startswith("benchmarks")]

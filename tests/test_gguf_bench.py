@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import re
 
-from steadydancer.gguf import bench
+from benchmarks import gguf_dequant
 
 
 def test_one_line_per_type(capsys):
-    assert bench.main(["--device", "cpu", "--elements", "8192", "--repeats", "1", "--dtype", "fp16"]) == 0
+    assert gguf_dequant.main(["--device", "cpu", "--elements", "8192", "--repeats", "1", "--dtype", "fp16"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "on cpu" in lines[0]
     rows = lines[1:]
-    assert [r.split()[0] for r in rows] == list(bench.ORDER)
+    assert [r.split()[0] for r in rows] == list(gguf_dequant.ORDER)
     for row in rows:
         if row.startswith("F16"):
             assert "view" in row  # F16 -> fp16 costs nothing

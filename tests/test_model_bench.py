@@ -9,17 +9,17 @@ import gguf
 import pytest
 import torch
 
-from steadydancer import bench, bench_common
+from benchmarks import common, model_forward
 from steadydancer.gguf.dequant import dequantize
 from steadydancer.model import SteadyDancerConfig
 
 
 def test_default_video_is_35880_tokens_and_flops_are_stated():
-    shapes = bench_common.shapes_for_video(832, 480, 81)
+    shapes = common.shapes_for_video(832, 480, 81)
     cfg = SteadyDancerConfig()
     assert (shapes.frames, shapes.height, shapes.width) == (21, 60, 104)
     assert shapes.tokens(cfg) == 35_880
-    flops = bench_common.forward_flops(cfg, shapes)
+    flops = common.forward_flops(cfg, shapes)
     n, d, ctx = 35_880, 5120, 512 + 257
     assert flops["self_attn_sdpa"] == 40 * 4 * n * n * d
     assert flops["ffn"] == 40 * 4 * n * d * 13824
@@ -28,17 +28,17 @@ def test_default_video_is_35880_tokens_and_flops_are_stated():
     # the figure docs/benchmarks.md and the README state: 1.94 PFLOP per 14B forward
     assert round(flops["total"] / 1e15, 2) == 1.94
     with pytest.raises(ValueError, match="4k\\+1"):
-        bench_common.shapes_for_video(832, 480, 80)
+        common.shapes_for_video(832, 480, 80)
     with pytest.raises(SystemExit, match="4k\\+1"):  # the CLI says it without a traceback
-        bench.main(["--tiny", "--frames", "16"])
+        model_forward.main(["--tiny", "--frames", "16"])
 
 
-@pytest.mark.parametrize("qtype", sorted(bench_common.PACKED_TYPES))
+@pytest.mark.parametrize("qtype", sorted(common.PACKED_TYPES))
 @pytest.mark.parametrize("fan_in", [256, 5120])
 def test_random_packed_weights_are_finite_and_sized_by_fan_in(qtype, fan_in):
     gen = torch.Generator().manual_seed(0)
     shape = (64, fan_in)
-    raw = bench_common.random_packed(qtype, shape, device="cpu", generator=gen)
+    raw = common.random_packed(qtype, shape, device="cpu", generator=gen)
     assert raw.dtype == torch.uint8 and raw.dim() == 1
     values = dequantize(raw, gguf.GGMLQuantizationType[qtype], shape)
     assert torch.isfinite(values).all()
@@ -48,7 +48,7 @@ def test_random_packed_weights_are_finite_and_sized_by_fan_in(qtype, fan_in):
 
 def test_tiny_bench_runs_on_cpu(capsys):
     assert (
-        bench.main(
+        model_forward.main(
             [
                 "--tiny",
                 "--weights",
@@ -71,4 +71,19 @@ def test_tiny_bench_runs_on_cpu(capsys):
     assert 0 < packed < total  # the Linear weights are random Q8_0 blocks
     assert result["tokens"] == 448 and result["median_s"] > 0 and result["flops"]["total"] > 0
     with pytest.raises(SystemExit, match="--dtype applies"):
-        bench.main(["--tiny", "--weights", "bf16", "--dtype", "fp32"])
+        model_forward.main(["--tiny", "--weights", "bf16", "--dtype", "fp32"])
+
+
+def test_one_timer_counts_calls_and_hands_each_result_over():
+    calls, seen = [], []
+
+    def fn():
+        calls.append(len(calls))
+        return len(calls)
+
+    times = common.time_calls(fn, device="cpu", warmup=2, repeat=3, each=seen.append)
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    assert calls == [0, 1, 2, 3, 4] and seen == [1, 2, 3, 4, 5]  # warm-up results checked too
+    assert common.time_calls(fn, repeat=0) == []
+    with pytest.raises(SystemExit, match="NaN/inf"):  # the forward benchmark refuses a bad output
+        common.time_calls(lambda: torch.tensor([float("nan")]), each=model_forward._check_finite)

@@ -167,7 +167,7 @@ def test_letterbox_scale_maps_boxes_back_to_the_detection_image(tmp_path):
 def test_bench_cli_reports_frames_per_second(model_dir, capsys):
     import json
 
-    from pose.bench import main
+    from benchmarks.pose_extract import main
 
     argv = [
         "--backend",

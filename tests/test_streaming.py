@@ -314,7 +314,7 @@ def test_streamed_out_storage_is_released(which, monkeypatch):
     from steadydancer import streaming
 
     def move(t, device):  # on the CPU, pretend the host is another device: a real copy
-        with streaming._plain():
+        with streaming.plain_tensors():
             return t.detach().clone()
 
     monkeypatch.setattr(streaming, "_to", move)
