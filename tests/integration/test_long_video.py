@@ -4,7 +4,6 @@ VAE affordable on a CPU)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -14,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from scripts.comfyui_demo import REPO_ROOT, comfyui_python, messages_until_done, saved_files
-from tests.integration.test_comfyui_pipeline import _frames, _node
+from scripts.workflow_variants import node_id, with_context_windows
+from tests.integration.test_comfyui_pipeline import _frames
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 SIZE = 32
 LONGEST = 241
 DRIVING = "steadydancer_driving_long.mp4"
-WINDOWS_NODE = "100"
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +36,10 @@ def long_driving_video(comfy_server) -> str:
 
 def long_graph(demo_graph: dict, length: int, driving: str) -> dict:
     """The demo graph at `length` frames, sampled in windows of 81 frames overlapping by 16."""
-    graph = copy.deepcopy(demo_graph)
-    graph[_node(graph, "LoadVideo")]["inputs"]["file"] = driving
+    graph = with_context_windows(demo_graph, length)
+    graph[node_id(graph, "LoadVideo")]["inputs"]["file"] = driving
     for kind in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign"):
-        graph[_node(graph, kind)]["inputs"].update(width=SIZE, height=SIZE)
-    graph[_node(graph, "SteadyDancerImageToVideo")]["inputs"]["length"] = length
-    guider = graph[_node(graph, "SteadyDancerGuider")]["inputs"]
-    graph[WINDOWS_NODE] = {
-        "class_type": "WanContextWindowsManual",
-        "inputs": {
-            "model": guider["model"], "context_length": 81, "context_overlap": 16,
-            "context_schedule": "standard_uniform", "context_stride": 1, "closed_loop": False,
-            "fuse_method": "pyramid", "freenoise": True, "retain_first_frame": False, "split_conds_to_windows": False,
-        },  # fmt: skip  (ComfyUI 0.3.64 ignores the inputs it does not have)
-    }
-    guider["model"] = [WINDOWS_NODE, 0]
+        graph[node_id(graph, kind)]["inputs"].update(width=SIZE, height=SIZE)
     return graph
 
 
