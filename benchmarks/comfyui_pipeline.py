@@ -1,7 +1,7 @@
 """The whole example graph through a real ComfyUI server: time per stage and GPU memory.
 
     python -m benchmarks.comfyui_pipeline --comfyui DIR [--scale 14b] [--weights gguf,fp8]
-        [--modes default,no-dynamic-vram,16gb] [--frames 81] [--steps 2] [--out DIR]
+        [--modes default,no-dynamic-vram,16gb] [--frames 81[,241,481]] [--context 81:16] [--steps 2] [--out DIR]
 
 For each weights file and each mode it starts ComfyUI (`main.py`, this package loaded from
 the checkout), submits `workflows/api/steadydancer_api.json` pointed at random-weight models
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,7 @@ class RunResult:
     steps_s: list[float] = field(default_factory=list)  # each sampling step (the first includes loading)
     peak_gib: float | None = None
     idle_gib: float | None = None
+    windows: int | None = None  # context windows per model call (from ComfyUI's log; 0.33 logs them)
     video: dict | None = None
 
 
@@ -212,6 +214,9 @@ def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunRe
             result.ok = True
         finally:
             server.stop()
+            log = server.log_path.read_text(errors="replace")
+            counts = [int(m) for m in re.findall(r"Context window \d+/(\d+)", log)]
+            result.windows = max(counts) if counts else None
             shutil.copy(server.log_path, work.parent / f"comfyui-{result.name.replace('/', '-')}.log")
     except Exception as error:  # one failed run is reported; the others still run
         result.error = f"{type(error).__name__}: {error}"
@@ -231,7 +236,8 @@ def print_run(r: RunResult) -> None:
             peak = f"{r.stage_peak_gib[stage]:6.2f} GiB" if stage in r.stage_peak_gib else ""
             print(f"   {stage:30s} {r.stages[stage]:8.2f} s  {peak}")
     for i, step in enumerate(r.steps_s, 1):
-        print(f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s")
+        per_window = f"  ({step / r.windows:.2f} s per window, {r.windows} windows)" if r.windows else ""
+        print(f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s{per_window}")
     peak = f", peak GPU memory {r.peak_gib:.2f} GiB above idle ({r.idle_gib:.2f} GiB)" if r.peak_gib is not None else ""
     print(f"   whole graph {r.total_s:.2f} s{peak}")
     if r.video:
@@ -263,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--height", type=int, default=832)
-    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--frames", default="81", help="comma-separated video lengths (4k+1), e.g. 81,241,481")
+    parser.add_argument("--context", metavar="LENGTH:OVERLAP",
+                        help="sample in ComfyUI's WAN context windows of LENGTH frames overlapping by OVERLAP (e.g. 81:16)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--detect-resolution", type=int, default=1024)
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
@@ -283,39 +291,45 @@ def main(argv: list[str] | None = None) -> int:
     names = json.loads(subprocess.run(
         [python, "-c", f"import json; from benchmarks.random_models import file_names; print(json.dumps(file_names({args.scale!r})))"],
         cwd=REPO_ROOT, check=True, capture_output=True, text=True).stdout)  # fmt: skip
+    lengths = [int(v) for v in args.frames.split(",")]
+    context = tuple(int(v) for v in args.context.split(":")) if args.context else None
     inputs = out / "input"
     inputs.mkdir(exist_ok=True)
     subprocess.run([python, "-c", "import sys; from pathlib import Path; from scripts.make_tiny_models import write_inputs; "
-                    f"write_inputs(Path({str(inputs)!r}), {args.width}, {args.height}, {args.frames + 8}, 16)"],
+                    f"write_inputs(Path({str(inputs)!r}), {args.width}, {args.height}, {max(lengths) + 8}, 16)"],
                    cwd=REPO_ROOT, check=True)  # fmt: skip
 
     from scripts.make_tiny_models import demo_graph
+    from scripts.workflow_variants import with_context_windows
 
     api = json.loads((REPO_ROOT / "workflows" / "api" / "steadydancer_api.json").read_text())
     results: list[RunResult] = []
     for weights in args.weights.split(","):
         files = {"dit": names[{"gguf": "gguf", "fp8": "fp8"}[weights]], **{k: names[k] for k in
                  ("text_encoder", "text_encoder_type", "clip_vision", "vae")}}  # fmt: skip
-        settings = {"width": args.width, "height": args.height, "length": args.frames, "steps": args.steps}
-        graph = demo_graph(api, prefix=f"bench/{weights}", files=files, settings=settings,
-                           detect_resolution=args.detect_resolution)  # fmt: skip
-        for mode in args.modes.split(","):
-            flags = mode_args(mode, args.comfyui, args.cpu)
-            name = f"{weights}/{mode}"
-            if flags is None:
-                print(f"skipping {name}: not possible with this ComfyUI / machine", file=sys.stderr)
-                continue
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            work = out / "runs" / name.replace("/", "-")
-            work.mkdir(parents=True, exist_ok=True)
-            if (work / "input").exists():
-                shutil.rmtree(work / "input")
-            shutil.copytree(inputs, work / "input")
-            result = run_once(args.comfyui, models, work, graph, RunResult(name, weights, mode, flags), not args.cpu,
-                              args.timeout)  # fmt: skip
-            results.append(result)
-            print_run(result)
-            (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+        for length in lengths:
+            settings = {"width": args.width, "height": args.height, "length": length, "steps": args.steps}
+            graph = demo_graph(api, prefix=f"bench/{weights}", files=files, settings=settings,
+                               detect_resolution=args.detect_resolution)  # fmt: skip
+            if context:
+                graph = with_context_windows(graph, None, *context)
+            for mode in args.modes.split(","):
+                flags = mode_args(mode, args.comfyui, args.cpu)
+                name = f"{weights}/{mode}/{length}f"
+                if flags is None:
+                    print(f"skipping {name}: not possible with this ComfyUI / machine", file=sys.stderr)
+                    continue
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                work = out / "runs" / name.replace("/", "-")
+                work.mkdir(parents=True, exist_ok=True)
+                if (work / "input").exists():
+                    shutil.rmtree(work / "input")
+                shutil.copytree(inputs, work / "input")
+                result = run_once(args.comfyui, models, work, graph, RunResult(name, weights, mode, flags), not args.cpu,
+                                  args.timeout)  # fmt: skip
+                results.append(result)
+                print_run(result)
+                (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print_summary(results)
     return 0 if results and all(r.ok for r in results) else 1
 
