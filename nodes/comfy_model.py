@@ -20,6 +20,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 import torch
@@ -171,9 +172,15 @@ class SteadyDancerModel(comfy.model_base.WAN21):
         if window is not None:
             kwargs.update(window_frames(window, x, kwargs))
         inputs = {name: comfy.model_base.convert_tensor(kwargs[name], dtype, xc.device) for name in DIT_INPUTS}
-        attention = ComfyAttention(options)
-        out = self.diffusion_model(xc, timestep, **inputs, attention=attention)
+        # ComfyUI's DIFFUSION_MODEL wrappers (EasyCache, ...) wrap the DiT call as on ComfyUI's own models
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, options)
+        executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(self._diffusion_forward, self, wrappers)
+        out = executor.execute(xc, timestep, transformer_options=options, **inputs)
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
+
+    def _diffusion_forward(self, x: torch.Tensor, timestep: torch.Tensor, transformer_options: dict, **inputs: torch.Tensor) -> torch.Tensor:
+        """The DiT's prediction, with ComfyUI's attention for this call's options."""
+        return self.diffusion_model(x, timestep, **inputs, attention=ComfyAttention(transformer_options))
 
 
 FRAME_INPUTS = ("y", "pose")  # the DiT inputs with one entry per latent frame (the rest are per video)

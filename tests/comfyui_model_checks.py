@@ -517,6 +517,52 @@ def _record_window_calls(guider: object, normalised_pose: object, samples: objec
     return calls, latent["samples"]
 
 
+CACHE_STEPS = 12
+
+
+def check_caches(world: World) -> dict:
+    """ComfyUI's EasyCache and LazyCache nodes on SteadyDancer: model calls made, and the result.
+
+    At threshold 0 nothing may be skipped and the video equals the uncached one; at a high
+    threshold calls are skipped (the wrappers reach the SteadyDancer DiT call).
+    """
+    import comfy_extras.nodes_easycache as cache_nodes
+    from comfyui_steadydancer.nodes.guider import make_guider, sample
+
+    torch = world.torch
+
+    def run(model: object) -> tuple[int, object]:
+        dit = model.model.diffusion_model
+        forward, calls = dit.forward, [0]
+
+        def counting_forward(*args: object, **kwargs: object) -> object:
+            calls[0] += 1
+            return forward(*args, **kwargs)
+
+        dit.forward = counting_forward
+        try:
+            guider = make_guider(model, world.conditioning(world.text, world.pose),
+                                 world.conditioning(world.text_negative, world.pose),
+                                 world.conditioning(world.text, world.pose_negative), 5.0, 1.5, 0.1, 0.4)  # fmt: skip
+            latent = sample(guider, {"samples": torch.zeros_like(world.noise)}, seed=3, steps=CACHE_STEPS,
+                            sampler_name="euler", scheduler="simple")  # fmt: skip
+        finally:
+            dit.forward = forward
+        return calls[0], latent["samples"]
+
+    base_calls, base = run(load(world, "tiny.safetensors"))
+    out = {"uncached_calls": base_calls}
+    for name, node in (("easycache", cache_nodes.EasyCacheNode), ("lazycache", cache_nodes.LazyCacheNode)):
+        for threshold in (0.0, 3.0):
+            # ComfyUI's default window (0.15-0.95). It must not begin before the pose window (0.1):
+            # 0.3.64's caches fail on a prediction first made on a step they skip (0.33 copes).
+            model = node.execute(load(world, "tiny.safetensors"), threshold, 0.15, 0.95, False).result[0]
+            calls, latent = run(model)
+            out[f"{name}@{threshold}"] = {"calls": calls, "max_diff": max_diff(latent, base),
+                                         "finite": bool(torch.isfinite(latent).all())}  # fmt: skip
+    return out
+
+
 def check_lora_hooks(world: World) -> dict:
     """Scheduled/per-conditioning LoRA (hooks): works on float weights, a clear error on GGUF."""
     import comfy.hooks
@@ -749,6 +795,7 @@ CHECKS: dict[str, Callable[[World], dict]] = {
     "lora_hooks": check_lora_hooks,
     "gguf_patcher": check_gguf_patcher,
     "context_windows": check_context_windows,
+    "caches": check_caches,
     "attention": check_attention,
     "guider": check_guider,
     "guidance_values": check_guidance_values,

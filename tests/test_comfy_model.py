@@ -181,3 +181,12 @@ def test_context_windows_give_each_window_its_frames_and_the_first_frame_only_to
     assert covered == set(range(6))
     assert sum(0 in call["indices"] for call in calls) == 2  # one window per step (2 steps) holds frame 0
     assert len(calls) > 2  # more than one window per step
+
+
+@pytest.mark.parametrize("cache", ["easycache", "lazycache"])
+def test_comfyui_caches_skip_model_calls_and_change_nothing_at_threshold_zero(report: dict, cache: str) -> None:
+    r = result(report, "caches")
+    assert r[f"{cache}@0.0"]["calls"] == r["uncached_calls"]
+    assert r[f"{cache}@0.0"]["max_diff"] == 0.0  # the wrapper reaches the DiT and leaves it alone
+    assert r[f"{cache}@3.0"]["calls"] < r["uncached_calls"], "no model call was skipped"
+    assert r[f"{cache}@3.0"]["finite"]
