@@ -21,6 +21,7 @@ _EXPORTS = {
     "augment_poses": ".augment",
     "render_pose": ".render",
     "render_sequence": ".render",
+    "reference_frame": ".render",
 }
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "augment_poses",
     "from_pose_keypoint",
     "load_detector",
+    "reference_frame",
     "render_pose",
     "render_sequence",
     "to_pose_keypoint",
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from .augment import augment_poses
     from .backends import PoseDetector, load_detector
     from .keypoints import wholebody_to_pose
-    from .render import render_pose, render_sequence
+    from .render import reference_frame, render_pose, render_sequence
     from .types import Pose, from_pose_keypoint, to_pose_keypoint
 
 

@@ -6,6 +6,10 @@ frames the model was conditioned on show every palette triple reversed: limb 0 i
 (0, 0, 153), hand joints are RGB (255, 0, 0). `colours="steadydancer"` reproduces those
 frames; `colours="controlnet"` gives the usual ControlNet OpenPose colouring (the triples
 as written), for use with other models.
+
+`reference_frame` is the reference's chain from a pose to the frame its generation reads:
+drawn at twice the reference image fitted to 1024x576 pixels, then resized with PIL's
+bicubic to the reference image's own size (docs/REFERENCE.md, "Pose frames").
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from .errors import PoseFormatError
+from .errors import PoseDependencyError, PoseFormatError
 from .types import Pose, missing_mask
 
 Colouring = Literal["steadydancer", "controlnet"]
@@ -168,11 +172,11 @@ def render_sequence(
     draw_face: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Draw every pose: uint8 [N, height, width, 3].
+    """Draw every pose: uint8 [N, height, width, 3], e.g. for previews.
 
-    The reference draws SteadyDancer's pose videos at twice the reference size and the
-    generation then resizes them (bicubic); `supersample=2` does both steps here (draw at
-    2H x 2W, cv2 bicubic down to H x W); `supersample=1` draws at the final size.
+    `supersample=2` draws at 2H x 2W and shrinks with cv2's bicubic (no antialiasing);
+    `supersample=1` draws at the final size. The frames the model is conditioned on come
+    from `reference_frame`, the reference's own chain.
     """
     if supersample < 1:
         raise PoseFormatError(f"supersample must be >= 1, got {supersample}")
@@ -187,3 +191,37 @@ def render_sequence(
         if progress is not None:
             progress(index + 1, len(poses))
     return out
+
+
+def _pil_image() -> object:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise PoseDependencyError(
+            "the reference's pose frames are resized with Pillow: pip install pillow (ComfyUI ships it)"
+        ) from None
+    return Image
+
+
+def reference_frame(
+    pose: Pose | None,
+    draw_size: tuple[int, int],
+    reference_size: tuple[int, int],
+    *,
+    colours: Colouring = "steadydancer",
+) -> np.ndarray:
+    """One pose frame as the reference pipeline hands it to generation: uint8 RGB [H, W, 3].
+
+    The pose is drawn at twice `draw_size` (height, width: the reference image fitted to
+    1024x576 pixels, multiples of 16) and resized with PIL's bicubic, which antialiases when
+    it shrinks, to `reference_size` (height, width of the reference image itself). The
+    reference keeps the drawn frames as an H.264 video, then as JPEG files, between the two
+    steps; that lossy round trip is left out here.
+    """
+    (draw_h, draw_w), (ref_h, ref_w) = draw_size, reference_size
+    if min(draw_h, draw_w, ref_h, ref_w) <= 0:
+        raise PoseFormatError(f"sizes must be positive, got draw {draw_w}x{draw_h} and reference {ref_w}x{ref_h}")
+    drawn = render_pose(pose, 2 * int(draw_h), 2 * int(draw_w), colours=colours)
+    image = _pil_image()
+    resized = image.fromarray(drawn).resize((int(ref_w), int(ref_h)), image.Resampling.BICUBIC)
+    return np.array(resized, dtype=np.uint8)  # a writable copy
