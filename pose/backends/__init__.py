@@ -9,24 +9,38 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PoseFormatError
-from .base import PoseDetector
+from .base import COLOUR_ORDERS, PoseDetector, check_colour_order
 from .files import DWPOSE_ONNX, DWPOSE_PTH, YOLOX_ONNX, YOLOX_PTH, resolve
 
 BACKENDS: tuple[str, ...] = ("onnx", "mmpose")
 
-__all__ = ["BACKENDS", "PoseDetector", "load_detector"]
+__all__ = ["BACKENDS", "COLOUR_ORDERS", "PoseDetector", "load_detector"]
 
 
 def load_detector(
-    backend: str, model_dir: str | Path, *, device: str | None = None, flip_test: bool = True
+    backend: str,
+    model_dir: str | Path,
+    *,
+    device: str | None = None,
+    flip_test: bool = True,
+    colour_order: str = "reference",
 ) -> PoseDetector:
     """Load the person detector + DWPose model of `backend` from model_dir.
 
     device: "cpu", "cuda", "cuda:N" or None (CUDA when available). flip_test: average the
     pose model over the crop and its mirror, as the reference config does (2x pose cost).
+    colour_order: "reference" (the channel orders the reference pipeline hands the networks,
+    what SteadyDancer's training poses came from) or "trained" (each network's own).
     Raises PoseDependencyError (package to install), CheckpointNotFoundError (file to
     put where), InvalidCheckpointError (a file that is not the expected model).
     """
+    check_colour_order(colour_order)
+    detector = _load(backend, model_dir, device, flip_test)
+    detector.colour_order = colour_order
+    return detector
+
+
+def _load(backend: str, model_dir: str | Path, device: str | None, flip_test: bool) -> PoseDetector:
     if backend == "onnx":
         from .onnx_backend import OnnxPoseDetector, import_onnxruntime
 

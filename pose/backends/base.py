@@ -1,14 +1,22 @@
 """The backend interface: frames in, one Pose (or None) per frame out.
 
 Subclasses only turn a batch of detection-resolution BGR images into 133 whole-body
-keypoints per image; batching, the detect-resolution resize, conversion to the OpenPose
-layout, progress and cancellation live here, identical for every backend.
+keypoints per image; batching, the detect-resolution resize, the channel order, conversion
+to the OpenPose layout, progress and cancellation live here, identical for every backend.
+
+Channel order (`colour_order`): a backend hands YOLOX its input as given and DWPose the
+input with its channels swapped, so BGR input is what each network was trained on. The
+reference pipeline reads frames with OpenCV (BGR) and converts them "RGB to BGR" before
+detection, so its networks get RGB (YOLOX) and BGR (DWPose), the reverse of their
+training; SteadyDancer was trained on poses extracted that way. "reference" (the default)
+reproduces it by handing the backend RGB; "trained" hands it BGR.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 
@@ -21,6 +29,17 @@ Progress = Callable[[int, int], None]
 ShouldCancel = Callable[[], bool]
 #: (keypoints [133, 2] in pixels of the image given, scores [133]) of the first person.
 WholeBody = tuple[np.ndarray, np.ndarray]
+ColourOrder = Literal["reference", "trained"]
+COLOUR_ORDERS: tuple[str, ...] = ("reference", "trained")
+
+
+def check_colour_order(colour_order: str) -> str:
+    if colour_order not in COLOUR_ORDERS:
+        raise PoseFormatError(
+            f"colour_order must be one of {list(COLOUR_ORDERS)} (reference: the channel orders of the "
+            f"reference pipeline; trained: those the networks were trained on); got {colour_order!r}"
+        )
+    return colour_order
 
 
 def validate_frames(frames: np.ndarray) -> np.ndarray:
@@ -44,6 +63,8 @@ class PoseDetector(ABC):
     backend: str = ""
     #: where the networks run, e.g. "cpu", "cuda:0" (informational)
     device: str = "cpu"
+    #: channel orders handed to the networks (module docstring)
+    colour_order: ColourOrder = "reference"
 
     @abstractmethod
     def estimate(self, images: list[np.ndarray]) -> list[WholeBody]:
@@ -65,7 +86,8 @@ class PoseDetector(ABC):
         """uint8 RGB frames [N, H, W, 3] -> one Pose per frame (None: nobody visible).
 
         Each frame is resized so its short side is `detect_resolution` (multiples of 64),
-        as the reference does before detecting. `progress(done, total)` is called after
+        as the reference does before detecting, and handed to the networks in the channel
+        orders `colour_order` says. `progress(done, total)` is called after
         each batch; `should_cancel()` is checked before each batch and raises PoseCancelled.
         """
         frames = validate_frames(frames)
@@ -73,16 +95,15 @@ class PoseDetector(ABC):
             raise PoseFormatError(f"detect_resolution must be at least 64, got {detect_resolution}")
         if batch_size < 1:
             raise PoseFormatError(f"batch_size must be at least 1, got {batch_size}")
+        swap = check_colour_order(self.colour_order) == "trained"  # RGB -> BGR
         total = len(frames)
         height, width = frames.shape[1:3]
         poses: list[Pose | None] = []
         for start in range(0, total, batch_size):
             if should_cancel is not None and should_cancel():
                 raise PoseCancelled(f"pose extraction cancelled after {start} of {total} frames")
-            images = [
-                np.ascontiguousarray(resize_for_detection(frame, detect_resolution)[..., ::-1])
-                for frame in frames[start : start + batch_size]
-            ]
+            resized = [resize_for_detection(frame, detect_resolution) for frame in frames[start : start + batch_size]]
+            images = [np.ascontiguousarray(image[..., ::-1] if swap else image) for image in resized]
             for image, (keypoints, scores) in zip(images, self.estimate(images), strict=True):
                 pose = wholebody_to_pose(
                     keypoints, scores, width, height, detect_size=(image.shape[1], image.shape[0])

@@ -4,8 +4,9 @@ This is the reference's pipeline (YOLOX-L, then RTMPose-L top-down with the conf
 test) with two changes: checkpoints are read with `torch.load(weights_only=True)` and
 loaded with `load_state_dict` (mmengine would unpickle them fully), and frames of a batch
 go through each network together (mmdet/mmpose's inference helpers take one image at a
-time). Images reach both networks in the channel order they were trained on (BGR for
-YOLOX; the pose data preprocessor turns BGR into RGB).
+time). BGR images reach both networks in the channel order they were trained on (BGR for
+YOLOX; the pose data preprocessor turns BGR into RGB); which order they get is the
+detector's `colour_order` (base.py).
 """
 
 from __future__ import annotations
