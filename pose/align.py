@@ -1,4 +1,4 @@
-"""Alignment of driving poses to the reference person (PIPELINE.md section 2).
+"""Alignment of driving poses to the reference person (docs/REFERENCE.md, "Alignment").
 
 Every limb of each driving frame is rescaled about its parent joint by the length ratio
 reference / first-used-frame, then the whole skeleton is moved so that the first frame's

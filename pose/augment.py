@@ -1,4 +1,5 @@
-"""Augmented poses for the pose-guidance negative condition (PIPELINE.md section 3).
+"""Augmented poses for the pose-guidance negative condition (docs/REFERENCE.md,
+"Augmentation").
 
 Each frame gets its own scale s ~ U(0.7, 1.3) and aspect a ~ U(0.6, 1.4): x of the body
 and hands is multiplied by a, body and hands by s, then body, hands and face are moved so

@@ -1,4 +1,4 @@
-"""COCO-WholeBody (133 points) -> the OpenPose layout of PIPELINE.md section 1.
+"""COCO-WholeBody (133 points) -> the OpenPose layout (docs/REFERENCE.md, "Keypoints").
 
 The reference inserts a neck after the 17 COCO body points, reorders the body to OpenPose
 order, normalises by the detection image size and replaces every point whose score is

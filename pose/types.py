@@ -1,7 +1,7 @@
 """The single-person pose record every part of the pipeline passes around.
 
 Coordinates are normalised to the source image ([0, 1] for points inside it: x by its
-width, y by its height), the layout of PIPELINE.md section 1. A missing point is stored as
+width, y by its height), the layout of docs/REFERENCE.md, "Keypoints". A missing point is stored as
 (-1, -1), the marker the reference pipeline uses, so arrays can be handed to code written
 against DWPose's `candidate` arrays unchanged.
 """

@@ -1,4 +1,4 @@
-"""Alignment of driving poses to the reference person (PIPELINE.md section 2)."""
+"""Alignment of driving poses to the reference person (docs/REFERENCE.md, "Alignment")."""
 
 from __future__ import annotations
 

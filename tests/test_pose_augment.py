@@ -1,4 +1,4 @@
-"""Augmented negative poses (PIPELINE.md section 3)."""
+"""Augmented negative poses (docs/REFERENCE.md, "Augmentation")."""
 
 from __future__ import annotations
 

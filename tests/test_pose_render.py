@@ -1,4 +1,4 @@
-"""OpenPose-style rendering: exact pixels of the reference drawing (PIPELINE.md section 4)."""
+"""OpenPose-style rendering: exact pixels of the reference drawing (docs/REFERENCE.md, "Drawing")."""
 
 from __future__ import annotations
 
