@@ -37,6 +37,7 @@ echo "ComfyUI $(cd "$COMFY" && "$PY" -c 'import comfyui_version; print(comfyui_v
 
 step "this package's requirements in ComfyUI's Python (what ComfyUI-Manager installs; onnx builds the demo's pose stand-ins)"
 "$PY" -m pip install -q -r requirements.txt onnx 2>&1 | grep -vE '^WARNING: Location|^\[notice\]' || true
+"$PY" install.py  # what ComfyUI-Manager runs next: the ONNX runtime that fits this machine
 
 step "tiny models, ComfyUI with this package, the example graph"
 "$VENV/bin/python" scripts/comfyui_demo.py --comfyui "$COMFY" --python "$PY"
