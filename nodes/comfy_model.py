@@ -25,13 +25,13 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
+from ..steadydancer.conditioning import MASK_CHANNELS, image_to_video_mask
 from ..steadydancer.errors import ConditioningError
 from ..steadydancer.gguf.ops import is_quantized
 from ..steadydancer.model import load_model
 from .comfy_attention import OVERRIDE_KEY, ComfyAttention, attention_override
 from .comfy_ops import GGUFModelPatcher, GGUFOps
 
-MASK_CHANNELS = 4
 DEFAULT_SHIFT = 5.0
 COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
     "default": None,
@@ -125,8 +125,7 @@ class SteadyDancerModel(comfy.model_base.WAN21):
         image = _fit_to_noise(_latent_in(self, image), noise, "concat_latent_image")
         mask = kwargs.get("concat_mask")
         if mask is None:  # first latent frame known, the rest generated
-            mask = torch.ones_like(noise[:, :1])
-            mask[:, :, :1] = 0.0
+            mask = image_to_video_mask(*noise.shape[2:])
         mask = mask.to(device=device, dtype=noise.dtype)
         if mask.shape[1] != 1:
             mask = mask.mean(dim=1, keepdim=True)
