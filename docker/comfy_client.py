@@ -43,6 +43,15 @@ class ExecutionFailed(ComfyError):
         self.details = details or {}
 
 
+class JobTimeout(ExecutionFailed):
+    """The workflow did not finish in time; it has been taken off the queue and interrupted."""
+
+    def __init__(self, prompt_id: str, timeout: float) -> None:
+        super().__init__(f"the workflow did not finish within the time limit ({timeout:.0f} s, "
+                         f"STEADYDANCER_JOB_TIMEOUT); prompt {prompt_id}", {"prompt_id": prompt_id})
+        self.prompt_id = prompt_id
+
+
 @dataclass(frozen=True)
 class Progress:
     """One progress event: `value` of `max` steps in `node` (a node id of the workflow)."""
@@ -151,13 +160,15 @@ class ComfyClient:
                 time.sleep(interval)
         raise ComfyUnavailable(f"ComfyUI at {self.base_url} was not ready after {timeout:.0f} s ({last})")
 
-    def upload(self, name: str, data: bytes, *, overwrite: bool = True) -> str:
-        """Put a file in ComfyUI's input folder; returns the name to use in the workflow."""
+    def upload(self, name: str, data: bytes, *, subfolder: str = "", overwrite: bool = False) -> str:
+        """Put a file in ComfyUI's input folder (in `subfolder`); returns the name to use in the
+        workflow. Without `overwrite`, ComfyUI never replaces a file: it stores the upload under
+        another name (or, for identical content, answers with the existing file's name)."""
         try:
             response = self.session.post(
                 self._url("/upload/image"),
                 files={"image": (name, data)},
-                data={"overwrite": "true" if overwrite else "false", "type": "input"},
+                data={"overwrite": "true" if overwrite else "false", "type": "input", "subfolder": subfolder},
                 timeout=max(self.timeout, 120.0),
             )
         except requests.RequestException as exc:
@@ -192,9 +203,37 @@ class ComfyClient:
         params = {"filename": output.filename, "subfolder": output.subfolder, "type": output.type}
         return self._get("/view", params=params).content
 
-    def interrupt(self) -> None:
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Stop the running prompt (only `prompt_id`, if given and ComfyUI knows targeted interrupts)."""
         with contextlib.suppress(requests.RequestException):
-            self.session.post(self._url("/interrupt"), timeout=self.timeout)
+            self.session.post(self._url("/interrupt"), json={"prompt_id": prompt_id} if prompt_id else {},
+                              timeout=self.timeout)
+
+    def cancel(self, prompt_id: str) -> None:
+        """Take a prompt off the queue if it has not started, and interrupt it if it runs."""
+        with contextlib.suppress(requests.RequestException):
+            self.session.post(self._url("/queue"), json={"delete": [prompt_id]}, timeout=self.timeout)
+        self.interrupt(prompt_id)
+
+    def is_queued_or_running(self, prompt_id: str) -> bool:
+        """Whether ComfyUI's queue still holds the prompt (running or pending)."""
+        queue = self._get("/queue").json()
+        items = [*(queue.get("queue_running") or []), *(queue.get("queue_pending") or [])]
+        return any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in items)
+
+    def wait_stopped(self, prompt_id: str, timeout: float, interval: float = 0.5) -> bool:
+        """Wait until ComfyUI has dropped the prompt; False if it still holds it after `timeout` s
+        (a node that never checks for interrupts) or does not answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not self.is_queued_or_running(prompt_id):
+                    return True
+            except (ComfyError, ValueError):
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
 
     def run(
         self,
@@ -233,12 +272,17 @@ class ComfyClient:
 
         Progress and errors come from the websocket `ws` (opened on /ws with this client's id)
         when given; without it, or when it drops, the history is polled, so a job never hangs
-        on a lost connection. Raises ExecutionFailed with the failing node and its exception.
+        on a lost connection. Raises ExecutionFailed with the failing node and its exception,
+        JobTimeout after `timeout` seconds, once the prompt is off the queue and interrupted.
         """
         deadline = time.monotonic() + timeout
-        if ws is not None:
-            self._follow_websocket(ws, prompt_id, on_progress, deadline)
-        return self._poll_history(prompt_id, deadline)
+        try:
+            if ws is not None:
+                self._follow_websocket(ws, prompt_id, on_progress, deadline)
+            return self._poll_history(prompt_id, deadline)
+        except _DeadlinePassed:
+            self.cancel(prompt_id)
+            raise JobTimeout(prompt_id, timeout) from None
 
     def _ws_url(self) -> str:
         scheme, rest = self.base_url.split("://", 1)
@@ -248,6 +292,8 @@ class ComfyClient:
         self, ws: Any, prompt_id: str, on_progress: Callable[[Progress], None] | None, deadline: float
     ) -> None:
         while time.monotonic() < deadline:
+            if hasattr(ws, "settimeout"):  # a quiet server must not keep us past the deadline
+                ws.settimeout(max(0.1, min(WS_RECV_TIMEOUT, deadline - time.monotonic())))
             try:
                 message = ws.recv()
             except Exception as exc:
@@ -278,7 +324,7 @@ class ComfyClient:
                 return
             if kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
                 return
-        raise ExecutionFailed(f"the workflow did not finish within the time limit; prompt {prompt_id}")
+        raise _DeadlinePassed
 
     def _poll_history(self, prompt_id: str, deadline: float, interval: float = 1.0) -> dict[str, Any]:
         while True:
@@ -292,9 +338,16 @@ class ComfyClient:
                     raise ExecutionFailed("the workflow failed (no error message in ComfyUI's history)")
                 return entry
             if time.monotonic() > deadline:
-                self.interrupt()
-                raise ExecutionFailed(f"the workflow did not finish within the time limit; prompt {prompt_id}")
+                raise _DeadlinePassed
             time.sleep(interval)
+
+
+class _DeadlinePassed(Exception):
+    """Internal: the job's time is up (wait() cancels the prompt and raises JobTimeout)."""
+
+
+# Longest wait for one websocket message before the history is checked.
+WS_RECV_TIMEOUT = 10.0
 
 
 def _connect_websocket(url: str, timeout: float = 10.0) -> Any:

@@ -12,6 +12,12 @@ A <media> is base64 (optionally a `data:` URL) or an http(s) URL.
 
 The bundled workflow's inputs are found by what they are (node class, input name and the
 links between nodes), not by node ids, so an edited workflow keeps working.
+
+Every upload goes to a folder of its own under ComfyUI's input folder
+(`steadydancer-jobs/<random>/`), never over an existing file; a workflow's references to
+its `images` names are rewritten to that folder. A job is bounded (`Limits`, set from the
+environment by the worker): prompt length, size of each media file and of all together,
+number of `images`, and the total time its URL downloads may take.
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ import base64
 import binascii
 import copy
 import json
+import math
+import os
 import random
 import re
+import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "steadydancer_api.json"
 MAX_SEED = 2**63 - 1
@@ -35,6 +44,11 @@ SIMPLE_FIELDS = frozenset(
      "steps", "model"}
 )
 WORKFLOW_FIELDS = frozenset({"workflow", "images"})
+# The folder under ComfyUI's input folder that each job's uploads go to (one folder per job).
+UPLOAD_ROOT = "steadydancer-jobs"
+# Workflow inputs that hold a prompt (text encoders of ComfyUI and common custom nodes).
+PROMPT_INPUTS = frozenset({"text", "prompt", "negative_prompt", "text_g", "text_l", "t5xxl", "clip_l",
+                           "positive", "negative", "system_prompt"})
 
 
 class JobInputError(ValueError):
@@ -42,11 +56,60 @@ class JobInputError(ValueError):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one job may ask for. The worker reads them from the environment (`from_env`)."""
+
+    max_media_bytes: int = 200 * 2**20  # each image/video                STEADYDANCER_MAX_INPUT_MB
+    max_total_bytes: int = 400 * 2**20  # all media of a job together      STEADYDANCER_MAX_TOTAL_INPUT_MB
+    max_images: int = 16  # `images` entries of a workflow request        STEADYDANCER_MAX_IMAGES
+    max_prompt_chars: int = 4000  # each prompt                           STEADYDANCER_MAX_PROMPT_CHARS
+    download_timeout: float = 120.0  # all URL downloads of a job, s      STEADYDANCER_DOWNLOAD_TIMEOUT
+
+    ENV: ClassVar[dict[str, tuple[str, float]]] = {
+        "max_media_bytes": ("STEADYDANCER_MAX_INPUT_MB", 2**20),
+        "max_total_bytes": ("STEADYDANCER_MAX_TOTAL_INPUT_MB", 2**20),
+        "max_images": ("STEADYDANCER_MAX_IMAGES", 1),
+        "max_prompt_chars": ("STEADYDANCER_MAX_PROMPT_CHARS", 1),
+        "download_timeout": ("STEADYDANCER_DOWNLOAD_TIMEOUT", 1.0),
+    }
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ,
+                 warn: Callable[[str], None] | None = None) -> Limits:
+        """Limits from the environment; a value that is not a positive number keeps the default."""
+        values: dict[str, Any] = {}
+        for field_name, (variable, unit) in cls.ENV.items():
+            raw = environ.get(variable)
+            if raw is None or not str(raw).strip():
+                continue
+            try:
+                number = float(raw)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number) or number <= 0:
+                if warn is not None:
+                    warn(f"{variable}={raw!r} is not a positive number: using the default")
+                continue
+            default = getattr(cls(), field_name)
+            values[field_name] = type(default)(number * unit)
+        if "max_media_bytes" in values and "max_total_bytes" not in values:
+            # Two files of the allowed size fit unless the total is set too.
+            values["max_total_bytes"] = max(cls().max_total_bytes, 2 * values["max_media_bytes"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class Upload:
-    """A file to put in ComfyUI's input folder before the workflow runs."""
+    """A file to put in ComfyUI's input folder before the workflow runs: `name` in `subfolder`."""
 
     name: str
     data: bytes
+    subfolder: str = ""
+
+    @property
+    def path(self) -> str:
+        """The name the workflow uses for it (relative to ComfyUI's input folder)."""
+        return f"{self.subfolder}/{self.name}" if self.subfolder else self.name
 
 
 @dataclass(frozen=True)
@@ -54,6 +117,48 @@ class PreparedJob:
     workflow: dict[str, Any]
     uploads: list[Upload]
     seed: int | None = None
+    folder: str = ""  # the job's own folder under ComfyUI's input folder
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value for a message, cut to `limit` characters (inputs may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _short_url(url: str, limit: int = 120) -> str:
+    """A URL for a message: without user:password@, cut to `limit` characters."""
+    url = re.sub(r"^(\w+://)[^/@]*@", r"\1", url)
+    return url if len(url) <= limit else url[:limit] + "..."
+
+
+class _Budget:
+    """What is left of a job's media allowance: bytes of all media, time for all downloads."""
+
+    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits, self.clock = limits, clock
+        self.bytes_left = limits.max_total_bytes
+        self.deadline = clock() + limits.download_timeout
+
+    def seconds_left(self, what: str) -> float:
+        left = self.deadline - self.clock()
+        if left <= 0:
+            raise JobInputError(
+                f"`{what}`: the job's URL downloads took longer than {self.limits.download_timeout:.0f} s "
+                "(STEADYDANCER_DOWNLOAD_TIMEOUT): use a faster host or send base64"
+            )
+        return left
+
+    def max_bytes(self) -> int:
+        return min(self.limits.max_media_bytes, self.bytes_left)
+
+    def spend(self, size: int, what: str) -> None:
+        if size > self.bytes_left:
+            raise JobInputError(
+                f"`{what}`: the job's media add up to more than {self.limits.max_total_bytes // 2**20} MB "
+                "(STEADYDANCER_MAX_TOTAL_INPUT_MB)"
+            )
+        self.bytes_left -= size
 
 
 # --- media -----------------------------------------------------------------------------
@@ -96,43 +201,93 @@ def decode_base64(text: str, field: str) -> bytes:
         ) from None
 
 
+# Per read: how long a silent server may keep a download (the job's total is checked between reads).
+READ_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
+
+
+def _read_body(response: Any, max_bytes: int, deadline: float, url: str) -> bytes:
+    """The body of a streamed requests response, stopped at `max_bytes` and at `deadline`.
+
+    read1 returns what has arrived, so a server that trickles bytes cannot hold the download
+    past the deadline by more than one read timeout.
+    """
+    raw = response.raw
+    read = getattr(raw, "read1", None)
+    chunks, total = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise JobInputError(f"{_short_url(url)}: the download did not finish in time "
+                                "(STEADYDANCER_DOWNLOAD_TIMEOUT)")
+        chunk = read(1 << 20, decode_content=True) if read else raw.read(1 << 16, decode_content=True)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_bytes:
+            raise JobInputError(f"{_short_url(url)} is larger than {max_bytes // 2**20} MB")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    declared = response.headers.get("Content-Length")
+    encoded = response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+    if declared is not None and declared.strip().isdigit() and not encoded and int(declared) != len(data):
+        raise JobInputError(f"{_short_url(url)}: the download stopped after {len(data)} of {declared} bytes")
+    return data
+
+
 def fetch_url_safely(url: str, max_bytes: int, timeout: float = 60.0) -> bytes:
-    """Download a job's URL with the RunPod SDK's SSRF guard (no private or metadata addresses)."""
+    """Download a job's URL with the RunPod SDK's SSRF guard (no private or metadata addresses),
+    at most `max_bytes`, within `timeout` seconds in all."""
     try:
-        from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
+        from runpod.serverless.utils.rp_ssrf import SSRFError, safe_get
     except ImportError:
         raise JobInputError(
-            f"{url}: URL inputs need the runpod SDK >= 1.12 (its SSRF-safe download); send base64"
+            f"{_short_url(url)}: URL inputs need the runpod SDK >= 1.12 (its SSRF-safe download); send base64"
         ) from None
 
+    deadline = time.monotonic() + timeout
     try:
-        response = safe_get(url, timeout=int(timeout), max_bytes=max_bytes)
+        response = safe_get(url, timeout=(min(CONNECT_TIMEOUT, timeout), min(READ_TIMEOUT, timeout)),
+                            max_bytes=max_bytes)
         with response:
             if response.status_code != 200:
-                raise JobInputError(f"{url}: HTTP {response.status_code}")
-            return b"".join(iter_content_capped(response, 1 << 20, max_bytes))
+                raise JobInputError(f"{_short_url(url)}: HTTP {response.status_code}")
+            return _read_body(response, max_bytes, deadline, url)
+    except JobInputError:
+        raise
     except SSRFError as exc:
-        raise JobInputError(f"{url} cannot be fetched: {exc}") from None
-    except OSError as exc:  # requests' errors are OSErrors
-        raise JobInputError(f"{url} could not be downloaded: {exc}") from None
+        raise JobInputError(f"{_short_url(url)} cannot be fetched: {str(exc)[:300]}") from None
+    except Exception as exc:  # requests' errors, bad ports or host names (ValueError), timeouts
+        raise JobInputError(
+            f"{_short_url(url)} could not be downloaded: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
 
 
 def load_media(
-    value: Any, field: str, allowed: frozenset[str], *, max_bytes: int,
-    fetch_url: Callable[[str, int], bytes] = fetch_url_safely,
+    value: Any, field: str, allowed: frozenset[str], *, max_bytes: int | None = None,
+    fetch_url: Callable[[str, int, float], bytes] = fetch_url_safely, budget: _Budget | None = None,
 ) -> tuple[bytes, str]:
-    """(bytes, file type) of a media field given as base64 or URL; checks the type."""
+    """(bytes, file type) of a media field given as base64 or URL; checks the type.
+
+    `budget` (the job's) bounds the size of this file and what is left of the job's bytes
+    and download time; without it, `max_bytes` bounds the file.
+    """
+    if budget is None:
+        budget = _Budget(Limits(max_media_bytes=max_bytes or Limits.max_media_bytes,
+                                max_total_bytes=max_bytes or Limits.max_media_bytes))
+    max_bytes = budget.max_bytes()
     if not isinstance(value, str) or not value.strip():
         raise JobInputError(f"`{field}` must be a base64 string or an http(s) URL")
     text = value.strip()
     if text.lower().startswith(("http://", "https://")):
-        data = fetch_url(text, max_bytes)
+        data = fetch_url(text, max_bytes, budget.seconds_left(field))
+        budget.seconds_left(field)  # a download that ended past the deadline counts as too slow
     else:
-        if len(text) * 3 // 4 > max_bytes:
-            raise JobInputError(f"`{field}` is larger than {max_bytes // 2**20} MB")
+        if len(text) * 3 // 4 > max_bytes + 3:
+            raise JobInputError(f"`{field}` is larger than {max_bytes / 2**20:.0f} MB")
         data = decode_base64(text, field)
     if len(data) > max_bytes:
-        raise JobInputError(f"`{field}` is larger than {max_bytes // 2**20} MB")
+        raise JobInputError(f"`{field}` is larger than {max_bytes / 2**20:.0f} MB")
+    budget.spend(len(data), field)
     kind = sniff_type(data)
     if kind not in allowed:
         seen = f"a {kind} file" if kind else "not a file type we recognise"
@@ -195,9 +350,11 @@ def _int(params: dict[str, Any], key: str, low: int, high: int, multiple: int = 
     if key not in params or params[key] is None:
         return None
     value = params[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise JobInputError(f"`{key}` must be an integer, got {value!r}")
-    value = int(value)
+    # JSON gives floats for 7.0, 1e309 (inf) and NaN: only finite whole numbers are integers.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobInputError(f"`{key}` must be an integer, got {_short(value)}")
     if not low <= value <= high or value % multiple:
         rule = f" and a multiple of {multiple}" if multiple > 1 else ""
         raise JobInputError(f"`{key}` must be between {low} and {high}{rule}, got {value}")
@@ -210,12 +367,13 @@ def parse_size(params: dict[str, Any]) -> tuple[int | None, int | None]:
     if size is not None:
         if "width" in params or "height" in params:
             raise JobInputError("give either `size` or `width`/`height`, not both")
-        if isinstance(size, str) and re.fullmatch(r"\s*\d+\s*[x×*]\s*\d+\s*", size):
-            w, h = (int(v) for v in re.split(r"[x×*]", size))
+        match = re.fullmatch(r"\s*([0-9]{1,6})\s*[x×*]\s*([0-9]{1,6})\s*", size) if isinstance(size, str) else None
+        if match:
+            w, h = (int(v) for v in match.groups())
         elif isinstance(size, list | tuple) and len(size) == 2:
             w, h = size
         else:
-            raise JobInputError(f"`size` must look like \"480x832\" or [480, 832], got {size!r}")
+            raise JobInputError(f"`size` must look like \"480x832\" or [480, 832], got {_short(size)}")
         params = {"width": w, "height": h}
     return _int(params, "width", 16, 4096, 16), _int(params, "height", 16, 4096, 16)
 
@@ -223,7 +381,51 @@ def parse_size(params: dict[str, Any]) -> tuple[int | None, int | None]:
 def _check_keys(params: dict[str, Any], allowed: frozenset[str], mode: str) -> None:
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise JobInputError(f"unknown input {unknown} for a {mode}; accepted: {', '.join(sorted(allowed))}")
+        shown = _short(unknown[:5], 200)
+        raise JobInputError(f"unknown input {shown} for a {mode}; accepted: {', '.join(sorted(allowed))}")
+
+
+def _check_prompt(value: Any, what: str, limits: Limits) -> str:
+    if not isinstance(value, str):
+        raise JobInputError(f"`{what}` must be a string")
+    if len(value) > limits.max_prompt_chars:
+        raise JobInputError(
+            f"`{what}` has {len(value)} characters, more than the {limits.max_prompt_chars} allowed "
+            "(STEADYDANCER_MAX_PROMPT_CHARS)"
+        )
+    return value
+
+
+def _job_folder() -> str:
+    return f"{UPLOAD_ROOT}/{uuid.uuid4().hex}"
+
+
+# A name ComfyUI stores as is: no folders, no hidden files, no control characters, no
+# " [output]" annotation (which would make ComfyUI read another folder), at most 128 characters.
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]|^[.\s]|\s$|\[(input|output|temp)\]$", re.IGNORECASE)
+
+
+def check_upload_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > 128 or _BAD_NAME.search(name):
+        raise JobInputError(
+            f"`{where}` must be a plain file name (no folders, not starting with a dot, at most 128 "
+            f"characters), got {_short(name)}"
+        )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JobInputError(f"`{where}` is not valid Unicode: {_short(name)}") from None
+    return name
+
+
+def _plain_copy(workflow: Any) -> Any:
+    """A JSON copy of the workflow (no shared objects), refusing NaN/Infinity and deep nesting."""
+    try:
+        return json.loads(json.dumps(workflow, allow_nan=False))
+    except RecursionError:
+        raise JobInputError("`workflow` is nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        raise JobInputError(f"`workflow` is not plain JSON (NaN and Infinity are not allowed): {exc}") from None
 
 
 def load_workflow(path: Path = WORKFLOW) -> dict[str, Any]:
@@ -234,24 +436,53 @@ def load_workflow(path: Path = WORKFLOW) -> dict[str, Any]:
 
 
 def prepare(
-    params: Any, *, workflow: dict[str, Any] | None = None, max_bytes: int = 200 * 2**20,
-    fetch_url: Callable[[str, int], bytes] = fetch_url_safely, rng: random.Random | None = None,
+    params: Any, *, workflow: dict[str, Any] | None = None, max_bytes: int | None = None,
+    limits: Limits | None = None, fetch_url: Callable[[str, int, float], bytes] = fetch_url_safely,
+    rng: random.Random | None = None, folder: str | None = None,
 ) -> PreparedJob:
-    """Check a job's input and build the workflow and the uploads it needs."""
+    """Check a job's input and build the workflow and the uploads it needs.
+
+    `limits` bound the job (`max_bytes`, when given, replaces its per-file size); the uploads
+    go to `folder` under ComfyUI's input folder (default: a new `steadydancer-jobs/<random>`).
+    """
+    limits = limits or Limits()
+    if max_bytes is not None:
+        limits = replace(limits, max_media_bytes=max_bytes, max_total_bytes=max(max_bytes, limits.max_total_bytes))
     if not isinstance(params, dict) or not params:
         raise JobInputError("the job input must be an object with `workflow`, or `image` and `video`")
+    budget = _Budget(limits)
+    folder = folder or _job_folder()
     if "workflow" in params:
-        return _prepare_workflow(params, max_bytes, fetch_url)
+        return _prepare_workflow(params, limits, budget, fetch_url, folder)
     return _prepare_simple(params, workflow if workflow is not None else load_workflow(),
-                           max_bytes, fetch_url, rng or random.Random())
+                           limits, budget, fetch_url, rng or random.Random(), folder)
 
 
-def _prepare_workflow(params: dict[str, Any], max_bytes: int, fetch_url: Callable[[str, int], bytes]) -> PreparedJob:
+def _rename_references(workflow: dict[str, Any], renames: dict[str, str]) -> None:
+    """Point the workflow's literal inputs naming an uploaded file at where it was stored."""
+    for node in workflow.values():
+        inputs = node.get("inputs", {})
+        for key, value in inputs.items():
+            if not isinstance(value, str):
+                continue
+            base, annotation = value, ""
+            if value.endswith(" [input]"):
+                base, annotation = value[:-len(" [input]")], " [input]"
+            if base in renames:
+                inputs[key] = renames[base] + annotation
+
+
+def _prepare_workflow(
+    params: dict[str, Any], limits: Limits, budget: _Budget, fetch_url: Callable[[str, int, float], bytes],
+    folder: str,
+) -> PreparedJob:
     _check_keys(params, WORKFLOW_FIELDS, "workflow request")
     workflow = params["workflow"]
     if isinstance(workflow, str):
         try:
             workflow = json.loads(workflow)
+        except RecursionError:
+            raise JobInputError("`workflow` is nested too deeply") from None
         except ValueError:
             raise JobInputError("`workflow` is a string but not JSON") from None
     if not isinstance(workflow, dict) or not workflow:
@@ -260,56 +491,78 @@ def _prepare_workflow(params: dict[str, Any], max_bytes: int, fetch_url: Callabl
         raise JobInputError(
             "`workflow` is in the UI format: export it with \"Export (API)\" in ComfyUI instead"
         )
+    workflow = _plain_copy(workflow)
     for node_id, node in workflow.items():
-        if not isinstance(node, dict) or "class_type" not in node:
-            raise JobInputError(f"`workflow` node {node_id!r} has no class_type: is this the API format?")
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            raise JobInputError(f"`workflow` node {_short(node_id)} has no class_type: is this the API format?")
+        if not isinstance(node.setdefault("inputs", {}), dict):
+            raise JobInputError(f"`workflow` node {_short(node_id)}: `inputs` must be an object")
+        for key, value in node["inputs"].items():
+            if key in PROMPT_INPUTS and isinstance(value, str):
+                _check_prompt(value, f"workflow node {_short(node_id, 20)} input {key}", limits)
     uploads = []
-    images = params.get("images") or []
+    images = params.get("images")
+    images = [] if images is None else images
     if not isinstance(images, list):
         raise JobInputError("`images` must be a list of {\"name\": ..., \"image\": <base64 or URL>}")
+    if len(images) > limits.max_images:
+        raise JobInputError(f"`images` has {len(images)} entries, more than the {limits.max_images} allowed "
+                            "(STEADYDANCER_MAX_IMAGES)")
+    seen: set[str] = set()
     for i, item in enumerate(images):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or "image" not in item:
+        if not isinstance(item, dict) or "image" not in item or set(item) - {"name", "image"}:
             raise JobInputError(f"`images[{i}]` must be {{\"name\": ..., \"image\": <base64 or URL>}}")
-        name = item["name"]
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise JobInputError(f"`images[{i}].name` must be a plain file name, got {name!r}")
+        name = check_upload_name(item.get("name"), f"images[{i}].name")
+        if name in seen:
+            raise JobInputError(f"`images[{i}].name` {_short(name)} is given twice")
+        seen.add(name)
+    for i, item in enumerate(images):
         data, _ = load_media(item["image"], f"images[{i}]", IMAGE_TYPES | VIDEO_TYPES,
-                             max_bytes=max_bytes, fetch_url=fetch_url)
-        uploads.append(Upload(name, data))
-    return PreparedJob(copy.deepcopy(workflow), uploads)
+                             fetch_url=fetch_url, budget=budget)
+        uploads.append(Upload(item["name"], data, folder))
+    _rename_references(workflow, {u.name: u.path for u in uploads})
+    return PreparedJob(workflow, uploads, folder=folder)
 
 
 def _prepare_simple(
-    params: dict[str, Any], template: dict[str, Any], max_bytes: int,
-    fetch_url: Callable[[str, int], bytes], rng: random.Random,
+    params: dict[str, Any], template: dict[str, Any], limits: Limits, budget: _Budget,
+    fetch_url: Callable[[str, int, float], bytes], rng: random.Random, folder: str,
 ) -> PreparedJob:
     _check_keys(params, SIMPLE_FIELDS, "simple request (or send `workflow`)")
     for key in ("image", "video"):
         if key not in params:
             raise JobInputError(f"`{key}` is required (base64 or an http(s) URL), or send a full `workflow`")
-    workflow = copy.deepcopy(template)
-    tag = uuid.uuid4().hex[:8]
+    # Everything that costs nothing is checked before any download.
+    prompts = {key: _check_prompt(params[key], key, limits)
+               for key in ("prompt", "negative_prompt") if params.get(key) is not None}
+    seed = _int(params, "seed", 0, MAX_SEED)
+    width, height = parse_size(params)
+    length = _int(params, "length", 1, 1025)
+    if length is not None and (length - 1) % 4:
+        raise JobInputError(f"`length` must be 4k+1 frames (5, 9, ..., 81), got {length}")
+    steps = _int(params, "steps", 1, 200)
+    model = params.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > 255):
+        raise JobInputError("`model` must be a file name in diffusion_models")
 
+    workflow = copy.deepcopy(template)
     image, image_type = load_media(params["image"], "image", IMAGE_TYPES - {"gif"},
-                                   max_bytes=max_bytes, fetch_url=fetch_url)
+                                   fetch_url=fetch_url, budget=budget)
     video, video_type = load_media(params["video"], "video", VIDEO_TYPES,
-                                   max_bytes=max_bytes, fetch_url=fetch_url)
-    uploads = [Upload(f"steadydancer_{tag}_reference.{image_type}", image),
-               Upload(f"steadydancer_{tag}_driving.{video_type}", video)]
+                                   fetch_url=fetch_url, budget=budget)
+    uploads = [Upload(f"reference.{image_type}", image, folder),
+               Upload(f"driving.{video_type}", video, folder)]
     node = _one(workflow, literal_inputs(workflow, "image", {"LoadImage"}), "the reference image", "reference")
-    workflow[node]["inputs"]["image"] = uploads[0].name
+    workflow[node]["inputs"]["image"] = uploads[0].path
     loaders = [i for cls, name in VIDEO_LOADERS.items() for i in literal_inputs(workflow, name, {cls})]
     node = _one(workflow, loaders, "the driving video", "driving")
-    workflow[node]["inputs"][VIDEO_LOADERS[workflow[node]["class_type"]]] = uploads[1].name
+    workflow[node]["inputs"][VIDEO_LOADERS[workflow[node]["class_type"]]] = uploads[1].path
 
     for key, link in (("prompt", "positive"), ("negative_prompt", "negative")):
-        if params.get(key) is not None:
-            if not isinstance(params[key], str):
-                raise JobInputError(f"`{key}` must be a string")
+        if key in prompts:
             node = _one(workflow, linked_text_nodes(workflow, link), f"the {link} prompt")
-            workflow[node]["inputs"]["text"] = params[key]
+            workflow[node]["inputs"]["text"] = prompts[key]
 
-    seed = _int(params, "seed", 0, MAX_SEED)
     if seed is None:
         seed = rng.randrange(0, 2**32)
     # The sampler's noise seed, and the seed of the pose augmentation, if the workflow has one.
@@ -320,23 +573,16 @@ def _prepare_simple(
     for node_id, name in seed_inputs:
         workflow[node_id]["inputs"][name] = seed
 
-    width, height = parse_size(params)
     if width is not None:
         _set(workflow, literal_inputs(workflow, "width"), "width", width, "the width")
         _set(workflow, literal_inputs(workflow, "height"), "height", height, "the height")
-    length = _int(params, "length", 1, 1025)
     if length is not None:
-        if (length - 1) % 4:
-            raise JobInputError(f"`length` must be 4k+1 frames (5, 9, ..., 81), got {length}")
         _set(workflow, literal_inputs(workflow, "length", _LENGTH_NODES), "length", length, "the length")
-    steps = _int(params, "steps", 1, 200)
     if steps is not None:
         _set(workflow, literal_inputs(workflow, "steps"), "steps", steps, "the steps")
-    if params.get("model") is not None:
-        if not isinstance(params["model"], str) or not params["model"].strip():
-            raise JobInputError("`model` must be a file name in diffusion_models")
-        _set(workflow, literal_inputs(workflow, "model_name"), "model_name", params["model"].strip(), "the model")
-    return PreparedJob(workflow, uploads, seed)
+    if model is not None:
+        _set(workflow, literal_inputs(workflow, "model_name"), "model_name", model.strip(), "the model")
+    return PreparedJob(workflow, uploads, seed, folder)
 
 
 # Nodes whose `length` is the number of frames generated (ImageFromBatch's is not).

@@ -12,18 +12,27 @@ Run:
   python runpod_handler.py --test_input     one local job from test_input.json (RunPod SDK)
   python runpod_handler.py --job job.json --save out/   one job, files written to out/
 Environment: COMFYUI_URL (http://127.0.0.1:8188), COMFYUI_READY_TIMEOUT (600 s),
-STEADYDANCER_JOB_TIMEOUT (3600 s), STEADYDANCER_INLINE_LIMIT_MB (15),
-STEADYDANCER_MAX_INPUT_MB (200), STEADYDANCER_OUTPUT (auto | base64 | s3),
+STEADYDANCER_JOB_TIMEOUT (3600 s; then the prompt is interrupted), STEADYDANCER_INTERRUPT_GRACE
+(60 s: a prompt still running this long after its interrupt makes RunPod replace the worker),
+STEADYDANCER_INLINE_LIMIT_MB (15), STEADYDANCER_OUTPUT (auto | base64 | s3),
 STEADYDANCER_KEEP_FILES (1: keep each job's files in ComfyUI's input/output folders),
-BUCKET_ENDPOINT_URL / BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY (S3 for rp_upload).
+BUCKET_ENDPOINT_URL / BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY (S3 for rp_upload),
+and the per-job limits of docker/job_input.py (Limits): STEADYDANCER_MAX_INPUT_MB (200, each
+media file), STEADYDANCER_MAX_TOTAL_INPUT_MB (400), STEADYDANCER_MAX_IMAGES (16),
+STEADYDANCER_MAX_PROMPT_CHARS (4000), STEADYDANCER_DOWNLOAD_TIMEOUT (120 s for all URLs).
+
+Whatever a job holds, the handler returns {"error": ...} for it rather than raising, and
+removes only files the job itself created.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
+import math
 import mimetypes
 import os
 import sys
@@ -38,12 +47,13 @@ from comfy_client import (
     ComfyClient,
     ComfyError,
     ExecutionFailed,
+    JobTimeout,
     OutputFile,
     Progress,
     WorkflowRejected,
     collect_outputs,
 )
-from job_input import JobInputError, PreparedJob, prepare
+from job_input import JobInputError, Limits, PreparedJob, prepare
 
 log = logging.getLogger("steadydancer.worker")
 TEST_INPUT = Path(__file__).with_name("test_input.json")
@@ -52,11 +62,18 @@ OUTPUT_MODES = ("auto", "base64", "s3")
 
 
 def _env_float(environ: dict[str, str] | os._Environ, name: str, default: float) -> float:
-    try:
-        return float(environ.get(name, default))
-    except ValueError:
-        log.warning("%s=%r is not a number: using %s", name, environ.get(name), default)
+    """A positive, finite number from the environment, else `default` (with a warning)."""
+    raw = environ.get(name)
+    if raw is None or not str(raw).strip():
         return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        log.warning("%s=%r is not a positive number: using %s", name, raw, default)
+        return default
+    return value
 
 
 def s3_configured(environ: dict[str, str] | os._Environ = os.environ) -> bool:
@@ -154,24 +171,45 @@ class JobOutputError(Exception):
     """The job ran but its outputs cannot be returned as configured."""
 
 
-def remove_job_files(comfyui_dir: Path, inputs: list[str], outputs: list[OutputFile]) -> None:
-    """Delete a finished job's uploads and saved files from ComfyUI's input/output folders.
+def list_files(folder: Path) -> set[Path]:
+    """Every file under `folder` (resolved paths); empty if it does not exist."""
+    found: set[Path] = set()
+    for root, _, names in os.walk(folder):
+        found.update(Path(root, name).resolve() for name in names)
+    return found
 
-    A serverless worker serves job after job; without this its disk fills up. Only files
-    inside those two folders are touched.
+
+def remove_job_files(
+    comfyui_dir: Path, inputs: list[str], outputs: list[OutputFile], *, job_folder: str = "",
+    existing_outputs: set[Path] | None = None,
+) -> None:
+    """Delete what a finished job created in ComfyUI's input and output folders.
+
+    A serverless worker serves job after job; without this its disk fills up. Only the job's
+    uploads inside its own input subfolder `job_folder` (when given), and saved files that
+    were not in the output folder before the job (`existing_outputs`), are removed: a file
+    the job did not create is never touched.
     """
-    roots = {"input": (comfyui_dir / "input").resolve(), "output": (comfyui_dir / "output").resolve()}
-    paths = [roots["input"] / name for name in inputs]
-    paths += [roots["output"] / o.subfolder / o.filename for o in outputs if o.type == "output"]
-    for path in paths:
+    input_root = (comfyui_dir / "input").resolve()
+    output_root = (comfyui_dir / "output").resolve()
+    upload_root = (input_root / job_folder).resolve() if job_folder else input_root
+    candidates = [(input_root / name, upload_root) for name in inputs]
+    candidates += [(output_root / o.subfolder / o.filename, output_root) for o in outputs if o.type == "output"]
+    for path, root in candidates:
         resolved = path.resolve()
-        if not any(resolved.is_relative_to(root) for root in roots.values()):
-            log.warning("not removing %s: outside ComfyUI's input/output folders", path)
+        if not resolved.is_relative_to(root) or resolved == root:
+            log.warning("not removing %s: outside the job's folders", path)
+            continue
+        if root == output_root and existing_outputs is not None and resolved in existing_outputs:
+            log.warning("not removing %s: it was there before the job", path)
             continue
         try:
             resolved.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("could not remove %s: %s", resolved, exc)
+    if job_folder and upload_root != input_root:
+        with contextlib.suppress(OSError):
+            upload_root.rmdir()  # only when empty
 
 
 def run_job(
@@ -186,10 +224,11 @@ def run_job(
     With `cleanup_dir` (ComfyUI's folder), the job's inputs and outputs are deleted from it
     afterwards, whatever the result.
     """
-    job_id = str(job.get("id") or "local")
+    job_id = str(job.get("id") or "local") if isinstance(job, dict) else "local"
     try:
         prepared: PreparedJob = prepare(
-            job.get("input"), max_bytes=int(_env_float(environ, "STEADYDANCER_MAX_INPUT_MB", 200) * 2**20)
+            job.get("input") if isinstance(job, dict) else None,
+            limits=Limits.from_env(environ, warn=log.warning),
         )
     except JobInputError as exc:
         return {"error": f"bad input: {exc}"}
@@ -197,13 +236,16 @@ def run_job(
     started = time.monotonic()
     uploaded: list[str] = []
     saved: list[OutputFile] = []
+    existing_outputs = list_files(cleanup_dir / "output") if cleanup_dir is not None else None
     try:
         client.wait_ready(timeout=_env_float(environ, "COMFYUI_READY_TIMEOUT", 600))
         for upload in prepared.uploads:
-            stored = client.upload(upload.name, upload.data)
+            # Into the job's own new folder, never over a file: ComfyUI stores a clash under
+            # another name (caught below), so nothing of anyone else's is replaced.
+            stored = client.upload(upload.name, upload.data, subfolder=upload.subfolder)
+            if stored != upload.path:
+                raise ComfyError(f"ComfyUI stored {upload.path} as {stored}; the job's folder was not empty")
             uploaded.append(stored)
-            if stored != upload.name:
-                raise ComfyError(f"ComfyUI stored {upload.name} as {stored}")
         reporter = ProgressReporter(job, prepared.workflow, send)
         prompt_id, entry = client.run(prepared.workflow, on_progress=reporter,
                                       timeout=_env_float(environ, "STEADYDANCER_JOB_TIMEOUT", 3600))
@@ -218,6 +260,16 @@ def run_job(
             inline_limit=int(_env_float(environ, "STEADYDANCER_INLINE_LIMIT_MB", 15) * 2**20),
             s3_ready=s3_configured(environ), s3_upload=s3_upload,
         )
+    except JobTimeout as exc:
+        grace = _env_float(environ, "STEADYDANCER_INTERRUPT_GRACE", 60)
+        if client.wait_stopped(exc.prompt_id, grace):
+            return {"error": str(exc), "prompt_id": exc.prompt_id}
+        # A node that never checks for interrupts still holds ComfyUI (and the GPU): RunPod
+        # replaces this worker after the job instead of giving it the next one.
+        log.error("prompt %s still runs %.0f s after its interrupt: asking RunPod for a new worker",
+                  exc.prompt_id, grace)
+        return {"error": f"{exc}; it did not stop within {grace:.0f} s of its interrupt, so the worker "
+                         "is replaced", "prompt_id": exc.prompt_id, "refresh_worker": True}
     except WorkflowRejected as exc:
         return {"error": f"ComfyUI rejected the workflow: {exc}",
                 "node_errors": exc.details.get("node_errors") or {}}
@@ -228,7 +280,8 @@ def run_job(
         return {"error": str(exc)}
     finally:
         if cleanup_dir is not None:
-            remove_job_files(cleanup_dir, uploaded, saved)
+            remove_job_files(cleanup_dir, uploaded, saved, job_folder=prepared.folder,
+                             existing_outputs=existing_outputs)
     result: dict[str, Any] = {"prompt_id": prompt_id, "outputs": outputs,
                               "seconds": round(time.monotonic() - started, 1)}
     if prepared.seed is not None:
@@ -238,10 +291,18 @@ def run_job(
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:
     """The RunPod handler. The job's files are removed from ComfyUI's folders afterwards
-    (STEADYDANCER_KEEP_FILES=1 keeps them) when ComfyUI runs in this container."""
-    comfyui_dir = Path(os.environ.get("COMFYUI_DIR", "/opt/ComfyUI"))
-    keep = os.environ.get("STEADYDANCER_KEEP_FILES", "").strip() in ("1", "true", "yes")
-    return run_job(job, cleanup_dir=None if keep or not comfyui_dir.is_dir() else comfyui_dir)
+    (STEADYDANCER_KEEP_FILES=1 keeps them) when ComfyUI runs in this container.
+
+    It never raises: a failure nobody foresaw comes back as {"error": ...} too (and is
+    logged with its traceback), not as the SDK's report of an exception.
+    """
+    try:
+        comfyui_dir = Path(os.environ.get("COMFYUI_DIR", "/opt/ComfyUI"))
+        keep = os.environ.get("STEADYDANCER_KEEP_FILES", "").strip() in ("1", "true", "yes")
+        return run_job(job, cleanup_dir=None if keep or not comfyui_dir.is_dir() else comfyui_dir)
+    except Exception as exc:
+        log.exception("job %s failed unexpectedly", job.get("id") if isinstance(job, dict) else None)
+        return {"error": f"internal error ({type(exc).__name__}): {str(exc)[:300]}"}
 
 
 def save_outputs(result: dict[str, Any], folder: Path) -> list[Path]:

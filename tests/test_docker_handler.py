@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import subprocess
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from docker_modules import load_docker_module
+from docker_modules import load_docker_module, running_comfyui
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -49,6 +48,14 @@ def simple(**params):
     return ji.prepare(request, workflow=WORKFLOW, rng=random.Random(0))
 
 
+def literal(workflow, node, name):
+    """A node's input value, followed through a link to the node it comes from (same input name)."""
+    value = node["inputs"][name]
+    while isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+        value = workflow[value[0]]["inputs"][name]
+    return value
+
+
 # --- simple request -> bundled workflow -----------------------------------------------------
 
 def test_simple_request_fills_in_the_bundled_workflow():
@@ -56,10 +63,13 @@ def test_simple_request_fills_in_the_bundled_workflow():
                  steps=12, model="other.gguf")
     wf = job.workflow
     reference, driving = job.uploads
-    assert reference.data == PNG and reference.name.endswith("_reference.png")
-    assert driving.data == MP4 and driving.name.endswith("_driving.mp4")
-    assert nodes(wf, "LoadImage")[0]["inputs"]["image"] == reference.name
-    assert nodes(wf, "LoadVideo")[0]["inputs"]["file"] == driving.name
+    assert reference.data == PNG and reference.name == "reference.png"
+    assert driving.data == MP4 and driving.name == "driving.mp4"
+    # Both in the job's own new folder under ComfyUI's input folder.
+    assert reference.subfolder == driving.subfolder == job.folder
+    assert re.fullmatch(r"steadydancer-jobs/[0-9a-f]{32}", job.folder)
+    assert nodes(wf, "LoadImage")[0]["inputs"]["image"] == f"{job.folder}/reference.png" == reference.path
+    assert nodes(wf, "LoadVideo")[0]["inputs"]["file"] == driving.path
     # The prompt goes to the text encoder linked as `positive`, the negative to `negative`.
     conditioning = nodes(wf, "SteadyDancerImageToVideo")[0]["inputs"]
     assert wf[conditioning["positive"][0]]["inputs"]["text"] == "a dancer"
@@ -67,11 +77,12 @@ def test_simple_request_fills_in_the_bundled_workflow():
     assert nodes(wf, "RandomNoise")[0]["inputs"]["noise_seed"] == 7
     assert nodes(wf, "SteadyDancerPoseAlign")[0]["inputs"]["seed"] == 7
     for class_type in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign"):
-        inputs = nodes(wf, class_type)[0]["inputs"]
-        assert (inputs["width"], inputs["height"]) == (512, 768)
+        node = nodes(wf, class_type)[0]
+        assert (literal(wf, node, "width"), literal(wf, node, "height")) == (512, 768)
     assert conditioning["length"] == 33
-    assert nodes(wf, "ImageFromBatch")[0]["inputs"]["length"] == 1  # not a frame count: untouched
-    assert nodes(wf, "BasicScheduler")[0]["inputs"]["steps"] == 12
+    for node in nodes(wf, "ImageFromBatch"):
+        assert node["inputs"]["length"] == 1  # not a frame count: untouched
+    assert {n["inputs"]["steps"] for n in wf.values() if "steps" in n["inputs"]} == {12}  # the scheduler's
     assert nodes(wf, "SteadyDancerModelLoader")[0]["inputs"]["model_name"] == "other.gguf"
     assert job.seed == 7
     assert json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text()) == WORKFLOW  # not mutated
@@ -79,9 +90,10 @@ def test_simple_request_fills_in_the_bundled_workflow():
 
 def test_simple_request_keeps_the_workflows_defaults_and_draws_a_seed():
     job = simple()
-    conditioning = nodes(job.workflow, "SteadyDancerImageToVideo")[0]["inputs"]
-    template = nodes(WORKFLOW, "SteadyDancerImageToVideo")[0]["inputs"]
-    assert (conditioning["width"], conditioning["length"]) == (template["width"], template["length"])
+    conditioning = nodes(job.workflow, "SteadyDancerImageToVideo")[0]
+    template = nodes(WORKFLOW, "SteadyDancerImageToVideo")[0]
+    assert literal(job.workflow, conditioning, "width") == literal(WORKFLOW, template, "width")
+    assert conditioning["inputs"]["length"] == template["inputs"]["length"]
     assert isinstance(job.seed, int)
     assert nodes(job.workflow, "RandomNoise")[0]["inputs"]["noise_seed"] == job.seed
 
@@ -89,7 +101,7 @@ def test_simple_request_keeps_the_workflows_defaults_and_draws_a_seed():
 def test_media_may_be_data_urls_urlsafe_base64_or_urls():
     fetched = []
 
-    def fetch(url, limit):
+    def fetch(url, limit, timeout):
         fetched.append(url)
         return MP4
 
@@ -146,11 +158,19 @@ def test_urls_to_private_addresses_are_refused():
         ji.fetch_url_safely("http://127.0.0.1:8188/view?filename=x", 1000)
 
 
-def test_a_workflow_request_uploads_its_named_files():
-    workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": "mine.png"}}}
-    job = ji.prepare({"workflow": workflow, "images": [{"name": "mine.png", "image": b64(PNG)}]})
-    assert job.workflow == workflow and job.workflow is not workflow
-    assert job.uploads == [ji.Upload("mine.png", PNG)]
+def test_a_workflow_request_uploads_its_named_files_into_a_folder_of_its_own():
+    workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": "mine.png"}},
+                "2": {"class_type": "LoadImage", "inputs": {"image": "mine.png [input]"}},
+                "3": {"class_type": "LoadImage", "inputs": {"image": "other.png"}},
+                "4": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "mine"}}}
+    original = json.loads(json.dumps(workflow))
+    job = ji.prepare({"workflow": workflow, "images": [{"name": "mine.png", "image": b64(PNG)}]}, folder="f/1")
+    assert job.uploads == [ji.Upload("mine.png", PNG, "f/1")]
+    # References to the upload point at the job's folder; everything else is as sent.
+    assert job.workflow["1"]["inputs"]["image"] == "f/1/mine.png"
+    assert job.workflow["2"]["inputs"]["image"] == "f/1/mine.png [input]"
+    assert job.workflow["3"] == original["3"] and job.workflow["4"] == original["4"]
+    assert workflow == original  # the job's own object is not modified
     assert job.seed is None
 
 
@@ -350,9 +370,9 @@ class FakeClient:
     def wait_ready(self, timeout):
         return {}
 
-    def upload(self, name, data):
+    def upload(self, name, data, subfolder=""):
         self.uploaded[name] = data
-        return name
+        return f"{subfolder}/{name}" if subfolder else name
 
     def run(self, workflow, on_progress, timeout):
         if self.reject:
@@ -406,29 +426,63 @@ def test_a_workflow_that_saves_nothing_is_an_error():
     assert "saved no file" in result["error"]
 
 
+def _store_in(folder):
+    """An upload function that writes where ComfyUI would (input/<subfolder>/<name>)."""
+    def upload(name, data, subfolder=""):
+        path = folder / "input" / subfolder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return f"{subfolder}/{name}"
+    return upload
+
+
+class SavingClient(FakeClient):
+    """Saves its output file for real, as ComfyUI would, when the workflow runs."""
+
+    def __init__(self, folder, **kwargs):
+        super().__init__(**kwargs)
+        self.folder = folder
+        self.upload = _store_in(folder)
+
+    def run(self, workflow, on_progress, timeout):
+        result = super().run(workflow, on_progress, timeout)
+        (self.folder / "output" / "video").mkdir(parents=True, exist_ok=True)
+        (self.folder / "output" / "video" / "steadydancer_00001_.mp4").write_bytes(b"v")
+        return result
+
+
 def test_job_files_are_removed_from_comfyuis_folders_afterwards(tmp_path):
     (tmp_path / "input").mkdir()
-    (tmp_path / "output" / "video").mkdir(parents=True)
-    (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").write_bytes(b"v")
+    (tmp_path / "input" / "users-own.png").write_bytes(b"kept")
+    (tmp_path / "output").mkdir()
     (tmp_path / "output" / "other.png").write_bytes(b"kept")
-    client = FakeClient()
-    client.upload = lambda name, data: (tmp_path / "input" / name).write_bytes(data) and name
-    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={},
-                        cleanup_dir=tmp_path)
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=SavingClient(tmp_path),
+                        environ={}, cleanup_dir=tmp_path)
     assert "error" not in result
-    assert list((tmp_path / "input").iterdir()) == []
+    assert [p.name for p in (tmp_path / "input").iterdir()] == ["users-own.png", "steadydancer-jobs"]
+    assert list((tmp_path / "input" / "steadydancer-jobs").iterdir()) == []  # the job's folder is gone
     assert not (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").exists()
     assert (tmp_path / "output" / "other.png").exists()
+
+
+def test_an_output_that_was_there_before_the_job_is_not_removed(tmp_path):
+    """A workflow may report a file it did not create (a custom node's `ui`): it stays."""
+    (tmp_path / "output" / "video").mkdir(parents=True)
+    (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").write_bytes(b"older work")
+    client = FakeClient()
+    client.upload = _store_in(tmp_path)
+    rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={}, cleanup_dir=tmp_path)
+    assert (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").read_bytes() == b"older work"
 
 
 def test_job_files_are_removed_after_a_failure_too(tmp_path):
     (tmp_path / "input").mkdir()
     client = FakeClient(fail=cc.ExecutionFailed("node 5 failed", {}))
-    client.upload = lambda name, data: (tmp_path / "input" / name).write_bytes(data) and name
+    client.upload = _store_in(tmp_path)
     result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={},
                         cleanup_dir=tmp_path)
     assert result["error"] == "node 5 failed"
-    assert list((tmp_path / "input").iterdir()) == []
+    assert list((tmp_path / "input" / "steadydancer-jobs").iterdir()) == []
 
 
 def test_cleanup_never_leaves_comfyuis_folders(tmp_path):
@@ -451,7 +505,7 @@ def test_test_input_json_is_a_valid_simple_request():
     job = json.loads((DOCKER / "test_input.json").read_text())
     fetched = []
     ji.prepare(job["input"], workflow=WORKFLOW,
-               fetch_url=lambda url, limit: fetched.append(url) or (PNG if url.endswith(".png") else MP4))
+               fetch_url=lambda url, limit, timeout: fetched.append(url) or (PNG if url.endswith(".png") else MP4))
     assert len(fetched) == 2
 
 
@@ -460,30 +514,8 @@ def test_test_input_json_is_a_valid_simple_request():
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
     """A real ComfyUI (COMFYUI_DIR, core nodes only) on a free port, for the worker's client."""
-    comfy_dir = Path(os.environ["COMFYUI_DIR"])
-    python = os.environ.get("COMFYUI_PYTHON") or str(comfy_dir / ".venv" / "bin" / "python")
-    work = tmp_path_factory.mktemp("comfy")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-               "--disable-all-custom-nodes", "--input-directory", str(work / "input"),
-               "--output-directory", str(work / "output"), "--temp-directory", str(work)]
-    log = open(work / "comfyui.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT)
-    client = cc.ComfyClient(f"http://127.0.0.1:{port}")
-    try:
-        client.wait_ready(timeout=180)
-        yield client
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    with running_comfyui(tmp_path_factory.mktemp("comfy")) as url:
+        yield cc.ComfyClient(url)
 
 
 IMAGE_WORKFLOW = {
