@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .clip_encode import CLIP_NODES
 from .conditioning import CONDITIONING_NODES
 from .guider import MODEL_NODES as GUIDER_NODES
 from .model_loader import MODEL_NODES as LOADER_NODES
 from .pose_nodes import POSE_NODES, register_dwpose_folder
+from .sampling import SAMPLING_NODES
 
 register_dwpose_folder()
 
@@ -20,4 +22,4 @@ class SteadyDancerExtension(ComfyExtension):
     """Every node of the package, in the order the "Add Node" menu shows them."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*LOADER_NODES, *POSE_NODES, *CONDITIONING_NODES, *GUIDER_NODES]
+        return [*LOADER_NODES, *POSE_NODES, *CLIP_NODES, *CONDITIONING_NODES, *GUIDER_NODES, *SAMPLING_NODES]

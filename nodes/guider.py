@@ -1,6 +1,6 @@
 """SteadyDancer's three-prediction guidance as a ComfyUI GUIDER, and a one-node sampler.
 
-Per step the guider asks the model for the predictions that step needs (spec/MODEL.md,
+Per step the guider asks the model for the predictions that step needs (docs/REFERENCE.md,
 "Guidance"): `cond` (positive text and pose), `uncond_text` (negative text) and, inside the
 pose window, `uncond_pose` (augmented pose). They go to ComfyUI's `calc_cond_batch` in one
 list, so ComfyUI batches them into as few forward passes as memory allows; a prediction
@@ -17,16 +17,24 @@ import latent_preview
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
-from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
 from ..steadydancer.guidance import combine
 from ..steadydancer.schedule import predictions_for
 from .model_loader import invalid_choice
+from .sampling import (
+    DEFAULT_STEPS,
+    STEADYDANCER,
+    patch_model_sampling,
+    sampler_choices,
+    sampler_for,
+    scheduler_choices,
+    sigmas_for,
+)
 
 # Prediction name (steadydancer.guidance) -> the conditioning it is made with.
 PREDICTIONS = {"cond": "positive", "uncond_text": "negative", "uncond_pose": "pose_negative"}
-DEFAULT_SAMPLER = "uni_pc_bh2"
-DEFAULT_SCHEDULER = "simple"
+DEFAULT_SAMPLER = STEADYDANCER  # the reference's flow UniPC (order 2)
+DEFAULT_SCHEDULER = STEADYDANCER  # the reference's sigmas and integer timesteps
 
 
 class SteadyDancerCFGGuider(comfy.samplers.CFGGuider):
@@ -105,11 +113,11 @@ class SteadyDancerGuider(io.ComfyNode):
 def sample(guider: SteadyDancerCFGGuider, latent: dict, seed: int, steps: int, sampler_name: str, scheduler: str) -> dict:
     """Run `guider` over `steps` from `latent` (what SamplerCustomAdvanced does, in one call)."""
     patcher = guider.model_patcher
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).cpu()
+    sigmas = sigmas_for(patcher, scheduler, steps)
     samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     out = guider.sample(
-        noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
+        noise, samples, sampler_for(sampler_name), sigmas,
         denoise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(patcher, steps),
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
     )
@@ -125,16 +133,17 @@ class SteadyDancerSampler(io.ComfyNode):
             node_id="SteadyDancerSampler",
             display_name="SteadyDancer Sampler",
             category="sampling",
-            description="Samples SteadyDancer with the reference's settings: flow shift, UniPC, 50 steps, "
-            "text and pose guidance. For other samplers or schedules use SteadyDancer Guider + SamplerCustomAdvanced.",
+            description="Samples SteadyDancer with the reference's settings: flow shift, its schedule with integer "
+            "timesteps, flow UniPC of order 2, 40 steps, text and pose guidance. 'steadydancer' is the reference's "
+            "sampler / scheduler; ComfyUI's are offered next to it.",
             inputs=[
                 *guidance_inputs(),
                 io.Latent.Input("latent", tooltip="'latent' of SteadyDancer Image to Video."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (50 in the reference; fewer with a distilled-step LoRA)."),
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000, tooltip="Sampling steps (40 in the reference for image to video; fewer with a distilled-step LoRA)."),
                 io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Flow-matching shift: 5.0 in the reference, 3.0 at 480p."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default=DEFAULT_SAMPLER, tooltip="UniPC (uni_pc_bh2) as the reference."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=DEFAULT_SCHEDULER),
+                io.Combo.Input("sampler_name", options=sampler_choices(), default=DEFAULT_SAMPLER, tooltip="steadydancer: the reference's flow UniPC of order 2 (ComfyUI's uni_pc_bh2 runs at order 3)."),
+                io.Combo.Input("scheduler", options=scheduler_choices(), default=DEFAULT_SCHEDULER, tooltip="steadydancer: the reference's sigmas (from 0.999, shifted) with the model called at integer timesteps floor(sigma*1000); ComfyUI's schedulers keep float timesteps."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -142,8 +151,8 @@ class SteadyDancerSampler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, sampler_name: str | None = None, scheduler: str | None = None) -> bool | str:
         return (
-            invalid_choice("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS)
-            or invalid_choice("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)
+            invalid_choice("sampler_name", sampler_name, sampler_choices())
+            or invalid_choice("scheduler", scheduler, scheduler_choices())
             or True
         )
 
@@ -151,7 +160,7 @@ class SteadyDancerSampler(io.ComfyNode):
     def execute(cls, model: ModelPatcher, positive: list, negative: list, pose_negative: list,
                 text_scale: float, pose_scale: float, start: float, end: float, latent: dict,
                 seed: int, steps: int, shift: float, sampler_name: str, scheduler: str) -> io.NodeOutput:
-        shifted = ModelSamplingSD3().patch(model, shift)[0]
+        shifted = patch_model_sampling(model, shift, "integer" if scheduler == STEADYDANCER else "float")
         guider = make_guider(shifted, positive, negative, pose_negative, text_scale, pose_scale, start, end)
         return io.NodeOutput(sample(guider, latent, seed, steps, sampler_name, scheduler))
 
