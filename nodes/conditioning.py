@@ -1,8 +1,10 @@
-"""SteadyDancer's image-to-video conditioning node (ComfyUI's WanImageToVideo plus the pose path).
+"""SteadyDancer's image-to-video conditioning (ComfyUI's WanImageToVideo plus the pose path).
 
-It VAE-encodes the reference image, the positive and the augmented negative pose videos and
-stores them, with the CLIP vision features of the reference and of the first pose frame, on
-the conditioning under the keys that `comfy_model.py` reads (docs: CONTRACTS, spec §5).
+SteadyDancer Image to Video VAE-encodes the reference image, the positive and the augmented
+negative pose videos and stores them, with the CLIP vision features of the reference and of
+the first pose frame, on the conditioning under the keys that `comfy_model.py` reads
+(docs/REFERENCE.md, "Conditioning"). SteadyDancer Generation Size derives the video size
+from the reference image as the reference does (docs/REFERENCE.md, "Generation size").
 """
 
 from __future__ import annotations
@@ -10,23 +12,21 @@ from __future__ import annotations
 import comfy.clip_vision
 import comfy.model_management
 import comfy.sd
-import comfy.utils
 import node_helpers
 import torch
 from comfy_api.latest import io
 
 from ..steadydancer import conditioning as cond
 from ..steadydancer.errors import ConditioningError
+from ..steadydancer.size import AREAS, DEFAULT_AREA, generation_size, resize_like_reference
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 
 
 def _resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Bicubic resize of IMAGE frames to the generation size (stretching, as the reference does)."""
-    if images.shape[1:3] == (height, width):
-        return images[..., :3]
-    resized = comfy.utils.common_upscale(images[..., :3].movedim(-1, 1), width, height, "bicubic", "disabled")
-    return resized.movedim(1, -1).clamp(0.0, 1.0)
+    """IMAGE frames at the generation size as the reference resizes them: stretched, PyTorch
+    bicubic on [-1, 1] floats, overshoot not clamped (the VAE gets it, as in the reference)."""
+    return resize_like_reference(images, height, width)
 
 
 def _first_frame_output(output: comfy.clip_vision.Output) -> comfy.clip_vision.Output:
@@ -55,13 +55,13 @@ class SteadyDancerImageToVideo(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Text conditioning of the prompt (umT5)."),
                 io.Conditioning.Input("negative", tooltip="Text conditioning of the negative prompt."),
                 io.Vae.Input("vae", tooltip="The Wan 2.1 VAE."),
-                io.ClipVisionOutput.Input("clip_vision_reference", tooltip="CLIP vision output of the reference image (CLIPVisionEncode, crop 'none')."),
-                io.ClipVisionOutput.Input("clip_vision_pose", tooltip="CLIP vision output of the first positive pose frame; of a batch only the first image is used."),
+                io.ClipVisionOutput.Input("clip_vision_reference", tooltip="CLIP vision output of the reference image (SteadyDancer CLIP Vision Encode; ComfyUI's CLIPVisionEncode with crop 'none' preprocesses differently)."),
+                io.ClipVisionOutput.Input("clip_vision_pose", tooltip="CLIP vision output of the first positive pose frame (SteadyDancer Pose Align 'clip_pose'); of a batch only the first image is used."),
                 io.Image.Input("reference_image", tooltip="The person to animate; only the first image is used."),
                 io.Image.Input("pose_frames", tooltip="Aligned pose frames (SteadyDancer Pose Align 'positive')."),
                 io.Image.Input("negative_pose_frames", tooltip="Augmented pose frames (SteadyDancer Pose Align 'negative')."),
-                io.Int.Input("width", default=480, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation width; keep the reference's aspect ratio (images are stretched to this size)."),
-                io.Int.Input("height", default=832, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation height, a multiple of 16."),
+                io.Int.Input("width", default=480, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation width, from SteadyDancer Generation Size (images are stretched to this size)."),
+                io.Int.Input("height", default=832, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation height, a multiple of 16, from SteadyDancer Generation Size."),
                 io.Int.Input("length", default=81, min=1, max=MAX_RESOLUTION, step=4, tooltip="Frames to generate, 4k+1 (81 in the reference)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos sampled at once (different noise, same conditioning)."),
                 io.Combo.Input("short_video", options=list(cond.SHORT_POLICIES), default="pad", tooltip="When the pose frames are fewer than length: 'pad' repeats the last pose, 'error' stops. Extra frames are ignored."),
@@ -124,4 +124,36 @@ class SteadyDancerImageToVideo(io.ComfyNode):
         )
 
 
-CONDITIONING_NODES: list[type[io.ComfyNode]] = [SteadyDancerImageToVideo]
+class SteadyDancerGenerationSize(io.ComfyNode):
+    """The reference's generation size: the reference image's aspect ratio at an area."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SteadyDancerGenerationSize",
+            display_name="SteadyDancer Generation Size",
+            category="conditioning/video_models",
+            description="The video size as the reference derives it: the largest size of the chosen area with the "
+            "reference image's aspect ratio, sides rounded down to multiples of 16 (a 9:16 photo at 832*480 gives 464x832).",
+            inputs=[
+                io.Image.Input("reference_image", tooltip="The person to animate (first image)."),
+                io.Combo.Input("area", options=list(AREAS), default=DEFAULT_AREA, tooltip="The reference's sizes; only their area counts. Use flow shift 3.0 at 832*480 / 480*832, 5.0 otherwise."),
+                io.Int.Input("width", default=0, min=0, max=MAX_RESOLUTION, step=16, tooltip="0 (auto): from the reference image and the area. A multiple of 16 (with height) forces the size."),
+                io.Int.Input("height", default=0, min=0, max=MAX_RESOLUTION, step=16, tooltip="0 (auto): from the reference image and the area. A multiple of 16 (with width) forces the size."),
+            ],
+            outputs=[io.Int.Output(display_name="width"), io.Int.Output(display_name="height")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, area: str | None = None) -> bool | str:
+        if area is None or area in AREAS:  # None: linked, checked when it runs
+            return True
+        return f"area must be one of {list(AREAS)}; got {area!r}"
+
+    @classmethod
+    def execute(cls, reference_image: torch.Tensor, area: str, width: int = 0, height: int = 0) -> io.NodeOutput:
+        out_h, out_w = generation_size(*reference_image.shape[1:3], area, force=(width, height))
+        return io.NodeOutput(out_w, out_h)
+
+
+CONDITIONING_NODES: list[type[io.ComfyNode]] = [SteadyDancerGenerationSize, SteadyDancerImageToVideo]

@@ -23,13 +23,14 @@ from ..pose import (
     augment_poses,
     from_pose_keypoint,
     load_detector,
-    render_pose,
+    reference_frame,
     render_sequence,
     to_pose_keypoint,
 )
-from ..pose.backends import PoseDetector
+from ..pose.backends import COLOUR_ORDERS, PoseDetector
 from ..pose.errors import CheckpointNotFoundError, PoseCancelled, PoseError
 from ..pose.types import Pose
+from ..steadydancer.size import POSE_AREA, fit_to_area, resize_like_reference
 from .conditioning import MAX_RESOLUTION
 
 DWPOSE_FOLDER = "dwpose"
@@ -78,15 +79,40 @@ def preview_size(height: int, width: int, longest: int = PREVIEW_SIZE) -> tuple[
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def render_at_size(poses: list[Pose], reference_size: tuple[int, int], width: int, height: int, colours: str) -> torch.Tensor:
-    """Poses drawn at twice the reference size, then bicubic-resized to the generation size
-    (spec §2, §5), one frame at a time: 81 frames at 2x a large reference never sit in memory."""
-    ref_h, ref_w = reference_size
-    frames = np.empty((len(poses), height, width, 3), dtype=np.uint8)
+def pose_draw_size(reference_size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) the reference draws pose frames for: the reference image fitted to
+    1024x576 pixels (its pose script's fixed area), whatever the generation size."""
+    return fit_to_area(*reference_size, POSE_AREA)
+
+
+def render_at_size(
+    poses: list[Pose], reference_size: tuple[int, int], width: int, height: int, colours: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frames at the generation size, the first frame at the reference image's size).
+
+    The reference's chain (docs/REFERENCE.md, "Pose frames"): drawn at twice the reference
+    fitted to 1024x576, PIL bicubic to the reference image's size, then PyTorch bicubic on
+    [-1, 1] floats to the generation size (overshoot kept, as the reference feeds its VAE).
+    One frame at a time: 81 frames at a large reference's size never sit in memory.
+    """
+    if not poses:
+        raise PoseError("no pose frames to draw: the driving video has no frames after align_frame")
+    draw = pose_draw_size(reference_size)
+    frames = torch.empty((len(poses), height, width, 3), dtype=torch.float32)
+    first = None
     for index, pose in enumerate(poses):
-        drawn = render_pose(pose, 2 * ref_h, 2 * ref_w, colours=colours)
-        frames[index] = cv2.resize(drawn, (width, height), interpolation=cv2.INTER_CUBIC)
-    return to_image(frames)
+        full = to_image(reference_frame(pose, draw, reference_size, colours=colours)[None])
+        first = full if first is None else first
+        frames[index] = resize_like_reference(full, height, width)[0]
+    return frames, first
+
+
+def reference_for_detection(image: torch.Tensor) -> torch.Tensor:
+    """The reference image as the reference detects its pose: first resized (OpenCV bicubic,
+    8 bits) to its 1024x576-area size, so the pose is normalised to that size."""
+    height, width = pose_draw_size(tuple(image.shape[1:3]))
+    resized = cv2.resize(to_uint8_frames(image[:1])[0], (width, height), interpolation=cv2.INTER_CUBIC)
+    return to_image(resized[None])
 
 
 def detector_device(backend: str) -> str | None:
@@ -98,13 +124,13 @@ def detector_device(backend: str) -> str | None:
     return None if backend == "onnx" else str(device)
 
 
-def _load_from_folders(backend: str) -> PoseDetector:
+def _load_from_folders(backend: str, colour_order: str = "reference") -> PoseDetector:
     """The detector from the first `dwpose` folder holding this backend's checkpoints."""
     folders = folder_paths.get_folder_paths(DWPOSE_FOLDER)
     first_error: CheckpointNotFoundError | None = None
     for folder in folders:
         try:
-            return load_detector(backend, folder, device=detector_device(backend))
+            return load_detector(backend, folder, device=detector_device(backend), colour_order=colour_order)
         except CheckpointNotFoundError as error:
             first_error = first_error or error
     raise CheckpointNotFoundError(
@@ -145,17 +171,25 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
                     tooltip="onnx: onnxruntime with yolox_l.onnx + dw-ll_ucoco_384.onnx. mmpose: the reference "
                     "pipeline (mmpose/mmdet/mmcv) with yolox_l_8x8_300e_coco_20211126_140236-d3bd2b23.pth + dw-ll_ucoco_384.pth.",
                 ),
+                io.Combo.Input(
+                    "colour_order",
+                    options=list(COLOUR_ORDERS),
+                    default="reference",
+                    tooltip="reference: the channel orders the reference pipeline hands the networks (YOLOX gets RGB, "
+                    "DWPose BGR), which SteadyDancer's training poses came from. trained: the orders the networks were "
+                    "trained on (YOLOX BGR, DWPose RGB).",
+                ),
             ],
             outputs=[PoseDetectorType.Output(display_name="pose_detector")],
         )
 
     @classmethod
-    def validate_inputs(cls, backend: str | None = None) -> bool | str:
-        return choice_error("backend", backend, BACKENDS) or True
+    def validate_inputs(cls, backend: str | None = None, colour_order: str | None = None) -> bool | str:
+        return choice_error("backend", backend, BACKENDS) or choice_error("colour_order", colour_order, COLOUR_ORDERS) or True
 
     @classmethod
-    def execute(cls, backend: str) -> io.NodeOutput:
-        return io.NodeOutput(_load_from_folders(backend))
+    def execute(cls, backend: str, colour_order: str = "reference") -> io.NodeOutput:
+        return io.NodeOutput(_load_from_folders(backend, colour_order))
 
 
 class SteadyDancerPoseExtract(io.ComfyNode):
@@ -196,22 +230,25 @@ class SteadyDancerPoseAlign(io.ComfyNode):
             display_name="SteadyDancer Pose Align",
             category="SteadyDancer/pose",
             description="Fits the driving poses to the reference person's proportions and position (positive) "
-            "and draws randomly scaled copies (negative, for pose guidance), both rendered at the generation size.",
+            "and draws randomly scaled copies (negative, for pose guidance), both rendered through the reference's "
+            "chain (2x the reference fitted to 1024x576, PIL bicubic to the reference's size, bicubic to the "
+            "generation size).",
             inputs=[
                 io.Image.Input("reference_image", tooltip="The person to animate (first image)."),
                 PoseKeypoint.Input("driving_poses", tooltip="Poses of the driving video (SteadyDancer Pose Extract)."),
-                io.Int.Input("width", default=480, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation width (as in the conditioning node)."),
-                io.Int.Input("height", default=832, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation height."),
+                io.Int.Input("width", default=480, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation width (from SteadyDancer Generation Size, as in the conditioning node)."),
+                io.Int.Input("height", default=832, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation height (from SteadyDancer Generation Size)."),
                 io.Int.Input("align_frame", default=0, min=0, max=100000, tooltip="Driving frames skipped at the start; the first used frame sets the limb scales."),
                 io.Combo.Input("missing_person", options=list(MISSING_POLICIES), default="hold", tooltip="Frames without a person: hold the previous pose, interpolate between neighbours, or leave the frame empty."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the random scales of the negative poses."),
                 io.Combo.Input("colours", options=list(COLOURS), default="steadydancer", tooltip="steadydancer: the colours the model was trained on. controlnet: OpenPose ControlNet colours."),
-                PoseDetectorType.Input("pose_detector", optional=True, tooltip="Detects the reference pose (at resolution 1024); not needed when reference_pose is connected."),
+                PoseDetectorType.Input("pose_detector", optional=True, tooltip="Detects the reference pose (on the reference resized to its 1024x576-area size, at resolution 1024, as the reference); not needed when reference_pose is connected."),
                 PoseKeypoint.Input("reference_pose", optional=True, tooltip="Pose of the reference image, instead of detecting it."),
             ],
             outputs=[
-                io.Image.Output(display_name="positive"),
-                io.Image.Output(display_name="negative"),
+                io.Image.Output(display_name="positive", tooltip="Aligned pose frames at the generation size (float, bicubic overshoot kept as the reference feeds its VAE)."),
+                io.Image.Output(display_name="negative", tooltip="Augmented pose frames, for pose guidance."),
+                io.Image.Output(display_name="clip_pose", tooltip="The first positive frame at the reference image's size: what the reference gives CLIP vision (SteadyDancer CLIP Vision Encode)."),
             ],
         )
 
@@ -238,9 +275,9 @@ class SteadyDancerPoseAlign(io.ComfyNode):
         aligned = align_poses(reference, from_pose_keypoint(driving_poses), align_frame=align_frame, missing=missing_person)
         augmented = augment_poses(aligned, seed)
         size = tuple(reference_image.shape[1:3])
-        return io.NodeOutput(
-            render_at_size(aligned, size, width, height, colours), render_at_size(augmented, size, width, height, colours)
-        )
+        positive, clip_pose = render_at_size(aligned, size, width, height, colours)
+        negative, _ = render_at_size(augmented, size, width, height, colours)
+        return io.NodeOutput(positive, negative, clip_pose)
 
 
 def _reference_pose(image: torch.Tensor, detector: PoseDetector | None, keypoints: list[dict] | None) -> Pose | None:
@@ -248,7 +285,7 @@ def _reference_pose(image: torch.Tensor, detector: PoseDetector | None, keypoint
     if keypoints is not None:
         poses = from_pose_keypoint(keypoints[:1])
     elif detector is not None:
-        poses = _detect(detector, image, REFERENCE_DETECT_RESOLUTION)
+        poses = _detect(detector, reference_for_detection(image), REFERENCE_DETECT_RESOLUTION)
     else:
         raise PoseError("SteadyDancer Pose Align needs the reference pose: connect pose_detector or reference_pose")
     return poses[0] if poses else None

@@ -111,6 +111,16 @@ def run(out: Path) -> dict:
     detector = pose_nodes.SteadyDancerPoseDetectorLoader.execute("onnx").result[0]
     frames = torch.rand(6, 96, 96, 3)
 
+    def colour_order() -> dict:
+        loader = pose_nodes.SteadyDancerPoseDetectorLoader
+        return {
+            "default": detector.colour_order,
+            "trained": loader.execute("onnx", "trained").result[0].colour_order,
+            "validate": loader.validate_inputs(backend="onnx", colour_order="bgr"),
+        }
+
+    _check(report, "colour_order", colour_order)
+
     def extract_progress() -> dict:
         # `reported`: what the node tells ComfyUI's progress bar; `sent`: what reaches the UI's
         # hook (ComfyUI 0.3x throttles it: first and last always, others 100 ms apart).
@@ -145,16 +155,26 @@ def run(out: Path) -> dict:
 
     _check(report, "extract_cancel", extract_cancel)
 
+    def reference_chain_input(image: torch.Tensor) -> object:
+        """The reference image as the reference detects its pose: OpenCV bicubic to the 1024x576 area."""
+        import cv2
+        from comfyui_steadydancer.steadydancer.size import POSE_AREA, fit_to_area
+
+        height, width = fit_to_area(*image.shape[1:3], POSE_AREA)
+        pixels = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_CUBIC)
+
     keypoints = pose_nodes.SteadyDancerPoseExtract.execute(detector, frames, 128).result[0]
     reference = torch.rand(1, 120, 80, 3)
     align = pose_nodes.SteadyDancerPoseAlign.execute
 
     def alignment() -> dict:
-        pos, neg = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result
-        pos_again, neg_again = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result
-        _, neg_other = align(reference, keypoints, 48, 64, 2, "hold", 8, "steadydancer", detector, None).result
-        ref_pose = pose_nodes.SteadyDancerPoseExtract.execute(detector, reference, 1024).result[0]
-        pos_given, _ = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", None, ref_pose).result
+        pos, neg, clip_pose = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result
+        pos_again, neg_again, _ = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result
+        _, neg_other, _ = align(reference, keypoints, 48, 64, 2, "hold", 8, "steadydancer", detector, None).result
+        fitted = torch.from_numpy(reference_chain_input(reference)).float().div(255)[None]
+        ref_pose = pose_nodes.SteadyDancerPoseExtract.execute(detector, fitted, 1024).result[0]
+        pos_given, _, _ = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", None, ref_pose).result
         try:
             align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", None, None)
             no_reference = None
@@ -170,9 +190,64 @@ def run(out: Path) -> dict:
             "seed_matters": not torch.equal(neg, neg_other),
             "reference_pose_input_equal": bool(torch.equal(pos, pos_given)),
             "no_reference": no_reference,
+            "clip_pose_shape": list(clip_pose.shape),
         }
 
     _check(report, "alignment", alignment)
+
+    def pose_chain() -> dict:
+        """Pose Align's frames are the library's reference chain on the reference's own pose."""
+        from comfyui_steadydancer.pose import (
+            align_poses,
+            augment_poses,
+            from_pose_keypoint,
+            reference_frame,
+        )
+        from comfyui_steadydancer.steadydancer.size import (
+            POSE_AREA,
+            fit_to_area,
+            resize_like_reference,
+        )
+
+        pos, neg, clip_pose = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result
+        ref_pose = detector.detect_image(reference_chain_input(reference))
+        aligned = align_poses(ref_pose, from_pose_keypoint(keypoints), align_frame=2, missing="hold")
+        draw, size = fit_to_area(120, 80, POSE_AREA), (120, 80)
+
+        def expected(poses: list) -> torch.Tensor:
+            full = [torch.from_numpy(reference_frame(p, draw, size)).float().div(255)[None] for p in poses]
+            return torch.cat([resize_like_reference(f, 64, 48) for f in full]), full[0]
+
+        exp_pos, exp_clip = expected(aligned)
+        exp_neg, _ = expected(augment_poses(aligned, 7))
+        return {
+            "reference_width_height": [ref_pose.width, ref_pose.height],
+            "positive_equal": bool(torch.equal(pos, exp_pos)),
+            "negative_equal": bool(torch.equal(neg, exp_neg)),
+            "clip_pose_equal": bool(torch.equal(clip_pose, exp_clip)),
+            "unclamped": [float(pos.min()), float(pos.max())],
+        }
+
+    _check(report, "pose_chain", pose_chain)
+
+    size_node = cond_nodes.SteadyDancerGenerationSize
+
+    def generation_size() -> dict:
+        portrait = torch.zeros(1, 1920, 1080, 3)
+        try:
+            size_node.execute(portrait, "832*480", 480, 0)
+            half_forced = None
+        except Exception as error:
+            half_forced = f"{type(error).__name__}: {error}"
+        return {
+            "auto": list(size_node.execute(portrait, "832*480", 0, 0).result),
+            "auto_720p": list(size_node.execute(portrait, "1280*720", 0, 0).result),
+            "forced": list(size_node.execute(portrait, "832*480", 512, 768).result),
+            "half_forced": half_forced,
+            "validate": [size_node.validate_inputs(area="640*640"), size_node.validate_inputs(area="1024*576"), size_node.validate_inputs(area=None)],
+        }
+
+    _check(report, "generation_size", generation_size)
 
     def vision(rows: int) -> comfy.clip_vision.Output:
         output = comfy.clip_vision.Output()
@@ -180,6 +255,23 @@ def run(out: Path) -> dict:
         return output
 
     i2v = cond_nodes.SteadyDancerImageToVideo
+
+    def resize_unclamped() -> dict:
+        """Images reach the VAE resized as the reference resizes them: bicubic, no clamping."""
+        vae = RecordingVAE()
+        text = [[torch.zeros(1, 7, 8), {}]]
+        ref = torch.zeros(1, 40, 24, 3)
+        ref[:, 10:30, 8:16] = 1.0  # hard edges: bicubic overshoots
+        pose = torch.rand(5, 48, 32, 3)
+        i2v.execute(text, text, vae, vision(1), vision(1), ref, pose, pose, 32, 48, 5, 1, "pad")
+        video, ref_x_in = vae.encoded[0], vae.encoded[1]
+        expected = torch.nn.functional.interpolate(ref.movedim(-1, 1) * 2 - 1, size=(48, 32), mode="bicubic").movedim(1, -1)
+        return {
+            "ref_range": [float(ref_x_in.min()), float(ref_x_in.max())],
+            "ref_diff": float((ref_x_in * 2 - 1 - expected[0]).abs().max()),
+            "first_frame_is_ref": bool(torch.equal(video[:1], ref_x_in)),
+            "pose_at_size_untouched": bool(torch.equal(vae.encoded[3], pose)),
+        }
 
     def conditioning() -> dict:
         vae = RecordingVAE()
@@ -229,6 +321,7 @@ def run(out: Path) -> dict:
         }
 
     _check(report, "conditioning", conditioning)
+    _check(report, "resize_unclamped", resize_unclamped)
     out.write_text(json.dumps(report, indent=1, default=str))
     return report
 

@@ -44,13 +44,38 @@ def test_cancel_stops_extraction_as_a_comfyui_interrupt(report: dict) -> None:
     assert r["flag_after"] is False  # consumed: the next prompt runs
 
 
+def test_detector_colour_order_defaults_to_the_references(report: dict) -> None:
+    r = result(report, "colour_order")
+    assert (r["default"], r["trained"]) == ("reference", "trained")
+    assert "colour_order must be one of ['reference', 'trained']" in r["validate"]
+
+
 def test_alignment_renders_positive_and_augmented_negative(report: dict) -> None:
     r = result(report, "alignment")
     assert r["shape"] == r["negative_shape"] == [4, 64, 48, 3]  # 6 frames, align_frame 2
-    assert r["range"][0] >= 0.0 and r["range"][1] <= 1.0 and r["drawn"] > 0.01
+    assert r["range"][0] > -0.1 and r["range"][1] < 1.1 and r["drawn"] > 0.01  # bicubic overshoot kept
     assert r["negative_differs"] and r["deterministic"] and r["seed_matters"]
     assert r["reference_pose_input_equal"]
     assert r["no_reference"].startswith("PoseError") and "pose_detector" in r["no_reference"]
+    assert r["clip_pose_shape"] == [1, 120, 80, 3]  # the first positive frame at the reference's size
+
+
+def test_pose_frames_go_through_the_reference_chain(report: dict) -> None:
+    """Reference pose detected on the reference resized to its 1024x576-area size (624x928
+    for 80x120), frames drawn at 2x that, PIL to 80x120, bicubic to 48x64: equal to the library."""
+    r = result(report, "pose_chain")
+    assert r["reference_width_height"] == [624, 928]
+    assert r["positive_equal"] and r["negative_equal"] and r["clip_pose_equal"]
+    assert r["unclamped"][0] < 0.0
+
+
+def test_generation_size_is_the_references_auto_size(report: dict) -> None:
+    r = result(report, "generation_size")
+    assert r["auto"] == [464, 832]  # a 1080x1920 photo at 832*480: 464x832, not 480x832
+    assert r["auto_720p"] == [720, 1280] and r["forced"] == [512, 768]
+    assert r["half_forced"].startswith("ConditioningError") and "both be 0 (auto" in r["half_forced"]
+    bad, good, linked = r["validate"]
+    assert "area must be one of" in bad and good is True and linked is True
 
 
 def test_conditioning_stores_the_contract_keys(report: dict) -> None:
@@ -78,6 +103,12 @@ def test_conditioning_encodes_what_the_spec_says(report: dict) -> None:
     assert r["ref_c_is_first_pose"]
     assert r["padded_with_last"] and r["negative_padded_with_last"]  # 3 pose frames -> 9
     assert r["clip_reference_rows"] == 1 and r["clip_pose_rows"] == 1 and r["clip_pose_first_row"] == 0.0
+
+
+def test_conditioning_resizes_as_the_reference_without_clamping(report: dict) -> None:
+    r = result(report, "resize_unclamped")
+    assert r["ref_range"][0] < 0.0 and r["ref_range"][1] > 1.0  # bicubic overshoot reaches the VAE
+    assert r["ref_diff"] < 1e-6 and r["first_frame_is_ref"] and r["pose_at_size_untouched"]
 
 
 def test_conditioning_refuses_short_video_and_bad_length(report: dict) -> None:
