@@ -268,8 +268,9 @@ def demo_graph(
             inputs["image"] = files["reference"]
         elif kind == "LoadVideo":
             inputs["file"] = files["driving"]
-        elif kind in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign"):
-            inputs.update({k: settings[k] for k in ("width", "height") if k in inputs})
+        elif kind in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign", "SteadyDancerGenerationSize"):
+            # the literal sizes (the auto-size node's width/height force the size); links stay links
+            inputs.update({k: settings[k] for k in ("width", "height") if k in inputs and not isinstance(inputs[k], list)})
             if "length" in inputs:
                 inputs["length"] = settings["length"]
         elif kind == "BasicScheduler" or "steps" in inputs:

@@ -38,14 +38,45 @@ def test_api_workflow_goes_from_image_and_video_to_saved_video(api: dict) -> Non
     assert (i2v["inputs"]["length"] - 1) % 4 == 0
 
 
+REFERENCE_NEGATIVE = (
+    "镜头晃动，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
 def test_reference_defaults(api: dict) -> None:
-    """Reference settings: text 5, pose 1.5, window 0.1-0.4, 50 UniPC steps, shift 3 at 480p."""
+    """Reference settings: text 5, pose 1.5, window 0.1-0.4, 40 flow-UniPC steps on its schedule
+    with integer timesteps, shift 3 at the 480p area, the i2v negative prompt, 16 fps."""
     by_kind = {n["class_type"]: n["inputs"] for n in api.values()}
     guider = by_kind["SteadyDancerGuider"]
     assert (guider["text_scale"], guider["pose_scale"], guider["start"], guider["end"]) == (5.0, 1.5, 0.1, 0.4)
-    assert by_kind["BasicScheduler"]["steps"] == 50
-    assert by_kind["KSamplerSelect"]["sampler_name"].startswith("uni_pc")
-    assert by_kind["ModelSamplingSD3"]["shift"] == 3.0
+    assert by_kind["SteadyDancerScheduler"]["steps"] == 40
+    assert "SteadyDancerUniPCSampler" in by_kind
+    assert by_kind["SteadyDancerModelSampling"] == {"model": by_kind["SteadyDancerModelSampling"]["model"], "shift": 3.0, "timesteps": "integer"}
+    assert by_kind["SteadyDancerGenerationSize"]["area"] == "832*480"  # shift 3.0 goes with it
+    assert (by_kind["SteadyDancerGenerationSize"]["width"], by_kind["SteadyDancerGenerationSize"]["height"]) == (0, 0)
+    assert by_kind["CreateVideo"]["fps"] == 16.0
+    assert by_kind["SteadyDancerPoseDetectorLoader"]["colour_order"] == "reference"
+    negative = api[by_kind["SteadyDancerImageToVideo"]["negative"][0]]["inputs"]["text"]
+    assert negative == REFERENCE_NEGATIVE
+
+
+def test_sizes_come_from_the_reference_image(api: dict) -> None:
+    size = next(k for k, n in api.items() if n["class_type"] == "SteadyDancerGenerationSize")
+    for kind in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign"):
+        inputs = next(n["inputs"] for n in api.values() if n["class_type"] == kind)
+        assert (inputs["width"], inputs["height"]) == ([size, 0], [size, 1])
+
+
+def test_clip_vision_is_encoded_as_the_reference(api: dict) -> None:
+    """Both CLIP inputs go through SteadyDancer CLIP Vision Encode; the pose one gets the first
+    pose frame at the reference image's size (Pose Align's third output)."""
+    i2v = next(n["inputs"] for n in api.values() if n["class_type"] == "SteadyDancerImageToVideo")
+    reference, pose = api[i2v["clip_vision_reference"][0]], api[i2v["clip_vision_pose"][0]]
+    assert reference["class_type"] == pose["class_type"] == "SteadyDancerCLIPVisionEncode"
+    assert api[pose["inputs"]["image"][0]]["class_type"] == "SteadyDancerPoseAlign" and pose["inputs"]["image"][1] == 2
+    assert api[reference["inputs"]["image"][0]]["class_type"] == "LoadImage"
 
 
 def test_demo_graph_keeps_the_graph_and_swaps_models_and_size(api: dict) -> None:
@@ -55,8 +86,9 @@ def test_demo_graph_keeps_the_graph_and_swaps_models_and_size(api: dict) -> None
     by_kind = {n["class_type"]: n["inputs"] for n in demo.values()}
     assert by_kind["CLIPLoader"]["type"] == "stable_diffusion"
     assert by_kind["SteadyDancerImageToVideo"]["length"] == DEMO["length"]
-    assert by_kind["SteadyDancerPoseAlign"]["width"] == by_kind["SteadyDancerImageToVideo"]["width"] == DEMO["width"]
-    assert by_kind["BasicScheduler"]["steps"] == DEMO["steps"]
+    size = by_kind["SteadyDancerGenerationSize"]
+    assert (size["width"], size["height"]) == (DEMO["width"], DEMO["height"])  # forced; the nodes stay linked to it
+    assert by_kind["SteadyDancerScheduler"]["steps"] == DEMO["steps"]
     assert api == json.loads((WORKFLOWS / "api" / "steadydancer_api.json").read_text()), "the source graph was modified"
 
 

@@ -51,13 +51,15 @@ def test_demo_graph_writes_video_and_reports_progress(comfy_server, demo_graph: 
     assert len(videos) == 1
     path = comfy_server.output_dir / videos[0]["subfolder"] / videos[0]["filename"]
     i2v = demo_graph[_node(demo_graph, "SteadyDancerImageToVideo")]["inputs"]
-    # the generated length and size, at the driving video's frame rate
-    assert _frames(path) == (i2v["length"], i2v["height"], i2v["width"], pytest.approx(DEMO["fps"]))
+    size = demo_graph[_node(demo_graph, "SteadyDancerGenerationSize")]["inputs"]
+    # the generated length and size, at the model's 16 fps (the reference's, whatever the driving video's)
+    assert DEMO["fps"] != 16
+    assert _frames(path) == (i2v["length"], size["height"], size["width"], pytest.approx(16))
 
 
 def test_interrupt_stops_sampling_and_next_prompt_runs(comfy_server, demo_graph: dict) -> None:
     long_graph = copy.deepcopy(demo_graph)
-    long_graph[_node(long_graph, "BasicScheduler")]["inputs"]["steps"] = 500
+    long_graph[_node(long_graph, "SteadyDancerScheduler")]["inputs"]["steps"] = 500
     long_graph[_node(long_graph, "RandomNoise")]["inputs"]["noise_seed"] = 12345
     sampler = _node(long_graph, "SamplerCustomAdvanced")
     interrupted = threading.Event()
