@@ -126,6 +126,10 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
+def _mb(size: float) -> str:
+    return f"{size / 2**20:.3g}"
+
+
 def _short_url(url: str, limit: int = 120) -> str:
     """A URL for a message: without user:password@, cut to `limit` characters."""
     url = re.sub(r"^(\w+://)[^/@]*@", r"\1", url)
@@ -152,13 +156,14 @@ class _Budget:
     def max_bytes(self) -> int:
         return min(self.limits.max_media_bytes, self.bytes_left)
 
-    def spend(self, size: int, what: str) -> None:
+    def spend(self, size: int, what: str, check_only: bool = False) -> None:
         if size > self.bytes_left:
             raise JobInputError(
-                f"`{what}`: the job's media add up to more than {self.limits.max_total_bytes // 2**20} MB "
+                f"`{what}`: the job's media add up to more than {_mb(self.limits.max_total_bytes)} MB "
                 "(STEADYDANCER_MAX_TOTAL_INPUT_MB)"
             )
-        self.bytes_left -= size
+        if not check_only:
+            self.bytes_left -= size
 
 
 # --- media -----------------------------------------------------------------------------
@@ -224,7 +229,7 @@ def _read_body(response: Any, max_bytes: int, deadline: float, url: str) -> byte
             break
         total += len(chunk)
         if total > max_bytes:
-            raise JobInputError(f"{_short_url(url)} is larger than {max_bytes // 2**20} MB")
+            raise JobInputError(f"{_short_url(url)} is larger than {_mb(max_bytes)} MB")
         chunks.append(chunk)
     data = b"".join(chunks)
     declared = response.headers.get("Content-Length")
@@ -274,19 +279,21 @@ def load_media(
     if budget is None:
         budget = _Budget(Limits(max_media_bytes=max_bytes or Limits.max_media_bytes,
                                 max_total_bytes=max_bytes or Limits.max_media_bytes))
-    max_bytes = budget.max_bytes()
+    per_file = budget.limits.max_media_bytes
     if not isinstance(value, str) or not value.strip():
         raise JobInputError(f"`{field}` must be a base64 string or an http(s) URL")
     text = value.strip()
     if text.lower().startswith(("http://", "https://")):
-        data = fetch_url(text, max_bytes, budget.seconds_left(field))
+        data = fetch_url(text, budget.max_bytes(), budget.seconds_left(field))
         budget.seconds_left(field)  # a download that ended past the deadline counts as too slow
     else:
-        if len(text) * 3 // 4 > max_bytes + 3:
-            raise JobInputError(f"`{field}` is larger than {max_bytes / 2**20:.0f} MB")
+        estimate = len(text) * 3 // 4 - 3
+        if estimate > per_file:
+            raise JobInputError(f"`{field}` is larger than {_mb(per_file)} MB (STEADYDANCER_MAX_INPUT_MB)")
+        budget.spend(max(0, estimate), field, check_only=True)
         data = decode_base64(text, field)
-    if len(data) > max_bytes:
-        raise JobInputError(f"`{field}` is larger than {max_bytes / 2**20:.0f} MB")
+    if len(data) > per_file:
+        raise JobInputError(f"`{field}` is larger than {_mb(per_file)} MB (STEADYDANCER_MAX_INPUT_MB)")
     budget.spend(len(data), field)
     kind = sniff_type(data)
     if kind not in allowed:

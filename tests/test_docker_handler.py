@@ -148,7 +148,7 @@ def test_bad_input_is_one_clear_message(params, message):
 
 
 def test_media_size_is_capped():
-    with pytest.raises(ji.JobInputError, match="larger than 0 MB"):
+    with pytest.raises(ji.JobInputError, match=r"larger than 0.000477 MB \(STEADYDANCER_MAX_INPUT_MB\)"):
         ji.prepare({"image": b64(PNG * 100), "video": b64(MP4)}, workflow=WORKFLOW, max_bytes=500)
 
 
