@@ -1,4 +1,4 @@
-"""Shapes and tensors of SteadyDancer's conditioning (spec/PIPELINE.md §5, spec/MODEL.md).
+"""Shapes and tensors of SteadyDancer's conditioning (docs/REFERENCE.md, "Conditioning").
 
 The ComfyUI conditioning node encodes images with ComfyUI's VAE and CLIP vision models;
 what it does around those calls lives here so that it is tested without ComfyUI: the

@@ -1,6 +1,6 @@
 """SteadyDancer's guidance: text guidance plus pose guidance inside a window of steps.
 
-Three predictions per step inside the pose window, fewer outside it (spec/MODEL.md,
+Three predictions per step inside the pose window, fewer outside it (docs/REFERENCE.md,
 "Guidance"):
 - cond: positive text, positive pose;
 - uncond_text: negative text, positive pose;

@@ -1,4 +1,4 @@
-"""SteadyDancer's three-prediction guidance (spec/MODEL.md, "Guidance")."""
+"""SteadyDancer's three-prediction guidance (docs/REFERENCE.md, "Guidance")."""
 
 from __future__ import annotations
 
