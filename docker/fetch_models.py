@@ -2,7 +2,11 @@
 
 Downloads resume where they stopped, are retried with a growing pause, and are checked for
 size and SHA-256 before they are moved into place (the manifest's values, else the Hub's
-LFS metadata). A file already in place is checked once and remembered in
+LFS metadata). A plain-URL download counts its bytes against the server's Content-Length
+and Content-Range: a dropped connection, a server that sends less than it announced, one
+that stalls (less than 1 KB/s for 60 s) or answers a Range request with another range never
+puts a file under its final name; the bytes received so far are kept and the next attempt
+asks for the rest (Range), checking the Content-Range it gets. A file already in place is checked once and remembered in
 `<models>/.steadydancer-fetch.json`, so a restart does not hash 17 GB again. A gated or
 private repository without HF_TOKEN, a file missing from a repository, a full disk: each is
 one clear message, never a traceback.
@@ -19,6 +23,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -51,6 +56,10 @@ class ChecksumError(FetchError):
 
 class FatalDownloadError(FetchError):
     """Retrying cannot help (gated, not found, no space)."""
+
+
+class TransferError(FetchError):
+    """The transfer broke off or the server's answer does not add up; retried (resuming)."""
 
 
 @dataclass(frozen=True)
@@ -285,11 +294,38 @@ def match_pattern(entry: ModelEntry, files: Iterable[str]) -> str:
     return matches[0]
 
 
-class UrlBackend:
-    """Files from a plain HTTPS URL, resumed with a Range request."""
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
 
-    def __init__(self, timeout: float = 60.0) -> None:
-        self.timeout = timeout
+
+def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """(first, last, total) of a Content-Range header; None where it says `*`. Raises
+    TransferError for a missing or malformed header."""
+    match = _CONTENT_RANGE.match(value or "")
+    if not match:
+        raise TransferError(f"the server answered a Range request with Content-Range {value!r}")
+    first, last, total = match.groups()
+    return (None if first is None else int(first), None if last is None else int(last),
+            None if total in (None, "*") else int(total))
+
+
+def _content_length(headers: Any) -> int | None:
+    value = headers.get("Content-Length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+class UrlBackend:
+    """Files from a plain HTTP(S) URL, resumed with a Range request.
+
+    Nothing reaches the returned path unless the bytes received add up to what the server
+    announced (Content-Length, or Content-Range's range and total when resuming): a short
+    transfer raises TransferError and keeps the partial file for the next attempt.
+    """
+
+    def __init__(self, timeout: float = 60.0, stall_seconds: float = 60.0, min_rate: float = 1024.0,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.timeout = timeout  # per socket operation (connect, each read)
+        self.stall_seconds, self.min_rate = stall_seconds, min_rate  # slower than this for that long: stalled
+        self.log = log or (lambda message: None)
 
     def resolve(self, entry: ModelEntry) -> RemoteFile:
         return RemoteFile(path=entry.url or "")
@@ -304,18 +340,100 @@ class UrlBackend:
         request = urllib.request.Request(entry.url or "", headers={"Range": f"bytes={start}-"} if start else {})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                mode = "ab" if start and response.status == 206 else "wb"
-                with open(part, mode) as out:
-                    shutil.copyfileobj(response, out, _CHUNK)
+                offset, expected_body, total = self._plan(response, start, part, entry)
+                with open(part, "ab" if offset else "wb") as out:
+                    received = self._copy(response, out, entry)
         except urllib.error.HTTPError as exc:
-            if exc.code == 416 and start:  # the part file is already complete
-                part.replace(final)
-                return final
-            if exc.code in (401, 403, 404):
+            if exc.code == 416 and start:
+                return self._range_not_satisfiable(exc, start, part, final, entry)
+            if exc.code in (401, 403, 404, 410):
                 raise FatalDownloadError(f"{entry.url}: HTTP {exc.code} {exc.reason}") from None
-            raise
+            raise TransferError(f"{entry.url}: HTTP {exc.code} {exc.reason}") from None
+        if expected_body is not None and received != expected_body:
+            raise TransferError(
+                f"{entry.name}: the connection ended after {offset + received} of "
+                f"{total if total is not None else offset + expected_body} bytes (kept for resuming)"
+            )
+        size = part.stat().st_size
+        if total is not None and size != total:
+            part.unlink(missing_ok=True)  # the pieces do not make the file: start again
+            raise TransferError(f"{entry.name}: {size} bytes on disk, the server says {total}: starting again")
+        if total is None and entry.size is None and entry.sha256 is None:
+            self.log(f"{entry.name}: the server gave no length and models.yaml no size or hash: "
+                     "the file cannot be checked")
         part.replace(final)
         return final
+
+    def _plan(self, response: Any, start: int, part: Path, entry: ModelEntry) -> tuple[int, int | None, int | None]:
+        """(offset the body starts at, bytes the body should have, size of the whole file)."""
+        status = getattr(response, "status", 200)
+        if start and status == 206:
+            try:
+                first, last, total = parse_content_range(response.headers.get("Content-Range"))
+            except TransferError:
+                part.unlink(missing_ok=True)  # the answer cannot be placed: start again
+                raise
+            if first != start or last is None:
+                part.unlink(missing_ok=True)
+                raise TransferError(f"{entry.name}: asked for bytes {start}- and got "
+                                    f"{response.headers.get('Content-Range')!r}: starting again")
+            body = last - first + 1
+            length = _content_length(response.headers)
+            if length is not None and length != body:
+                raise TransferError(f"{entry.name}: Content-Length {length} does not match Content-Range")
+            self._check_total(entry, total)
+            return start, body, total
+        if status == 206:
+            raise TransferError(f"{entry.name}: HTTP 206 to a request without Range")
+        if status != 200:
+            raise TransferError(f"{entry.url}: HTTP {status}")
+        if start:
+            self.log(f"{entry.name}: the server ignored the Range request: downloading from the start")
+        length = _content_length(response.headers)
+        self._check_total(entry, length)
+        return 0, length, length
+
+    @staticmethod
+    def _check_total(entry: ModelEntry, total: int | None) -> None:
+        if total is not None and entry.size is not None and total != entry.size:
+            raise FatalDownloadError(
+                f"{entry.name}: {entry.url} is {total} bytes, models.yaml says {entry.size}: "
+                "the file changed upstream; update models.yaml"
+            )
+
+    def _copy(self, response: Any, out: Any, entry: ModelEntry) -> int:
+        """Copy the body; raises TransferError when it is slower than min_rate for stall_seconds."""
+        received = 0
+        window_start, window_bytes = time.monotonic(), 0
+        read = getattr(response, "read1", None) or response.read
+        while True:
+            chunk = read(_CHUNK)
+            if not chunk:
+                return received
+            out.write(chunk)
+            received += len(chunk)
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window_start >= self.stall_seconds:
+                if window_bytes < self.min_rate * self.stall_seconds:
+                    out.flush()
+                    raise TransferError(f"{entry.name}: stalled ({window_bytes} bytes in "
+                                        f"{now - window_start:.0f} s; kept for resuming)")
+                window_start, window_bytes = now, 0
+
+    def _range_not_satisfiable(self, exc: urllib.error.HTTPError, start: int, part: Path, final: Path,
+                               entry: ModelEntry) -> Path:
+        """416 to `Range: bytes=<start>-`: complete only if the server's total is exactly `start`."""
+        try:
+            _, _, total = parse_content_range(exc.headers.get("Content-Range"))
+        except TransferError:
+            total = None
+        if total == start and (entry.size is None or entry.size == total):
+            part.replace(final)
+            return final
+        part.unlink(missing_ok=True)
+        raise TransferError(f"{entry.name}: the server refused bytes {start}- (its size: "
+                            f"{total if total is not None else 'not given'}): starting again") from None
 
 
 class State:
@@ -358,7 +476,7 @@ class Fetcher:
 
     def backend(self, entry: ModelEntry) -> Backend:
         if entry.url:
-            self.url = self.url or UrlBackend()
+            self.url = self.url or UrlBackend(log=self.log)
             return self.url
         if self.hub is None:
             self.hub = HubBackend(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
@@ -447,8 +565,9 @@ class Fetcher:
             except KeyboardInterrupt:
                 raise
             except Exception as exc:
-                if isinstance(exc, ChecksumError):
-                    force = True  # a corrupt partial file must not be resumed
+                # A corrupt file must not be resumed: the next attempt starts from zero. A broken
+                # transfer (TransferError, a reset, a timeout) resumes from what arrived.
+                force = isinstance(exc, ChecksumError)
                 if attempt == self.retries:
                     raise FetchError(
                         f"{entry.name}: giving up after {self.retries + 1} attempts: {exc}"

@@ -329,6 +329,8 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         start = int(header.split("=")[1].rstrip("-")) if header else 0
         body = self.payload[start:]
         self.send_response(206 if header else 200)
+        if header:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
