@@ -17,7 +17,8 @@
 #   STEADYDANCER_FETCH      manifest entries or groups to fetch at start, comma-separated
 #                           ("default", "small", "all", "steadydancer-q8_0,umt5-xxl-fp16", ...); empty: none
 #   HF_TOKEN                Hugging Face token, for gated or private repositories
-#   COMFYUI_PORT (8188), COMFYUI_LISTEN (0.0.0.0; 127.0.0.1 in runpod mode)
+#   COMFYUI_PORT (8188), COMFYUI_LISTEN (0.0.0.0 inside the container, where compose publishes
+#                           the port on the host's loopback only; in runpod mode always 127.0.0.1)
 #   COMFYUI_ARGS            extra ComfyUI arguments (e.g. "--lowvram --preview-method auto")
 #   STEADYDANCER_DEVICE     auto (default), cpu, lowvram, normal: see docker/gpu_check.py
 #   STEADYDANCER_LOWVRAM_BELOW_GB  VRAM below which --lowvram is added (default 20)
@@ -201,9 +202,13 @@ main() {
   config=${STEADYDANCER_EXTRA_PATHS:-${TMPDIR:-/tmp}/steadydancer/extra_model_paths.yaml}
   write_extra_model_paths "$models_dir" "$config"
 
-  # The worker talks to ComfyUI over loopback; nothing else needs to reach it on RunPod.
+  # The worker talks to ComfyUI over loopback; nothing else may reach it on RunPod (ComfyUI
+  # has no login: anyone reaching it could queue work, upload files and read the outputs).
   local listen=${COMFYUI_LISTEN:-0.0.0.0}
-  if [[ "$mode" == runpod && -z "${COMFYUI_LISTEN:-}" ]]; then
+  if [[ "$mode" == runpod ]]; then
+    if [[ -n "${COMFYUI_LISTEN:-}" && "$COMFYUI_LISTEN" != 127.0.0.1 ]]; then
+      log "COMFYUI_LISTEN=$COMFYUI_LISTEN ignored: in runpod mode ComfyUI listens on 127.0.0.1 only"
+    fi
     listen=127.0.0.1
   fi
   local cmd_text

@@ -112,6 +112,8 @@ service = spec["services"]["comfyui-cpu"]
 for key in ("ports", "build", "profiles"):
     service.pop(key, None)
 service.update(network_mode="host", restart="no")
+# On the host network ComfyUI's own address is the host's: keep it on loopback.
+service["environment"]["COMFYUI_LISTEN"] = "127.0.0.1"
 service["healthcheck"].update(interval="2s", start_period="600s")
 out = {"services": {"comfyui-cpu": service}, "volumes": spec.get("volumes", {})}
 with open(sys.argv[2], "w") as f:

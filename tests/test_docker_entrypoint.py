@@ -215,6 +215,19 @@ def test_runpod_mode_stops_comfyui_when_the_worker_exits(tmp_path):
     assert argv[argv.index("--listen") + 1] == "127.0.0.1"  # the worker's ComfyUI stays private
 
 
+def test_runpod_mode_keeps_comfyui_on_loopback_whatever_comfyui_listen_says(tmp_path):
+    worker = "import time; time.sleep(120)\n"
+    comfy, package = _fake_tree(tmp_path, worker)
+    (comfy / "main.py").write_text(
+        f"import json, sys; open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(sys.argv[1:])); sys.exit(4)\n"
+    )
+    result = run_main(tmp_path, comfy, package, "runpod", env={"COMFYUI_LISTEN": "0.0.0.0"}, timeout=60)
+    assert result.returncode == 4
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    assert argv[argv.index("--listen") + 1] == "127.0.0.1"
+    assert "COMFYUI_LISTEN=0.0.0.0 ignored" in result.stderr
+
+
 def test_runpod_mode_stops_the_worker_when_comfyui_exits(tmp_path):
     worker = "import time; time.sleep(120)\n"
     comfy, package = _fake_tree(tmp_path, worker)

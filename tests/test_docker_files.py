@@ -7,7 +7,9 @@ is also run through `docker-compose config` / `docker compose config` when insta
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -120,6 +122,56 @@ def _instructions() -> list[str]:
     return [i.strip() for i in re.split(r"(?<!\\)\n", "\n".join(lines).replace("\\\n", " ")) if i.strip()]
 
 
+# Tokens of a pip command that are not `name==version` but are pinned all the same: the torch
+# set (pinned in its ARG), wheels built in an earlier stage, a wheel URL the user gives.
+_PINNED_ELSEWHERE = {"${TORCH_SPEC}", "$@", "${FLASH_ATTN_WHEEL_URL}"}
+_OPTIONS_WITH_VALUES = {"-r", "--requirement", "--find-links", "--wheel-dir", "--dest", "--index-url",
+                        "--extra-index-url", "--constraint", "-c"}
+
+
+def _pip_requirements() -> list[tuple[str, str]]:
+    """(instruction, token) for every package a `pip install|wheel|download` names."""
+    found = []
+    for instruction in _instructions():
+        if not instruction.startswith("RUN "):
+            continue
+        text = re.sub(r"\$\{\w+:\+[^}]*\}[^ ]*", " ", instruction)  # ${VAR:+--index-url ...}
+        for command in re.findall(r"\bpip (?:install|wheel|download)\b([^;&|]*)", text):
+            tokens = shlex.split(command)
+            skip = False
+            for token in tokens:
+                if skip:
+                    skip = False
+                elif token in _OPTIONS_WITH_VALUES:
+                    skip = True
+                elif not token.startswith("-"):
+                    found.append((instruction[:60], token))
+    return found
+
+
+def test_every_package_the_dockerfile_installs_is_pinned_to_a_version():
+    requirements = _pip_requirements()
+    assert len(requirements) > 20
+    loose = [(where, token) for where, token in requirements
+             if "==" not in token and token not in _PINNED_ELSEWHERE]
+    assert loose == []
+    names = {token.split("==")[0].strip('"') for _, token in requirements}
+    assert {"${ONNXRUNTIME}", "websocket-client", "runpod", "huggingface-hub"} <= names
+    assert _arg_default("ONNXRUNTIME_VERSION") and _arg_default("WEBSOCKET_CLIENT_VERSION")
+
+
+def test_comfyui_is_checked_against_a_pinned_commit_after_the_clone():
+    stage = DF[DF.index("AS comfyui-src"):DF.index("AS cuda-devel")]
+    commits = dict(re.findall(r"(v\d+\.\d+\.\d+)\) known=([0-9a-f]{40}) ;;", stage))
+    assert commits == {"v0.33.0": "2f35f4a08176d993cded35dac3332be4f7287f41",
+                       "v0.3.64": "637221995f7424a561bd825de3e61ea117dfe1e3"}
+    assert _arg_default("COMFYUI_REF") in commits  # the default tag has its commit
+    assert 'actual="$(git -C /opt/ComfyUI rev-parse HEAD)"' in stage
+    assert 'elif [ "${actual}" != "${expected}" ]' in stage and "exit 1" in stage
+    # The local-tree path (COMFYUI_SRC, no .git) says that its commit is not checked.
+    assert "its commit is" in stage and "not checked" in stage
+
+
 def test_no_secret_is_baked_into_the_image():
     secret = re.compile(r"(HF_TOKEN|HUGGING_FACE_HUB_TOKEN|SECRET|PASSWORD|API_KEY)", re.IGNORECASE)
     for instruction in _instructions():
@@ -162,7 +214,8 @@ def test_gpu_service_reserves_gpus_serves_8188_and_mounts_the_data():
     service = SPEC["services"]["comfyui"]
     [device] = service["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
-    assert service["ports"] == ["${COMFYUI_HOST_PORT:-8188}:${COMFYUI_PORT:-8188}"]
+    # Published on loopback only unless COMFYUI_BIND says otherwise (ComfyUI has no login).
+    assert service["ports"] == ["${COMFYUI_BIND:-127.0.0.1}:${COMFYUI_HOST_PORT:-8188}:${COMFYUI_PORT:-8188}"]
     targets = {v.split(":")[-1] for v in service["volumes"]}
     assert {"/models", "/opt/ComfyUI/input", "/opt/ComfyUI/output", "/home/comfy/.cache/huggingface"} <= targets
     assert service["environment"]["MODELS_DIR"] == "/models"
@@ -197,6 +250,14 @@ def test_compose_cli_accepts_the_file(command):
         result = subprocess.run([*command, "-f", str(COMPOSE), *profile, "config", "-q"], capture_output=True,
                                 text=True, check=False, cwd=DOCKER)
         assert result.returncode == 0, result.stderr
+    # As compose resolves it: the port is published on the host's loopback address only.
+    result = subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True, check=False,
+                            cwd=DOCKER, env={k: v for k, v in os.environ.items() if k != "COMFYUI_BIND"})
+    [port] = yaml.safe_load(result.stdout)["services"]["comfyui"]["ports"]
+    if isinstance(port, str):  # docker-compose 1.29: "127.0.0.1:8188:8188/tcp"
+        assert port.startswith("127.0.0.1:8188:"), port
+    else:  # Compose v2: {"host_ip": ..., "published": ..., "target": ...}
+        assert port["host_ip"] == "127.0.0.1" and str(port["published"]) == "8188", port
 
 
 # --- smoke test and health check ------------------------------------------------------------------
