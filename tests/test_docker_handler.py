@@ -494,6 +494,15 @@ def test_cleanup_never_leaves_comfyuis_folders(tmp_path):
     assert outside.read_text() == "keep me"
 
 
+def test_the_handler_turns_an_unforeseen_failure_into_an_error_result(monkeypatch, tmp_path):
+    def broken(job, **kwargs):
+        raise KeyError("something nobody foresaw")
+
+    monkeypatch.setattr(rh, "run_job", broken)
+    monkeypatch.setenv("COMFYUI_DIR", str(tmp_path))
+    assert rh.handler({"id": "j", "input": {}}) == {"error": "internal error (KeyError): 'something nobody foresaw'"}
+
+
 def test_test_input_flag_without_a_value_reads_test_input_json():
     argv = rh._runpod_argv(["--test_input", "--rp_log_level", "INFO"])
     assert json.loads(argv[1]) == json.loads((DOCKER / "test_input.json").read_text())
