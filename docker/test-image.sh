@@ -125,7 +125,27 @@ container_health() {
   docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.State.Status}}' "$1"
 }
 
-# Check a video file: decodable, with frames of the expected size (run with COMFYUI_PYTHON).
+# The generation size the graph asks for: SteadyDancerImageToVideo's width/height, followed
+# through links to the node that sets them (e.g. a size node); "0 0" when it is decided at run
+# time (a size node in auto mode).
+expected_size() {
+  "$COMFYUI_PYTHON" - "$1" <<'PY'
+import json
+import sys
+graph = json.load(open(sys.argv[1]))
+node = next(v for v in graph.values() if v["class_type"] == "SteadyDancerImageToVideo")
+size = []
+for name in ("width", "height"):
+    value = node["inputs"][name]
+    while isinstance(value, list) and len(value) == 2 and value[0] in graph:
+        value = graph[value[0]]["inputs"].get(name)
+    size.append(value if isinstance(value, int) and value > 0 else 0)
+print(*size)
+PY
+}
+
+# Check a video file: decodable, with frames of the expected size, any size for 0 0 (run
+# with COMFYUI_PYTHON).
 check_video() {
   "$COMFYUI_PYTHON" - "$1" "$2" "$3" <<'PY'
 import sys
@@ -136,7 +156,7 @@ with av.open(path) as container:
 if not frames:
     sys.exit(f"{path}: no video frames")
 w, h = frames[0].width, frames[0].height
-if (w, h) != (width, height):
+if (width, height) != (0, 0) and (w, h) != (width, height):
     sys.exit(f"{path}: frames are {w}x{h}, expected {width}x{height}")
 print(f"{path}: {len(frames)} frames of {w}x{h}")
 PY
@@ -242,7 +262,7 @@ PY
   video=$(find "$WORK/output/worker-result" -type f \( -name '*.mp4' -o -name '*.webm' \) | head -n 1)
   [[ -n "$video" ]] || { cat "$WORK/result.json" >&2; die "the worker returned no video"; }
   local width height
-  read -r width height < <("$COMFYUI_PYTHON" -c 'import json,sys; g=json.load(open(sys.argv[1])); n=[v["inputs"] for v in g.values() if v["class_type"]=="SteadyDancerImageToVideo"][0]; print(n["width"], n["height"])' "$WORK/graph.json")
+  read -r width height < <(expected_size "$WORK/graph.json")
   check_video "$video" "$width" "$height" >&2 || die "bad video"
 
   log "PASSED"
