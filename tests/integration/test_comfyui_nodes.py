@@ -8,7 +8,7 @@ pytestmark = pytest.mark.comfyui
 
 # node -> (required inputs with their types, optional inputs, output types)
 EXPECTED = {
-    "SteadyDancerPoseDetectorLoader": ({"backend": "COMBO"}, {}, ["STEADYDANCER_POSE_DETECTOR"]),
+    "SteadyDancerPoseDetectorLoader": ({"backend": "COMBO", "colour_order": "COMBO"}, {}, ["STEADYDANCER_POSE_DETECTOR"]),
     "SteadyDancerPoseExtract": (
         {"pose_detector": "STEADYDANCER_POSE_DETECTOR", "images": "IMAGE", "detect_resolution": "INT", "batch_size": "INT"},
         {},
@@ -18,8 +18,12 @@ EXPECTED = {
         {"reference_image": "IMAGE", "driving_poses": "POSE_KEYPOINT", "width": "INT", "height": "INT",
          "align_frame": "INT", "missing_person": "COMBO", "seed": "INT", "colours": "COMBO"},
         {"pose_detector": "STEADYDANCER_POSE_DETECTOR", "reference_pose": "POSE_KEYPOINT"},
-        ["IMAGE", "IMAGE"],
+        ["IMAGE", "IMAGE", "IMAGE"],
     ),
+    "SteadyDancerGenerationSize": (
+        {"reference_image": "IMAGE", "area": "COMBO", "width": "INT", "height": "INT"}, {}, ["INT", "INT"],
+    ),
+    "SteadyDancerCLIPVisionEncode": ({"clip_vision": "CLIP_VISION", "image": "IMAGE"}, {}, ["CLIP_VISION_OUTPUT"]),
     "SteadyDancerImageToVideo": (
         {"positive": "CONDITIONING", "negative": "CONDITIONING", "vae": "VAE",
          "clip_vision_reference": "CLIP_VISION_OUTPUT", "clip_vision_pose": "CLIP_VISION_OUTPUT",
@@ -36,6 +40,9 @@ EXPECTED = {
         {},
         ["GUIDER"],
     ),
+    "SteadyDancerModelSampling": ({"model": "MODEL", "shift": "FLOAT", "timesteps": "COMBO"}, {}, ["MODEL"]),
+    "SteadyDancerScheduler": ({"model": "MODEL", "steps": "INT"}, {}, ["SIGMAS"]),
+    "SteadyDancerUniPCSampler": ({}, {}, ["SAMPLER"]),
 }  # fmt: skip
 
 def _type(spec: list) -> str:
