@@ -46,6 +46,7 @@ STAGES = {
     "SteadyDancerPoseAlign": "pose align + render",
     "CLIPTextEncode": "text encoder",
     "CLIPVisionEncode": "CLIP vision encoder",
+    "SteadyDancerCLIPVisionEncode": "CLIP vision encoder",
     "SteadyDancerImageToVideo": "VAE encode (image to video)",
     "SamplerCustomAdvanced": "sampling",
     "SteadyDancerSampler": "sampling",
