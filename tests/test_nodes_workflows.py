@@ -104,3 +104,30 @@ def test_every_served_template_is_ui_format() -> None:
     """ComfyUI lists every workflows/*.json as a template; an API graph there fails to load."""
     for path in sorted(WORKFLOWS.glob("*.json")):
         assert "nodes" in json.loads(path.read_text()), f"{path.name} is served as a template but is not UI format"
+
+
+def test_long_video_workflow_is_the_example_sampled_in_context_windows(api: dict) -> None:
+    """workflows/api/steadydancer_long_api.json is exactly what scripts/workflow_variants.py
+    derives from the example: the same graph, a WAN Context Windows node (81 frames
+    overlapping by 16, no first frame retained) between the model and the guider, 481 frames."""
+    from scripts.workflow_variants import long_workflow
+
+    long = json.loads((WORKFLOWS / "api" / "steadydancer_long_api.json").read_text())
+    assert long == long_workflow()
+    windows = next(k for k, n in long.items() if n["class_type"] == "WanContextWindowsManual")
+    inputs = long[windows]["inputs"]
+    assert (inputs["context_length"], inputs["context_overlap"], inputs["retain_first_frame"]) == (81, 16, False)
+    guider = next(n["inputs"] for n in long.values() if n["class_type"] == "SteadyDancerGuider")
+    assert guider["model"] == [windows, 0] and inputs["model"] == next(n["inputs"] for n in api.values() if n["class_type"] == "SteadyDancerGuider")["model"]
+    assert next(n["inputs"] for n in long.values() if n["class_type"] == "SteadyDancerImageToVideo")["length"] == 481
+    assert {k: v for k, v in long.items() if k != windows and v["class_type"] not in ("SteadyDancerGuider", "SteadyDancerImageToVideo")} == {
+        k: v for k, v in api.items() if v["class_type"] not in ("SteadyDancerGuider", "SteadyDancerImageToVideo")
+    }
+
+
+def test_ui_workflows_have_the_nodes_of_their_api_twins() -> None:
+    for ui_name, api_name in (("steadydancer.json", "steadydancer_api.json"), ("steadydancer_long.json", "steadydancer_long_api.json")):
+        ui = json.loads((WORKFLOWS / ui_name).read_text())
+        api_graph = json.loads((WORKFLOWS / "api" / api_name).read_text())
+        assert sorted(str(n["id"]) for n in ui["nodes"]) == sorted(api_graph, key=str), ui_name
+        assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api_graph.items()}
