@@ -3,7 +3,9 @@
 A job input is either
 - `{"workflow": {...API format...}, "images": [{"name": ..., "image": <media>}]}`: run that
   workflow; the listed files are uploaded to ComfyUI's input folder first, under their names;
-- or a simple request that fills in the bundled workflow (workflows/api/steadydancer_api.json):
+- or a simple request that fills in the bundled workflow (workflows/api/steadydancer_api.json;
+  for a `length` over 81 frames workflows/api/steadydancer_long_api.json, the same graph
+  sampled in overlapping 81-frame context windows):
   `{"image": <media>, "video": <media>, "prompt": ..., "negative_prompt": ...,
     "seed": int, "width": int, "height": int (or "size": "480x832" / [480, 832]),
     "length": int, "steps": int, "model": "<file in diffusion_models>"}`;
@@ -38,6 +40,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "steadydancer_api.json"
+# Longer than the model's 81 frames: the same graph sampled in ComfyUI's context windows.
+LONG_WORKFLOW = WORKFLOW.with_name("steadydancer_long_api.json")
+MODEL_FRAMES = 81
+MAX_LENGTH = 1025  # 64 s at 16 fps
 MAX_SEED = 2**63 - 1
 SIMPLE_FIELDS = frozenset(
     {"image", "video", "prompt", "negative_prompt", "seed", "width", "height", "size", "length",
@@ -461,8 +467,7 @@ def prepare(
     folder = folder or _job_folder()
     if "workflow" in params:
         return _prepare_workflow(params, limits, budget, fetch_url, folder)
-    return _prepare_simple(params, workflow if workflow is not None else load_workflow(),
-                           limits, budget, fetch_url, rng or random.Random(), folder)
+    return _prepare_simple(params, workflow, limits, budget, fetch_url, rng or random.Random(), folder)
 
 
 def _rename_references(workflow: dict[str, Any], renames: dict[str, str]) -> None:
@@ -532,7 +537,7 @@ def _prepare_workflow(
 
 
 def _prepare_simple(
-    params: dict[str, Any], template: dict[str, Any], limits: Limits, budget: _Budget,
+    params: dict[str, Any], template: dict[str, Any] | None, limits: Limits, budget: _Budget,
     fetch_url: Callable[[str, int, float], bytes], rng: random.Random, folder: str,
 ) -> PreparedJob:
     _check_keys(params, SIMPLE_FIELDS, "simple request (or send `workflow`)")
@@ -544,14 +549,16 @@ def _prepare_simple(
                for key in ("prompt", "negative_prompt") if params.get(key) is not None}
     seed = _int(params, "seed", 0, MAX_SEED)
     width, height = parse_size(params)
-    length = _int(params, "length", 1, 1025)
+    length = _int(params, "length", 1, MAX_LENGTH)
     if length is not None and (length - 1) % 4:
-        raise JobInputError(f"`length` must be 4k+1 frames (5, 9, ..., 81), got {length}")
+        raise JobInputError(f"`length` must be 4k+1 frames (5, 9, ..., 81, ..., 481, ...), got {length}")
     steps = _int(params, "steps", 1, 200)
     model = params.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > 255):
         raise JobInputError("`model` must be a file name in diffusion_models")
 
+    if template is None:  # the bundled workflow; a long video is sampled in context windows
+        template = load_workflow(LONG_WORKFLOW if (length or 0) > MODEL_FRAMES else WORKFLOW)
     workflow = copy.deepcopy(template)
     image, image_type = load_media(params["image"], "image", IMAGE_TYPES - {"gif"},
                                    fetch_url=fetch_url, budget=budget)

@@ -88,6 +88,22 @@ def test_simple_request_fills_in_the_bundled_workflow():
     assert json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text()) == WORKFLOW  # not mutated
 
 
+@pytest.mark.parametrize(("length", "windows"), [(81, False), (85, True), (481, True), (1025, True)])
+def test_long_videos_use_the_bundled_context_window_workflow(length, windows):
+    """Over the model's 81 frames the bundled long-video workflow is filled in (ComfyUI's WAN
+    context windows between model and guider); up to 81 the plain one."""
+    job = ji.prepare({"image": b64(PNG), "video": b64(MP4), "length": length}, rng=random.Random(0))
+    assert bool(nodes(job.workflow, "WanContextWindowsManual")) is windows
+    assert nodes(job.workflow, "SteadyDancerImageToVideo")[0]["inputs"]["length"] == length
+    guider = nodes(job.workflow, "SteadyDancerGuider")[0]
+    assert job.workflow[guider["inputs"]["model"][0]]["class_type"] == ("WanContextWindowsManual" if windows else "SteadyDancerModelSampling")
+
+
+def test_lengths_past_the_limit_are_refused():
+    with pytest.raises(ji.JobInputError, match="length"):
+        ji.prepare({"image": b64(PNG), "video": b64(MP4), "length": 1029}, rng=random.Random(0))
+
+
 def test_simple_request_keeps_the_workflows_defaults_and_draws_a_seed():
     job = simple()
     conditioning = nodes(job.workflow, "SteadyDancerImageToVideo")[0]
