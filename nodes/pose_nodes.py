@@ -138,13 +138,31 @@ def _load_from_folders(backend: str, colour_order: str = "reference") -> PoseDet
     )
 
 
+class Uint8Frames:
+    """ComfyUI IMAGE frames as the pose library's uint8 RGB frames, converted a batch at a time
+    (a FrameSource): 481 full-HD frames are 3 GB more as one uint8 copy."""
+
+    dtype = np.uint8
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+        self.shape = (*images.shape[:3], 3)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return to_uint8_frames(self.images[index])
+
+
 def _detect(
-    detector: PoseDetector, images: torch.Tensor, detect_resolution: int, batch_size: int = 1, progress: Callable[[int, int], None] | None = None
+    detector: PoseDetector, images: torch.Tensor, detect_resolution: int, batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Pose | None]:
     """Run the detector with ComfyUI's Cancel: an interrupt stops it between batches."""
     try:
         return detector.detect(
-            to_uint8_frames(images),
+            Uint8Frames(images),
             detect_resolution=detect_resolution,
             batch_size=batch_size,
             progress=progress,

@@ -85,6 +85,9 @@ def generation_size(height: int, width: int, area: str, *, force: tuple[int, int
     return force_h, force_w
 
 
+RESIZE_CHUNK = 8  # frames resized at once
+
+
 def resize_like_reference(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """IMAGE frames [N, H, W, C] (0..1) -> [N, height, width, 3], as the reference resizes
     what it encodes: bicubic (PyTorch's, no antialiasing, corners not aligned) on values
@@ -95,6 +98,9 @@ def resize_like_reference(images: torch.Tensor, height: int, width: int) -> torc
     rgb = images[..., :3]
     if rgb.shape[1:3] == (height, width):
         return rgb
-    signed = rgb.movedim(-1, 1).float().sub(0.5).div(0.5)
-    resized = torch.nn.functional.interpolate(signed, size=(height, width), mode="bicubic", align_corners=False)
-    return resized.add(1.0).div(2.0).movedim(1, -1)
+    out = torch.empty((rgb.shape[0], height, width, 3), dtype=torch.float32, device=rgb.device)
+    for start in range(0, rgb.shape[0], RESIZE_CHUNK):  # a long video's float copies stay a few frames
+        signed = rgb[start : start + RESIZE_CHUNK].movedim(-1, 1).float().sub(0.5).div(0.5)
+        resized = torch.nn.functional.interpolate(signed, size=(height, width), mode="bicubic", align_corners=False)
+        out[start : start + RESIZE_CHUNK] = resized.add_(1.0).div_(2.0).movedim(1, -1)
+    return out

@@ -20,7 +20,12 @@ from pose_onnx_models import (  # noqa: E402
 
 from pose.backends import geometry as g  # noqa: E402
 from pose.backends import load_detector  # noqa: E402
-from pose.errors import CheckpointNotFoundError, InvalidCheckpointError, PoseCancelled  # noqa: E402
+from pose.errors import (  # noqa: E402
+    CheckpointNotFoundError,
+    InvalidCheckpointError,
+    PoseCancelled,
+    PoseFormatError,
+)
 
 # Letterbox pixels of a 512x640 (h x w) detection image are its own pixels (ratio 1).
 PERSON = (200.0, 100.0, 400.0, 460.0, 0, 0.9)
@@ -119,6 +124,33 @@ def test_batches_progress_and_cancellation(detector):
         detector.detect(
             frames, detect_resolution=512, batch_size=2, should_cancel=lambda: next(checks)
         )
+
+
+class SlicedFrames:
+    """A FrameSource over an array that records the slices asked for (and is no array itself)."""
+
+    dtype = np.uint8
+
+    def __init__(self, frames: np.ndarray) -> None:
+        self._frames, self.shape, self.slices = frames, frames.shape, []
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        self.slices.append((index.start, index.stop))
+        return self._frames[index]
+
+
+def test_a_frame_source_is_read_one_batch_at_a_time_with_the_same_result(detector):
+    frames = np.stack([cross_frame(512, 640, x=250 + 10 * i, y=200) for i in range(5)])
+    source = SlicedFrames(frames)
+    lazily = detector.detect(source, detect_resolution=512, batch_size=2)
+    assert source.slices == [(0, 2), (2, 4), (4, 6)]
+    eagerly = detector.detect(frames, detect_resolution=512, batch_size=2)
+    for a, b in zip(lazily, eagerly, strict=True):
+        np.testing.assert_array_equal(a.body, b.body)
+    with pytest.raises(PoseFormatError, match="uint8 RGB"):
+        bad = SlicedFrames(frames.astype(np.float32))
+        bad.dtype = np.float32
+        detector.detect(bad)
 
 
 def test_random_networks_give_well_formed_poses(tmp_path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -42,7 +42,26 @@ def check_colour_order(colour_order: str) -> str:
     return colour_order
 
 
-def validate_frames(frames: np.ndarray) -> np.ndarray:
+class FrameSource(Protocol):
+    """Frames produced a slice at a time: `shape` (N, H, W, 3), `dtype` uint8, and
+    `source[a:b]` a uint8 RGB array [b-a, H, W, 3]. What `detect` takes besides an array, so
+    that a long video never exists as one full-size uint8 copy (e.g. ComfyUI's float frames
+    converted batch by batch)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def __getitem__(self, index: slice) -> np.ndarray: ...
+
+
+def validate_frames(frames: np.ndarray | FrameSource) -> np.ndarray | FrameSource:
+    if not isinstance(frames, np.ndarray) and hasattr(frames, "shape") and hasattr(frames, "__getitem__"):
+        shape, dtype = tuple(frames.shape), np.dtype(frames.dtype)  # a FrameSource: not materialised
+        if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+            raise PoseFormatError(f"frames must be uint8 RGB [N, H, W, 3], got {dtype} {list(shape)}")
+        if shape[1] < 2 or shape[2] < 2:
+            raise PoseFormatError(f"frames are too small to detect anything: {list(shape)}")
+        return frames
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
@@ -76,14 +95,15 @@ class PoseDetector(ABC):
 
     def detect(
         self,
-        frames: np.ndarray,
+        frames: np.ndarray | FrameSource,
         *,
         detect_resolution: int = 1024,
         batch_size: int = 8,
         progress: Progress | None = None,
         should_cancel: ShouldCancel | None = None,
     ) -> list[Pose | None]:
-        """uint8 RGB frames [N, H, W, 3] -> one Pose per frame (None: nobody visible).
+        """uint8 RGB frames [N, H, W, 3] (an array or a FrameSource) -> one Pose per frame
+        (None: nobody visible); frames are read one batch at a time.
 
         Each frame is resized so its short side is `detect_resolution` (multiples of 64),
         as the reference does before detecting, and handed to the networks in the channel
@@ -96,7 +116,7 @@ class PoseDetector(ABC):
         if batch_size < 1:
             raise PoseFormatError(f"batch_size must be at least 1, got {batch_size}")
         swap = check_colour_order(self.colour_order) == "trained"  # RGB -> BGR
-        total = len(frames)
+        total = frames.shape[0]
         height, width = frames.shape[1:3]
         poses: list[Pose | None] = []
         for start in range(0, total, batch_size):
