@@ -23,27 +23,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "comfyui_steadydancer"
+sys.path.insert(0, str(REPO_ROOT))
 
-
-def import_comfyui() -> None:
-    sys.path.insert(0, os.environ["COMFYUI_DIR"])
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args
-
-    import nodes  # noqa: F401  (ComfyUI's node module, as custom nodes see it)
-
-
-def load_package() -> object:
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
+from scripts.comfyui_inprocess import import_comfyui, load_package  # noqa: E402
 
 
 class RecordingVAE:

@@ -19,9 +19,7 @@ of dynamic VRAM (its weight streaming) is not exercised here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 import tempfile
 import traceback
@@ -29,7 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = "comfyui_steadydancer"
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.comfyui_inprocess import import_comfyui, load_package  # noqa: E402
+
 SIGMA = 0.7
 LORA_STRENGTH = 0.8
 LORA_RANK = 4
@@ -45,45 +46,6 @@ FORMAT_RUNS = (
     ("tiny_fp8_scaled.safetensors", "default"),
     ("tiny_q8.gguf", "default"),
 )
-
-
-def import_comfyui(dynamic_vram: bool = False) -> str | None:
-    """Import ComfyUI as its main.py would, on the CPU; None, or why dynamic VRAM is not possible."""
-    comfy_dir = os.environ["COMFYUI_DIR"]
-    sys.path.insert(0, comfy_dir)
-    sys.argv = [sys.argv[0], "--cpu"]
-    if dynamic_vram:
-        try:
-            import comfy_aimdo.control
-        except ImportError:
-            return "this ComfyUI has no dynamic VRAM (comfy-aimdo is not installed)"
-        comfy_aimdo.control.init()  # main.py does this before ComfyUI's modules are imported
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args
-    import comfy.model_patcher
-
-    import nodes  # noqa: F401  (ComfyUI's node module, as custom nodes see it)
-
-    if dynamic_vram:
-        if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
-            return "this ComfyUI has no ModelPatcherDynamic"
-        import comfy.memory_management
-
-        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-        comfy.memory_management.aimdo_enabled = True
-    return None
-
-
-def load_package() -> object:
-    spec = importlib.util.spec_from_file_location(
-        PACKAGE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- tiny models and inputs ---------------------------------------------------------------

@@ -16,24 +16,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_NAME = "comfyui_steadydancer"
+sys.path.insert(0, str(REPO_ROOT))
 
-
-def load_package():
-    """Import the repository root as the package `comfyui_steadydancer` (as pip installs it).
-
-    The nodes use relative imports (`from ..steadydancer import ...`), so they are only
-    importable through the package; this registers it without installing anything.
-    """
-    if PACKAGE_NAME in sys.modules:
-        return sys.modules[PACKAGE_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACKAGE_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+from scripts.comfyui_inprocess import load_package  # noqa: E402  (the package as ComfyUI loads it)
 
 
 def _comfyui_reason() -> str | None:
