@@ -94,8 +94,21 @@ def config_from_state_dict(
 
     Heads are `head_dim` (128, as in all Wan2.1 models) channels wide unless `num_heads` is
     given; a dim that is not a multiple of 128 is a test model, whose heads are 32 wide.
-    Names may carry a container prefix. Refuses a state dict without the pose path.
+    Names may carry a container prefix. Refuses a state dict without the pose path, and
+    (ModelFileError) any shape read here that no SteadyDancer model has: a tensor of another
+    rank, a size that is not positive, blocks not numbered 0..N-1.
     """
+    # the rank of each tensor whose shape is read here, by its shape in the 14B model
+    example_shapes = {
+        "head.modulation": (1, 2, 5120),
+        "blocks.0.ffn.0.weight": (13824, 5120),
+        "patch_embedding.weight": (5120, 36, 1, 2, 2),
+        "patch_embedding_ref_c.weight": (5120, 16, 1, 2, 2),
+        "head.head.weight": (64, 5120),
+        "text_embedding.0.weight": (5120, 4096),
+        "img_emb.proj.1.weight": (1280, 1280),
+        "time_embedding.0.weight": (5120, 256),
+    }
     names = {strip_prefix(k): k for k in sd}
     check_pose_path(names)
     missing = [k for k in _REQUIRED_FOR_CONFIG if k not in names]
@@ -105,19 +118,45 @@ def config_from_state_dict(
         )
 
     def shape(key: str) -> tuple[int, ...]:
-        return tuple(int(s) for s in sd[names[key]].shape)
+        value = tuple(int(s) for s in sd[names[key]].shape)
+        if len(value) != len(example_shapes[key]) or min(value) <= 0:
+            raise ModelFileError(
+                f"{key} has shape {value}: expected {len(example_shapes[key])} positive sizes, "
+                f"as {example_shapes[key]} in the 14B model"
+            )
+        return value
 
     dim = shape("head.modulation")[-1]
     patch = shape("patch_embedding.weight")[2:]
-    if len(patch) != 3 or patch[0] != 1:
+    if patch[0] != 1:
         raise ModelFileError(
             f"patch_embedding.weight has shape {shape('patch_embedding.weight')}: expected a (1, ph, pw) "
             "patch (each reference image is one latent frame)"
         )
-    layers = {int(m.group(1)) for k in names if (m := re.match(r"blocks\.(\d+)\.", k))}
+    # A block has many tensors: a block number at or above the tensor count cannot be part
+    # of a 0..N-1 numbering, and refusing it first keeps a corrupt name such as
+    # blocks.99999999999999999999.x from sizing the range below (or int() from parsing
+    # thousands of digits).
+    layers = set()
+    for k in names:
+        if (m := re.match(r"blocks\.([0-9]+)\.", k)) is None:
+            continue
+        if len(m.group(1)) > 6 or int(m.group(1)) >= len(names):
+            raise ModelFileError(
+                f"tensor {k[:100]!r} has block number {m.group(1)[:24]}, impossible in a file "
+                f"of {len(names)} tensors: the file is corrupt"
+            )
+        layers.add(int(m.group(1)))
     if layers != set(range(len(layers))):
         gaps = sorted(set(range(max(layers) + 1)) - layers)
-        raise ModelFileError(f"blocks are not numbered 0..N-1: missing blocks {gaps}")
+        shown = ", ".join(map(str, gaps[:16])) + (", ..." if len(gaps) > 16 else "")
+        raise ModelFileError(f"blocks are not numbered 0..N-1: missing blocks {shown}")
+    head_rows = shape("head.head.weight")[0]
+    if head_rows % math.prod(patch):
+        raise ModelFileError(
+            f"head.head.weight has {head_rows} rows, not a multiple of the "
+            f"{math.prod(patch)} values of a {patch} patch"
+        )
     if num_heads is None:
         if dim % head_dim and head_dim == HEAD_DIM and dim % TEST_HEAD_DIM == 0:
             head_dim = TEST_HEAD_DIM
@@ -131,7 +170,7 @@ def config_from_state_dict(
         num_layers=len(layers),
         in_dim=shape("patch_embedding.weight")[1],
         in_dim_c=shape("patch_embedding_ref_c.weight")[1],
-        out_dim=shape("head.head.weight")[0] // math.prod(patch),
+        out_dim=head_rows // math.prod(patch),
         text_dim=shape("text_embedding.0.weight")[1],
         clip_dim=shape("img_emb.proj.1.weight")[1],
         freq_dim=shape("time_embedding.0.weight")[1],

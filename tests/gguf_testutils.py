@@ -90,17 +90,25 @@ def write_gguf(
     arch: str | None = "wan",
     orig_shapes: Mapping[str, tuple[int, ...]] | None = None,
     metadata: Mapping[str, str] | None = None,
+    typed_metadata: Mapping[str, tuple[object, gguf.GGUFValueType]] | None = None,
+    alignment: int | None = None,
 ) -> Path:
     """Write with gguf.GGUFWriter. Values are float arrays quantised here (K types with our
     quantiser, the others with gguf.quants), or uint8 raw bytes.
 
     `arch=None` writes no general.architecture (as stable-diffusion.cpp files do).
+    `typed_metadata`: key -> (value, GGUFValueType); an ARRAY value is a list whose element
+    type the writer infers. `alignment`: general.alignment (the writer pads to it).
     """
     writer = gguf.GGUFWriter(str(path), arch or "wan")
     if arch is None:
         writer.kv_data[0].pop("general.architecture", None)
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
     for key, value in (metadata or {}).items():
         writer.add_string(key, value)
+    for key, (value, vtype) in (typed_metadata or {}).items():
+        writer.add_key_value(key, value, vtype)
     for name, shape in (orig_shapes or {}).items():
         writer.add_array(f"comfy.gguf.orig_shape.{name}", list(shape))
     for name, (array, qtype) in tensors.items():

@@ -1,13 +1,21 @@
 """Fuzz: mutated GGUF files load, or fail with one of our named errors; nothing else escapes.
 
-Mutations: flipped bytes (mostly in the header, where structure lives), truncation, and header
-integers (counts, lengths, tensor dims, types, offsets) overwritten with random values. A
-file that still loads must also dequantise completely.
+Two fuzzers. The structure-aware one (tests/gguf_fuzz.py, docs/reliability.md) writes valid
+files with the `gguf` writer, mutates their records (counts, lengths, offsets, types, names,
+dims, orig_shape reshapes, truncation at every boundary) and checks outcome, time and memory
+of every load: 20,000 cases here (GGUF_FUZZ_CASES / GGUF_FUZZ_SEED / GGUF_FUZZ_JOBS change
+that). The hypothesis one below flips bytes (mostly in the header, where structure lives),
+truncates, and overwrites header integers with random values, and shrinks what it finds.
+A file that still loads must also dequantise completely.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import gguf
+import gguf_fuzz
 import numpy as np
 import pytest
 from gguf_testutils import tiny_model_tensors, write_gguf
@@ -107,3 +115,60 @@ def test_mutated_files_raise_only_named_errors(valid, tmp_path_factory):
                 dequantize_tensor(tensor)
 
     check()
+
+
+# --- the structure-aware fuzzer --------------------------------------------------------------
+
+
+def test_the_layout_model_writes_the_gguf_writers_files_back_byte_for_byte(tmp_path):
+    corpus = gguf_fuzz.build_corpus(tmp_path)  # checks the round trip and that each loads
+    assert set(corpus) == {"comfy_q8", "k_quants_meta", "undeclared_f16"}
+    for raw in corpus.values():
+        layout = gguf_fuzz.parse_layout(raw)
+        data, marks = gguf_fuzz.serialise(layout)
+        assert data == raw
+        assert {m.label for m in marks} >= {"tensor_count", "kv_count", "t0.offset", "data", "eof"}
+
+
+def test_cases_are_a_function_of_seed_and_number(tmp_path):
+    layouts = {k: gguf_fuzz.parse_layout(v) for k, v in gguf_fuzz.build_corpus(tmp_path).items()}
+    first = [gguf_fuzz.make_case(layouts, 7, n) for n in range(40)]
+    again = [gguf_fuzz.make_case(layouts, 7, n) for n in range(40)]
+    assert [c.data for c in first] == [c.data for c in again]
+    assert [c.description for c in first] == [c.description for c in again]
+    other = [gguf_fuzz.make_case(layouts, 8, n).data for n in range(40)]
+    assert sum(a.data != b for a, b in zip(first, other, strict=True)) > 30
+
+
+def test_replaying_one_case_prints_it(tmp_path, capsys):
+    save = tmp_path / "case.gguf"
+    assert gguf_fuzz.main(["--seed", "0", "--case", "3", "--save", str(save)]) == 0
+    out = capsys.readouterr().out
+    assert "case 3 (seed 0)" in out and save.is_file()
+
+
+@pytest.mark.slow
+def test_structure_aware_fuzz():
+    """The CI run: 20,000 cases, ~2.5 minutes on 2 cores (docs/reliability.md)."""
+    cases = int(os.environ.get("GGUF_FUZZ_CASES", gguf_fuzz.DEFAULT_CASES))
+    seed = int(os.environ.get("GGUF_FUZZ_SEED", "0"))
+    jobs = int(os.environ.get("GGUF_FUZZ_JOBS", str(min(2, os.cpu_count() or 1))))
+    stats = gguf_fuzz.run(cases, seed=seed, jobs=jobs)
+    summary = stats.summary() + "\n" + stats.table()
+    print(summary)
+    out = Path(__file__).resolve().parent.parent / "test-output"
+    out.mkdir(exist_ok=True)
+    (out / "gguf_fuzz.txt").write_text(summary + "\n" + "\n\n".join(f.report() for f in stats.failures))
+    assert not stats.failures, "\n\n".join(f.report() for f in stats.failures[:10])
+    assert stats.cases == cases
+    assert stats.max_size < gguf_fuzz.FILE_LIMIT
+    if cases >= 5000:  # the fuzzer reaches every stage, with every kind of mutation
+        for outcome in (
+            "loaded",
+            "GGUFError (load)",
+            "UnsupportedQuantError (load)",
+            "ModelFileError (load)",
+            "ModelFileError (config)",
+        ):
+            assert stats.outcomes[outcome] > 0, outcome
+        assert {op for op, _ in stats.by_op} == set(gguf_fuzz.STRUCTURAL) | set(gguf_fuzz.BYTE_LEVEL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import gguf
 import numpy as np
 import pytest
@@ -161,3 +163,104 @@ def test_unaligned_float_data_from_a_custom_alignment(tmp_path):
         assert bias.data.ctypes.data % 4 != 0  # really unaligned
         expected = torch.from_numpy(tiny_state_dict()["blocks.0.ffn.0.bias"])
         assert torch.equal(to_torch(bias), expected)
+
+
+# --- config_from_state_dict on what the loader returns: every bad shape is ModelFileError ---
+# (regression tests for files that load but made config_from_state_dict build a range of
+# ~10**20 blocks, or raise IndexError / ZeroDivisionError)
+
+
+def _config_of(path):
+    from steadydancer.model import config_from_state_dict
+
+    return config_from_state_dict(load_gguf_state_dict(path))
+
+
+@pytest.mark.parametrize("number", ["99999999999999999999", "9" * 5000, "1000000", "130"])
+def test_absurd_block_number_is_refused_before_anything_is_sized(tmp_path, number):
+    tensors = tiny_model_tensors(Q.Q8_0, prefix="model.diffusion_model.")
+    name = "model.diffusion_model.blocks.1.norm3.weight"
+    tensors[f"model.diffusion_model.blocks.{number}.norm3.weight"] = tensors.pop(name)
+    path = write_gguf(tmp_path / "blocks.gguf", tensors)
+    sd = load_gguf_state_dict(path)  # the reader does not care about block numbers
+    assert len(sd) < 130
+    t0 = time.perf_counter()
+    with pytest.raises(ModelFileError, match=f"block number {number[:24]}, impossible in a file of"):
+        _config_of(path)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_block_gap_is_still_named(tmp_path):
+    tensors = tiny_model_tensors(Q.Q8_0)
+    tensors["blocks.5.norm3.weight"] = tensors.pop("blocks.1.norm3.weight")
+    with pytest.raises(ModelFileError, match=r"missing blocks 2, 3, 4$"):
+        _config_of(write_gguf(tmp_path / "gap.gguf", tensors))
+
+
+def _with(tensors, name, value):
+    tensors[name] = (np.asarray(value, np.float32), Q.F32)
+    return tensors
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("head.modulation", np.float32(1.0)),  # rank 0: was IndexError
+        ("head.modulation", np.zeros(128)),  # rank 1 (a coherent reshape of (1, 2, 64))
+        ("text_embedding.0.weight", np.zeros(64 * 32)),  # rank 1: was IndexError
+        ("img_emb.proj.1.weight", np.zeros((48, 48, 1))),
+        ("time_embedding.0.weight", np.zeros((64,))),
+        ("patch_embedding_ref_c.weight", np.zeros((64, 16))),
+        ("blocks.0.ffn.0.weight", np.zeros((128, 64, 1))),
+        ("head.head.weight", np.zeros((64,))),
+        ("patch_embedding.weight", np.zeros((64, 36))),
+    ],
+)
+def test_tensor_of_the_wrong_rank_is_refused(tmp_path, name, value):
+    path = write_gguf(tmp_path / "rank.gguf", _with(tiny_model_tensors(Q.Q8_0), name, value))
+    with pytest.raises(ModelFileError, match=rf"{name}( has shape|: expected)"):
+        _config_of(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("patch_embedding.weight", (64, 36, 1, 0, 2)),  # zero patch: was ZeroDivisionError
+        ("patch_embedding.weight", (64, 36, 1, 2, 0)),
+        ("head.modulation", (1, 2, 0)),  # dim 0: was ZeroDivisionError
+        ("head.head.weight", (0, 64)),
+        ("blocks.0.ffn.0.weight", (0, 64)),
+        ("text_embedding.0.weight", (64, 0)),
+    ],
+)
+def test_zero_size_is_refused(tmp_path, name, shape):
+    path = write_gguf(tmp_path / "zero.gguf", _with(tiny_model_tensors(Q.Q8_0), name, np.zeros(shape)))
+    with pytest.raises(ModelFileError, match="positive sizes"):
+        _config_of(path)
+
+
+def test_head_rows_not_a_multiple_of_the_patch_is_refused(tmp_path):
+    tensors = _with(tiny_model_tensors(Q.Q8_0), "head.head.weight", np.zeros((66, 64)))
+    with pytest.raises(ModelFileError, match="66 rows, not a multiple of the 4"):
+        _config_of(write_gguf(tmp_path / "head.gguf", tensors))
+
+
+def test_wrong_rank_through_orig_shape_metadata(tmp_path):
+    # readable (the element count agrees), but the model has no such shape
+    tensors = tiny_model_tensors(Q.Q8_0)
+    path = write_gguf(tmp_path / "r.gguf", tensors, orig_shapes={"head.modulation": (128,)})
+    assert load_gguf_state_dict(path)["head.modulation"].shape == (128,)
+    with pytest.raises(ModelFileError, match=r"head\.modulation has shape \(128,\)"):
+        _config_of(path)
+
+
+def test_only_ascii_digits_number_a_block():
+    # "blocks.٣." (ARABIC-INDIC DIGIT THREE) is not block 3: it is an unknown tensor
+    import torch
+
+    from steadydancer.keys import tiny_state_dict
+    from steadydancer.model import config_from_state_dict
+
+    sd = {k: torch.from_numpy(v) for k, v in tiny_state_dict().items()}
+    sd["blocks.\u0663.norm3.weight"] = sd["blocks.1.norm3.weight"]
+    assert config_from_state_dict(sd).num_layers == 2

@@ -22,7 +22,7 @@ from ..errors import ModelFileError, UnsupportedQuantError
 from ..keys import check_pose_path
 from .dequant import FLOAT_QTYPES, SUPPORTED_QTYPES, _reinterpret, supported_names
 from .ops import GGMLTensor
-from .reader import GGUFFile, GGUFTensor, read_gguf
+from .reader import GGUFFile, GGUFTensor, _show, read_gguf
 
 WAN_ARCHITECTURE = "wan"
 # The keys ComfyUI-GGUF uses to recognise a Wan model in a file without an architecture.
@@ -51,7 +51,7 @@ def check_architecture(file: GGUFFile) -> str:
             f"model's (missing {', '.join(missing)}); SteadyDancer needs a Wan2.1-based GGUF"
         )
     raise ModelFileError(
-        f"{file.path}: a {arch!r} model; SteadyDancer needs a Wan2.1-based ('wan') GGUF file "
+        f"{file.path}: a {_show(arch)} model; SteadyDancer needs a Wan2.1-based ('wan') GGUF file "
         "such as MCG-NJU/SteadyDancer-GGUF"
     )
 
