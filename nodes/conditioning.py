@@ -64,7 +64,7 @@ class SteadyDancerImageToVideo(io.ComfyNode):
                 io.Int.Input("height", default=832, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation height, a multiple of 16, from SteadyDancer Generation Size."),
                 io.Int.Input("length", default=81, min=1, max=MAX_RESOLUTION, step=4, tooltip="Frames to generate, 4k+1 (81 in the reference)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos sampled at once (different noise, same conditioning)."),
-                io.Combo.Input("short_video", options=list(cond.SHORT_POLICIES), default="pad", tooltip="When the pose frames are fewer than length: 'pad' repeats the last pose, 'error' stops. Extra frames are ignored."),
+                io.Combo.Input("short_video", options=list(cond.SHORT_POLICIES), default="pad", tooltip="When the pose frames are fewer than length: 'pad' holds the last pose (the reference's way), 'loop' plays the poses again from the start (a dance loop for a long video), 'error' stops. Extra frames are ignored."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive"),

@@ -9,6 +9,8 @@ that is not needed is passed as None and costs nothing.
 
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -32,6 +34,7 @@ from .sampling import (
 )
 
 # Prediction name (steadydancer.guidance) -> the conditioning it is made with.
+MODEL_LATENT_FRAMES = 21  # 81 video frames: what the model was trained on
 PREDICTIONS = {"cond": "positive", "uncond_text": "negative", "uncond_pose": "pose_negative"}
 DEFAULT_SAMPLER = STEADYDANCER  # the reference's flow UniPC (order 2)
 DEFAULT_SCHEDULER = STEADYDANCER  # the reference's sigmas and integer timesteps
@@ -45,6 +48,17 @@ class SteadyDancerCFGGuider(comfy.samplers.CFGGuider):
 
     def set_scales(self, text_scale: float, pose_scale: float, start: float, end: float) -> None:
         self.text_scale, self.pose_scale, self.start, self.end = text_scale, pose_scale, start, end
+
+    def sample(self, noise: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        frames = noise.shape[2] if noise.ndim == 5 else 0
+        if frames > MODEL_LATENT_FRAMES and "context_handler" not in self.model_options:
+            logging.warning(
+                "SteadyDancer: sampling %d latent frames (%d video frames) in one window; the model was trained on "
+                "%d (81 video frames), and memory and time grow with the square of the length. For long videos put "
+                "'WAN Context Windows (Manual)' (81 frames, overlap 16) before the guider "
+                "(workflows/steadydancer_long.json).", frames, (frames - 1) * 4 + 1, MODEL_LATENT_FRAMES,
+            )  # fmt: skip
+        return super().sample(noise, *args, **kwargs)
 
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
         """The guided prediction at `timestep`, from only the predictions this step needs."""

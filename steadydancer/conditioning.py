@@ -22,8 +22,8 @@ TIME_STRIDE = 4
 SPACE_STRIDE = 8
 SIZE_MULTIPLE = 16  # VAE stride 8 times the DiT's 2x2 patch
 
-ShortPolicy = Literal["pad", "error"]
-SHORT_POLICIES: tuple[str, ...] = ("pad", "error")
+ShortPolicy = Literal["pad", "loop", "error"]
+SHORT_POLICIES: tuple[str, ...] = ("pad", "loop", "error")
 
 
 def length_error(length: int) -> str | None:
@@ -54,11 +54,14 @@ def latent_frames(length: int) -> int:
 def fit_frames(frames: torch.Tensor, length: int, *, short: ShortPolicy = "pad", what: str = "pose frames") -> torch.Tensor:
     """Exactly `length` frames: extra frames are dropped, a short sequence is padded or refused.
 
-    Padding repeats the last frame (the person holds the last pose), the reference pipeline's
-    behaviour when a driving video is shorter than the generation.
+    `pad` repeats the last frame (the person holds the last pose), the reference pipeline's
+    behaviour when a driving video is shorter than the generation; `loop` plays the frames
+    again from the start (a dance loop filling a long video); `error` refuses.
     """
     if frames.ndim != 4 or frames.shape[0] == 0:
         raise ConditioningError(f"{what} must be a non-empty batch of images [N,H,W,C]; got shape {tuple(frames.shape)}")
+    if short_policy_error(short):
+        raise ConditioningError(short_policy_error(short))
     count = frames.shape[0]
     if count >= length:
         return frames[:length]
@@ -66,10 +69,10 @@ def fit_frames(frames: torch.Tensor, length: int, *, short: ShortPolicy = "pad",
         raise ConditioningError(
             f"{what} has {count} frames but length is {length}: lower length to "
             f"{(count - 1) // TIME_STRIDE * TIME_STRIDE + 1}, use a longer driving video, or set "
-            "short_video to 'pad' (repeats the last frame)"
+            "short_video to 'pad' (holds the last pose) or 'loop' (plays the poses again)"
         )
-    if short_policy_error(short):
-        raise ConditioningError(short_policy_error(short))
+    if short == "loop":
+        return frames[torch.arange(length, device=frames.device) % count]
     padding = frames[-1:].expand(length - count, *frames.shape[1:])
     return torch.cat([frames, padding], dim=0)
 

@@ -441,6 +441,45 @@ def check_context_windows(world: World) -> dict:
     return out
 
 
+def check_long_without_windows(world: World) -> dict:
+    """Sampling more than 81 frames without context windows works, with one warning that says
+    what to add; with ComfyUI's WAN context windows there is no warning."""
+    import logging
+
+    import comfy_extras.nodes_context_windows as windows_nodes
+    from comfyui_steadydancer.nodes.guider import make_guider, sample
+
+    torch = world.torch
+    frames, h, w = 22, 4, 6
+    pose = torch.randn(1, 16, frames, h, w)
+    mask = torch.ones(1, 1, frames, h, w)
+    mask[:, :, :1] = 0.0
+    values = {**world.values, "concat_latent_image": torch.randn(1, 16, frames, h, w), "concat_mask": mask}
+    cond = [[world.text, {**values, "steadydancer_pose": pose}]]
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    out = {}
+    try:
+        for label in ("plain", "windows"):
+            records.clear()
+            model = load(world, "tiny.safetensors")
+            if label == "windows":
+                model = _window_node_execute(windows_nodes.WanContextWindowsManualNode, model, 81, 16)
+            guider = make_guider(model, cond, cond, cond, 1.0, 0.0, 0.1, 0.4)
+            latent = sample(guider, {"samples": torch.zeros(1, 16, frames, h, w)}, seed=1, steps=1,
+                            sampler_name="euler", scheduler="simple")["samples"]  # fmt: skip
+            out[label] = {"warnings": [r for r in records if "SteadyDancer" in r], "finite": bool(torch.isfinite(latent).all())}
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return out
+
+
 def _record_window_calls(guider: object, normalised_pose: object, samples: object) -> tuple[list[dict], object]:
     """Sample 2 steps with `guider`; per DiT call, its window's frame indices and what it got."""
     import torch
@@ -758,6 +797,7 @@ CHECKS: dict[str, Callable[[World], dict]] = {
     "gguf_patcher": check_gguf_patcher,
     "context_windows": check_context_windows,
     "caches": check_caches,
+    "long_without_windows": check_long_without_windows,
     "attention": check_attention,
     "guider": check_guider,
     "guidance_values": check_guidance_values,

@@ -190,3 +190,10 @@ def test_comfyui_caches_skip_model_calls_and_change_nothing_at_threshold_zero(re
     assert r[f"{cache}@0.0"]["max_diff"] == 0.0  # the wrapper reaches the DiT and leaves it alone
     assert r[f"{cache}@3.0"]["calls"] < r["uncached_calls"], "no model call was skipped"
     assert r[f"{cache}@3.0"]["finite"]
+
+
+def test_sampling_past_81_frames_without_windows_warns_once_with_the_fix(report: dict) -> None:
+    r = result(report, "long_without_windows")
+    assert r["plain"]["finite"] and r["windows"]["finite"]
+    assert len(r["plain"]["warnings"]) == 1 and "WAN Context Windows (Manual)" in r["plain"]["warnings"][0]
+    assert r["windows"]["warnings"] == []

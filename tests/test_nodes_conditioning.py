@@ -50,14 +50,21 @@ def test_short_pose_sequence_is_refused_when_asked() -> None:
     assert isinstance(info.value, SteadyDancerError)
 
 
+def test_short_pose_sequence_loops_for_a_long_video() -> None:
+    out = cond.fit_frames(_frames(3), 9, short="loop")
+    assert [round(float(v) * 100) for v in out[:, 0, 0, 0]] == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+
+
 def test_unknown_short_policy_is_refused() -> None:
     with pytest.raises(ConditioningError, match="short_video"):
-        cond.fit_frames(_frames(2), 5, short="loop")
+        cond.fit_frames(_frames(2), 5, short="mirror")
+    with pytest.raises(ConditioningError, match="short_video"):  # also when nothing needs padding
+        cond.fit_frames(_frames(9), 5, short="mirror")
 
 
 def test_short_policy_names_the_choices() -> None:
-    assert cond.short_policy_error("pad") is None and cond.short_policy_error("error") is None
-    assert "['pad', 'error']" in cond.short_policy_error("loop")
+    assert cond.short_policy_error("pad") is None and cond.short_policy_error("loop") is None
+    assert "['pad', 'loop', 'error']" in cond.short_policy_error("mirror")
 
 
 def test_empty_pose_batch_is_refused() -> None:
