@@ -16,11 +16,12 @@ import node_helpers
 import torch
 from comfy_api.latest import io
 
+from nodes import MAX_RESOLUTION  # ComfyUI's own limit on sizes (its `nodes` module, not ours)
+
 from ..steadydancer import conditioning as cond
 from ..steadydancer.errors import ConditioningError
 from ..steadydancer.size import AREAS, DEFAULT_AREA, generation_size, resize_like_reference
-
-MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
+from .validation import choice_error, first_error, multiple_error, number_error
 
 
 def _resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -75,10 +76,17 @@ class SteadyDancerImageToVideo(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, length: int | None = None) -> bool | str:
-        if length is None:  # linked from another node: checked when it runs
-            return True
-        return cond.length_error(length) or True
+    def validate_inputs(
+        cls, length: int | None = None, width: int | None = None, height: int | None = None,
+        short_video: str | None = None,
+    ) -> bool | str:
+        return first_error(
+            number_error("length", length, 1, MAX_RESOLUTION),
+            None if length is None else cond.length_error(length),  # None: linked, checked when it runs
+            multiple_error("width", width, cond.SIZE_MULTIPLE, cond.SIZE_MULTIPLE, MAX_RESOLUTION),
+            multiple_error("height", height, cond.SIZE_MULTIPLE, cond.SIZE_MULTIPLE, MAX_RESOLUTION),
+            choice_error("short_video", short_video, cond.SHORT_POLICIES),
+        )
 
     @classmethod
     def execute(
@@ -145,10 +153,12 @@ class SteadyDancerGenerationSize(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, area: str | None = None) -> bool | str:
-        if area is None or area in AREAS:  # None: linked, checked when it runs
-            return True
-        return f"area must be one of {list(AREAS)}; got {area!r}"
+    def validate_inputs(cls, area: str | None = None, width: int | None = None, height: int | None = None) -> bool | str:
+        return first_error(
+            choice_error("area", area, AREAS),
+            multiple_error("width", width, cond.SIZE_MULTIPLE, cond.SIZE_MULTIPLE, MAX_RESOLUTION, zero=True),
+            multiple_error("height", height, cond.SIZE_MULTIPLE, cond.SIZE_MULTIPLE, MAX_RESOLUTION, zero=True),
+        )
 
     @classmethod
     def execute(cls, reference_image: torch.Tensor, area: str, width: int = 0, height: int = 0) -> io.NodeOutput:

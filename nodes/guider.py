@@ -22,7 +22,6 @@ from comfy_api.latest import io
 
 from ..steadydancer.guidance import combine
 from ..steadydancer.schedule import predictions_for
-from .model_loader import invalid_choice
 from .sampling import (
     DEFAULT_STEPS,
     STEADYDANCER,
@@ -32,6 +31,7 @@ from .sampling import (
     scheduler_choices,
     sigmas_for,
 )
+from .validation import choice_error, first_error, number_error
 
 # Prediction name (steadydancer.guidance) -> the conditioning it is made with.
 MODEL_LATENT_FRAMES = 21  # 81 video frames: what the model was trained on
@@ -89,6 +89,16 @@ def make_guider(model: ModelPatcher, positive: list, negative: list, pose_negati
     return guider
 
 
+def guidance_error(text_scale: object, pose_scale: object, start: object, end: object) -> str | None:
+    """Why guidance settings are refused (None: fine or linked): NaN, out of range, an empty window."""
+    return (
+        number_error("text_scale", text_scale, 0.0, 30.0) or number_error("pose_scale", pose_scale, 0.0, 10.0)
+        or number_error("start", start, 0.0, 1.0) or number_error("end", end, 0.0, 1.0)
+        or (f"start ({start}) must be below end ({end}): the pose guidance window would be empty"
+            if start is not None and end is not None and start >= end else None)
+    )  # fmt: skip
+
+
 def guidance_inputs() -> list[io.Input]:
     """Inputs of the guidance, with the reference's defaults."""
     return [
@@ -117,6 +127,12 @@ class SteadyDancerGuider(io.ComfyNode):
             inputs=guidance_inputs(),
             outputs=[io.Guider.Output()],
         )
+
+    @classmethod
+    def validate_inputs(
+        cls, text_scale: float | None = None, pose_scale: float | None = None, start: float | None = None, end: float | None = None,
+    ) -> bool | str:
+        return first_error(guidance_error(text_scale, pose_scale, start, end))
 
     @classmethod
     def execute(cls, model: ModelPatcher, positive: list, negative: list, pose_negative: list,
@@ -163,11 +179,14 @@ class SteadyDancerSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name: str | None = None, scheduler: str | None = None) -> bool | str:
-        return (
-            invalid_choice("sampler_name", sampler_name, sampler_choices())
-            or invalid_choice("scheduler", scheduler, scheduler_choices())
-            or True
+    def validate_inputs(
+        cls, text_scale: float | None = None, pose_scale: float | None = None, start: float | None = None,
+        end: float | None = None, shift: float | None = None, sampler_name: str | None = None, scheduler: str | None = None,
+    ) -> bool | str:
+        return first_error(
+            guidance_error(text_scale, pose_scale, start, end), number_error("shift", shift, 0.0, 100.0),
+            choice_error("sampler_name", sampler_name, sampler_choices()),
+            choice_error("scheduler", scheduler, scheduler_choices()),
         )
 
     @classmethod

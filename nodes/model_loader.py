@@ -11,6 +11,7 @@ from ..steadydancer.attention import BACKENDS
 from ..steadydancer.errors import ModelFileError
 from ..steadydancer.weights import from_safetensors, load_weights
 from .comfy_model import COMPUTE_DTYPES, build_model_patcher
+from .validation import choice_error, first_error
 
 MODEL_FOLDER = "diffusion_models"  # `models/unet` is one of its paths
 GGUF_FOLDER = "steadydancer_gguf"
@@ -65,17 +66,6 @@ def read_weights(path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return from_safetensors(tensors, dtype=dtype, source=path)
 
 
-def invalid_choice(name: str, value: object, options: list[str] | tuple[str, ...]) -> str | None:
-    """Why a combo value is refused (ComfyUI 0.3.64 leaves V3 combo values unchecked); None if fine.
-
-    None as value means the input is linked to another node's output: checked when it runs.
-    """
-    if value is None or value in options:
-        return None
-    shown = list(options) if len(options) <= 20 else f"{len(options)} choices"
-    return f"{name} must be one of {shown}; got {value!r}"
-
-
 class SteadyDancerModelLoader(io.ComfyNode):
     """Loads a SteadyDancer DiT (.gguf stays quantised, or .safetensors) as a ComfyUI MODEL."""
 
@@ -97,11 +87,10 @@ class SteadyDancerModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str | None = None, compute_dtype: str | None = None, attention: str | None = None) -> bool | str:
-        return (
-            invalid_choice("model_name", model_name, model_files())
-            or invalid_choice("compute_dtype", compute_dtype, list(COMPUTE_DTYPES))
-            or invalid_choice("attention", attention, ATTENTION_CHOICES)
-            or True
+        return first_error(
+            choice_error("model_name", model_name, model_files()),
+            choice_error("compute_dtype", compute_dtype, list(COMPUTE_DTYPES)),
+            choice_error("attention", attention, ATTENTION_CHOICES),
         )
 
     @classmethod

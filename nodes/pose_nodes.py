@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
+from nodes import MAX_RESOLUTION  # ComfyUI's own limit on sizes (its `nodes` module, not ours)
+
 from ..pose import (
     align_poses,
     augment_poses,
@@ -32,8 +34,9 @@ from ..pose import (
 from ..pose.backends import COLOUR_ORDERS, PoseDetector
 from ..pose.errors import CheckpointNotFoundError, PoseCancelled, PoseError
 from ..pose.types import Pose
+from ..steadydancer.conditioning import SIZE_MULTIPLE
 from ..steadydancer.size import POSE_AREA, fit_to_area, resize_like_reference
-from .conditioning import MAX_RESOLUTION
+from .validation import choice_error, first_error, multiple_error
 
 DWPOSE_FOLDER = "dwpose"
 DWPOSE_EXTENSIONS = frozenset({".onnx", ".pth"})
@@ -57,11 +60,6 @@ def register_dwpose_folder() -> None:
     folder_paths.add_model_folder_path(DWPOSE_FOLDER, default, is_default=True)
     paths, extensions = folder_paths.folder_names_and_paths[DWPOSE_FOLDER]
     folder_paths.folder_names_and_paths[DWPOSE_FOLDER] = (paths, set(extensions) | DWPOSE_EXTENSIONS)
-
-
-def choice_error(name: str, value: object, options: tuple[str, ...]) -> str | None:
-    """Why a combo value is refused; ComfyUI 0.3.64 does not check V3 combo values itself."""
-    return None if value is None or value in options else f"{name} must be one of {list(options)}; got {value!r}"
 
 
 def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
@@ -229,7 +227,7 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, backend: str | None = None, colour_order: str | None = None) -> bool | str:
-        return choice_error("backend", backend, BACKENDS) or choice_error("colour_order", colour_order, COLOUR_ORDERS) or True
+        return first_error(choice_error("backend", backend, BACKENDS), choice_error("colour_order", colour_order, COLOUR_ORDERS))
 
     @classmethod
     def execute(cls, backend: str, colour_order: str = "reference") -> io.NodeOutput:
@@ -299,9 +297,16 @@ class SteadyDancerPoseAlign(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, missing_person: str | None = None) -> bool | str:
-        # one input per validate_inputs: ComfyUI files the message under each input it takes
-        return choice_error("missing_person", missing_person, MISSING_POLICIES) or True
+    def validate_inputs(
+        cls, missing_person: str | None = None, width: int | None = None, height: int | None = None,
+        colours: str | None = None,
+    ) -> bool | str:
+        # width=70 would otherwise pass /prompt and fail after minutes of pose extraction and encoding
+        return first_error(
+            choice_error("missing_person", missing_person, MISSING_POLICIES), choice_error("colours", colours, COLOURS),
+            multiple_error("width", width, SIZE_MULTIPLE, SIZE_MULTIPLE, MAX_RESOLUTION),
+            multiple_error("height", height, SIZE_MULTIPLE, SIZE_MULTIPLE, MAX_RESOLUTION),
+        )
 
     @classmethod
     def execute(

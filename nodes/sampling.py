@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..steadydancer.schedule import reference_first_sigma, reference_schedule, reference_timestep
 from ..steadydancer.unipc import sample_flow_unipc
-from .model_loader import invalid_choice
+from .validation import choice_error, first_error, number_error
 
 STEADYDANCER = "steadydancer"
 DEFAULT_STEPS = 40  # the reference's default for image-to-video
@@ -149,8 +149,8 @@ class SteadyDancerModelSampling(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, timesteps: str | None = None) -> bool | str:
-        return invalid_choice("timesteps", timesteps, TIMESTEP_MODES) or True
+    def validate_inputs(cls, shift: float | None = None, timesteps: str | None = None) -> bool | str:
+        return first_error(number_error("shift", shift, 0.01, 100.0), choice_error("timesteps", timesteps, TIMESTEP_MODES))
 
     @classmethod
     def execute(cls, model: ModelPatcher, shift: float, timesteps: str = "integer") -> io.NodeOutput:

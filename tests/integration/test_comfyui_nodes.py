@@ -112,8 +112,8 @@ def test_bad_length_is_refused_naming_our_node_and_input(comfy_server, demo_grap
     body = response.json()
     errors = body["node_errors"][node_id]
     assert errors["class_type"] == "SteadyDancerImageToVideo"
-    assert errors["errors"][0]["extra_info"]["input_name"] == "length"
-    assert "4k+1" in errors["errors"][0]["details"]
+    # ComfyUI files a failed validate_inputs under each input it checks; the message names length
+    assert any(e["extra_info"]["input_name"] == "length" and "length must be 4k+1" in e["details"] for e in errors["errors"])
 
 
 def test_unknown_missing_person_policy_is_refused(comfy_server, demo_graph: dict) -> None:
@@ -123,12 +123,14 @@ def test_unknown_missing_person_policy_is_refused(comfy_server, demo_graph: dict
     response = comfy_server.submit(graph)
     assert response.status_code == 400
     errors = response.json()["node_errors"][node_id]["errors"]
-    assert [e["extra_info"]["input_name"] for e in errors] == ["missing_person"]
-    assert "hold" in errors[0]["details"] and "'guess'" in errors[0]["details"]
+    assert "missing_person" in [e["extra_info"]["input_name"] for e in errors]
+    assert all("missing_person must be one of" in e["details"] and "'guess'" in e["details"] for e in errors)
 
 
 def test_workflow_templates_are_served(comfy_server) -> None:
     templates = comfy_server.get("/workflow_templates").json()
-    assert templates.get("comfyui-steadydancer") == ["steadydancer"], "only the UI-format graph is a template"
-    ui = comfy_server.get("/api/workflow_templates/comfyui-steadydancer/steadydancer.json")
-    assert ui.ok and ui.json()["nodes"]
+    # the UI-format graphs (the API-format ones live in workflows/api/, out of the template list)
+    assert sorted(templates.get("comfyui-steadydancer", [])) == ["steadydancer", "steadydancer_long"]
+    for name in ("steadydancer", "steadydancer_long"):
+        ui = comfy_server.get(f"/api/workflow_templates/comfyui-steadydancer/{name}.json")
+        assert ui.ok and ui.json()["nodes"]
