@@ -10,8 +10,8 @@
 #   --keep      leave the container running and keep the work folder
 #   --no-build  reuse $IMAGE
 # Environment:
-#   BASE_IMAGE       base image (default local/python:3.11-slim-bookworm, made by
-#                    ../shared/tools/docker-local-base.sh)
+#   BASE_IMAGE       base image (default local/python:3.11-slim-bookworm: Debian bookworm with
+#                    python3, venv and pip, imported locally where no registry can be reached)
 #   COMFYUI_DIR      ComfyUI source tree copied into the build (default /tmp/ComfyUI)
 #   COMFYUI_PYTHON   Python with ComfyUI's requirements and onnx, to build the tiny models
 #                    (default $COMFYUI_DIR/.venv/bin/python)
@@ -173,7 +173,7 @@ main() {
     esac
   done
   command -v docker >/dev/null || die "no docker command"
-  docker info >/dev/null 2>&1 || die "no Docker engine (run ../shared/tools/docker-local-base.sh)"
+  docker info >/dev/null 2>&1 || die "no Docker engine: start dockerd (docker info must work)"
   pick_compose
 
   WORK=$(mktemp -d /tmp/steadydancer-image-test.XXXX)

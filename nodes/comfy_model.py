@@ -4,7 +4,7 @@
 format, the same memory estimate) whose diffusion model is our `SteadyDancerDiT`, built with
 ComfyUI's operations (or `GGUFOps` for GGUF weights) so that model management, low-VRAM
 partial loading, offloading and LoRA patching work on it. `extra_conds` turns the
-conditioning that the SteadyDancer conditioning node stores (CONTRACTS: concat_latent_image,
+conditioning that the SteadyDancer conditioning node stores (docs/REFERENCE.md, "Conditioning": concat_latent_image,
 concat_mask, steadydancer_*) into the DiT's inputs, wrapped in ComfyUI's cond types so that
 positive, negative and pose-negative predictions are batched together.
 """

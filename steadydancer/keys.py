@@ -1,4 +1,4 @@
-"""Tensor names of a SteadyDancer checkpoint (spec/MODEL.md), and a tiny random model.
+"""Tensor names of a SteadyDancer checkpoint (docs/MODEL.md), and a tiny random model.
 
 `pose_path_shapes` lists the tensors that SteadyDancer adds to Wan2.1-I2V-14B: a file
 without them is a plain Wan2.1 file, which is the most common wrong download.

@@ -1,4 +1,4 @@
-"""The SteadyDancer DiT: Wan2.1-I2V-14B with SteadyDancer's pose path (spec/MODEL.md).
+"""The SteadyDancer DiT: Wan2.1-I2V-14B with SteadyDancer's pose path (docs/MODEL.md).
 
 Layout and names follow the published checkpoints so that a state dict loads as it is. The
 same code runs the 14B file and the tiny test models: every size is read from tensor shapes

@@ -1,4 +1,4 @@
-"""The whole forward pass against an independent float64 implementation of spec/MODEL.md.
+"""The whole forward pass against an independent float64 implementation of docs/MODEL.md.
 
 The reference below is written in the style of the original code (a loop over samples,
 RoPE as complex float64 multipliers split by `freqs.split`, torch.nn.MultiheadAttention
