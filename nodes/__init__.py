@@ -22,4 +22,11 @@ class SteadyDancerExtension(ComfyExtension):
     """Every node of the package, in the order the "Add Node" menu shows them."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*LOADER_NODES, *POSE_NODES, *CLIP_NODES, *CONDITIONING_NODES, *GUIDER_NODES, *SAMPLING_NODES]
+        return [
+            *LOADER_NODES,
+            *POSE_NODES,
+            *CLIP_NODES,
+            *CONDITIONING_NODES,
+            *GUIDER_NODES,
+            *SAMPLING_NODES,
+        ]

@@ -21,7 +21,9 @@ from ..steadydancer.errors import ConditioningError
 UNSUPPORTED_TYPES = frozenset({"siglip2_vision_model"})
 
 
-def encode_like_reference(clip_vision: comfy.clip_vision.ClipVisionModel, image: torch.Tensor) -> comfy.clip_vision.Output:
+def encode_like_reference(
+    clip_vision: comfy.clip_vision.ClipVisionModel, image: torch.Tensor
+) -> comfy.clip_vision.Output:
     """ComfyUI's ClipVisionModel.encode_image with the reference's preprocessing."""
     model_type = getattr(clip_vision, "model_type", "clip_vision_model")
     if model_type in UNSUPPORTED_TYPES:
@@ -31,7 +33,10 @@ def encode_like_reference(clip_vision: comfy.clip_vision.ClipVisionModel, image:
         )
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     pixels = reference_clip_pixels(
-        image.to(clip_vision.load_device), clip_vision.image_size, clip_vision.image_mean, clip_vision.image_std
+        image.to(clip_vision.load_device),
+        clip_vision.image_size,
+        clip_vision.image_mean,
+        clip_vision.image_std,
     ).float()
     all_states = bool(getattr(clip_vision, "return_all_hidden_states", False))
     out = clip_vision.model(pixel_values=pixels, intermediate_output="all" if all_states else -2)
@@ -60,14 +65,24 @@ class SteadyDancerCLIPVisionEncode(io.ComfyNode):
             description="CLIP vision features as the reference computes them: the image squashed to the encoder's "
             "size with plain bicubic in float (no antialiasing, no cropping, no 8-bit rounding).",
             inputs=[
-                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-H (clip_vision_h.safetensors), from Load CLIP Vision."),
-                io.Image.Input("image", tooltip="The reference image, or the first pose frame at the reference image's size (SteadyDancer Pose Align 'clip_pose')."),
+                io.ClipVision.Input(
+                    "clip_vision",
+                    tooltip="CLIP ViT-H (clip_vision_h.safetensors), from Load CLIP Vision.",
+                ),
+                io.Image.Input(
+                    "image",
+                    tooltip="The reference image, or the first pose frame at the reference image's size "
+                    "(SteadyDancer "
+                    "Pose Align 'clip_pose').",
+                ),
             ],
             outputs=[io.ClipVisionOutput.Output()],
         )
 
     @classmethod
-    def execute(cls, clip_vision: comfy.clip_vision.ClipVisionModel, image: torch.Tensor) -> io.NodeOutput:
+    def execute(
+        cls, clip_vision: comfy.clip_vision.ClipVisionModel, image: torch.Tensor
+    ) -> io.NodeOutput:
         return io.NodeOutput(encode_like_reference(clip_vision, image))
 
 

@@ -31,10 +31,16 @@ class ComfyAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, length, heads, dim = q.shape
-        attention = comfy.ldm.modules.attention.optimized_attention  # read per call: flags may swap it
+        attention = (
+            comfy.ldm.modules.attention.optimized_attention
+        )  # read per call: flags may swap it
         out = attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads,
-            skip_reshape=True, transformer_options=self.transformer_options,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            heads,
+            skip_reshape=True,
+            transformer_options=self.transformer_options,
         )
         return out.reshape(b, length, heads, dim)
 
@@ -52,13 +58,30 @@ class BackendOverride:
         self.dispatcher = AttentionDispatcher(backend)  # an unusable explicit choice raises here
 
     def __call__(
-        self, func: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-        mask: torch.Tensor | None = None, attn_precision: Any = None, skip_reshape: bool = False,
-        skip_output_reshape: bool = False, **kwargs: Any,
+        self,
+        func: Callable[..., torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        heads: int,
+        mask: torch.Tensor | None = None,
+        attn_precision: Any = None,
+        skip_reshape: bool = False,
+        skip_output_reshape: bool = False,
+        **kwargs: Any,
     ) -> torch.Tensor:
         if mask is not None:
-            return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
-                        skip_output_reshape=skip_output_reshape, **kwargs)
+            return func(
+                q,
+                k,
+                v,
+                heads,
+                mask=mask,
+                attn_precision=attn_precision,
+                skip_reshape=skip_reshape,
+                skip_output_reshape=skip_output_reshape,
+                **kwargs,
+            )
         if skip_reshape:  # [B, H, L, D]
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         else:  # [B, L, H*D]

@@ -50,9 +50,19 @@ class SteadyDancerModelConfig(comfy.supported_models_base.BASE):
     unet_extra_config: ClassVar[dict] = {}
     sampling_settings: ClassVar[dict] = {"shift": DEFAULT_SHIFT}
     latent_format = comfy.latent_formats.Wan21
-    supported_inference_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16, torch.float32]
+    supported_inference_dtypes: ClassVar[list[torch.dtype]] = [
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+    ]
 
-    def __init__(self, dit_config: object, weight_dtype: torch.dtype, manual_cast_dtype: torch.dtype | None, operations: type) -> None:
+    def __init__(
+        self,
+        dit_config: object,
+        weight_dtype: torch.dtype,
+        manual_cast_dtype: torch.dtype | None,
+        operations: type,
+    ) -> None:
         # The DiT is built by `build_model_patcher`, not by BaseModel from unet_config.
         super().__init__({"image_model": "steadydancer", "disable_unet_model_creation": True})
         self.dit_config = dit_config
@@ -60,15 +70,23 @@ class SteadyDancerModelConfig(comfy.supported_models_base.BASE):
         self.set_inference_dtype(weight_dtype, manual_cast_dtype)
         self.custom_operations = operations
 
-    def get_model(self, state_dict: dict, prefix: str = "", device: torch.device | None = None) -> SteadyDancerModel:
+    def get_model(
+        self, state_dict: dict, prefix: str = "", device: torch.device | None = None
+    ) -> SteadyDancerModel:
         return SteadyDancerModel(self, device=device)
 
 
-def _latent_in(model: comfy.model_base.BaseModel, latent: torch.Tensor, channels: slice | None = None) -> torch.Tensor:
+def _latent_in(
+    model: comfy.model_base.BaseModel, latent: torch.Tensor, channels: slice | None = None
+) -> torch.Tensor:
     """Apply the Wan 2.1 latent normalisation to `latent` (or to its 16-channel groups)."""
     out = latent.clone()
     step = model.latent_format.latent_channels
-    groups = [channels] if channels is not None else [slice(i, i + step) for i in range(0, latent.shape[1], step)]
+    groups = (
+        [channels]
+        if channels is not None
+        else [slice(i, i + step) for i in range(0, latent.shape[1], step)]
+    )
     for group in groups:
         out[:, group] = model.process_latent_in(latent[:, group])
     return out
@@ -108,8 +126,12 @@ def pad_text(context: torch.Tensor, length: int) -> torch.Tensor:
 class SteadyDancerModel(comfy.model_base.WAN21):
     """WAN21 with SteadyDancer's inputs (y, pose, ref_x, ref_c, clip_x, clip_c, text)."""
 
-    def __init__(self, model_config: SteadyDancerModelConfig, device: torch.device | None = None) -> None:
-        comfy.model_base.BaseModel.__init__(self, model_config, comfy.model_base.ModelType.FLOW, device=device)
+    def __init__(
+        self, model_config: SteadyDancerModelConfig, device: torch.device | None = None
+    ) -> None:
+        comfy.model_base.BaseModel.__init__(
+            self, model_config, comfy.model_base.ModelType.FLOW, device=device
+        )
         self.image_to_video = True
         # The two reference frames are extra tokens: count them in the memory estimate.
         self.memory_usage_factor_conds = ("ref_x", "ref_c")
@@ -129,7 +151,9 @@ class SteadyDancerModel(comfy.model_base.WAN21):
         mask = mask.to(device=device, dtype=noise.dtype)
         if mask.shape[1] != 1:
             mask = mask.mean(dim=1, keepdim=True)
-        mask = comfy.utils.common_upscale(1.0 - mask, noise.shape[-1], noise.shape[-2], "bilinear", "center")
+        mask = comfy.utils.common_upscale(
+            1.0 - mask, noise.shape[-1], noise.shape[-2], "bilinear", "center"
+        )
         mask = _fit_to_noise(mask, noise, "concat_mask").repeat(1, MASK_CHANNELS, 1, 1, 1)
         return torch.cat((mask, image), dim=1)
 
@@ -138,7 +162,11 @@ class SteadyDancerModel(comfy.model_base.WAN21):
         device = kwargs["device"]
         latent = self.latent_format.latent_channels
         reference = slice(0, latent), slice(latent + MASK_CHANNELS, 2 * latent + MASK_CHANNELS)
-        pose = _fit_to_noise(_latent_in(self, _required(kwargs, "steadydancer_pose").to(device)), noise, "steadydancer_pose")
+        pose = _fit_to_noise(
+            _latent_in(self, _required(kwargs, "steadydancer_pose").to(device)),
+            noise,
+            "steadydancer_pose",
+        )
         refs = {}
         for key in ("ref_x", "ref_c"):
             value = _required(kwargs, f"steadydancer_{key}").to(device)
@@ -149,14 +177,26 @@ class SteadyDancerModel(comfy.model_base.WAN21):
             "y": comfy.conds.CONDNoiseShape(self.concat_cond(**kwargs)),
             "pose": comfy.conds.CONDNoiseShape(pose),
             **refs,
-            "text": comfy.conds.CONDRegular(pad_text(_required(kwargs, "cross_attn"), self.model_config.dit_config.text_len)),
-            "clip_x": comfy.conds.CONDRegular(_required(kwargs, "clip_vision_output").penultimate_hidden_states),
-            "clip_c": comfy.conds.CONDRegular(_required(kwargs, "steadydancer_clip_c").penultimate_hidden_states),
+            "text": comfy.conds.CONDRegular(
+                pad_text(_required(kwargs, "cross_attn"), self.model_config.dit_config.text_len)
+            ),
+            "clip_x": comfy.conds.CONDRegular(
+                _required(kwargs, "clip_vision_output").penultimate_hidden_states
+            ),
+            "clip_c": comfy.conds.CONDRegular(
+                _required(kwargs, "steadydancer_clip_c").penultimate_hidden_states
+            ),
         }
 
     def _apply_model(
-        self, x: torch.Tensor, t: torch.Tensor, c_concat: torch.Tensor | None = None, c_crossattn: torch.Tensor | None = None,
-        control: object = None, transformer_options: dict | None = None, **kwargs: object,
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        c_concat: torch.Tensor | None = None,
+        c_crossattn: torch.Tensor | None = None,
+        control: object = None,
+        transformer_options: dict | None = None,
+        **kwargs: object,
     ) -> torch.Tensor:
         """Denoised latent for sigma `t` (BaseModel's arithmetic; the DiT takes x and y apart)."""
         sigma = t
@@ -165,24 +205,44 @@ class SteadyDancerModel(comfy.model_base.WAN21):
         timestep = self.model_sampling.timestep(sigma).float()
         missing = [name for name in DIT_INPUTS if kwargs.get(name) is None]
         if missing:
-            raise ConditioningError(f"SteadyDancer conditioning lacks {missing}: use the SteadyDancer Image to Video node")
+            raise ConditioningError(
+                f"SteadyDancer conditioning lacks {missing}: use the SteadyDancer Image to Video node"
+            )
         options = transformer_options or {}
         window = options.get("context_window")
         if window is not None:
             kwargs.update(window_frames(window, x, kwargs))
-        inputs = {name: comfy.model_base.convert_tensor(kwargs[name], dtype, xc.device) for name in DIT_INPUTS}
+        inputs = {
+            name: comfy.model_base.convert_tensor(kwargs[name], dtype, xc.device)
+            for name in DIT_INPUTS
+        }
         # ComfyUI's DIFFUSION_MODEL wrappers (EasyCache, ...) wrap the DiT call as on ComfyUI's own models
-        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, options)
-        executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(self._diffusion_forward, self, wrappers)
+        wrappers = comfy.patcher_extension.get_all_wrappers(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, options
+        )
+        executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._diffusion_forward, self, wrappers
+        )
         out = executor.execute(xc, timestep, transformer_options=options, **inputs)
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
 
-    def _diffusion_forward(self, x: torch.Tensor, timestep: torch.Tensor, transformer_options: dict, **inputs: torch.Tensor) -> torch.Tensor:
+    def _diffusion_forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        transformer_options: dict,
+        **inputs: torch.Tensor,
+    ) -> torch.Tensor:
         """The DiT's prediction, with ComfyUI's attention for this call's options."""
-        return self.diffusion_model(x, timestep, **inputs, attention=ComfyAttention(transformer_options))
+        return self.diffusion_model(
+            x, timestep, **inputs, attention=ComfyAttention(transformer_options)
+        )
 
 
-FRAME_INPUTS = ("y", "pose")  # the DiT inputs with one entry per latent frame (the rest are per video)
+FRAME_INPUTS = (
+    "y",
+    "pose",
+)  # the DiT inputs with one entry per latent frame (the rest are per video)
 FRAME_DIM = 2
 
 
@@ -221,23 +281,31 @@ def _param_count(state_dict: dict[str, torch.Tensor]) -> int:
     return sum(math.prod(getattr(t, "tensor_shape", t.shape)) for t in state_dict.values())
 
 
-def _float_dtypes(state_dict: dict[str, torch.Tensor], compute: torch.dtype | None, load_device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+def _float_dtypes(
+    state_dict: dict[str, torch.Tensor], compute: torch.dtype | None, load_device: torch.device
+) -> tuple[torch.dtype, torch.dtype | None]:
     """(weight dtype, manual cast dtype) for float weights: the choice, or ComfyUI's default."""
     if compute is not None:
         return compute, None
     supported = SteadyDancerModelConfig.supported_inference_dtypes
     weight = comfy.model_management.unet_dtype(
-        model_params=_param_count(state_dict), supported_dtypes=supported, weight_dtype=comfy.utils.weight_dtype(state_dict)
+        model_params=_param_count(state_dict),
+        supported_dtypes=supported,
+        weight_dtype=comfy.utils.weight_dtype(state_dict),
     )
     return weight, comfy.model_management.unet_manual_cast(weight, load_device, supported)
 
 
-def _gguf_compute_dtype(state_dict: dict[str, torch.Tensor], compute: torch.dtype | None, load_device: torch.device) -> torch.dtype:
+def _gguf_compute_dtype(
+    state_dict: dict[str, torch.Tensor], compute: torch.dtype | None, load_device: torch.device
+) -> torch.dtype:
     """Dtype GGUF weights are dequantised into: the choice, or what this device runs best."""
     if compute is not None:
         return compute
     supported = SteadyDancerModelConfig.supported_inference_dtypes
-    dtype = comfy.model_management.unet_dtype(model_params=_param_count(state_dict), supported_dtypes=supported)
+    dtype = comfy.model_management.unet_dtype(
+        model_params=_param_count(state_dict), supported_dtypes=supported
+    )
     return comfy.model_management.unet_manual_cast(dtype, load_device, supported) or dtype
 
 
@@ -250,7 +318,9 @@ def build_model_patcher(
     (`pick_operations`, as ComfyUI's own models) or `GGUFOps`; weights are checked there.
     """
     if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}; got {compute_dtype!r}")
+        raise ValueError(
+            f"compute_dtype must be one of {list(COMPUTE_DTYPES)}; got {compute_dtype!r}"
+        )
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     chosen = COMPUTE_DTYPES[compute_dtype]
@@ -262,8 +332,12 @@ def build_model_patcher(
         weight_dtype, manual_cast = _float_dtypes(state_dict, chosen, load_device)
         operations = comfy.ops.pick_operations(weight_dtype, manual_cast, load_device=load_device)
         # ModelPatcherDynamic where ComfyUI turned dynamic VRAM on (0.3x on NVIDIA), else the classic one
-        patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
-    override = attention_override(attention)  # an unusable explicit backend fails here, before loading
+        patcher_class = getattr(
+            comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher
+        )
+    override = attention_override(
+        attention
+    )  # an unusable explicit backend fails here, before loading
 
     dit = load_model(state_dict, device=offload_device, dtype=weight_dtype, operations=operations)
     dit.compute_dtype = manual_cast or weight_dtype

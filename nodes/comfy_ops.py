@@ -27,7 +27,10 @@ WeightFunction = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _materialise(
-    tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, functions: Iterable[WeightFunction]
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    functions: Iterable[WeightFunction],
 ) -> torch.Tensor:
     """`tensor` as a plain tensor of `dtype` on `device`, with patch functions applied."""
     functions = list(functions)
@@ -35,7 +38,9 @@ def _materialise(
     if is_quantized(tensor):  # the packed bytes move, dequantisation happens on `device`
         out = dequantize_tensor(tensor, dtype, device)
     else:
-        out = comfy.model_management.cast_to(tensor, dtype, device, non_blocking=non_blocking, copy=bool(functions))
+        out = comfy.model_management.cast_to(
+            tensor, dtype, device, non_blocking=non_blocking, copy=bool(functions)
+        )
     for function in functions:
         out = function(out)
     return out
@@ -89,7 +94,9 @@ class GGUFOps(comfy.ops.manual_cast):
             weight = bias = None
             if self.weight is not None:
                 weight, bias = cast_bias_weight(self, input)
-            return torch.nn.functional.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+            return torch.nn.functional.layer_norm(
+                input, self.normalized_shape, weight, bias, self.eps
+            )
 
     class GroupNorm(GGMLLayer, comfy.ops.manual_cast.GroupNorm):
         def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
@@ -100,7 +107,8 @@ class GGUFOps(comfy.ops.manual_cast):
 def _without_patches(functions: list, key: str | None = None) -> list:
     """`functions` minus the LoRA patch functions (of `key`, or all of them)."""
     return [
-        f for f in functions
+        f
+        for f in functions
         if not (isinstance(f, comfy.model_patcher.LowVramPatch) and (key is None or f.key == key))
     ]
 
@@ -129,16 +137,28 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
     """
 
     def patch_weight_to_device(
-        self, key: str, device_to: torch.device | None = None, inplace_update: bool = False, **kwargs: object
+        self,
+        key: str,
+        device_to: torch.device | None = None,
+        inplace_update: bool = False,
+        **kwargs: object,
     ) -> torch.Tensor | None:
         # kwargs: what the running ComfyUI adds (0.3x: return_weight, force_cast), passed on as given.
         weight = comfy.utils.get_attr(self.model, key)
         if not is_quantized(weight):
-            return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update, **kwargs)
+            return super().patch_weight_to_device(
+                key, device_to=device_to, inplace_update=inplace_update, **kwargs
+            )
         if kwargs.get("return_weight"):
             # A patched copy for whoever asked (checkpoint saving, LoRA extraction); the model is untouched.
-            return _materialise(weight, self.model.manual_cast_dtype or torch.float32, device_to or weight.device,
-                                [comfy.model_patcher.LowVramPatch(key, self.patches)] if key in self.patches else [])
+            return _materialise(
+                weight,
+                self.model.manual_cast_dtype or torch.float32,
+                device_to or weight.device,
+                [comfy.model_patcher.LowVramPatch(key, self.patches)]
+                if key in self.patches
+                else [],
+            )
         if key not in self.patches:
             return weight
         module_name, param = key.rsplit(".", 1)
@@ -148,7 +168,9 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         setattr(module, attr, [*_without_patches(getattr(module, attr), key), patch])
         return weight
 
-    def model_state_dict_for_saving(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
+    def model_state_dict_for_saving(
+        self, model: torch.nn.Module | None = None, prefix: str = ""
+    ) -> dict:
         """ComfyUI 0.3x's checkpoint saving: what ComfyUI does, with quantised weights saved as
         patched float weights (ComfyUI's version cannot wrap packed GGML blocks).
 
@@ -162,22 +184,37 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         for name, value in model.state_dict().items():
             module = comfy.utils.get_attr(model, name.rsplit(".", 1)[0]) if "." in name else model
             if is_quantized(value):
-                out[name] = lazy(self, prefix + name, torch.empty(value.tensor_shape, dtype=dtype, device="meta"))
-            elif hasattr(module, "comfy_cast_weights") and not getattr(module, "comfy_patched_weights", False):
+                out[name] = lazy(
+                    self, prefix + name, torch.empty(value.tensor_shape, dtype=dtype, device="meta")
+                )
+            elif hasattr(module, "comfy_cast_weights") and not getattr(
+                module, "comfy_patched_weights", False
+            ):
                 out[name] = lazy(self, prefix + name, value)
             else:
                 out[name] = value
         return out
 
-    def patch_hook_weight_to_device(self, hooks: object, combined_patches: dict, key: str, original_weights: dict, memory_counter: object) -> None:
+    def patch_hook_weight_to_device(
+        self,
+        hooks: object,
+        combined_patches: dict,
+        key: str,
+        original_weights: dict,
+        memory_counter: object,
+    ) -> None:
         if key in combined_patches and is_quantized(comfy.utils.get_attr(self.model, key)):
             raise GGUFError(
                 f"LoRA hooks (scheduled or per-conditioning LoRA) cannot patch the quantised GGUF weight {key}: "
                 "load the LoRA with LoraLoaderModelOnly instead, or use a .safetensors model"
             )
-        super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
+        super().patch_hook_weight_to_device(
+            hooks, combined_patches, key, original_weights, memory_counter
+        )
 
-    def unpatch_model(self, device_to: torch.device | None = None, unpatch_weights: bool = True) -> None:
+    def unpatch_model(
+        self, device_to: torch.device | None = None, unpatch_weights: bool = True
+    ) -> None:
         if unpatch_weights:
             for module in self.model.modules():
                 if isinstance(module, GGMLLayer):
@@ -185,7 +222,9 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
                     module.bias_function = _without_patches(module.bias_function)
         super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
 
-    def partially_unload(self, device_to: torch.device, memory_to_free: int = 0, **kwargs: object) -> int:
+    def partially_unload(
+        self, device_to: torch.device, memory_to_free: int = 0, **kwargs: object
+    ) -> int:
         freed = super().partially_unload(device_to, memory_to_free=memory_to_free, **kwargs)
         for module in self.model.modules():
             if isinstance(module, GGMLLayer):

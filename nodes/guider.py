@@ -44,7 +44,9 @@ class SteadyDancerCFGGuider(comfy.samplers.CFGGuider):
     """CFGGuider with a text scale, a pose scale and the pose window on the step index."""
 
     def set_conds(self, positive: list, negative: list, pose_negative: list) -> None:
-        self.inner_set_conds({"positive": positive, "negative": negative, "pose_negative": pose_negative})
+        self.inner_set_conds(
+            {"positive": positive, "negative": negative, "pose_negative": pose_negative}
+        )
 
     def set_scales(self, text_scale: float, pose_scale: float, start: float, end: float) -> None:
         self.text_scale, self.pose_scale, self.start, self.end = text_scale, pose_scale, start, end
@@ -60,17 +62,33 @@ class SteadyDancerCFGGuider(comfy.samplers.CFGGuider):
             )  # fmt: skip
         return super().sample(noise, *args, **kwargs)
 
-    def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
+    def predict_noise(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        model_options: dict | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
         """The guided prediction at `timestep`, from only the predictions this step needs."""
         model_options = model_options or {}
-        needed = set(predictions_for(
-            model_options.get("transformer_options", {}).get("sample_sigmas"), timestep,
-            text_scale=self.text_scale, pose_scale=self.pose_scale, start=self.start, end=self.end,
-        ))
+        needed = set(
+            predictions_for(
+                model_options.get("transformer_options", {}).get("sample_sigmas"),
+                timestep,
+                text_scale=self.text_scale,
+                pose_scale=self.pose_scale,
+                start=self.start,
+                end=self.end,
+            )
+        )
         if model_options.get("disable_cfg1_optimization", False):
             needed.add("uncond_text")
-        conds = [self.conds.get(PREDICTIONS[name]) if name in needed else None for name in PREDICTIONS]
-        cond, uncond_text, uncond_pose = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        conds = [
+            self.conds.get(PREDICTIONS[name]) if name in needed else None for name in PREDICTIONS
+        ]
+        cond, uncond_text, uncond_pose = comfy.samplers.calc_cond_batch(
+            self.inner_model, conds, x, timestep, model_options
+        )
         return combine(
             cond,
             uncond_text if "uncond_text" in needed else None,
@@ -80,8 +98,16 @@ class SteadyDancerCFGGuider(comfy.samplers.CFGGuider):
         )
 
 
-def make_guider(model: ModelPatcher, positive: list, negative: list, pose_negative: list,
-                text_scale: float, pose_scale: float, start: float, end: float) -> SteadyDancerCFGGuider:
+def make_guider(
+    model: ModelPatcher,
+    positive: list,
+    negative: list,
+    pose_negative: list,
+    text_scale: float,
+    pose_scale: float,
+    start: float,
+    end: float,
+) -> SteadyDancerCFGGuider:
     """A configured guider (shared by both nodes)."""
     guider = SteadyDancerCFGGuider(model)
     guider.set_conds(positive, negative, pose_negative)
@@ -89,7 +115,9 @@ def make_guider(model: ModelPatcher, positive: list, negative: list, pose_negati
     return guider
 
 
-def guidance_error(text_scale: object, pose_scale: object, start: object, end: object) -> str | None:
+def guidance_error(
+    text_scale: object, pose_scale: object, start: object, end: object
+) -> str | None:
     """Why guidance settings are refused (None: fine or linked): NaN, out of range, an empty window."""
     return (
         number_error("text_scale", text_scale, 0.0, 30.0) or number_error("pose_scale", pose_scale, 0.0, 10.0)
@@ -103,13 +131,53 @@ def guidance_inputs() -> list[io.Input]:
     """Inputs of the guidance, with the reference's defaults."""
     return [
         io.Model.Input("model", tooltip="The SteadyDancer model."),
-        io.Conditioning.Input("positive", tooltip="'positive' of SteadyDancer Image to Video (prompt + pose)."),
-        io.Conditioning.Input("negative", tooltip="'negative' of SteadyDancer Image to Video (negative prompt + pose)."),
-        io.Conditioning.Input("pose_negative", tooltip="'pose_negative' of SteadyDancer Image to Video (prompt + augmented pose)."),
-        io.Float.Input("text_scale", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01, tooltip="Text guidance scale. 1.0 (for distilled-step LoRAs) skips the negative-prompt prediction."),
-        io.Float.Input("pose_scale", default=1.5, min=0.0, max=10.0, step=0.1, round=0.01, tooltip="Pose guidance scale inside the window (1.5 in the reference, 1.0 in its README example). 0 disables pose guidance."),
-        io.Float.Input("start", default=0.1, min=0.0, max=1.0, step=0.01, tooltip="Pose guidance applies to steps with start < step/steps < end (strict)."),
-        io.Float.Input("end", default=0.4, min=0.0, max=1.0, step=0.01, tooltip="End of the pose guidance window, as a fraction of the steps."),
+        io.Conditioning.Input(
+            "positive", tooltip="'positive' of SteadyDancer Image to Video (prompt + pose)."
+        ),
+        io.Conditioning.Input(
+            "negative",
+            tooltip="'negative' of SteadyDancer Image to Video (negative prompt + pose).",
+        ),
+        io.Conditioning.Input(
+            "pose_negative",
+            tooltip="'pose_negative' of SteadyDancer Image to Video (prompt + augmented pose).",
+        ),
+        io.Float.Input(
+            "text_scale",
+            default=5.0,
+            min=0.0,
+            max=30.0,
+            step=0.1,
+            round=0.01,
+            tooltip="Text guidance scale. 1.0 (for distilled-step LoRAs) skips the negative-prompt prediction.",
+        ),
+        io.Float.Input(
+            "pose_scale",
+            default=1.5,
+            min=0.0,
+            max=10.0,
+            step=0.1,
+            round=0.01,
+            tooltip="Pose guidance scale inside the window (1.5 in the reference, 1.0 in its README example). 0 "
+            "disables"
+            " pose guidance.",
+        ),
+        io.Float.Input(
+            "start",
+            default=0.1,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Pose guidance applies to steps with start < step/steps < end (strict).",
+        ),
+        io.Float.Input(
+            "end",
+            default=0.4,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="End of the pose guidance window, as a fraction of the steps.",
+        ),
     ]
 
 
@@ -130,26 +198,55 @@ class SteadyDancerGuider(io.ComfyNode):
 
     @classmethod
     def validate_inputs(
-        cls, text_scale: float | None = None, pose_scale: float | None = None, start: float | None = None, end: float | None = None,
+        cls,
+        text_scale: float | None = None,
+        pose_scale: float | None = None,
+        start: float | None = None,
+        end: float | None = None,
     ) -> bool | str:
         return first_error(guidance_error(text_scale, pose_scale, start, end))
 
     @classmethod
-    def execute(cls, model: ModelPatcher, positive: list, negative: list, pose_negative: list,
-                text_scale: float, pose_scale: float, start: float, end: float) -> io.NodeOutput:
-        return io.NodeOutput(make_guider(model, positive, negative, pose_negative, text_scale, pose_scale, start, end))
+    def execute(
+        cls,
+        model: ModelPatcher,
+        positive: list,
+        negative: list,
+        pose_negative: list,
+        text_scale: float,
+        pose_scale: float,
+        start: float,
+        end: float,
+    ) -> io.NodeOutput:
+        return io.NodeOutput(
+            make_guider(
+                model, positive, negative, pose_negative, text_scale, pose_scale, start, end
+            )
+        )
 
 
-def sample(guider: SteadyDancerCFGGuider, latent: dict, seed: int, steps: int, sampler_name: str, scheduler: str) -> dict:
+def sample(
+    guider: SteadyDancerCFGGuider,
+    latent: dict,
+    seed: int,
+    steps: int,
+    sampler_name: str,
+    scheduler: str,
+) -> dict:
     """Run `guider` over `steps` from `latent` (what SamplerCustomAdvanced does, in one call)."""
     patcher = guider.model_patcher
     sigmas = sigmas_for(patcher, scheduler, steps)
     samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     out = guider.sample(
-        noise, samples, sampler_for(sampler_name), sigmas,
-        denoise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(patcher, steps),
-        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        noise,
+        samples,
+        sampler_for(sampler_name),
+        sigmas,
+        denoise_mask=latent.get("noise_mask"),
+        callback=latent_preview.prepare_callback(patcher, steps),
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed,
     )
     return {**latent, "samples": out.to(comfy.model_management.intermediate_device())}
 
@@ -169,32 +266,86 @@ class SteadyDancerSampler(io.ComfyNode):
             inputs=[
                 *guidance_inputs(),
                 io.Latent.Input("latent", tooltip="'latent' of SteadyDancer Image to Video."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000, tooltip="Sampling steps (40 in the reference for image to video; fewer with a distilled-step LoRA)."),
-                io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Flow-matching shift: 5.0 in the reference, 3.0 at 480p."),
-                io.Combo.Input("sampler_name", options=sampler_choices(), default=DEFAULT_SAMPLER, tooltip="steadydancer: the reference's flow UniPC of order 2 (ComfyUI's uni_pc_bh2 runs at order 3)."),
-                io.Combo.Input("scheduler", options=scheduler_choices(), default=DEFAULT_SCHEDULER, tooltip="steadydancer: the reference's sigmas (from 0.999, shifted) with the model called at integer timesteps floor(sigma*1000); ComfyUI's schedulers keep float timesteps."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=DEFAULT_STEPS,
+                    min=1,
+                    max=1000,
+                    tooltip="Sampling steps (40 in the reference for image to video; fewer with a distilled-step "
+                    "LoRA).",
+                ),
+                io.Float.Input(
+                    "shift",
+                    default=5.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Flow-matching shift: 5.0 in the reference, 3.0 at 480p.",
+                ),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=sampler_choices(),
+                    default=DEFAULT_SAMPLER,
+                    tooltip="steadydancer: the reference's flow UniPC of order 2 (ComfyUI's uni_pc_bh2 runs at "
+                    "order 3).",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=scheduler_choices(),
+                    default=DEFAULT_SCHEDULER,
+                    tooltip="steadydancer: the reference's sigmas (from 0.999, shifted) with the model called at "
+                    "integer"
+                    " timesteps floor(sigma*1000); ComfyUI's schedulers keep float timesteps.",
+                ),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def validate_inputs(
-        cls, text_scale: float | None = None, pose_scale: float | None = None, start: float | None = None,
-        end: float | None = None, shift: float | None = None, sampler_name: str | None = None, scheduler: str | None = None,
+        cls,
+        text_scale: float | None = None,
+        pose_scale: float | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        shift: float | None = None,
+        sampler_name: str | None = None,
+        scheduler: str | None = None,
     ) -> bool | str:
         return first_error(
-            guidance_error(text_scale, pose_scale, start, end), number_error("shift", shift, 0.0, 100.0),
+            guidance_error(text_scale, pose_scale, start, end),
+            number_error("shift", shift, 0.0, 100.0),
             choice_error("sampler_name", sampler_name, sampler_choices()),
             choice_error("scheduler", scheduler, scheduler_choices()),
         )
 
     @classmethod
-    def execute(cls, model: ModelPatcher, positive: list, negative: list, pose_negative: list,
-                text_scale: float, pose_scale: float, start: float, end: float, latent: dict,
-                seed: int, steps: int, shift: float, sampler_name: str, scheduler: str) -> io.NodeOutput:
-        shifted = patch_model_sampling(model, shift, "integer" if scheduler == STEADYDANCER else "float")
-        guider = make_guider(shifted, positive, negative, pose_negative, text_scale, pose_scale, start, end)
+    def execute(
+        cls,
+        model: ModelPatcher,
+        positive: list,
+        negative: list,
+        pose_negative: list,
+        text_scale: float,
+        pose_scale: float,
+        start: float,
+        end: float,
+        latent: dict,
+        seed: int,
+        steps: int,
+        shift: float,
+        sampler_name: str,
+        scheduler: str,
+    ) -> io.NodeOutput:
+        shifted = patch_model_sampling(
+            model, shift, "integer" if scheduler == STEADYDANCER else "float"
+        )
+        guider = make_guider(
+            shifted, positive, negative, pose_negative, text_scale, pose_scale, start, end
+        )
         return io.NodeOutput(sample(guider, latent, seed, steps, sampler_name, scheduler))
 
 

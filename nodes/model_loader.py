@@ -36,7 +36,9 @@ def model_files() -> list[str]:
     """SteadyDancer candidates: .safetensors and .gguf files of diffusion_models / unet."""
     register_gguf_folder()
     names = set(folder_paths.get_filename_list(GGUF_FOLDER))
-    names.update(n for n in folder_paths.get_filename_list(MODEL_FOLDER) if n.lower().endswith(EXTENSIONS))
+    names.update(
+        n for n in folder_paths.get_filename_list(MODEL_FOLDER) if n.lower().endswith(EXTENSIONS)
+    )
     return sorted(names)
 
 
@@ -47,7 +49,9 @@ def model_path(name: str) -> str:
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         searched = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
-        raise ModelFileError(f"{name!r} is not in the diffusion model folders ({searched}); put it there and refresh")
+        raise ModelFileError(
+            f"{name!r} is not in the diffusion model folders ({searched}); put it there and refresh"
+        )
     return path
 
 
@@ -78,15 +82,44 @@ class SteadyDancerModelLoader(io.ComfyNode):
             description="Loads SteadyDancer-14B (Wan2.1-I2V + pose path) from models/diffusion_models. "
             "GGUF weights stay quantised and are dequantised per layer; LoRA loaders work on both kinds.",
             inputs=[
-                io.Combo.Input("model_name", options=model_files(), tooltip="A SteadyDancer .gguf or .safetensors file in models/diffusion_models (or models/unet). Plain Wan2.1 files are refused."),
-                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default", tooltip="Dtype of the computation (and of float weights). 'default' lets ComfyUI pick for your GPU (bf16 on recent NVIDIA cards)."),
-                io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", tooltip="Attention kernel for this model only. 'auto' takes the fastest installed for your GPU (flash-attn 3, then flash-attn 2 / xformers / PyTorch SDPA; on Hopper SDPA comes before flash-attn 2); SageAttention is lossy and only used when chosen; 'comfy' uses ComfyUI's own choice (its --use-*-attention flags)."),
+                io.Combo.Input(
+                    "model_name",
+                    options=model_files(),
+                    tooltip="A SteadyDancer .gguf or .safetensors file in models/diffusion_models (or models/unet). "
+                    "Plain Wan2.1 files are refused.",
+                ),
+                io.Combo.Input(
+                    "compute_dtype",
+                    options=list(COMPUTE_DTYPES),
+                    default="default",
+                    tooltip="Dtype of the computation (and of float weights). 'default' lets ComfyUI pick for your "
+                    "GPU "
+                    "(bf16 on recent NVIDIA cards).",
+                ),
+                io.Combo.Input(
+                    "attention",
+                    options=list(ATTENTION_CHOICES),
+                    default="auto",
+                    tooltip="Attention kernel for this model only. 'auto' takes the fastest installed for your GPU "
+                    "(flash-attn 3, then flash-attn 2 / xformers / PyTorch SDPA; on Hopper SDPA comes before "
+                    "flash-attn 2); SageAttention is lossy and only used when chosen; 'comfy' uses ComfyUI's own"
+                    " choice (its --use-*-attention flags).",
+                ),
             ],
-            outputs=[io.Model.Output(tooltip="The SteadyDancer model; use it with the SteadyDancer guider.")],
+            outputs=[
+                io.Model.Output(
+                    tooltip="The SteadyDancer model; use it with the SteadyDancer guider."
+                )
+            ],
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str | None = None, compute_dtype: str | None = None, attention: str | None = None) -> bool | str:
+    def validate_inputs(
+        cls,
+        model_name: str | None = None,
+        compute_dtype: str | None = None,
+        attention: str | None = None,
+    ) -> bool | str:
         return first_error(
             choice_error("model_name", model_name, model_files()),
             choice_error("compute_dtype", compute_dtype, list(COMPUTE_DTYPES)),
@@ -94,10 +127,16 @@ class SteadyDancerModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name: str, compute_dtype: str = "default", attention: str = "auto") -> io.NodeOutput:
+    def execute(
+        cls, model_name: str, compute_dtype: str = "default", attention: str = "auto"
+    ) -> io.NodeOutput:
         # fp8 .safetensors are dequantised into the compute dtype (bf16 unless one is chosen).
-        state_dict = read_weights(model_path(model_name), COMPUTE_DTYPES[compute_dtype] or torch.bfloat16)
-        return io.NodeOutput(build_model_patcher(state_dict, compute_dtype=compute_dtype, attention=attention))
+        state_dict = read_weights(
+            model_path(model_name), COMPUTE_DTYPES[compute_dtype] or torch.bfloat16
+        )
+        return io.NodeOutput(
+            build_model_patcher(state_dict, compute_dtype=compute_dtype, attention=attention)
+        )
 
 
 MODEL_NODES: list[type[io.ComfyNode]] = [SteadyDancerModelLoader]

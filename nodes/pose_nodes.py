@@ -47,7 +47,9 @@ PREVIEW_SIZE = 512
 REFERENCE_DETECT_RESOLUTION = 1024  # the reference pipeline's
 
 PoseDetectorType = io.Custom("STEADYDANCER_POSE_DETECTOR")
-PoseKeypoint = io.Custom("POSE_KEYPOINT")  # the controlnet_aux / OpenPose JSON list, one dict per frame
+PoseKeypoint = io.Custom(
+    "POSE_KEYPOINT"
+)  # the controlnet_aux / OpenPose JSON list, one dict per frame
 
 
 def register_dwpose_folder() -> None:
@@ -59,7 +61,10 @@ def register_dwpose_folder() -> None:
     default = os.path.join(folder_paths.models_dir, DWPOSE_FOLDER)
     folder_paths.add_model_folder_path(DWPOSE_FOLDER, default, is_default=True)
     paths, extensions = folder_paths.folder_names_and_paths[DWPOSE_FOLDER]
-    folder_paths.folder_names_and_paths[DWPOSE_FOLDER] = (paths, set(extensions) | DWPOSE_EXTENSIONS)
+    folder_paths.folder_names_and_paths[DWPOSE_FOLDER] = (
+        paths,
+        set(extensions) | DWPOSE_EXTENSIONS,
+    )
 
 
 def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
@@ -112,7 +117,9 @@ def reference_for_detection(image: torch.Tensor) -> torch.Tensor:
     """The reference image as the reference detects its pose: first resized (OpenCV bicubic,
     8 bits) to its 1024x576-area size, so the pose is normalised to that size."""
     height, width = pose_draw_size(tuple(image.shape[1:3]))
-    resized = cv2.resize(to_uint8_frames(image[:1])[0], (width, height), interpolation=cv2.INTER_CUBIC)
+    resized = cv2.resize(
+        to_uint8_frames(image[:1])[0], (width, height), interpolation=cv2.INTER_CUBIC
+    )
     return to_image(resized[None])
 
 
@@ -131,7 +138,9 @@ def _load_from_folders(backend: str, colour_order: str = "reference") -> PoseDet
     first_error: CheckpointNotFoundError | None = None
     for folder in folders:
         try:
-            return load_detector(backend, folder, device=detector_device(backend), colour_order=colour_order)
+            return load_detector(
+                backend, folder, device=detector_device(backend), colour_order=colour_order
+            )
         except CheckpointNotFoundError as error:
             first_error = first_error or error
     raise CheckpointNotFoundError(
@@ -180,7 +189,10 @@ class Uint8Frames:
 
 
 def _detect(
-    detector: PoseDetector, images: torch.Tensor, detect_resolution: int, batch_size: int = 1,
+    detector: PoseDetector,
+    images: torch.Tensor,
+    detect_resolution: int,
+    batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Pose | None]:
     """Run the detector with ComfyUI's Cancel: an interrupt stops it between batches."""
@@ -211,14 +223,17 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
                     options=list(BACKENDS),
                     default="onnx",
                     tooltip="onnx: onnxruntime with yolox_l.onnx + dw-ll_ucoco_384.onnx. mmpose: the reference "
-                    "pipeline (mmpose/mmdet/mmcv) with yolox_l_8x8_300e_coco_20211126_140236-d3bd2b23.pth + dw-ll_ucoco_384.pth.",
+                    "pipeline (mmpose/mmdet/mmcv) with yolox_l_8x8_300e_coco_20211126_140236-d3bd2b23.pth + "
+                    "dw-ll_ucoco_384.pth.",
                 ),
                 io.Combo.Input(
                     "colour_order",
                     options=list(COLOUR_ORDERS),
                     default="reference",
-                    tooltip="reference: the channel orders the reference pipeline hands the networks (YOLOX gets RGB, "
-                    "DWPose BGR), which SteadyDancer's training poses came from. trained: the orders the networks were "
+                    tooltip="reference: the channel orders the reference pipeline hands the networks (YOLOX gets "
+                    "RGB, "
+                    "DWPose BGR), which SteadyDancer's training poses came from. trained: the orders the "
+                    "networks were "
                     "trained on (YOLOX BGR, DWPose RGB).",
                 ),
             ],
@@ -226,8 +241,13 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, backend: str | None = None, colour_order: str | None = None) -> bool | str:
-        return first_error(choice_error("backend", backend, BACKENDS), choice_error("colour_order", colour_order, COLOUR_ORDERS))
+    def validate_inputs(
+        cls, backend: str | None = None, colour_order: str | None = None
+    ) -> bool | str:
+        return first_error(
+            choice_error("backend", backend, BACKENDS),
+            choice_error("colour_order", colour_order, COLOUR_ORDERS),
+        )
 
     @classmethod
     def execute(cls, backend: str, colour_order: str = "reference") -> io.NodeOutput:
@@ -241,21 +261,51 @@ class SteadyDancerPoseExtract(io.ComfyNode):
             node_id="SteadyDancerPoseExtract",
             display_name="SteadyDancer Pose Extract",
             category="SteadyDancer/pose",
-            description="Whole-body poses of every frame (e.g. from LoadVideo + GetVideoComponents), one person per frame.",
+            description="Whole-body poses of every frame (e.g. from LoadVideo + GetVideoComponents), one person "
+            "per frame.",
             inputs=[
-                PoseDetectorType.Input("pose_detector", tooltip="From SteadyDancer Pose Detector Loader."),
-                io.Image.Input("images", tooltip="Frames of the driving video (LoadVideo + GetVideoComponents)."),
-                io.Int.Input("detect_resolution", default=1024, min=64, max=4096, step=64, tooltip="Short side the frames are resized to for detection (reference: 1024)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Frames per detector call; the progress bar and Cancel act between batches. The public ONNX files take one frame at a time; mmpose on a GPU is faster with 8."),
+                PoseDetectorType.Input(
+                    "pose_detector", tooltip="From SteadyDancer Pose Detector Loader."
+                ),
+                io.Image.Input(
+                    "images",
+                    tooltip="Frames of the driving video (LoadVideo + GetVideoComponents).",
+                ),
+                io.Int.Input(
+                    "detect_resolution",
+                    default=1024,
+                    min=64,
+                    max=4096,
+                    step=64,
+                    tooltip="Short side the frames are resized to for detection (reference: 1024).",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=1,
+                    min=1,
+                    max=64,
+                    tooltip="Frames per detector call; the progress bar and Cancel act between batches. The public "
+                    "ONNX "
+                    "files take one frame at a time; mmpose on a GPU is faster with 8.",
+                ),
             ],
             outputs=[
                 PoseKeypoint.Output(display_name="poses"),
-                io.Image.Output(display_name="preview", tooltip="The detected poses, drawn at most 512 pixels wide/high."),
+                io.Image.Output(
+                    display_name="preview",
+                    tooltip="The detected poses, drawn at most 512 pixels wide/high.",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, pose_detector: PoseDetector, images: torch.Tensor, detect_resolution: int, batch_size: int = 1) -> io.NodeOutput:
+    def execute(
+        cls,
+        pose_detector: PoseDetector,
+        images: torch.Tensor,
+        detect_resolution: int,
+        batch_size: int = 1,
+    ) -> io.NodeOutput:
         bar = comfy.utils.ProgressBar(images.shape[0])
         progress = lambda done, total: bar.update_absolute(done, total)  # noqa: E731
         poses = _detect(pose_detector, images, detect_resolution, batch_size, progress)
@@ -279,31 +329,98 @@ class SteadyDancerPoseAlign(io.ComfyNode):
             "generation size).",
             inputs=[
                 io.Image.Input("reference_image", tooltip="The person to animate (first image)."),
-                PoseKeypoint.Input("driving_poses", tooltip="Poses of the driving video (SteadyDancer Pose Extract)."),
-                io.Int.Input("width", default=480, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation width (from SteadyDancer Generation Size, as in the conditioning node)."),
-                io.Int.Input("height", default=832, min=16, max=MAX_RESOLUTION, step=16, tooltip="Generation height (from SteadyDancer Generation Size)."),
-                io.Int.Input("align_frame", default=0, min=0, max=100000, tooltip="Driving frames skipped at the start; the first used frame sets the limb scales."),
-                io.Combo.Input("missing_person", options=list(MISSING_POLICIES), default="hold", tooltip="Frames without a person: hold the previous pose, interpolate between neighbours, or leave the frame empty."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the random scales of the negative poses."),
-                io.Combo.Input("colours", options=list(COLOURS), default="steadydancer", tooltip="steadydancer: the colours the model was trained on. controlnet: OpenPose ControlNet colours."),
-                PoseDetectorType.Input("pose_detector", optional=True, tooltip="Detects the reference pose (on the reference resized to its 1024x576-area size, at resolution 1024, as the reference); not needed when reference_pose is connected."),
-                PoseKeypoint.Input("reference_pose", optional=True, tooltip="Pose of the reference image, instead of detecting it."),
+                PoseKeypoint.Input(
+                    "driving_poses",
+                    tooltip="Poses of the driving video (SteadyDancer Pose Extract).",
+                ),
+                io.Int.Input(
+                    "width",
+                    default=480,
+                    min=16,
+                    max=MAX_RESOLUTION,
+                    step=16,
+                    tooltip="Generation width (from SteadyDancer Generation Size, as in the conditioning node).",
+                ),
+                io.Int.Input(
+                    "height",
+                    default=832,
+                    min=16,
+                    max=MAX_RESOLUTION,
+                    step=16,
+                    tooltip="Generation height (from SteadyDancer Generation Size).",
+                ),
+                io.Int.Input(
+                    "align_frame",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    tooltip="Driving frames skipped at the start; the first used frame sets the limb scales.",
+                ),
+                io.Combo.Input(
+                    "missing_person",
+                    options=list(MISSING_POLICIES),
+                    default="hold",
+                    tooltip="Frames without a person: hold the previous pose, interpolate between neighbours, or "
+                    "leave "
+                    "the frame empty.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Seed of the random scales of the negative poses.",
+                ),
+                io.Combo.Input(
+                    "colours",
+                    options=list(COLOURS),
+                    default="steadydancer",
+                    tooltip="steadydancer: the colours the model was trained on. controlnet: OpenPose ControlNet "
+                    "colours.",
+                ),
+                PoseDetectorType.Input(
+                    "pose_detector",
+                    optional=True,
+                    tooltip="Detects the reference pose (on the reference resized to its 1024x576-area size, at "
+                    "resolution 1024, as the reference); not needed when reference_pose is connected.",
+                ),
+                PoseKeypoint.Input(
+                    "reference_pose",
+                    optional=True,
+                    tooltip="Pose of the reference image, instead of detecting it.",
+                ),
             ],
             outputs=[
-                io.Image.Output(display_name="positive", tooltip="Aligned pose frames at the generation size (float, bicubic overshoot kept as the reference feeds its VAE)."),
-                io.Image.Output(display_name="negative", tooltip="Augmented pose frames, for pose guidance."),
-                io.Image.Output(display_name="clip_pose", tooltip="The first positive frame at the reference image's size: what the reference gives CLIP vision (SteadyDancer CLIP Vision Encode)."),
+                io.Image.Output(
+                    display_name="positive",
+                    tooltip="Aligned pose frames at the generation size (float, bicubic overshoot kept as the "
+                    "reference "
+                    "feeds its VAE).",
+                ),
+                io.Image.Output(
+                    display_name="negative", tooltip="Augmented pose frames, for pose guidance."
+                ),
+                io.Image.Output(
+                    display_name="clip_pose",
+                    tooltip="The first positive frame at the reference image's size: what the reference gives CLIP "
+                    "vision (SteadyDancer CLIP Vision Encode).",
+                ),
             ],
         )
 
     @classmethod
     def validate_inputs(
-        cls, missing_person: str | None = None, width: int | None = None, height: int | None = None,
+        cls,
+        missing_person: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
         colours: str | None = None,
     ) -> bool | str:
         # width=70 would otherwise pass /prompt and fail after minutes of pose extraction and encoding
         return first_error(
-            choice_error("missing_person", missing_person, MISSING_POLICIES), choice_error("colours", colours, COLOURS),
+            choice_error("missing_person", missing_person, MISSING_POLICIES),
+            choice_error("colours", colours, COLOURS),
             multiple_error("width", width, SIZE_MULTIPLE, SIZE_MULTIPLE, MAX_RESOLUTION),
             multiple_error("height", height, SIZE_MULTIPLE, SIZE_MULTIPLE, MAX_RESOLUTION),
         )
@@ -323,7 +440,12 @@ class SteadyDancerPoseAlign(io.ComfyNode):
         reference_pose: list[dict] | None = None,
     ) -> io.NodeOutput:
         reference = _reference_pose(reference_image[:1], pose_detector, reference_pose)
-        aligned = align_poses(reference, from_pose_keypoint(driving_poses), align_frame=align_frame, missing=missing_person)
+        aligned = align_poses(
+            reference,
+            from_pose_keypoint(driving_poses),
+            align_frame=align_frame,
+            missing=missing_person,
+        )
         augmented = augment_poses(aligned, seed)
         size = tuple(reference_image.shape[1:3])
         positive, clip_pose = render_at_size(aligned, size, width, height, colours)
@@ -331,15 +453,23 @@ class SteadyDancerPoseAlign(io.ComfyNode):
         return io.NodeOutput(positive, negative, clip_pose)
 
 
-def _reference_pose(image: torch.Tensor, detector: PoseDetector | None, keypoints: list[dict] | None) -> Pose | None:
+def _reference_pose(
+    image: torch.Tensor, detector: PoseDetector | None, keypoints: list[dict] | None
+) -> Pose | None:
     """The reference person's pose (None: no person, which align_poses reports clearly)."""
     if keypoints is not None:
         poses = from_pose_keypoint(keypoints[:1])
     elif detector is not None:
         poses = _detect(detector, reference_for_detection(image), REFERENCE_DETECT_RESOLUTION)
     else:
-        raise PoseError("SteadyDancer Pose Align needs the reference pose: connect pose_detector or reference_pose")
+        raise PoseError(
+            "SteadyDancer Pose Align needs the reference pose: connect pose_detector or reference_pose"
+        )
     return poses[0] if poses else None
 
 
-POSE_NODES: list[type[io.ComfyNode]] = [SteadyDancerPoseDetectorLoader, SteadyDancerPoseExtract, SteadyDancerPoseAlign]
+POSE_NODES: list[type[io.ComfyNode]] = [
+    SteadyDancerPoseDetectorLoader,
+    SteadyDancerPoseExtract,
+    SteadyDancerPoseAlign,
+]

@@ -34,7 +34,9 @@ TIMESTEP_MODES = ("integer", "float")
 _START_TOL = 1e-6
 
 
-class ReferenceFlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+class ReferenceFlowSampling(
+    comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST
+):
     """Wan's flow matching (CONST) as the reference samples it.
 
     timestep(): floor(sigma * 1000), the integer timestep the reference hands the model.
@@ -46,7 +48,13 @@ class ReferenceFlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comf
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return reference_timestep(sigma, self.multiplier)
 
-    def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor, max_denoise: bool = False) -> torch.Tensor:
+    def noise_scaling(
+        self,
+        sigma: torch.Tensor,
+        noise: torch.Tensor,
+        latent_image: torch.Tensor,
+        max_denoise: bool = False,
+    ) -> torch.Tensor:
         first = float(torch.as_tensor(sigma).flatten()[0])
         if max_denoise or first >= reference_first_sigma(self.shift) * (1 - _START_TOL):
             scale = getattr(self, "noise_scale", 1.0)
@@ -65,7 +73,9 @@ def flow_shift(model: ModelPatcher) -> float:
     return float(sampling.shift)
 
 
-def patch_model_sampling(model: ModelPatcher, shift: float, timesteps: str = "integer") -> ModelPatcher:
+def patch_model_sampling(
+    model: ModelPatcher, shift: float, timesteps: str = "integer"
+) -> ModelPatcher:
     """A clone of `model` that samples flow matching at `shift`; `timesteps` "integer" is the
     reference's (ReferenceFlowSampling), "float" ComfyUI's own (as ModelSamplingSD3)."""
     if timesteps not in TIMESTEP_MODES:
@@ -84,8 +94,12 @@ def patch_model_sampling(model: ModelPatcher, shift: float, timesteps: str = "in
 
 @torch.no_grad()
 def sample_steadydancer_unipc(
-    model: object, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
-    callback: object = None, disable: bool | None = None,
+    model: object,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict | None = None,
+    callback: object = None,
+    disable: bool | None = None,
 ) -> torch.Tensor:
     """ComfyUI sampler function (k-diffusion convention) around the library's flow UniPC."""
     extra_args = extra_args or {}
@@ -98,7 +112,15 @@ def sample_steadydancer_unipc(
     def step_done(i: int, sample: torch.Tensor, denoised: torch.Tensor) -> None:
         bar.update(1)
         if callback is not None:
-            callback({"x": sample, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+            callback(
+                {
+                    "x": sample,
+                    "i": i,
+                    "sigma": sigmas[i],
+                    "sigma_hat": sigmas[i],
+                    "denoised": denoised,
+                }
+            )
 
     try:
         return sample_flow_unipc(denoise, x, sigmas, callback=step_done)
@@ -123,7 +145,9 @@ def sigmas_for(model: ModelPatcher, scheduler: str, steps: int) -> torch.Tensor:
     """Sigmas of `scheduler` (ours or one of ComfyUI's) for `model`, on the CPU."""
     if scheduler == STEADYDANCER:
         return reference_schedule(steps, flow_shift(model))[0]
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+    return comfy.samplers.calculate_sigmas(
+        model.get_model_object("model_sampling"), scheduler, steps
+    ).cpu()
 
 
 def sampler_for(name: str) -> comfy.samplers.Sampler:
@@ -142,18 +166,38 @@ class SteadyDancerModelSampling(io.ComfyNode):
             "is called at floor(sigma*1000), and the reference's schedule starts from pure noise.",
             inputs=[
                 io.Model.Input("model", tooltip="The SteadyDancer model."),
-                io.Float.Input("shift", default=DEFAULT_SHIFT, min=0.01, max=100.0, step=0.01, tooltip="Flow shift: 5.0 in the reference, 3.0 at the 480p areas (832*480, 480*832)."),
-                io.Combo.Input("timesteps", options=list(TIMESTEP_MODES), default="integer", tooltip="integer: floor(sigma*1000) as the reference. float: ComfyUI's sigma*1000 (ModelSamplingSD3)."),
+                io.Float.Input(
+                    "shift",
+                    default=DEFAULT_SHIFT,
+                    min=0.01,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="Flow shift: 5.0 in the reference, 3.0 at the 480p areas (832*480, 480*832).",
+                ),
+                io.Combo.Input(
+                    "timesteps",
+                    options=list(TIMESTEP_MODES),
+                    default="integer",
+                    tooltip="integer: floor(sigma*1000) as the reference. float: ComfyUI's sigma*1000 "
+                    "(ModelSamplingSD3).",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def validate_inputs(cls, shift: float | None = None, timesteps: str | None = None) -> bool | str:
-        return first_error(number_error("shift", shift, 0.01, 100.0), choice_error("timesteps", timesteps, TIMESTEP_MODES))
+    def validate_inputs(
+        cls, shift: float | None = None, timesteps: str | None = None
+    ) -> bool | str:
+        return first_error(
+            number_error("shift", shift, 0.01, 100.0),
+            choice_error("timesteps", timesteps, TIMESTEP_MODES),
+        )
 
     @classmethod
-    def execute(cls, model: ModelPatcher, shift: float, timesteps: str = "integer") -> io.NodeOutput:
+    def execute(
+        cls, model: ModelPatcher, shift: float, timesteps: str = "integer"
+    ) -> io.NodeOutput:
         return io.NodeOutput(patch_model_sampling(model, shift, timesteps))
 
 
@@ -168,7 +212,14 @@ class SteadyDancerScheduler(io.ComfyNode):
             "model's flow shift, then 0. Use with SteadyDancer Model Sampling for its integer timesteps.",
             inputs=[
                 io.Model.Input("model", tooltip="The SteadyDancer model (its flow shift is used)."),
-                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000, tooltip="Sampling steps (40 in the reference for image to video; fewer with a distilled-step LoRA)."),
+                io.Int.Input(
+                    "steps",
+                    default=DEFAULT_STEPS,
+                    min=1,
+                    max=1000,
+                    tooltip="Sampling steps (40 in the reference for image to video; fewer with a distilled-step "
+                    "LoRA).",
+                ),
             ],
             outputs=[io.Sigmas.Output()],
         )
@@ -185,7 +236,8 @@ class SteadyDancerUniPCSampler(io.ComfyNode):
             node_id="SteadyDancerUniPCSampler",
             display_name="SteadyDancer Sampler (flow UniPC)",
             category="sampling/custom_sampling/samplers",
-            description="The reference's sampler: multistep UniPC (bh2) of order 2 for flow matching, the last step at "
+            description="The reference's sampler: multistep UniPC (bh2) of order 2 for flow matching, the last step "
+            "at "
             "order 1 (ComfyUI's uni_pc_bh2 runs at order 3).",
             inputs=[],
             outputs=[io.Sampler.Output()],
@@ -196,4 +248,8 @@ class SteadyDancerUniPCSampler(io.ComfyNode):
         return io.NodeOutput(steadydancer_sampler())
 
 
-SAMPLING_NODES: list[type[io.ComfyNode]] = [SteadyDancerModelSampling, SteadyDancerScheduler, SteadyDancerUniPCSampler]
+SAMPLING_NODES: list[type[io.ComfyNode]] = [
+    SteadyDancerModelSampling,
+    SteadyDancerScheduler,
+    SteadyDancerUniPCSampler,
+]

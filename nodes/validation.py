@@ -33,13 +33,22 @@ def number_error(name: str, value: object, low: float, high: float) -> str | Non
     return None
 
 
-def multiple_error(name: str, value: object, multiple: int, low: int, high: int, *, zero: bool = False) -> str | None:
+def multiple_error(
+    name: str, value: object, multiple: int, low: int, high: int, *, zero: bool = False
+) -> str | None:
     """Why a size is refused: not an integer multiple of `multiple` in [low, high] (or 0 if `zero`)."""
     if value is None or (zero and value == 0):
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value % multiple or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value % multiple
+        or not low <= value <= high
+    ):
         allowed = "0 (auto) or " if zero else ""
-        return f"{name} must be {allowed}a multiple of {multiple} from {low} to {high}; got {value!r}"
+        return (
+            f"{name} must be {allowed}a multiple of {multiple} from {low} to {high}; got {value!r}"
+        )
     return None
 
 
