@@ -36,7 +36,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.comfyui_demo import ComfyServer, comfyui_python, messages_until_done, saved_files  # noqa: E402
+from scripts.comfyui_server import ComfyServer, comfyui_python, messages_until_done, saved_files  # noqa: E402
 
 MODES = ("default", "no-dynamic-vram", "16gb")
 SMALL_CARD_GIB = 16

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.comfyui_demo import REPO_ROOT, ComfyServer
+from scripts.comfyui_server import REPO_ROOT, ComfyServer
 
 # Columns of the layout, left to right (node ids of the API graph).
 COLUMNS = [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.comfyui_demo import comfyui_python
+from scripts.comfyui_server import comfyui_python
 
 
 def run_checks(script: Path, out_dir: Path, timeout: int, args: tuple[str, ...] = ()) -> dict:

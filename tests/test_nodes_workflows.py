@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.comfyui_demo import write_extra_paths
+from scripts.comfyui_server import write_extra_paths
 from scripts.make_tiny_models import DEMO, demo_graph
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.comfyui_demo import REPO_ROOT, ComfyServer, build_demo, comfyui_python
+from scripts.comfyui_demo import build_demo
+from scripts.comfyui_server import REPO_ROOT, ComfyServer, comfyui_python
 
 TINY_MODELS = REPO_ROOT / "tiny_models"
 

@@ -17,7 +17,7 @@ import math
 import pytest
 import requests
 
-from scripts.comfyui_demo import messages_until_done
+from scripts.comfyui_server import messages_until_done
 
 pytestmark = pytest.mark.comfyui
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from scripts.comfyui_demo import PACKAGE_FOLDER, REPO_ROOT
+from scripts.comfyui_server import PACKAGE_FOLDER, REPO_ROOT
 
 pytestmark = pytest.mark.comfyui
 

@@ -8,7 +8,7 @@ import threading
 import cv2
 import pytest
 
-from scripts.comfyui_demo import messages_until_done, saved_files
+from scripts.comfyui_server import messages_until_done, saved_files
 from scripts.make_tiny_models import DEMO
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.comfyui_demo import REPO_ROOT, comfyui_python, messages_until_done, saved_files
+from scripts.comfyui_server import REPO_ROOT, comfyui_python, messages_until_done, saved_files
 from scripts.workflow_variants import node_id, with_context_windows
 from tests.integration.test_comfyui_pipeline import _frames
 
