@@ -72,8 +72,7 @@ class SteadyDancerCLIPVisionEncode(io.ComfyNode):
                 io.Image.Input(
                     "image",
                     tooltip="The reference image, or the first pose frame at the reference image's size "
-                    "(SteadyDancer "
-                    "Pose Align 'clip_pose').",
+                    "(SteadyDancer Pose Align 'clip_pose').",
                 ),
             ],
             outputs=[io.ClipVisionOutput.Output()],

@@ -68,8 +68,7 @@ class SteadyDancerImageToVideo(io.ComfyNode):
                 io.ClipVisionOutput.Input(
                     "clip_vision_pose",
                     tooltip="CLIP vision output of the first positive pose frame (SteadyDancer Pose Align "
-                    "'clip_pose'); "
-                    "of a batch only the first image is used.",
+                    "'clip_pose'); of a batch only the first image is used.",
                 ),
                 io.Image.Input(
                     "reference_image",
@@ -89,8 +88,7 @@ class SteadyDancerImageToVideo(io.ComfyNode):
                     min=16,
                     max=MAX_RESOLUTION,
                     step=16,
-                    tooltip="Generation width, from SteadyDancer Generation Size (images are stretched to this "
-                    "size).",
+                    tooltip="Generation width, from SteadyDancer Generation Size (images are stretched to this size).",
                 ),
                 io.Int.Input(
                     "height",
@@ -230,17 +228,16 @@ class SteadyDancerGenerationSize(io.ComfyNode):
             display_name="SteadyDancer Generation Size",
             category="conditioning/video_models",
             description="The video size as the reference derives it: the largest size of the chosen area with the "
-            "reference image's aspect ratio, sides rounded down to multiples of 16 (a 9:16 photo at 832*480 "
-            "gives 464x832).",
+            "reference image's aspect ratio, sides rounded down to multiples of 16 (a 9:16 photo at 832*480 gives "
+            "464x832).",
             inputs=[
                 io.Image.Input("reference_image", tooltip="The person to animate (first image)."),
                 io.Combo.Input(
                     "area",
                     options=list(AREAS),
                     default=DEFAULT_AREA,
-                    tooltip="The reference's sizes; only their area counts. Use flow shift 3.0 at 832*480 / "
-                    "480*832, 5.0"
-                    " otherwise.",
+                    tooltip="The reference's sizes; only their area counts. Use flow shift 3.0 at 832*480 / 480*832, "
+                    "5.0 otherwise.",
                 ),
                 io.Int.Input(
                     "width",
@@ -249,8 +246,7 @@ class SteadyDancerGenerationSize(io.ComfyNode):
                     max=MAX_RESOLUTION,
                     step=16,
                     tooltip="0 (auto): from the reference image and the area. A multiple of 16 (with height) forces "
-                    "the "
-                    "size.",
+                    "the size.",
                 ),
                 io.Int.Input(
                     "height",
@@ -259,8 +255,7 @@ class SteadyDancerGenerationSize(io.ComfyNode):
                     max=MAX_RESOLUTION,
                     step=16,
                     tooltip="0 (auto): from the reference image and the area. A multiple of 16 (with width) forces "
-                    "the "
-                    "size.",
+                    "the size.",
                 ),
             ],
             outputs=[io.Int.Output(display_name="width"), io.Int.Output(display_name="height")],

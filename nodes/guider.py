@@ -159,8 +159,7 @@ def guidance_inputs() -> list[io.Input]:
             step=0.1,
             round=0.01,
             tooltip="Pose guidance scale inside the window (1.5 in the reference, 1.0 in its README example). 0 "
-            "disables"
-            " pose guidance.",
+            "disables pose guidance.",
         ),
         io.Float.Input(
             "start",
@@ -289,16 +288,15 @@ class SteadyDancerSampler(io.ComfyNode):
                     "sampler_name",
                     options=sampler_choices(),
                     default=DEFAULT_SAMPLER,
-                    tooltip="steadydancer: the reference's flow UniPC of order 2 (ComfyUI's uni_pc_bh2 runs at "
-                    "order 3).",
+                    tooltip="steadydancer: the reference's flow UniPC of order 2 (ComfyUI's uni_pc_bh2 runs at order "
+                    "3).",
                 ),
                 io.Combo.Input(
                     "scheduler",
                     options=scheduler_choices(),
                     default=DEFAULT_SCHEDULER,
                     tooltip="steadydancer: the reference's sigmas (from 0.999, shifted) with the model called at "
-                    "integer"
-                    " timesteps floor(sigma*1000); ComfyUI's schedulers keep float timesteps.",
+                    "integer timesteps floor(sigma*1000); ComfyUI's schedulers keep float timesteps.",
                 ),
             ],
             outputs=[io.Latent.Output()],

@@ -93,8 +93,7 @@ class SteadyDancerModelLoader(io.ComfyNode):
                     options=list(COMPUTE_DTYPES),
                     default="default",
                     tooltip="Dtype of the computation (and of float weights). 'default' lets ComfyUI pick for your "
-                    "GPU "
-                    "(bf16 on recent NVIDIA cards).",
+                    "GPU (bf16 on recent NVIDIA cards).",
                 ),
                 io.Combo.Input(
                     "attention",
@@ -102,8 +101,8 @@ class SteadyDancerModelLoader(io.ComfyNode):
                     default="auto",
                     tooltip="Attention kernel for this model only. 'auto' takes the fastest installed for your GPU "
                     "(flash-attn 3, then flash-attn 2 / xformers / PyTorch SDPA; on Hopper SDPA comes before "
-                    "flash-attn 2); SageAttention is lossy and only used when chosen; 'comfy' uses ComfyUI's own"
-                    " choice (its --use-*-attention flags).",
+                    "flash-attn 2); SageAttention is lossy and only used when chosen; 'comfy' uses ComfyUI's own "
+                    "choice (its --use-*-attention flags).",
                 ),
             ],
             outputs=[

@@ -231,10 +231,8 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
                     options=list(COLOUR_ORDERS),
                     default="reference",
                     tooltip="reference: the channel orders the reference pipeline hands the networks (YOLOX gets "
-                    "RGB, "
-                    "DWPose BGR), which SteadyDancer's training poses came from. trained: the orders the "
-                    "networks were "
-                    "trained on (YOLOX BGR, DWPose RGB).",
+                    "RGB, DWPose BGR), which SteadyDancer's training poses came from. trained: the orders the "
+                    "networks were trained on (YOLOX BGR, DWPose RGB).",
                 ),
             ],
             outputs=[PoseDetectorType.Output(display_name="pose_detector")],
@@ -261,8 +259,8 @@ class SteadyDancerPoseExtract(io.ComfyNode):
             node_id="SteadyDancerPoseExtract",
             display_name="SteadyDancer Pose Extract",
             category="SteadyDancer/pose",
-            description="Whole-body poses of every frame (e.g. from LoadVideo + GetVideoComponents), one person "
-            "per frame.",
+            description="Whole-body poses of every frame (e.g. from LoadVideo + GetVideoComponents), one person per "
+            "frame.",
             inputs=[
                 PoseDetectorType.Input(
                     "pose_detector", tooltip="From SteadyDancer Pose Detector Loader."
@@ -285,8 +283,7 @@ class SteadyDancerPoseExtract(io.ComfyNode):
                     min=1,
                     max=64,
                     tooltip="Frames per detector call; the progress bar and Cancel act between batches. The public "
-                    "ONNX "
-                    "files take one frame at a time; mmpose on a GPU is faster with 8.",
+                    "ONNX files take one frame at a time; mmpose on a GPU is faster with 8.",
                 ),
             ],
             outputs=[
@@ -361,8 +358,7 @@ class SteadyDancerPoseAlign(io.ComfyNode):
                     options=list(MISSING_POLICIES),
                     default="hold",
                     tooltip="Frames without a person: hold the previous pose, interpolate between neighbours, or "
-                    "leave "
-                    "the frame empty.",
+                    "leave the frame empty.",
                 ),
                 io.Int.Input(
                     "seed",
@@ -395,8 +391,7 @@ class SteadyDancerPoseAlign(io.ComfyNode):
                 io.Image.Output(
                     display_name="positive",
                     tooltip="Aligned pose frames at the generation size (float, bicubic overshoot kept as the "
-                    "reference "
-                    "feeds its VAE).",
+                    "reference feeds its VAE).",
                 ),
                 io.Image.Output(
                     display_name="negative", tooltip="Augmented pose frames, for pose guidance."

@@ -237,8 +237,7 @@ class SteadyDancerUniPCSampler(io.ComfyNode):
             display_name="SteadyDancer Sampler (flow UniPC)",
             category="sampling/custom_sampling/samplers",
             description="The reference's sampler: multistep UniPC (bh2) of order 2 for flow matching, the last step "
-            "at "
-            "order 1 (ComfyUI's uni_pc_bh2 runs at order 3).",
+            "at order 1 (ComfyUI's uni_pc_bh2 runs at order 3).",
             inputs=[],
             outputs=[io.Sampler.Output()],
         )
