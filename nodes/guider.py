@@ -115,13 +115,23 @@ def make_guider(
     return guider
 
 
+# The guidance inputs' ranges: the schema's, and what validate_inputs enforces (it replaces ComfyUI's checks).
+RANGES = {
+    "text_scale": (0.0, 30.0),
+    "pose_scale": (0.0, 10.0),
+    "start": (0.0, 1.0),
+    "end": (0.0, 1.0),
+}
+
+
 def guidance_error(
     text_scale: object, pose_scale: object, start: object, end: object
 ) -> str | None:
     """Why guidance settings are refused (None: fine or linked): NaN, out of range, an empty window."""
     return (
-        number_error("text_scale", text_scale, 0.0, 30.0) or number_error("pose_scale", pose_scale, 0.0, 10.0)
-        or number_error("start", start, 0.0, 1.0) or number_error("end", end, 0.0, 1.0)
+        number_error("text_scale", text_scale, *RANGES["text_scale"])
+        or number_error("pose_scale", pose_scale, *RANGES["pose_scale"])
+        or number_error("start", start, *RANGES["start"]) or number_error("end", end, *RANGES["end"])
         or (f"start ({start}) must be below end ({end}): the pose guidance window would be empty"
             if start is not None and end is not None and start >= end else None)
     )  # fmt: skip
@@ -145,8 +155,8 @@ def guidance_inputs() -> list[io.Input]:
         io.Float.Input(
             "text_scale",
             default=5.0,
-            min=0.0,
-            max=30.0,
+            min=RANGES["text_scale"][0],
+            max=RANGES["text_scale"][1],
             step=0.1,
             round=0.01,
             tooltip="Text guidance scale. 1.0 (for distilled-step LoRAs) skips the negative-prompt prediction.",
@@ -154,8 +164,8 @@ def guidance_inputs() -> list[io.Input]:
         io.Float.Input(
             "pose_scale",
             default=1.5,
-            min=0.0,
-            max=10.0,
+            min=RANGES["pose_scale"][0],
+            max=RANGES["pose_scale"][1],
             step=0.1,
             round=0.01,
             tooltip="Pose guidance scale inside the window (1.5 in the reference, 1.0 in its README example). 0 "
@@ -164,16 +174,16 @@ def guidance_inputs() -> list[io.Input]:
         io.Float.Input(
             "start",
             default=0.1,
-            min=0.0,
-            max=1.0,
+            min=RANGES["start"][0],
+            max=RANGES["start"][1],
             step=0.01,
             tooltip="Pose guidance applies to steps with start < step/steps < end (strict).",
         ),
         io.Float.Input(
             "end",
             default=0.4,
-            min=0.0,
-            max=1.0,
+            min=RANGES["end"][0],
+            max=RANGES["end"][1],
             step=0.01,
             tooltip="End of the pose guidance window, as a fraction of the steps.",
         ),
