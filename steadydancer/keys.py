@@ -9,8 +9,9 @@ the code users run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,24 @@ def missing_pose_path(names: Iterable[str]) -> list[str]:
     """The pose-path tensors (SteadyDancer's additions to Wan2.1) absent from `names`."""
     present = set(names)
     return [k for k in POSE_PATH_KEYS if k not in present]
+
+
+class SteadyDancerStateDict(dict):
+    """Tensors by prefix-free name, from a file whose pose path has been checked.
+
+    What this library's readers return (`steadydancer.weights`, `steadydancer.gguf.loader`):
+    `load_model` and `config_from_state_dict` take it as it is, so that a file is checked
+    once, where it is read, and not again on the way to the model.
+    """
+
+
+def checked_state_dict(tensors: Mapping[str, Any], source: str = "the weights") -> SteadyDancerStateDict:
+    """`tensors` by prefix-free name, after `check_pose_path` (a SteadyDancerStateDict as it is)."""
+    if isinstance(tensors, SteadyDancerStateDict):
+        return tensors
+    out = SteadyDancerStateDict({strip_prefix(k): v for k, v in tensors.items()})
+    check_pose_path(out, source)
+    return out
 
 
 def check_pose_path(names: Iterable[str], source: str = "the weights") -> None:

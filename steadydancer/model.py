@@ -35,7 +35,13 @@ from torch import nn
 
 from .attention import AttentionDispatcher, AttentionFn
 from .errors import ConditioningError, ModelFileError
-from .keys import ALIGN_HIDDEN, check_pose_path, strip_prefix
+from .keys import (
+    ALIGN_HIDDEN,
+    SteadyDancerStateDict,
+    check_pose_path,
+    checked_state_dict,
+    strip_prefix,
+)
 
 HEAD_DIM = 128  # every Wan2.1 size uses heads of 128 channels
 # heads of the tiny test models (keys.TinyConfig), whose dim is not a multiple of 128
@@ -109,8 +115,11 @@ def config_from_state_dict(
         "img_emb.proj.1.weight": (1280, 1280),
         "time_embedding.0.weight": (5120, 256),
     }
-    names = {strip_prefix(k): k for k in sd}
-    check_pose_path(names)
+    if isinstance(sd, SteadyDancerStateDict):  # read and checked by this library
+        names = {k: k for k in sd}
+    else:
+        names = {strip_prefix(k): k for k in sd}
+        check_pose_path(names)
     missing = [k for k in _REQUIRED_FOR_CONFIG if k not in names]
     if missing:
         raise ModelFileError(
@@ -863,9 +872,8 @@ def load_model(
     streaming = parse_memory_option(memory) != "full"
     place = torch.device("cpu") if streaming else device  # streamed weights stay on the host
 
-    if isinstance(source, Mapping):
-        sd = {strip_prefix(k): v for k, v in source.items() if isinstance(v, torch.Tensor)}
-        check_pose_path(sd, "the state dict")
+    if isinstance(source, Mapping):  # a file's tensors are checked where it was read, others here
+        sd = checked_state_dict(source, "the state dict")
     else:
         sd = load_weights(source, dtype=dtype)
     config = config_from_state_dict(sd, num_heads=num_heads)

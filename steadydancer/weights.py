@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelFileError
-from .keys import check_pose_path, strip_prefix
+from .keys import checked_state_dict, strip_prefix
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -66,9 +66,7 @@ def from_safetensors(
     weights, which become `dtype`.
     """
     sd = dequantize_fp8({strip_prefix(k): v for k, v in tensors.items()}, dtype, source=source)
-    if require_pose_path:
-        check_pose_path(sd, source)
-    return sd
+    return checked_state_dict(sd, source) if require_pose_path else sd
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

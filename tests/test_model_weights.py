@@ -173,3 +173,27 @@ def test_plain_load_state_dict_with_ggml_ops(tmp_path: Path):
     torch.testing.assert_close(
         _run(model, inputs), _run(load_model(path, dtype=torch.float32, attention="math"), inputs)
     )
+
+
+def test_a_file_is_checked_once_on_its_way_to_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pose-path check runs where the file is read, not again in load_model and the config."""
+    import steadydancer.keys as keys
+    import steadydancer.model as model_module
+
+    calls = []
+    original = keys.check_pose_path
+
+    def counting(names, source="the weights"):
+        calls.append(source)
+        return original(names, source)
+
+    monkeypatch.setattr(keys, "check_pose_path", counting)
+    monkeypatch.setattr(model_module, "check_pose_path", counting)
+    path = tmp_path / "tiny.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in tiny_sd(seed=4).items()}, str(path))
+    read = load_weights(path, dtype=torch.float32)
+    load_model(read, dtype=torch.float32, attention="math")
+    assert len(calls) == 1
+    calls.clear()
+    load_model({f"model.diffusion_model.{k}": v for k, v in tiny_sd(seed=4).items()}, dtype=torch.float32, attention="math")
+    assert calls == ["the state dict"]  # a dict from elsewhere: checked once, by load_model

@@ -19,7 +19,7 @@ import gguf
 import torch
 
 from ..errors import ModelFileError, UnsupportedQuantError
-from ..keys import check_pose_path
+from ..keys import checked_state_dict
 from .dequant import FLOAT_QTYPES, SUPPORTED_QTYPES, _reinterpret, supported_names
 from .ops import GGMLTensor
 from .reader import GGUFFile, GGUFTensor, _show, read_gguf
@@ -87,6 +87,5 @@ def load_gguf_state_dict(
     with read_gguf(path) as file:
         check_architecture(file)
         check_supported(file)
-        if require_pose_path:
-            check_pose_path(file.tensors, file.path)
-        return {name: to_torch(t) for name, t in file.tensors.items()}
+        tensors = {name: to_torch(t) for name, t in file.tensors.items()}  # names are prefix-free
+        return checked_state_dict(tensors, file.path) if require_pose_path else tensors
