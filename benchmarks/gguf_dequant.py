@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import time_calls
-from steadydancer.gguf.dequant import SUPPORTED_QTYPES, as_qtype, dequantize, quantize
+from steadydancer.gguf.dequant import SUPPORTED_QTYPES, as_qtype, dequantize
+from steadydancer.gguf.quantize import quantize
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ORDER = (

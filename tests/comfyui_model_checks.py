@@ -147,7 +147,7 @@ class World:
 def write_gguf(path: Path, arrays: dict) -> set[str]:
     """A Wan GGUF: Q8_0 for 2-D weights whose rows are whole blocks, F32 for the rest."""
     import gguf
-    from comfyui_steadydancer.steadydancer.gguf.dequant import quantize
+    from comfyui_steadydancer.steadydancer.gguf.quantize import quantize
 
     writer = gguf.GGUFWriter(str(path), "wan")
     quantised = set()

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import torch
 
-from steadydancer.gguf.dequant import quantize
+from steadydancer.gguf.quantize import quantize
 from steadydancer.keys import TinyConfig, tiny_state_dict
 
 Q = gguf.GGMLQuantizationType

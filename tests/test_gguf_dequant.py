@@ -10,7 +10,8 @@ from gguf_testutils import SCALE_OFFSETS, assert_same_bits, random_blocks
 
 from steadydancer.errors import GGUFError, UnsupportedQuantError
 from steadydancer.gguf import dequant, kquants
-from steadydancer.gguf.dequant import SUPPORTED_QTYPES, dequantize, quantize
+from steadydancer.gguf.dequant import SUPPORTED_QTYPES, dequantize
+from steadydancer.gguf.quantize import quantize
 
 Q = gguf.GGMLQuantizationType
 ALL = sorted(SUPPORTED_QTYPES, key=lambda q: q.name)

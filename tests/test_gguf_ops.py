@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from steadydancer.errors import GGUFError, ModelFileError
-from steadydancer.gguf.dequant import quantize
 from steadydancer.gguf.ops import GGMLOps, GGMLTensor, dequantize_tensor, is_quantized
+from steadydancer.gguf.quantize import quantize
 
 Q = gguf.GGMLQuantizationType
 

@@ -234,8 +234,8 @@ class _QuantBlock(nn.Module):
 
 def _quant_model(dim: int = 256, layers: int = 4):
     np = pytest.importorskip("numpy")
-    from steadydancer.gguf.dequant import quantize
     from steadydancer.gguf.ops import GGMLOps, GGMLTensor
+    from steadydancer.gguf.quantize import quantize
 
     model = nn.Module()
     model.blocks = nn.ModuleList(_QuantBlock(dim, GGMLOps) for _ in range(layers))

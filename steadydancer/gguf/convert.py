@@ -40,8 +40,9 @@ from tqdm import tqdm
 
 from ..errors import GGUFError, ModelFileError, SteadyDancerError, UnsupportedQuantError
 from ..keys import missing_pose_path, strip_prefix
-from .dequant import SUPPORTED_QTYPES, as_qtype, packed_nbytes, quantize, supported_names
+from .dequant import SUPPORTED_QTYPES, as_qtype, packed_nbytes, supported_names
 from .loader import WAN_ARCHITECTURE, WAN_KEY_SET
+from .quantize import quantize
 from .reader import ORIG_SHAPE_PREFIX
 
 Q = gguf.GGMLQuantizationType

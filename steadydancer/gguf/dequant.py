@@ -21,7 +21,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import gguf
-import numpy as np
 import torch
 
 from ..errors import GGUFError, UnsupportedQuantError
@@ -291,31 +290,3 @@ def dequantize(
         # copy_ rounds float32 to `dtype` exactly like Tensor.to / ndarray.astype.
         out[start * block_size : stop * block_size].copy_(fn(blocks[start:stop]).reshape(-1))
     return out.reshape(shape)
-
-
-def quantize(array: np.ndarray, qtype: Q | int | str) -> np.ndarray:
-    """Pack a float array into `qtype` blocks along its last axis (the converter's quantiser).
-
-    Returns uint8 bytes of shape [..., last // block_size * type_size] (float types: the
-    array in that dtype, BF16 as its raw uint16 bits viewed as uint8 pairs, as gguf writes
-    them). The last axis must be a multiple of the block size. K types use our own quantiser
-    (`kquants`), the others `gguf.quants`.
-    """
-    from . import kquants
-
-    qt = as_qtype(qtype)
-    arr = np.asarray(array, dtype=np.float32)
-    if qt not in SUPPORTED_QTYPES:
-        raise UnsupportedQuantError(f"cannot quantise to {qt.name}; supported: {supported_names()}")
-    block_size, _ = gguf.GGML_QUANT_SIZES[qt]
-    if arr.ndim == 0 or arr.shape[-1] % block_size:
-        raise GGUFError(
-            f"cannot quantise a tensor of shape {arr.shape} to {qt.name}: its last axis must be "
-            f"a multiple of {block_size}"
-        )
-    if qt in kquants.QUANTIZERS:
-        return kquants.quantize(arr, qt)
-    try:
-        return gguf.quants.quantize(arr, qt)
-    except (NotImplementedError, gguf.QuantError) as exc:  # pragma: no cover - gguf version drift
-        raise UnsupportedQuantError(f"gguf {qt.name} quantisation failed: {exc}") from exc
