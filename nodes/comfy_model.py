@@ -12,6 +12,7 @@ positive, negative and pose-negative predictions are batched together.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import comfy.conds
@@ -233,10 +234,45 @@ class SteadyDancerModel(comfy.model_base.WAN21):
         transformer_options: dict,
         **inputs: torch.Tensor,
     ) -> torch.Tensor:
-        """The DiT's prediction, with ComfyUI's attention for this call's options."""
+        """The DiT's prediction, with ComfyUI's attention and block patches for this call's options."""
         return self.diffusion_model(
-            x, timestep, **inputs, attention=ComfyAttention(transformer_options)
+            x,
+            timestep,
+            **inputs,
+            attention=ComfyAttention(transformer_options),
+            block_patches=comfy_block_patches(transformer_options),
         )
+
+
+def comfy_block_patches(transformer_options: dict) -> dict[int, Callable]:
+    """ComfyUI's per-block replacements (`patches_replace["dit"][("double_block", i)]`, as on
+    ComfyUI's Wan models) as the DiT's block patches.
+
+    A replacement gets Wan's arguments ({"img": tokens, "txt": text context, "vec": time
+    modulation, "pe": RoPE, "transformer_options"}, plus "img_context" for SteadyDancer's
+    image context) and {"original_block": run the block}; it returns {"img": tokens}.
+    """
+    replace = transformer_options.get("patches_replace", {}).get("dit", {})
+    patches = {}
+    for key, replacement in replace.items():
+        if isinstance(key, tuple) and len(key) == 2 and key[0] == "double_block":
+            patches[int(key[1])] = _block_patch(replacement, transformer_options)
+    return patches
+
+
+def _block_patch(replacement: Callable, transformer_options: dict) -> Callable:
+    def run(block: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        def original_block(args: dict) -> dict:
+            # the block updates its input in place; a patch may still need what it passed in
+            out = block(args["img"].clone(), **{**kwargs, "e0": args["vec"], "rope": args["pe"],
+                                                "context_text": args["txt"]})  # fmt: skip
+            return {"img": out}
+
+        args = {"img": x, "txt": kwargs["context_text"], "vec": kwargs["e0"], "pe": kwargs["rope"],
+                "img_context": kwargs["context_img"], "transformer_options": transformer_options}  # fmt: skip
+        return replacement(args, {"original_block": original_block})["img"]
+
+    return run
 
 
 FRAME_INPUTS = (

@@ -47,6 +47,8 @@ HEAD_DIM = 128  # every Wan2.1 size uses heads of 128 channels
 # heads of the tiny test models (keys.TinyConfig), whose dim is not a multiple of 128
 TEST_HEAD_DIM = 32
 ALIGN_HEADS = 8
+# A replacement of one block for one call: (block, x, the block's keyword arguments) -> new x.
+BlockPatch = Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
 CLIP_TOKENS = 257  # CLIP ViT-H/14 tokens per image: the image rows of the cross-attention context
 
 
@@ -685,9 +687,12 @@ class SteadyDancerDiT(nn.Module):
         ref_c: torch.Tensor,
         *,
         attention: AttentionFn | None = None,
+        block_patches: Mapping[int, BlockPatch] | None = None,
     ) -> torch.Tensor:
         """The velocity prediction. `attention` ([B, L, H, D] in and out) replaces the model's
-        own backend for this call: the ComfyUI glue passes ComfyUI's attention here."""
+        own backend for this call: the ComfyUI glue passes ComfyUI's attention here.
+        `block_patches` replaces blocks by index for this call (`run_blocks`): the ComfyUI glue
+        passes ComfyUI's per-block patches (`patches_replace["dit"]`) here."""
         cfg, dtype = self.config, self.compute_dtype
         b, _, f, h, w = x.shape
         t, text, clip_x, clip_c, y, pose, ref_x, ref_c = self._check_inputs(
@@ -727,6 +732,7 @@ class SteadyDancerDiT(nn.Module):
 
         u = self.run_blocks(
             u,
+            block_patches,
             e0=e0,
             rope=rope,
             context_img=context_img,
@@ -739,10 +745,14 @@ class SteadyDancerDiT(nn.Module):
         out = self.head(u[:, :n_video], e.float(), dtype)
         return self._unpatchify(out, grid).to(x.dtype)
 
-    def run_blocks(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
-        """The transformer blocks in order (the seam that block streaming wraps)."""
-        for block in self.blocks:
-            x = block(x, **block_kwargs)
+    def run_blocks(
+        self, x: torch.Tensor, block_patches: Mapping[int, BlockPatch] | None = None, **block_kwargs: Any
+    ) -> torch.Tensor:
+        """The transformer blocks in order (the seam that block streaming wraps); a block
+        with an entry in `block_patches` runs as `patch(block, x, block_kwargs)` instead."""
+        for index, block in enumerate(self.blocks):
+            patch = block_patches.get(index) if block_patches else None
+            x = block(x, **block_kwargs) if patch is None else patch(block, x, block_kwargs)
         return x
 
     # --------------------------------------------------------------------------- pieces

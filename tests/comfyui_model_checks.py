@@ -564,6 +564,32 @@ def check_caches(world: World) -> dict:
     return out
 
 
+def check_block_patches(world: World) -> dict:
+    """ComfyUI's per-block replacements (patches_replace["dit"], as on Wan) reach the DiT's blocks."""
+    base = load(world, "tiny.safetensors")
+    expected = predict(world, base)
+    calls: list[tuple[int, list[str]]] = []
+
+    def passthrough(args: dict, extra: dict) -> dict:
+        calls.append((0, sorted(args)))
+        return extra["original_block"](args)
+
+    def twice(args: dict, extra: dict) -> dict:  # what a cache does: the block, run more than once
+        extra["original_block"](args)
+        return extra["original_block"](args)
+
+    def skip(args: dict, extra: dict) -> dict:
+        return {"img": args["img"]}
+
+    out = {}
+    for name, patch, block in (("passthrough", passthrough, 0), ("twice", twice, 1), ("skip", skip, 1)):
+        model = base.clone()
+        model.set_model_patch_replace(patch, "dit", "double_block", block)
+        out[name] = max_diff(predict(world, model), expected)
+    out["calls"] = calls
+    return out
+
+
 def check_lora_hooks(world: World) -> dict:
     """Scheduled/per-conditioning LoRA (hooks): works on float weights, a clear error on GGUF."""
     import comfy.hooks
@@ -797,6 +823,7 @@ CHECKS: dict[str, Callable[[World], dict]] = {
     "gguf_patcher": check_gguf_patcher,
     "context_windows": check_context_windows,
     "caches": check_caches,
+    "block_patches": check_block_patches,
     "long_without_windows": check_long_without_windows,
     "attention": check_attention,
     "guider": check_guider,

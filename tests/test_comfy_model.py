@@ -197,3 +197,10 @@ def test_sampling_past_81_frames_without_windows_warns_once_with_the_fix(report:
     assert r["plain"]["finite"] and r["windows"]["finite"]
     assert len(r["plain"]["warnings"]) == 1 and "WAN Context Windows (Manual)" in r["plain"]["warnings"][0]
     assert r["windows"]["warnings"] == []
+
+
+def test_comfyui_block_replacements_reach_the_dit_blocks(report: dict) -> None:
+    r = result(report, "block_patches")
+    assert r["passthrough"] == 0.0 and r["twice"] == 0.0  # running the block (again) changes nothing
+    assert r["skip"] > 1e-4  # skipping a block changes the prediction
+    assert r["calls"] == [[0, ["img", "img_context", "pe", "transformer_options", "txt", "vec"]]]  # Wan's arguments
