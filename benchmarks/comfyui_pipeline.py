@@ -84,6 +84,7 @@ class RunResult:
     peak_gib: float | None = None
     idle_gib: float | None = None
     windows: int | None = None  # context windows per model call (from ComfyUI's log; 0.33 logs them)
+    cache: str | None = None  # EasyCache / LazyCache's own summary line ("skipped N/M steps ...")
     video: dict | None = None
 
 
@@ -218,6 +219,8 @@ def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunRe
             log = server.log_path.read_text(errors="replace")
             counts = [int(m) for m in re.findall(r"Context window \d+/(\d+)", log)]
             result.windows = max(counts) if counts else None
+            summary = re.findall(r"(?:EasyCache|LazyCache) - skipped .*", log)
+            result.cache = summary[-1].strip() if summary else None
             shutil.copy(server.log_path, work.parent / f"comfyui-{result.name.replace('/', '-')}.log")
     except Exception as error:  # one failed run is reported; the others still run
         result.error = f"{type(error).__name__}: {error}"
@@ -241,6 +244,8 @@ def print_run(r: RunResult) -> None:
         print(f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s{per_window}")
     peak = f", peak GPU memory {r.peak_gib:.2f} GiB above idle ({r.idle_gib:.2f} GiB)" if r.peak_gib is not None else ""
     print(f"   whole graph {r.total_s:.2f} s{peak}")
+    if r.cache:
+        print(f"   {r.cache}")
     if r.video:
         v = r.video
         print(f"   video: {v['frames']} frames {v['width']}x{v['height']} at {v['fps']:g} fps, {v['path']}")
@@ -271,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--height", type=int, default=832)
     parser.add_argument("--frames", default="81", help="comma-separated video lengths (4k+1), e.g. 81,241,481")
+    parser.add_argument("--cache", choices=("easycache", "lazycache"),
+                        help="ComfyUI's EasyCache or LazyCache at its default threshold on the model")
     parser.add_argument("--context", metavar="LENGTH:OVERLAP",
                         help="sample in ComfyUI's WAN context windows of LENGTH frames overlapping by OVERLAP (e.g. 81:16)")
     parser.add_argument("--steps", type=int, default=2)
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                    cwd=REPO_ROOT, check=True)  # fmt: skip
 
     from scripts.make_tiny_models import demo_graph
-    from scripts.workflow_variants import with_context_windows
+    from scripts.workflow_variants import with_cache, with_context_windows
 
     api = json.loads((REPO_ROOT / "workflows" / "api" / "steadydancer_api.json").read_text())
     results: list[RunResult] = []
@@ -314,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                                detect_resolution=args.detect_resolution)  # fmt: skip
             if context:
                 graph = with_context_windows(graph, None, *context)
+            if args.cache:
+                graph = with_cache(graph, args.cache)
             for mode in args.modes.split(","):
                 flags = mode_args(mode, args.comfyui, args.cpu)
                 name = f"{weights}/{mode}/{length}f"

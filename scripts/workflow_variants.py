@@ -59,6 +59,22 @@ def with_context_windows(
     return out
 
 
+CACHE_NODES = {"easycache": "EasyCache", "lazycache": "LazyCache"}
+CACHE_NODE_ID = "101"
+
+
+def with_cache(graph: dict, kind: str, reuse_threshold: float = 0.2) -> dict:
+    """`graph` with ComfyUI's EasyCache or LazyCache (its defaults: threshold 0.2, steps 15-95 %)
+    on the guider's model: model calls whose output barely changes are skipped."""
+    out = copy.deepcopy(graph)
+    guider = out[node_id(out, "SteadyDancerGuider")]["inputs"]
+    inputs = {"model": guider["model"], "reuse_threshold": reuse_threshold, "start_percent": 0.15,
+              "end_percent": 0.95, "verbose": False}  # fmt: skip
+    out[CACHE_NODE_ID] = {"inputs": inputs, "class_type": CACHE_NODES[kind], "_meta": {"title": CACHE_NODES[kind]}}
+    guider["model"] = [CACHE_NODE_ID, 0]
+    return out
+
+
 def long_workflow(length: int = LONG_LENGTH) -> dict:
     """The long-video example API workflow."""
     return with_context_windows(json.loads(API.read_text()), length)
