@@ -100,9 +100,9 @@ class SteadyDancerModelLoader(io.ComfyNode):
                     options=list(ATTENTION_CHOICES),
                     default="auto",
                     tooltip="Attention kernel for this model only. 'auto' takes the fastest installed for your GPU "
-                    "(flash-attn 3, then flash-attn 2 / xformers / PyTorch SDPA; on Hopper SDPA comes before "
-                    "flash-attn 2); SageAttention is lossy and only used when chosen; 'comfy' uses ComfyUI's own "
-                    "choice (its --use-*-attention flags).",
+                    "(on Hopper and newer flash-attn 4, flash-attn 3, PyTorch SDPA (cuDNN), then flash-attn 2 / "
+                    "xformers; before Hopper flash-attn 2 / xformers / SDPA); SageAttention is lossy and only used "
+                    "when chosen; 'comfy' uses ComfyUI's own choice (its --use-*-attention flags).",
                 ),
             ],
             outputs=[

@@ -12,7 +12,7 @@ import torch
 from steadydancer import attention as A
 from steadydancer.errors import AttentionBackendError
 
-OPTIONAL = ("flash_attn_3", "flash_attn_2", "xformers", "sage")
+OPTIONAL = ("flash_attn_4", "flash_attn_3", "flash_attn_2", "xformers", "sage")
 
 
 def _reference(q, k, v):
@@ -50,7 +50,7 @@ def fake_install(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "installed", [c for r in range(5) for c in itertools.combinations(OPTIONAL, r)]
+    "installed", [c for r in range(len(OPTIONAL) + 1) for c in itertools.combinations(OPTIONAL, r)]
 )
 def test_selection_for_every_combination_of_installed_backends(fake_install, installed):
     fake_install(set(installed))
@@ -58,7 +58,7 @@ def test_selection_for_every_combination_of_installed_backends(fake_install, ins
     avail = A.available_backends(cuda, torch.bfloat16, 128)
     assert avail == [n for n in A.BACKENDS if n in installed or n in ("sdpa", "math")]
     auto = A.AttentionDispatcher("auto").candidates(cuda, torch.bfloat16, 128)
-    # sm90 (the fixture's GPU): FA3, then SDPA (cuDNN attention, measured faster there), ...
+    # sm90 (the fixture's GPU): FA4, FA3, then SDPA (cuDNN attention, measured faster there), ...
     assert auto == [n for n in A.HOPPER_AUTO_ORDER if n in installed or n in ("sdpa", "math")]
     assert "sage" not in auto  # lossy: only on request
     # float32: only xformers, sdpa, math can run it
@@ -86,9 +86,10 @@ def test_auto_prefers_flash_and_xformers_over_sdpa_before_hopper(fake_install, i
 
 
 def test_capability_dtype_and_head_size_limits(fake_install):
-    fake_install(set(OPTIONAL), capability=(8, 6))  # Ampere/Ada: no flash-attn 3
+    fake_install(set(OPTIONAL), capability=(8, 6))  # Ampere/Ada: no flash-attn 3 or 4
     cuda = torch.device("cuda")
     assert "flash_attn_3" not in A.available_backends(cuda, torch.float16, 128)
+    assert "flash_attn_4" not in A.available_backends(cuda, torch.float16, 128)
     assert A.AttentionDispatcher().candidates(cuda, torch.float16, 128)[0] == "flash_attn_2"
     with pytest.raises(AttentionBackendError, match="compute capability"):
         A.AttentionDispatcher("flash_attn_3").candidates(cuda, torch.float16, 128)
@@ -96,6 +97,17 @@ def test_capability_dtype_and_head_size_limits(fake_install):
     assert "flash_attn_2" not in A.available_backends(cuda, torch.float16, 260)
     with pytest.raises(AttentionBackendError, match="float32"):
         A.AttentionDispatcher("flash_attn_2").candidates(cuda, torch.float32, 128)
+
+
+@pytest.mark.parametrize(("capability", "first"), [((9, 0), "flash_attn_4"), ((10, 0), "flash_attn_4"), ((12, 0), "sdpa")])
+def test_flash_attention_4_leads_on_hopper_and_datacentre_blackwell_only(fake_install, capability, first):
+    fake_install({"flash_attn_4"}, capability=capability)
+    cuda = torch.device("cuda")
+    assert A.AttentionDispatcher().candidates(cuda, torch.bfloat16, 128)[0] == first
+    assert "flash_attn_4" not in A.available_backends(cuda, torch.bfloat16, 256)  # head sizes 64/96/128
+    if first != "flash_attn_4":
+        with pytest.raises(AttentionBackendError, match="compute capability"):
+            A.AttentionDispatcher("flash_attn_4").candidates(cuda, torch.bfloat16, 128)
 
 
 def test_explicit_backend_refused_on_cpu(fake_install):
