@@ -308,7 +308,7 @@ def available_backends(device: torch.device | str, dtype: torch.dtype, head_dim:
     return [
         n
         for n in BACKENDS
-        if is_installed(n) and SPECS[n].supports(device, dtype, head_dim) is None
+        if SPECS[n].supports(device, dtype, head_dim) is None and is_installed(n)  # no GPU package imported on a CPU
     ]
 
 
@@ -366,8 +366,8 @@ class AttentionDispatcher:
             n
             for n in auto_order(device)
             if n not in self.dropped
-            and is_installed(n)
             and SPECS[n].supports(device, dtype, head_dim) is None
+            and is_installed(n)  # checked last: a GPU-only package is not imported for a CPU
         ]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
