@@ -72,8 +72,8 @@ MAX_LOAD_S = 2.0
 # tensor): ~1.2 KiB traced, whatever the tensor's size. The base files have at most 129
 # tensors (~160 KiB at peak) and a case adds at most 200 records (~240 KiB), so 1 MiB covers
 # every legitimate load with room for interpreter noise, while the bug class it is there to
-# catch, an allocation per *declared* element or record (the old reader's ~170 bytes per
-# element of a corrupt array length), exceeds it within the first few KiB of file. The 2 x
+# catch, an allocation per *declared* element or record (the old reader kept ~670 bytes
+# per element of a corrupt array length), exceeds it within the first few KiB of file. The 2 x
 # allows one copy of the file's bytes plus their decoding.
 MEMORY_CONSTANT = 1 << 20
 FILE_LIMIT = 1 << 20  # every case file stays under 1 MB (MAX_LOAD_S is for those)
@@ -969,6 +969,7 @@ class Stats:
     max_excess_case: int = -1
     max_peak: int = 0
     max_rss_growth: int = 0
+    max_rss_case: int = -1
     max_size: int = 0
     wall_s: float = 0.0
     cpu_s: float = 0.0  # CPU time of the workers, summed
@@ -983,7 +984,8 @@ class Stats:
                 setattr(self, attr, getattr(other, attr))
                 setattr(self, case, getattr(other, case))
         self.max_peak = max(self.max_peak, other.max_peak)
-        self.max_rss_growth = max(self.max_rss_growth, other.max_rss_growth)
+        if other.max_rss_growth > self.max_rss_growth:
+            self.max_rss_growth, self.max_rss_case = other.max_rss_growth, other.max_rss_case
         self.max_size = max(self.max_size, other.max_size)
         self.cpu_s += other.cpu_s
         self.failures += other.failures
@@ -1008,7 +1010,8 @@ class Stats:
             f"(case {self.max_ratio_case}); "
             f"max peak - 2 x size {self.max_excess / 1024:,.1f} KiB (case {self.max_excess_case}, "
             f"limit {MEMORY_CONSTANT / 1024:,.0f} KiB); max peak {self.max_peak / 1024:,.1f} KiB",
-            f"max RSS growth during a load {self.max_rss_growth / 1024:,.0f} KiB",
+            f"max RSS growth during a load {self.max_rss_growth / 1024:,.0f} KiB "
+            f"(case {self.max_rss_case})",
         ]
         return "\n".join(lines)
 
@@ -1140,7 +1143,8 @@ def run_one(seed: int, number: int, stats: Stats) -> None:
     if peak - 2 * size > stats.max_excess:
         stats.max_excess, stats.max_excess_case = peak - 2 * size, number
     stats.max_peak = max(stats.max_peak, peak)
-    stats.max_rss_growth = max(stats.max_rss_growth, rss_growth)
+    if rss_growth > stats.max_rss_growth:
+        stats.max_rss_growth, stats.max_rss_case = rss_growth, number
     if problem is not None:
         stats.failures.append(Failure(seed, number, case.base, case.description, problem, detail or ""))
 
