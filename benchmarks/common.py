@@ -19,7 +19,9 @@ file is loaded), and on the host a 14B model would otherwise exist in float firs
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import torch
 from steadydancer.model import CLIP_TOKENS, SteadyDancerConfig
 
 GIB = 1024**3
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # Per GGUF type: byte offsets of the fp16 scale fields in one block (d, and dmin/m where the
 # type has one), and the RMS of a dequantised block of uniformly random bytes whose scale
@@ -48,6 +51,35 @@ PACKED_TYPES: dict[str, tuple[tuple[int, ...], float]] = {
     "Q6_K": ((208,), 1360.0),
 }
 FLOAT_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ------------------------------------------------------------------------------ host memory
+def rss() -> int:
+    """This process's resident set size in bytes (file-backed pages it touched included)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """The largest resident set size seen while the block runs (sampled every 10 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
 
 
 # ------------------------------------------------------------------------------ timing

@@ -12,47 +12,15 @@ what the node held besides its results: it should be a few frames, not a video.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import GIB  # noqa: E402
+from benchmarks.common import GIB, PeakRSS  # noqa: E402
 from scripts.comfyui_inprocess import import_comfyui, load_package  # noqa: E402
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """The largest resident set size seen while the block runs (sampled every 10 ms)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        self.t0 = time.perf_counter()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
 
 
 def nbytes(value: object) -> int:

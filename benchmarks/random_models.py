@@ -27,7 +27,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +92,6 @@ def random_blocks(plan: TensorPlan, rng: np.random.Generator) -> np.ndarray:
     return blocks.reshape(-1)
 
 
-def _dit_tensors(config: SteadyDancerConfig, device: str, seed: int) -> Iterator[tuple[str, tuple[int, ...], torch.Generator]]:
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, (shape, _) in parameter_layout(config, torch.float32).items():
-        yield name, shape, gen
-
-
 def write_dit_gguf(path: Path, config: SteadyDancerConfig, qtype: str = "Q4_K", seed: int = 7) -> None:
     """The DiT as GGUF, tensor by tensor (ComfyUI-GGUF's storage rules: steadydancer.gguf.convert)."""
     target = as_qtype(qtype)
@@ -122,19 +116,78 @@ def _scaled_fp8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (values / scale).to(torch.float8_e4m3fn).cpu(), scale.reshape(1).float().cpu()
 
 
-def write_dit_fp8(path: Path, config: SteadyDancerConfig, device: str = "cpu", seed: int = 8) -> None:
-    """The DiT as Kijai's `*_fp8_e4m3fn_scaled` safetensors: matrices fp8 with one scale each."""
-    from safetensors.torch import save_file
+# e4m3fn codes that are numbers (0x7F and 0xFF are NaN), and the spread of their values
+_FP8_CODES = torch.arange(256, dtype=torch.uint8)
+_FP8_CODES = _FP8_CODES[(_FP8_CODES & 0x7F) != 0x7F]
+_FP8_CODE_STD = float(_FP8_CODES.view(torch.float8_e4m3fn).float().pow(2).mean().sqrt())
 
-    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
-    for name, shape, gen in _dit_tensors(config, device, seed):
-        values = tiny.init_tensor(name, shape, gen)
+
+def random_fp8(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random fp8 codes and the scale that gives them a spread of 1/sqrt(fan_in) (an
+    initialised weight's); drawing codes directly is ~10x faster than converting floats."""
+    index = torch.randint(0, len(_FP8_CODES), shape, generator=gen, dtype=torch.int64)
+    codes = _FP8_CODES[index].view(torch.float8_e4m3fn)
+    scale = 1.0 / (math.sqrt(_fan_in(shape)) * _FP8_CODE_STD)
+    return codes, torch.tensor([scale], dtype=torch.float32)
+
+
+def _safetensors_dtype(dtype: torch.dtype) -> str:
+    return {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]
+
+
+def write_safetensors_streamed(path: Path, items: list[tuple[str, tuple[int, ...], torch.dtype]],
+                               make: Callable[[str], torch.Tensor]) -> None:
+    """A .safetensors file written one tensor at a time: `items` declares names, shapes and
+    dtypes (the header comes first), `make(name)` gives each tensor when its turn comes, so
+    the host holds one tensor, not the model (safetensors' own writer holds all of it twice)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in items:
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _safetensors_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape, dtype in items:
+            tensor = make(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, declared {shape} {dtype}")
+            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def write_dit_fp8(path: Path, config: SteadyDancerConfig, device: str = "cpu", seed: int = 8) -> None:
+    """The DiT as Kijai's `*_fp8_e4m3fn_scaled` safetensors: matrices fp8 with one scale each.
+
+    Written tensor by tensor (`write_safetensors_streamed`): a 16 GB file needs a few hundred
+    MB of host memory. `device` is unused: fp8 codes are drawn on the CPU.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    items: list[tuple[str, tuple[int, ...], torch.dtype]] = [("scaled_fp8", (0,), torch.float8_e4m3fn)]
+    scales: dict[str, torch.Tensor] = {}
+    for name, (shape, _) in parameter_layout(config, torch.float32).items():
         key = f"model.diffusion_model.{name}"
         if name.endswith(".weight") and len(shape) >= 2 and "condition_embedding" not in name:
-            out[key], out[key[: -len("weight")] + "scale_weight"] = _scaled_fp8(values)
+            items += [(key, shape, torch.float8_e4m3fn), (key[: -len("weight")] + "scale_weight", (1,), torch.float32)]
         else:
-            out[key] = values.to(torch.bfloat16).cpu()
-    save_file(out, str(path))
+            items.append((key, shape, torch.bfloat16))
+
+    shapes = {key: shape for key, shape, _ in items}
+
+    def make(key: str) -> torch.Tensor:
+        if key == "scaled_fp8":
+            return torch.zeros(0, dtype=torch.float8_e4m3fn)
+        if key.endswith(".scale_weight"):
+            return scales.pop(key)
+        shape = shapes[key]
+        if key.endswith(".weight") and len(shape) >= 2 and "condition_embedding" not in key:
+            codes, scales[key[: -len("weight")] + "scale_weight"] = random_fp8(shape, gen)
+            return codes
+        return tiny.init_tensor(key, shape, gen).to(torch.bfloat16)
+
+    write_safetensors_streamed(path, items, make)
 
 
 # ------------------------------------------------------------------------------ encoders

@@ -2,7 +2,7 @@
 
 `SteadyDancerModel` is ComfyUI's WAN21 (flow matching with shift, the Wan 2.1 latent
 format, the same memory estimate) whose diffusion model is our `SteadyDancerDiT`, built with
-ComfyUI's operations (or `GGUFOps` for GGUF weights) so that model management, low-VRAM
+ComfyUI's operations (or `GGUFOps` for GGUF and scaled-fp8 weights) so that model management, low-VRAM
 partial loading, offloading and LoRA patching work on it. `extra_conds` turns the
 conditioning that the SteadyDancer conditioning node stores (docs/REFERENCE.md, "Conditioning": concat_latent_image,
 concat_mask, steadydancer_*) into the DiT's inputs, wrapped in ComfyUI's cond types so that
@@ -28,8 +28,8 @@ import torch
 
 from ..steadydancer.conditioning import MASK_CHANNELS, image_to_video_mask
 from ..steadydancer.errors import ConditioningError
-from ..steadydancer.gguf.ops import is_quantized
 from ..steadydancer.model import load_model
+from ..steadydancer.quantized import is_quantized
 from .comfy_attention import OVERRIDE_KEY, ComfyAttention, attention_override
 from .comfy_ops import GGUFModelPatcher, GGUFOps
 
@@ -335,7 +335,7 @@ def _float_dtypes(
 def _gguf_compute_dtype(
     state_dict: dict[str, torch.Tensor], compute: torch.dtype | None, load_device: torch.device
 ) -> torch.dtype:
-    """Dtype GGUF weights are dequantised into: the choice, or what this device runs best."""
+    """Dtype compact (GGUF, fp8) weights are expanded into: the choice, or what this device runs best."""
     if compute is not None:
         return compute
     supported = SteadyDancerModelConfig.supported_inference_dtypes
@@ -348,7 +348,7 @@ def _gguf_compute_dtype(
 def build_model_patcher(
     state_dict: dict[str, torch.Tensor], *, compute_dtype: str = "default", attention: str = "auto"
 ) -> comfy.model_patcher.ModelPatcher:
-    """A MODEL from a SteadyDancer state dict (GGUF tensors still packed).
+    """A MODEL from a SteadyDancer state dict (GGUF blocks and fp8 weights kept compact).
 
     The DiT is `steadydancer.model.load_model`'s, built with ComfyUI's operations
     (`pick_operations`, as ComfyUI's own models) or `GGUFOps`; weights are checked there.

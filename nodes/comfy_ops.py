@@ -1,13 +1,14 @@
-"""ComfyUI operations for GGUF weights: quantised storage, ComfyUI casting, LoRA on the fly.
+"""ComfyUI operations for compact weights (GGUF blocks, scaled fp8), ComfyUI casting, LoRA on the fly.
 
 ComfyUI builds its models from an `operations` namespace whose layers cast their weights
 per forward pass (`comfy.ops.manual_cast`) and apply `weight_function`s on the way: that is
 how low-VRAM partial loading streams weights and how LoRA patches reach weights that stay
-on the CPU. `GGUFOps` keeps that contract for weights that are packed GGML blocks
-(`GGMLTensor`): the packed bytes are what moves between devices, and each forward pass
-dequantises them on the compute device, then applies the layer's `weight_function`s (the
-patcher installs LoRA patches there, see `GGUFModelPatcher`). Non-quantised tensors of a
-GGUF file (norms, biases) stay in their file dtype and are cast like ComfyUI's own layers.
+on the CPU. `GGUFOps` keeps that contract for compact weights: packed GGML blocks
+(`GGMLTensor`) and fp8 values with their scale (`Fp8Tensor`, steadydancer.quantized). The
+compact data is what moves between devices; each forward pass expands it on the compute
+device, then applies the layer's `weight_function`s (the patcher installs LoRA patches
+there, see `GGUFModelPatcher`). Float tensors (norms, biases) stay in their file dtype and
+are cast like ComfyUI's own layers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import comfy.utils
 import torch
 
 from ..steadydancer.errors import GGUFError
-from ..steadydancer.gguf.ops import GGMLLayer, dequantize_tensor, is_quantized
+from ..steadydancer.gguf.ops import GGMLLayer
+from ..steadydancer.quantized import dequantize_tensor, is_quantized
 
 WeightFunction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,7 +68,7 @@ def cast_bias_weight(
 
 
 class GGUFOps(comfy.ops.manual_cast):
-    """`operations` namespace for a SteadyDancer DiT holding GGUF weights.
+    """`operations` namespace for a SteadyDancer DiT holding GGUF or scaled-fp8 weights.
 
     `GGMLLayer` (steadydancer.gguf.ops) creates the parameters on the meta device and takes
     state-dict tensors as they are; ComfyUI's `manual_cast` layers give the casting
@@ -185,7 +187,7 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
             module = comfy.utils.get_attr(model, name.rsplit(".", 1)[0]) if "." in name else model
             if is_quantized(value):
                 out[name] = lazy(
-                    self, prefix + name, torch.empty(value.tensor_shape, dtype=dtype, device="meta")
+                    self, prefix + name, torch.empty(value.shape, dtype=dtype, device="meta")
                 )
             elif hasattr(module, "comfy_cast_weights") and not getattr(
                 module, "comfy_patched_weights", False

@@ -59,7 +59,9 @@ def read_weights(path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict of a SteadyDancer file; .safetensors are read by ComfyUI's own reader.
 
     ComfyUI's reader memory-maps the file in the way its dynamic VRAM expects (0.3x reads
-    weights straight from the file into GPU memory); fp8 weights become `dtype`.
+    weights straight from the file into GPU memory). Scaled fp8 weights stay fp8
+    (`Fp8Tensor`, expanded per layer and forward pass like GGUF blocks): a bf16 copy would
+    double the model in host and GPU memory and take minutes to make on the CPU.
     """
     if not path.lower().endswith(".safetensors"):
         return load_weights(path, dtype=dtype)
@@ -67,7 +69,7 @@ def read_weights(path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         tensors = comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as exc:  # ComfyUI raises plain exceptions for unreadable files
         raise ModelFileError(f"{path}: not a readable safetensors file: {exc}") from exc
-    return from_safetensors(tensors, dtype=dtype, source=path)
+    return from_safetensors(tensors, dtype=dtype, source=path, keep_fp8=True)
 
 
 class SteadyDancerModelLoader(io.ComfyNode):

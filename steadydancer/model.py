@@ -875,7 +875,8 @@ def load_model(
     None/"full" puts everything on `device`; "auto" or a number of resident blocks keeps the
     other blocks packed in pinned host memory and streams them in per forward.
     """
-    from .gguf.ops import GGMLOps, is_quantized
+    from .gguf.ops import GGMLLayer, GGMLOps
+    from .quantized import is_quantized
     from .streaming import enable_streaming, parse_memory_option
     from .weights import load_weights
 
@@ -892,6 +893,18 @@ def load_model(
         operations = GGMLOps if quantised else nn
     expected = parameter_layout(config, dtype)
     _check_names(sd, expected)
+    model = SteadyDancerDiT(
+        config, operations=operations, device="meta", dtype=dtype, attention=attention
+    )
+    model.requires_grad_(False)
+    # Only layers of the quantised operations expand compact weights per forward pass; a compact
+    # tensor anywhere else (a plain parameter, a layer of the pose path) is expanded here, once.
+    expands = {
+        f"{module_name}.{param}".lstrip(".")
+        for module_name, module in model.named_modules()
+        if isinstance(module, GGMLLayer)
+        for param in module._param_names
+    }
     ready: dict[str, torch.Tensor] = {}
     for name, value in sd.items():
         shape, target_dtype = expected[name]
@@ -899,16 +912,14 @@ def load_model(
             raise ModelFileError(
                 f"{name} has shape {tuple(value.shape)}, the model (read from the other tensors) expects {shape}"
             )
-        if is_quantized(value):
+        if is_quantized(value) and name in expands:
             ready[name] = value
+        elif is_quantized(value):
+            ready[name] = value.dequantize(target_dtype, place)
         elif value.is_floating_point():
             ready[name] = value.to(device=place, dtype=target_dtype)  # the same tensor when it fits
         else:
             raise ModelFileError(f"{name} holds {value.dtype} values; a float tensor was expected")
-    model = SteadyDancerDiT(
-        config, operations=operations, device="meta", dtype=dtype, attention=attention
-    )
-    model.requires_grad_(False)
     model.load_state_dict(ready, strict=True, assign=True)
     if streaming:
         enable_streaming(model, device, memory)

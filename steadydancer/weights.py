@@ -8,7 +8,8 @@
   name: `<layer>.weight_scale`), one value per tensor (or per output row); the weight is
   fp8 * scale. A `scaled_fp8` marker tensor and activation scales (`scale_input`,
   `input_scale`) carry no weights and are dropped. fp8 without scales means scale 1.
-  fp8 weights are dequantised to `dtype` here.
+  fp8 weights are dequantised to `dtype` here, or with `keep_fp8` kept as `Fp8Tensor`s (fp8
+  in memory, expanded per forward pass by the model's layers: steadydancer.quantized).
 Names lose their container prefix (`model.diffusion_model.` ...). The file is refused with
 ModelFileError when it is not a Wan model or lacks the pose path.
 """
@@ -23,8 +24,8 @@ import torch
 
 from .errors import ModelFileError
 from .keys import checked_state_dict, strip_prefix
+from .quantized import FP8_DTYPES, Fp8Tensor
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 DROPPED_SUFFIXES = (".scale_input", ".input_scale")
 MARKERS = ("scaled_fp8",)
@@ -58,14 +59,16 @@ def from_safetensors(
     dtype: torch.dtype = torch.bfloat16,
     source: str = "the weights",
     require_pose_path: bool = True,
+    keep_fp8: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The state dict of the tensors of a SteadyDancer .safetensors file, however it was read.
 
     Drops container prefixes and applies the scaled-fp8 convention (module doc); the tensors
     themselves are kept (a caller's memory-mapped tensors stay memory-mapped), except fp8
-    weights, which become `dtype`.
+    weights, which become `dtype`, or with `keep_fp8` `Fp8Tensor`s over the same fp8 data.
     """
-    sd = dequantize_fp8({strip_prefix(k): v for k, v in tensors.items()}, dtype, source=source)
+    sd = {strip_prefix(k): v for k, v in tensors.items()}
+    sd = dequantize_fp8(sd, dtype, source=source, keep=keep_fp8)
     return checked_state_dict(sd, source) if require_pose_path else sd
 
 
@@ -83,9 +86,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def dequantize_fp8(
-    sd: dict[str, torch.Tensor], dtype: torch.dtype, *, source: str = "the weights"
+    sd: dict[str, torch.Tensor], dtype: torch.dtype, *, source: str = "the weights", keep: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Apply the scaled-fp8 convention: fp8 weight * its scale -> `dtype`; drop scale tensors."""
+    """Apply the scaled-fp8 convention: fp8 weight * its scale -> `dtype` (or, with `keep`, an
+    `Fp8Tensor` of the fp8 weight and its scale); drop scale tensors."""
     scales: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -99,7 +103,7 @@ def dequantize_fp8(
     for key, value in out.items():
         scale = scales.pop(key, None)
         if value.dtype in FP8_DTYPES:
-            out[key] = _scaled(key, value, scale, dtype, source)
+            out[key] = _kept(key, value, scale, source) if keep else _scaled(key, value, scale, dtype, source)
         elif scale is not None and not _is_one(scale):
             raise ModelFileError(
                 f"{source}: {key} is {value.dtype} but has a scale; only fp8 weights are scaled"
@@ -111,6 +115,13 @@ def dequantize_fp8(
 
 def _is_one(scale: torch.Tensor) -> bool:
     return bool(torch.all(scale.float() == 1.0))
+
+
+def _kept(key: str, weight: torch.Tensor, scale: torch.Tensor | None, source: str) -> Fp8Tensor:
+    try:
+        return Fp8Tensor(weight, scale=scale)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{source}: {key}: {exc}") from None
 
 
 def _scaled(

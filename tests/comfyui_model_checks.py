@@ -265,8 +265,8 @@ def check_parity(world: World) -> dict:
     torch = world.torch
     out = {}
     batch = torch.cat([world.noise, 0.5 * world.noise.flip(-1)])  # conds of batch 1, latent of batch 2
-    for name in ("tiny.safetensors", "tiny_q8.gguf"):
-        patcher = load(world, name)
+    for name in ("tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"):
+        patcher = load(world, name)  # fp8 stays fp8 here, the library expands it once at load
         dit = load_model(str(world.unet / name), dtype=torch.float32, attention="math")
         reference = direct(world, dit)
         batched = predict(world, patcher, batch)
@@ -279,7 +279,7 @@ def check_parity(world: World) -> dict:
 
 
 def check_gguf_quantised(world: World) -> dict:
-    from comfyui_steadydancer.steadydancer.gguf.ops import is_quantized
+    from comfyui_steadydancer.steadydancer.quantized import is_quantized
 
     patcher = load(world, "tiny_q8.gguf")
     predict(world, patcher)  # loaded by ComfyUI's model management and run once
@@ -294,6 +294,30 @@ def check_gguf_quantised(world: World) -> dict:
     }
 
 
+def check_fp8_compact(world: World) -> dict:
+    """Scaled fp8 weights stay fp8 in the MODEL after loading and a prediction."""
+    from comfyui_steadydancer.steadydancer.quantized import Fp8Tensor
+    from safetensors import safe_open
+
+    torch = world.torch
+    name = "tiny_fp8_scaled.safetensors"
+    with safe_open(str(world.unet / name), framework="pt") as f:
+        in_file = sorted(k.removeprefix("model.diffusion_model.") for k in f.keys()  # noqa: SIM118 (not a Mapping)
+                         if k != "scaled_fp8" and f.get_slice(k).get_dtype() == "F8_E4M3")
+    patcher = load(world, name)
+    predict(world, patcher)
+    sd = patcher.model.diffusion_model.state_dict()
+    fp8 = sorted(k for k, v in sd.items() if isinstance(v, Fp8Tensor) and v.storage_dtype() == torch.float8_e4m3fn)
+    return {
+        "fp8_in_file": in_file,
+        "fp8_in_model": fp8,
+        "patcher": type(patcher).__name__,
+        "model_size": patcher.model_size(),
+        "float_model_size": load(world, "tiny.safetensors").model_size(),
+        "fp8_float_bytes": sum(world.float_sd[k].numel() * 4 for k in in_file),
+    }
+
+
 def _merged_patcher(world: World, source: dict) -> object:
     """A float MODEL whose weights have the LoRA merged in (the expected result)."""
     from comfyui_steadydancer.nodes.comfy_model import build_model_patcher
@@ -305,18 +329,19 @@ def _merged_patcher(world: World, source: dict) -> object:
 
 
 def check_lora(world: World) -> dict:
-    from comfyui_steadydancer.steadydancer.gguf.ops import dequantize_tensor, is_quantized
+    from comfyui_steadydancer.steadydancer.quantized import dequantize_tensor, is_quantized
     from comfyui_steadydancer.steadydancer.weights import load_weights
 
     import nodes
 
     out = {}
-    for name in ("tiny.safetensors", "tiny_q8.gguf"):
+    for name in ("tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"):
         base = load(world, name)
         before = predict(world, base)
         patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "tiny_lora.safetensors", LORA_STRENGTH)[0]
         with_lora = predict(world, patched)
-        source = {k: dequantize_tensor(v, world.torch.float32) for k, v in load_weights(str(world.unet / name)).items()}
+        weights = load_weights(str(world.unet / name), dtype=world.torch.float32)  # fp8 expanded in float32
+        source = {k: dequantize_tensor(v, world.torch.float32) for k, v in weights.items()}
         expected = predict(world, _merged_patcher(world, source))
         # Low-VRAM path: every layer streamed, patches applied per forward as weight functions.
         patched.unpatch_model()
@@ -337,7 +362,7 @@ def check_lora(world: World) -> dict:
             "partial_unload_vs_merged": max_diff(partial, expected),
             "lora_effect": max_diff(with_lora, before),
             "base_after_vs_before": max_diff(after, before),
-            "still_quantised": is_quantized(q) if name.endswith(".gguf") else None,
+            "still_quantised": is_quantized(q) if name != "tiny.safetensors" else None,
         }
     return out
 
@@ -351,7 +376,7 @@ def check_gguf_patcher(world: World) -> dict:
     import comfy.model_management
     import comfy.model_patcher
     import comfy.utils
-    from comfyui_steadydancer.steadydancer.gguf.ops import dequantize_tensor, is_quantized
+    from comfyui_steadydancer.steadydancer.quantized import dequantize_tensor, is_quantized
     from comfyui_steadydancer.steadydancer.weights import load_weights
     from safetensors.torch import load_file
 
@@ -818,6 +843,7 @@ CHECKS: dict[str, Callable[[World], dict]] = {
     "formats": check_formats,
     "parity": check_parity,
     "gguf_quantised": check_gguf_quantised,
+    "fp8_compact": check_fp8_compact,
     "lora": check_lora,
     "lora_hooks": check_lora_hooks,
     "gguf_patcher": check_gguf_patcher,

@@ -67,7 +67,7 @@ def test_gguf_files_are_listed_without_touching_shared_extensions(report: dict) 
     assert r["path"].endswith("tiny_q8.gguf")
 
 
-@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf"])
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"])
 def test_comfy_prediction_equals_direct_forward(report: dict, name: str) -> None:
     r = result(report, "parity")[name]
     assert r["max_diff"] <= 1e-5 * max(1.0, r["scale"]), r
@@ -82,7 +82,16 @@ def test_gguf_weights_stay_quantised_after_loading_and_running(report: dict) -> 
     assert r["model_size"] < r["float_model_size"] - 0.7 * r["quantised_float_bytes"]
 
 
-@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf"])
+def test_scaled_fp8_weights_stay_fp8_in_the_model(report: dict) -> None:
+    """No bf16 copy of an fp8 checkpoint: its fp8 tensors are the model's, expanded per forward."""
+    r = result(report, "fp8_compact")
+    assert r["fp8_in_file"] and r["fp8_in_model"] == r["fp8_in_file"]
+    assert r["patcher"] == "GGUFModelPatcher"  # the compact-weight patcher: LoRA per forward, no rewrite
+    # ComfyUI's memory accounting sees 1 byte per fp8 weight (vs 4 in the float32 file)
+    assert r["model_size"] < r["float_model_size"] - 0.7 * r["fp8_float_bytes"]
+
+
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"])
 def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str) -> None:
     r = result(report, "lora")[name]
     assert r["patched_keys"] == 3  # two weights (lora_unet_* and diffusion_model.* keys) and a bias (diff_b)
@@ -91,7 +100,7 @@ def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str) -> N
     assert r["lowvram_vs_merged"] < 1e-4, r
     assert r["partial_unload_vs_merged"] < 1e-4, r
     assert r["base_after_vs_before"] < 1e-6, "unpatching must restore the base model"
-    if name.endswith(".gguf"):
+    if name != "tiny.safetensors":
         assert r["still_quantised"]
 
 

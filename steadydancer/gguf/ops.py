@@ -26,29 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GGUFError, ModelFileError
+from ..quantized import QuantizedTensor, is_quantized
+from ..quantized import dequantize_tensor as dequantize_tensor  # re-exported
 from .dequant import as_qtype, dequantize, packed_nbytes
 
-# Tensor methods whose result holds the same packed bytes (maybe elsewhere): keep the type.
-_KEEP_SUBCLASS = frozenset(
-    {
-        "to",
-        "cpu",
-        "cuda",
-        "detach",
-        "detach_",
-        "clone",
-        "contiguous",
-        "pin_memory",
-        "share_memory_",
-        "requires_grad_",
-    }
-)
-# Casts: on packed bytes they would produce garbage numbers, so they are refused.
-_CASTS = frozenset({"float", "half", "bfloat16", "double", "type", "type_as"})
 
-
-class GGMLTensor(torch.Tensor):
+class GGMLTensor(QuantizedTensor):
     """Packed GGML blocks (uint8) with `.tensor_type` and the logical `.tensor_shape`."""
+
+    ATTRIBUTES = ("tensor_type", "tensor_shape")
+    ERROR = GGUFError
 
     tensor_type: gguf.GGMLQuantizationType
     tensor_shape: torch.Size
@@ -75,44 +62,23 @@ class GGMLTensor(torch.Tensor):
         out.tensor_shape = shape
         return out
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # attributes are set in __new__
-        super().__init__()
-
     @property  # type: ignore[override]
     def shape(self) -> torch.Size:
         """The logical shape (of the dequantised tensor), not the packed byte shape."""
         shape = self.__dict__.get("tensor_shape")
         return self.size() if shape is None else shape
 
-    @classmethod
-    def __torch_function__(
-        cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        if name in _KEEP_SUBCLASS or name in _CASTS:
-            src = next((a for a in args if isinstance(a, GGMLTensor)), None)
-            if src is not None and isinstance(out, torch.Tensor):
-                if out.dtype != torch.uint8:
-                    raise GGUFError(
-                        f"a quantised {src.tensor_type.name} weight cannot be cast to {out.dtype}: "
-                        "call .dequantize(dtype) to get float values"
-                    )
-                return _rewrap(out, src)
-        return _strip(out)
+    def storage_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def describe(self) -> str:
+        return f"quantised {self.tensor_type.name}"
 
     def dequantize(
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:  # type: ignore[override]
         """The float tensor (float32 unless `dtype`), on `device` (default: where the bytes are)."""
-        raw = self.as_subclass(torch.Tensor)
-        if device is not None:
-            device = torch.device(device)
-            # Asynchronous only towards an accelerator: the kernels that follow are queued
-            # behind the copy there, while a CPU consumer would read before it completes.
-            raw = raw.to(device, non_blocking=device.type != "cpu")
+        raw = self.stored(device)
         return dequantize(raw, self.tensor_type, self.tensor_shape, dtype or torch.float32)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
@@ -120,63 +86,6 @@ class GGMLTensor(torch.Tensor):
             f"GGMLTensor({self.tensor_type.name}, shape={tuple(self.tensor_shape)}, "
             f"{self.numel()} bytes, device={self.device})"
         )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> GGMLTensor:
-        if id(self) in memo:
-            return memo[id(self)]
-        data = self.as_subclass(torch.Tensor).detach().clone()
-        new = GGMLTensor(data, tensor_type=self.tensor_type, tensor_shape=self.tensor_shape)
-        if isinstance(self, nn.Parameter):  # a GGMLTensor parameter is the tensor itself, flagged
-            new = nn.Parameter(new, requires_grad=False)
-        memo[id(self)] = new
-        return new
-
-    def __reduce_ex__(self, proto: int) -> Any:
-        # Pickle as the plain bytes plus our two attributes.
-        return (
-            _rebuild,
-            (
-                self.as_subclass(torch.Tensor).detach().clone(),
-                int(self.tensor_type),
-                tuple(self.tensor_shape),
-            ),
-        )
-
-
-def _rebuild(data: torch.Tensor, tensor_type: int, tensor_shape: tuple[int, ...]) -> GGMLTensor:
-    return GGMLTensor(data, tensor_type=tensor_type, tensor_shape=tensor_shape)
-
-
-def _rewrap(out: torch.Tensor, src: GGMLTensor) -> GGMLTensor:
-    if isinstance(out, GGMLTensor) and "tensor_type" in out.__dict__:
-        return out
-    new = out.as_subclass(GGMLTensor)
-    new.tensor_type = src.tensor_type
-    new.tensor_shape = src.tensor_shape
-    return new
-
-
-def _strip(out: Any) -> Any:
-    """Results of other ops are plain tensors: packed bytes have no meaning after arithmetic."""
-    if isinstance(out, GGMLTensor):
-        return out.as_subclass(torch.Tensor)
-    if isinstance(out, (tuple, list)):
-        return type(out)(_strip(o) for o in out)
-    return out
-
-
-def is_quantized(tensor: Any) -> bool:
-    """True for a GGMLTensor (packed blocks), False for plain tensors and None."""
-    return isinstance(tensor, GGMLTensor)
-
-
-def dequantize_tensor(
-    tensor: torch.Tensor, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Float values of a GGMLTensor or a plain tensor, in `dtype` on `device` (None: unchanged)."""
-    if isinstance(tensor, GGMLTensor):
-        return tensor.dequantize(dtype, device)
-    return tensor.to(device=device, dtype=dtype)
 
 
 # --- layers -------------------------------------------------------------------------------
@@ -260,7 +169,7 @@ class GGMLLayer(nn.Module):
             raise ModelFileError(
                 f"{type(self).__name__}.{name} was never loaded: the state dict lacks this tensor"
             )
-        if isinstance(tensor, GGMLTensor):
+        if is_quantized(tensor):
             cached = self._buffers.get(f"{name}_dequantized")
             if cached is not None:
                 return cached.to(device=device, dtype=dtype)
@@ -280,7 +189,7 @@ class GGMLLayer(nn.Module):
         for name in self._param_names:
             self._drop_cache(name)
             tensor = self._parameters.get(name)
-            if enabled and isinstance(tensor, GGMLTensor):
+            if enabled and is_quantized(tensor):
                 value = tensor.dequantize(dtype or torch.float32)
                 self.register_buffer(f"{name}_dequantized", value, persistent=False)
                 size += value.numel() * value.element_size()
@@ -332,7 +241,7 @@ class Embedding(GGMLLayer, nn.Embedding):
 
     def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         stored = self.weight
-        dtype = out_dtype or (torch.float32 if isinstance(stored, GGMLTensor) else stored.dtype)
+        dtype = out_dtype or (torch.float32 if is_quantized(stored) else stored.dtype)
         weight = self.weight_for("weight", dtype, ids.device)
         return F.embedding(
             ids,
