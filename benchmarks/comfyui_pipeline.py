@@ -1,7 +1,7 @@
 """The whole example graph through a real ComfyUI server: time per stage and GPU memory.
 
     python -m benchmarks.comfyui_pipeline --comfyui DIR [--scale 14b] [--weights gguf,fp8]
-        [--modes default,no-dynamic-vram,16gb] [--frames 81[,241,481]] [--context 81:16] [--steps 2] [--out DIR]
+        [--modes default,no-dynamic-vram,16gb,16gb-card] [--frames 81[,241,481]] [--context 81:16] [--steps 2] [--out DIR]
 
 For each weights file and each mode it starts ComfyUI (`main.py`, this package loaded from
 the checkout), submits `workflows/api/steadydancer_api.json` pointed at random-weight models
@@ -13,7 +13,10 @@ card: weights, activations, the CUDA context, ComfyUI's dynamic-VRAM reservation
 the idle figure before ComfyUI started subtracted. Modes:
 - `default`: ComfyUI's flags as a user starts it (0.3x on an NVIDIA GPU: dynamic VRAM on);
 - `no-dynamic-vram`: `--disable-dynamic-vram` (skipped where ComfyUI has no such flag);
-- `16gb`: `--reserve-vram` set so that 16 GiB of the card remain, as on a 16 GB card.
+- `16gb`: `--reserve-vram` set so that 16 GiB of the card remain, as on a 16 GB card
+  (ComfyUI plans for 16 GiB; what the process really takes is not held to it);
+- `16gb-card`: default flags, with all but 16 GiB of the card taken by another process
+  before ComfyUI starts (`Ballast`): the run must fit what a 16 GB card has free, or fail.
 `--cpu` runs everything with ComfyUI's `--cpu` (for checking this script on a machine
 without a GPU: use `--scale tiny`). Prints one table per run, then a summary; writes
 report.json (and ComfyUI's logs) under --out.
@@ -38,7 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.comfyui_server import ComfyServer, comfyui_python, messages_until_done, saved_files  # noqa: E402
 
-MODES = ("default", "no-dynamic-vram", "16gb")
+MODES = ("default", "no-dynamic-vram", "16gb", "16gb-card")
 SMALL_CARD_GIB = 16
 # Node classes -> the stage they belong to (everything else is "other").
 STAGES = {
@@ -86,6 +89,7 @@ class RunResult:
     windows: int | None = None  # context windows per model call (from ComfyUI's log; 0.33 logs them)
     cache: str | None = None  # EasyCache / LazyCache's own summary line ("skipped N/M steps ...")
     video: dict | None = None
+    card_free_gib: float | None = None  # 16gb-card: free on the card with the ballast held
 
 
 class GpuMemory:
@@ -138,7 +142,47 @@ def mode_args(mode: str, comfyui: Path, cpu: bool) -> list[str] | None:
         return ["--disable-dynamic-vram"] if has_flag else None
     if mode == "16gb":
         return ["--reserve-vram", f"{max(card_total_gib() - SMALL_CARD_GIB, 0):.1f}"]
+    if mode == "16gb-card":
+        return []  # the Ballast does it
     raise ValueError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+
+
+class Ballast:
+    """Another process holding the card's memory, all but `free_gib`: a smaller card.
+
+    Plain device allocations (cudaMalloc through PyTorch's caching allocator), taken before
+    ComfyUI starts and held until `stop`; ComfyUI then sees `free_gib` free, as on a card of
+    that size after its driver and desktop took their share.
+    """
+
+    CODE = (
+        "import sys, torch\n"
+        "free, _ = torch.cuda.mem_get_info()\n"
+        "take = free - int(float(sys.argv[1]) * 2**30)\n"
+        "held = [torch.empty(min(take - i, 2**30), dtype=torch.uint8, device='cuda') for i in range(0, max(take, 0), 2**30)]\n"
+        "torch.cuda.synchronize()\n"
+        "print(f'{torch.cuda.mem_get_info()[0] / 2**30:.2f}', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+
+    def __init__(self, free_gib: float, python: str = sys.executable) -> None:
+        self.process = subprocess.Popen([python, "-c", self.CODE, str(free_gib)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line:
+            self.stop()
+            raise RuntimeError("the ballast process could not take the card's memory")
+        self.free_gib = float(line)  # free on the card with the ballast held
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 def stage_times(messages: list[tuple[float, dict]], classes: dict[str, str], end: float) -> tuple[list, list[float]]:
@@ -244,6 +288,8 @@ def print_run(r: RunResult) -> None:
         print(f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s{per_window}")
     peak = f", peak GPU memory {r.peak_gib:.2f} GiB above idle ({r.idle_gib:.2f} GiB)" if r.peak_gib is not None else ""
     print(f"   whole graph {r.total_s:.2f} s{peak}")
+    if r.card_free_gib is not None:
+        print(f"   the card had {r.card_free_gib:.2f} GiB free (the rest held by the ballast)")
     if r.cache:
         print(f"   {r.cache}")
     if r.video:
@@ -335,8 +381,17 @@ def main(argv: list[str] | None = None) -> int:
                 if (work / "input").exists():
                     shutil.rmtree(work / "input")
                 shutil.copytree(inputs, work / "input")
-                result = run_once(args.comfyui, models, work, graph, RunResult(name, weights, mode, flags), not args.cpu,
-                                  args.timeout)  # fmt: skip
+                ballast = Ballast(SMALL_CARD_GIB, python) if mode == "16gb-card" else None
+                try:
+                    if ballast:
+                        print(f"  ballast held: {ballast.free_gib:.2f} GiB of the card free", file=sys.stderr)
+                    result = run_once(args.comfyui, models, work, graph, RunResult(name, weights, mode, flags),
+                                      not args.cpu, args.timeout)  # fmt: skip
+                finally:
+                    if ballast:
+                        ballast.stop()
+                if ballast:
+                    result.card_free_gib = ballast.free_gib
                 results.append(result)
                 print_run(result)
                 (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))

@@ -20,8 +20,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "comfyui_steadydancer"
 
 
-def import_comfyui(dynamic_vram: bool = False, comfyui_dir: str | os.PathLike[str] | None = None) -> str | None:
+def import_comfyui(
+    dynamic_vram: bool = False,
+    comfyui_dir: str | os.PathLike[str] | None = None,
+    gpu: bool = False,
+    args: tuple[str, ...] = (),
+) -> str | None:
     """Import ComfyUI as its main.py would, on the CPU; None, or why dynamic VRAM is not possible.
+
+    `gpu`: on the GPU instead (no `--cpu`), with the CUDA allocator main.py picks
+    (`cuda_malloc`: cudaMallocAsync where supported). `args`: more of ComfyUI's flags.
 
     `dynamic_vram`: what main.py does on an NVIDIA GPU with ComfyUI 0.3x: comfy-aimdo
     initialised before ComfyUI's modules are imported, `aimdo_enabled` (lazily built layers,
@@ -29,7 +37,7 @@ def import_comfyui(dynamic_vram: bool = False, comfyui_dir: str | os.PathLike[st
     On a CPU that patcher hands over to the classic one, as ComfyUI does for CPU devices.
     """
     sys.path.insert(0, str(comfyui_dir or os.environ["COMFYUI_DIR"]))
-    sys.argv = [sys.argv[0], "--cpu"]
+    sys.argv = [sys.argv[0], *(() if gpu else ("--cpu",)), *args]
     if dynamic_vram:
         try:
             import comfy_aimdo.control
@@ -39,6 +47,8 @@ def import_comfyui(dynamic_vram: bool = False, comfyui_dir: str | os.PathLike[st
     import comfy.options
 
     comfy.options.enable_args_parsing()
+    if gpu:
+        import cuda_malloc  # noqa: F401  (sets PYTORCH_CUDA_ALLOC_CONF before torch is imported)
     import comfy.cli_args
     import comfy.model_patcher
 

@@ -1,0 +1,175 @@
+"""One prediction through ComfyUI's model call against the DiT's own forward: same weights,
+same inputs, same process.
+
+    COMFYUI_DIR=... $COMFYUI_PYTHON -m benchmarks.comfyui_forward --model FILE
+        [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--cpu]
+
+The whole-graph benchmark (`benchmarks.comfyui_pipeline`) times sampling steps as ComfyUI
+reports them; the library benchmark (`benchmarks.gpu model`) times `load_model`'s forward
+on weights it draws itself. When the two disagree, this tells where the difference is:
+ComfyUI is imported in-process as main.py sets it up (its CUDA allocator choice included),
+the file is loaded by "Load SteadyDancer Model" and moved to the GPU by ComfyUI's model
+management, and then, on one batch of random inputs (cond + uncond, as a guided step
+batches them):
+
+- `comfyui`: `model.apply_model` (what ComfyUI's sampler calls: input conversion, ComfyUI's
+  attention route and wrappers, the DiT, the denoised arithmetic);
+- `dit`: the same DiT module called directly with the same inputs in the compute dtype and
+  its own attention dispatcher.
+
+Each is timed (median of --repeat, after one warm-up) and, with --profile, run once under
+torch.profiler: the sum of kernel time against the wall time shows whether the GPU waits on
+the host, and the operators that differ most are listed. Dynamic VRAM is not turned on:
+GGUF and scaled-fp8 models run on the classic patcher either way (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.comfyui_inprocess import import_comfyui, load_package  # noqa: E402
+
+SIGMA = 0.7  # timestep 700, as in the library benchmark
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        width, height, frames = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected WIDTHxHEIGHTxFRAMES, e.g. 832x480x81") from None
+    return width, height, frames
+
+
+def timed(fn, device, repeat: int) -> tuple[object, float]:
+    """(result of a warm-up call, median seconds of `repeat` further calls)."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    out = fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def profile(fn, device) -> dict:
+    """Wall time, summed kernel time and the operators' device self time of one call."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+    ops = {}
+    for event in prof.key_averages():
+        own = getattr(event, "self_device_time_total", None)
+        if own is None:
+            own = getattr(event, "self_cuda_time_total", 0)
+        if device.type != "cuda":
+            own = event.self_cpu_time_total
+        if own:
+            ops[event.key] = (own / 1e6, event.count)
+    return {"wall": wall, "kernels": sum(s for s, _ in ops.values()), "ops": ops}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a SteadyDancer .gguf or .safetensors")
+    parser.add_argument("--batch", type=int, default=2, help="predictions per call (2: cond + uncond)")
+    parser.add_argument("--size", type=parse_size, default=(832, 480, 81), help="WIDTHxHEIGHTxFRAMES")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--attention", default="auto", help="the loader's attention choice")
+    parser.add_argument("--profile", action="store_true", help="also profile one call of each")
+    parser.add_argument("--top", type=int, default=12, help="operators listed per profile")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (a check, with a tiny model)")
+    args = parser.parse_args(argv)
+    if not args.model.is_file():
+        parser.error(f"--model {args.model}: no such file")
+
+    import_comfyui(gpu=not args.cpu)
+    load_package()
+    import comfy.model_management
+    import folder_paths
+    import torch
+    from comfyui_steadydancer.nodes.model_loader import SteadyDancerModelLoader
+
+    from benchmarks.common import GIB, random_inputs, shapes_for_video
+
+    folder_paths.add_model_folder_path("diffusion_models", str(args.model.parent), is_default=True)
+    start = time.perf_counter()
+    patcher = SteadyDancerModelLoader.execute(args.model.name, "default", args.attention).result[0]
+    comfy.model_management.load_models_gpu([patcher])
+    load_s = time.perf_counter() - start
+    model = patcher.model
+    dit = model.diffusion_model
+    device = comfy.model_management.get_torch_device()
+    dtype = model.manual_cast_dtype or model.get_dtype()
+
+    width, height, frames = args.size
+    shapes = shapes_for_video(width, height, frames, batch=args.batch, text_len=dit.config.text_len)
+    inputs = random_inputs(dit.config, shapes, device, seed=1, timestep=SIGMA * 1000)
+    x, t = inputs.pop("x"), inputs.pop("t")
+    options = patcher.model_options["transformer_options"]
+    sigma = torch.full((args.batch,), SIGMA, device=device)
+    cast = {k: v.to(dtype) for k, v in inputs.items()}
+
+    def comfyui() -> object:
+        with torch.inference_mode():
+            return model.apply_model(x, sigma, **inputs, transformer_options=options)
+
+    def direct() -> object:
+        with torch.inference_mode():
+            return dit(x.to(dtype), t, **cast)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    denoised, comfy_s = timed(comfyui, device, args.repeat)
+    velocity, dit_s = timed(direct, device, args.repeat)
+    diff = float((denoised - (x - SIGMA * velocity.float())).abs().max())
+    scale = float(denoised.abs().max())
+
+    print(f"{args.model.name}: {width}x{height}x{frames}, batch {args.batch}, {dtype}, "
+          f"{type(patcher).__name__}, attention {args.attention}, device {device}")
+    if device.type == "cuda":
+        print(f"  {torch.cuda.get_device_name(device)}, allocator "
+              f"{torch.cuda.get_allocator_backend()}, peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB")
+    print(f"  load (node + model management)  {load_s:8.2f} s")
+    print(f"  comfyui apply_model            {comfy_s:8.3f} s  ({comfy_s / args.batch:.3f} s per prediction)")
+    print(f"  dit forward                    {dit_s:8.3f} s  ({dit_s / args.batch:.3f} s per prediction)")
+    print(f"  ratio comfyui / dit            {comfy_s / dit_s:8.3f}")
+    print(f"  max |difference|               {diff:.3g} (output scale {scale:.3g})")
+
+    if args.profile:
+        runs = {"comfyui": profile(comfyui, device), "dit": profile(direct, device)}
+        for name, run in runs.items():
+            print(f"  profile {name:8s} wall {run['wall']:.3f} s, operators' device time {run['kernels']:.3f} s "
+                  f"({run['kernels'] / run['wall']:.0%} busy)")
+        a, b = runs["comfyui"]["ops"], runs["dit"]["ops"]
+        rows = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0]))
+        print(f"  {'operator':60s} {'comfyui s':>10s} {'dit s':>10s} {'calls c/d':>12s}")
+        for key in rows[: args.top]:
+            (sa, ca), (sb, cb) = a.get(key, (0.0, 0)), b.get(key, (0.0, 0))
+            print(f"  {key[:60]:60s} {sa:10.4f} {sb:10.4f} {ca:>6d}/{cb:<6d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
