@@ -2,7 +2,7 @@
 same inputs, same process.
 
     COMFYUI_DIR=... $COMFYUI_PYTHON -m benchmarks.comfyui_forward --model FILE
-        [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--cpu]
+        [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--lora-rank 64] [--cpu]
 
 The whole-graph benchmark (`benchmarks.comfyui_pipeline`) times sampling steps as ComfyUI
 reports them; the library benchmark (`benchmarks.gpu model`) times `load_model`'s forward
@@ -16,6 +16,10 @@ batches them):
   attention route and wrappers, the DiT, the denoised arithmetic);
 - `dit`: the same DiT module called directly with the same inputs in the compute dtype and
   its own attention dispatcher.
+
+- `comfyui + LoRA` (with --lora-rank): `apply_model` of the MODEL after ComfyUI's
+  "LoraLoaderModelOnly" applied a random LoRA of a distilled-step LoRA's layout (every
+  attention and FFN linear of every block; `benchmarks.random_models.write_lora`).
 
 Each is timed (median of --repeat, after one warm-up) and, with --profile, run once under
 torch.profiler: the sum of kernel time against the wall time shows whether the GPU waits on
@@ -90,6 +94,33 @@ def profile(fn, device) -> dict:
     return {"wall": wall, "kernels": sum(s for s, _ in ops.values()), "ops": ops}
 
 
+def time_with_lora(patcher, config, args, x, sigma, inputs, device) -> tuple[float, int]:
+    """Seconds per apply_model of `patcher` with a random LoRA applied by LoraLoaderModelOnly."""
+    import comfy.model_management
+    import folder_paths
+    import torch
+
+    import nodes
+    from benchmarks.random_models import write_lora
+
+    folder = Path(folder_paths.get_temp_directory()) / "steadydancer-bench-loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"random_rank{args.lora_rank}.safetensors"
+    layers = write_lora(folder / name, config, rank=args.lora_rank)
+    folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)[0]
+    if len(patched.patches) != layers:
+        raise RuntimeError(f"ComfyUI patched {len(patched.patches)} weights of the LoRA's {layers} layers")
+    comfy.model_management.load_models_gpu([patched])
+    options = patched.model_options["transformer_options"]
+
+    def run() -> object:
+        with torch.inference_mode():
+            return patched.model.apply_model(x, sigma, **inputs, transformer_options=options)
+
+    return timed(run, device, args.repeat)[1], layers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a SteadyDancer .gguf or .safetensors")
@@ -99,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="auto", help="the loader's attention choice")
     parser.add_argument("--profile", action="store_true", help="also profile one call of each")
     parser.add_argument("--top", type=int, default=12, help="operators listed per profile")
+    parser.add_argument("--lora-rank", type=int, default=0, help="also time the MODEL with a random LoRA of this rank")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (a check, with a tiny model)")
     args = parser.parse_args(argv)
     if not args.model.is_file():
@@ -156,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  dit forward                    {dit_s:8.3f} s  ({dit_s / args.batch:.3f} s per prediction)")
     print(f"  ratio comfyui / dit            {comfy_s / dit_s:8.3f}")
     print(f"  max |difference|               {diff:.3g} (output scale {scale:.3g})")
+    if args.lora_rank:
+        lora_s, layers = time_with_lora(patcher, dit.config, args, x, sigma, inputs, device)
+        print(f"  comfyui apply_model + LoRA     {lora_s:8.3f} s  (rank {args.lora_rank} on {layers} layers: "
+              f"{lora_s / comfy_s:.3f}x without)")
 
     if args.profile:
         runs = {"comfyui": profile(comfyui, device), "dit": profile(direct, device)}

@@ -193,6 +193,34 @@ def write_dit_fp8(path: Path, config: SteadyDancerConfig, device: str = "cpu", s
 
 
 # ------------------------------------------------------------------------------ encoders
+LORA_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+               "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
+
+
+def write_lora(path: Path, config: SteadyDancerConfig, rank: int = 64, seed: int = 11) -> int:
+    """A distilled-step LoRA's layout (lightx2v I2V: rank `rank` on every attention and FFN
+    linear of every block, PEFT's `lora_A`/`lora_B` under `diffusion_model.`, bf16), random
+    values of a small update; returns the number of patched layers."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = parameter_layout(config, torch.float32)
+    items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    for block in range(config.num_layers):
+        for layer in LORA_LAYERS:
+            out_dim, in_dim = layout[f"blocks.{block}.{layer}.weight"][0]
+            key = f"diffusion_model.blocks.{block}.{layer}"
+            items += [(f"{key}.lora_A.weight", (rank, in_dim), torch.bfloat16),
+                      (f"{key}.lora_B.weight", (out_dim, rank), torch.bfloat16)]  # fmt: skip
+    shapes = {key: shape for key, shape, _ in items}
+
+    def make(key: str) -> torch.Tensor:
+        shape = shapes[key]
+        spread = 1.0 / math.sqrt(shape[1]) if key.endswith("lora_A.weight") else 0.01
+        return (torch.randn(shape, generator=gen) * spread).to(torch.bfloat16)
+
+    write_safetensors_streamed(path, items, make)
+    return len(items) // 2
+
+
 def spiece_model_bytes(vocab_size: int = 256) -> bytes:
     """A small SentencePiece model trained here on a few sentences (no download possible)."""
     import sentencepiece
