@@ -84,6 +84,11 @@ class World:
         (unet / "notes.ckpt").write_bytes(b"not a model")
         self.lora_keys = ("blocks.0.self_attn.q", "blocks.1.ffn.0")
         self.lora = write_lora(loras / "tiny_lora.safetensors", self.float_sd, self.lora_keys)
+        self.loras = {
+            "tiny_lora.safetensors": self.lora,
+            "tiny_lora_peft.safetensors": write_lora_peft(loras / "tiny_lora_peft.safetensors", self.float_sd,
+                                                          ("blocks.1.cross_attn.k", "blocks.0.ffn.2")),
+        }
         self.unet = unet
 
         gen = torch.Generator().manual_seed(3)
@@ -190,6 +195,30 @@ def write_lora(path: Path, float_sd: dict, layers: tuple[str, ...]) -> dict:
             tensors[f"{prefix}.diff_b"] = factors[f"{layer}.bias"] = torch.randn(out_dim, generator=gen) * 0.3
     save_file(tensors, path)
     return factors
+
+
+def write_lora_peft(path: Path, float_sd: dict, layers: tuple[str, str]) -> dict:
+    """A LoRA in the other spellings in circulation: PEFT's `lora_A`/`lora_B` without `.alpha`
+    (scale 1, as distilled-step LoRAs such as lightx2v's ship) with a bias difference
+    (`diff_b`) on the first layer, and a whole-weight difference (`diff`) on the second.
+    Returns the expected change of every patched tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(6)
+    low_rank, whole = layers
+    out_dim, in_dim = float_sd[f"{low_rank}.weight"].shape
+    a = torch.randn(LORA_RANK, in_dim, generator=gen) * 0.3
+    b = torch.randn(out_dim, LORA_RANK, generator=gen) * 0.3
+    bias = torch.randn(out_dim, generator=gen) * 0.3
+    diff = torch.randn(float_sd[f"{whole}.weight"].shape, generator=gen) * 0.05
+    save_file({
+        f"diffusion_model.{low_rank}.lora_A.weight": a,
+        f"diffusion_model.{low_rank}.lora_B.weight": b,
+        f"diffusion_model.{low_rank}.diff_b": bias,
+        f"diffusion_model.{whole}.diff": diff,
+    }, path)  # fmt: skip
+    return {f"{low_rank}.weight": b @ a, f"{low_rank}.bias": bias, f"{whole}.weight": diff}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -318,12 +347,12 @@ def check_fp8_compact(world: World) -> dict:
     }
 
 
-def _merged_patcher(world: World, source: dict) -> object:
+def _merged_patcher(world: World, source: dict, lora: dict | None = None) -> object:
     """A float MODEL whose weights have the LoRA merged in (the expected result)."""
     from comfyui_steadydancer.nodes.comfy_model import build_model_patcher
 
     merged = {k: v.clone() for k, v in source.items()}
-    for key, delta in world.lora.items():
+    for key, delta in (world.lora if lora is None else lora).items():
         merged[key] += LORA_STRENGTH * delta
     return build_model_patcher(merged, compute_dtype="fp32", attention="math")
 
@@ -335,14 +364,16 @@ def check_lora(world: World) -> dict:
     import nodes
 
     out = {}
-    for name in ("tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"):
+    runs = [(name, lora) for name in ("tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors")
+            for lora in world.loras]  # fmt: skip
+    for name, lora in runs:
         base = load(world, name)
         before = predict(world, base)
-        patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "tiny_lora.safetensors", LORA_STRENGTH)[0]
+        patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, lora, LORA_STRENGTH)[0]
         with_lora = predict(world, patched)
         weights = load_weights(str(world.unet / name), dtype=world.torch.float32)  # fp8 expanded in float32
         source = {k: dequantize_tensor(v, world.torch.float32) for k, v in weights.items()}
-        expected = predict(world, _merged_patcher(world, source))
+        expected = predict(world, _merged_patcher(world, source, world.loras[lora]))
         # Low-VRAM path: every layer streamed, patches applied per forward as weight functions.
         patched.unpatch_model()
         patched.patch_model(device_to=world.torch.device("cpu"), lowvram_model_memory=1)
@@ -355,8 +386,9 @@ def check_lora(world: World) -> dict:
         patched.unpatch_model()
         after = predict(world, base)
         q = base.model.diffusion_model.blocks[0].self_attn.q.weight
-        out[name] = {
+        out[f"{name}+{lora}"] = {
             "patched_keys": len(patched.patches),
+            "expected_keys": len(world.loras[lora]),
             "lora_vs_merged": max_diff(with_lora, expected),
             "lowvram_vs_merged": max_diff(lowvram, expected),
             "partial_unload_vs_merged": max_diff(partial, expected),

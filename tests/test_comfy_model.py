@@ -92,9 +92,16 @@ def test_scaled_fp8_weights_stay_fp8_in_the_model(report: dict) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"])
-def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str) -> None:
-    r = result(report, "lora")[name]
-    assert r["patched_keys"] == 3  # two weights (lora_unet_* and diffusion_model.* keys) and a bias (diff_b)
+@pytest.mark.parametrize(
+    "lora",
+    [
+        "tiny_lora.safetensors",  # kohya lora_unet_* and diffusion_model.* keys, lora_up/lora_down, .alpha, diff_b
+        "tiny_lora_peft.safetensors",  # PEFT lora_A/lora_B without alpha (lightx2v's spelling), diff_b, diff
+    ],
+)
+def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str, lora: str) -> None:
+    r = result(report, "lora")[f"{name}+{lora}"]
+    assert r["patched_keys"] == r["expected_keys"] == 3  # two weights and a bias, whatever the spelling
     assert r["lora_effect"] > 1e-3, "the LoRA must change the prediction"
     assert r["lora_vs_merged"] < 1e-4, r
     assert r["lowvram_vs_merged"] < 1e-4, r
