@@ -1,7 +1,8 @@
 """The whole example graph through a real ComfyUI server: time per stage and GPU memory.
 
     python -m benchmarks.comfyui_pipeline --comfyui DIR [--scale 14b] [--weights gguf,fp8]
-        [--modes default,no-dynamic-vram,16gb,16gb-card] [--frames 81[,241,481]] [--context 81:16] [--steps 2] [--out DIR]
+        [--modes default,no-dynamic-vram,16gb,16gb-card] [--frames 81[,241,481]] [--context 81:16] [--steps 2]
+        [--preset fast|reference] [--library] [--out DIR]
 
 For each weights file and each mode it starts ComfyUI (`main.py`, this package loaded from
 the checkout), submits `workflows/api/steadydancer_api.json` pointed at random-weight models
@@ -17,6 +18,13 @@ the idle figure before ComfyUI started subtracted. Modes:
   (ComfyUI plans for 16 GiB; what the process really takes is not held to it);
 - `16gb-card`: default flags, with all but 16 GiB of the card taken by another process
   before ComfyUI starts (`Ballast`): the run must fit what a 16 GB card has free, or fail.
+`--preset fast` (the distilled-step LoRA from --models put on the DiT by LoraLoaderModelOnly,
+4 steps, text scale 1, the reference's pose window: 5 model calls) or `--preset reference`
+(40 steps, text scale 5, pose scale 1.5 in 0.1-0.4: 91 calls) replaces --steps and the
+guidance; the model calls and seconds per call (steps after the first, which also moves the
+weights) are printed. `--library` also times the DiT's
+own forward on the same file in ComfyUI's process (`benchmarks.comfyui_forward`, batch 1) and
+prints the ComfyUI path's seconds per call as a ratio of it.
 `--cpu` runs everything with ComfyUI's `--cpu` (for checking this script on a machine
 without a GPU: use `--scale tiny`). Prints one table per run, then a summary; writes
 report.json (and ComfyUI's logs) under --out.
@@ -40,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.comfyui_server import ComfyServer, comfyui_python, messages_until_done, saved_files  # noqa: E402
+from scripts.workflow_variants import PRESETS  # noqa: E402
 
 MODES = ("default", "no-dynamic-vram", "16gb", "16gb-card")
 SMALL_CARD_GIB = 16
@@ -88,6 +97,8 @@ class RunResult:
     idle_gib: float | None = None
     windows: int | None = None  # context windows per model call (from ComfyUI's log; 0.33 logs them)
     cache: str | None = None  # EasyCache / LazyCache's own summary line ("skipped N/M steps ...")
+    calls: list[int] = field(default_factory=list)  # predictions per sampling step (preset runs)
+    library_s: float | None = None  # the DiT's own forward, seconds per prediction (--library)
     video: dict | None = None
     card_free_gib: float | None = None  # 16gb-card: free on the card with the ballast held
 
@@ -274,6 +285,19 @@ def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunRe
     return result
 
 
+def library_seconds(python: str, comfyui: Path, model: Path, width: int, height: int, frames: int, cpu: bool) -> float | None:
+    """Seconds per prediction of the DiT's own forward on `model` (benchmarks.comfyui_forward)."""
+    command = [python, "-m", "benchmarks.comfyui_forward", "--model", str(model), "--batch", "1",
+               "--size", f"{width}x{height}x{frames}", "--repeat", "2", *(["--cpu"] if cpu else [])]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={**os.environ, "COMFYUI_DIR": str(comfyui)})  # fmt: skip
+    found = re.search(r"dit forward\s+([\d.]+) s", run.stdout)
+    if run.returncode or not found:
+        print(f"   library timing failed: {(run.stderr or run.stdout)[-500:]}", file=sys.stderr)
+        return None
+    return float(found.group(1))
+
+
 def print_run(r: RunResult) -> None:
     print(f"\n== {r.name}: ComfyUI {' '.join(r.comfy_args) or '(default flags)'}")
     if not r.ok:
@@ -290,6 +314,15 @@ def print_run(r: RunResult) -> None:
     print(f"   whole graph {r.total_s:.2f} s{peak}")
     if r.card_free_gib is not None:
         print(f"   the card had {r.card_free_gib:.2f} GiB free (the rest held by the ballast)")
+    if r.calls:
+        if len(r.steps_s) == len(r.calls) > 1:  # step 1 also moves the weights: use the later steps
+            per_call, over = sum(r.steps_s[1:]) / sum(r.calls[1:]), f"steps 2-{len(r.calls)}"
+        else:  # ComfyUI throttles progress messages: short steps may go unreported
+            per_call, over = r.stages.get("sampling", 0.0) / sum(r.calls), "whole sampling, loading included"
+        print(f"   {sum(r.calls)} model calls, {per_call:.2f} s per call ({over}), "
+              f"sampling {r.stages.get('sampling', 0.0):.2f} s")  # fmt: skip
+        if r.library_s:
+            print(f"   library path {r.library_s:.2f} s per call: ComfyUI / library = {per_call / r.library_s:.2f}")
     if r.cache:
         print(f"   {r.cache}")
     if r.video:
@@ -327,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", metavar="LENGTH:OVERLAP",
                         help="sample in ComfyUI's WAN context windows of LENGTH frames overlapping by OVERLAP (e.g. 81:16)")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="fast (distilled-step LoRA, 4 steps) or reference (40)")
+    parser.add_argument("--library", action="store_true", help="also time the DiT's own forward on the same file")
     parser.add_argument("--detect-resolution", type=int, default=1024)
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per graph")
@@ -354,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                    cwd=REPO_ROOT, check=True)  # fmt: skip
 
     from scripts.make_tiny_models import demo_graph
-    from scripts.workflow_variants import with_cache, with_context_windows
+    from scripts.workflow_variants import (
+        calls_per_step,
+        with_cache,
+        with_context_windows,
+        with_preset,
+    )
 
     api = json.loads((REPO_ROOT / "workflows" / "api" / "steadydancer_api.json").read_text())
     results: list[RunResult] = []
@@ -369,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 graph = with_context_windows(graph, None, *context)
             if args.cache:
                 graph = with_cache(graph, args.cache)
+            if args.preset:
+                graph = with_preset(graph, args.preset, names["lora"])
             for mode in args.modes.split(","):
                 flags = mode_args(mode, args.comfyui, args.cpu)
                 name = f"{weights}/{mode}/{length}f"
@@ -392,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
                         ballast.stop()
                 if ballast:
                     result.card_free_gib = ballast.free_gib
+                if args.preset:
+                    result.calls = calls_per_step(args.preset)
+                    if args.library and result.ok:
+                        result.library_s = library_seconds(python, args.comfyui, models / "diffusion_models" / files["dit"],
+                                                           args.width, args.height, length, args.cpu)  # fmt: skip
                 results.append(result)
                 print_run(result)
                 (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))

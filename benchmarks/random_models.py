@@ -11,6 +11,7 @@ writes under MODELS (ComfyUI's folder layout) what the example graph needs:
   (ComfyUI reads the tokenizer from the file; token ids only index the embedding); at
   `tiny` the demo's SD1 CLIP-L;
 - clip_vision/: CLIP ViT-H/14 at `14b` (1280-wide states), the demo's ViT-L at `tiny`;
+- loras/: a random LoRA of a distilled-step LoRA's layout (`write_lora`), for the fast preset;
 - vae/, dwpose/ and the inputs: as the demo (scripts/make_tiny_models.py): the Wan 2.1 VAE at
   its real size, the ONNX pose stand-ins.
 
@@ -43,6 +44,7 @@ from steadydancer.keys import TinyConfig  # noqa: E402
 from steadydancer.model import SteadyDancerConfig, parameter_layout  # noqa: E402
 
 SCALES = ("14b", "tiny")
+LORA_RANK = {"14b": 64, "tiny": 4}  # the distilled-step LoRA's rank (lightx2v I2V 480p: 64)
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 
 
@@ -65,6 +67,7 @@ def file_names(scale: str) -> dict[str, str]:
         "text_encoder_type": "wan" if big else "stable_diffusion",
         "clip_vision": "clip_vision_h_random.safetensors" if big else tiny.CLIP_VISION,
         "vae": tiny.VAE,
+        "lora": f"steadydancer_{scale}_random_lora_rank{LORA_RANK[scale]}.safetensors",
     }
 
 
@@ -284,6 +287,7 @@ def build(comfyui: Path, out: Path, scale: str, device: str = "cpu", force: bool
         (out / "diffusion_models" / names["fp8"], lambda p: write_dit_fp8(p, config, device)),
         (out / "vae" / names["vae"], tiny.write_wan_vae),
         (out / "dwpose" / "dw-ll_ucoco_384.onnx", lambda p: tiny.write_pose_standins(p.parent)),
+        (out / "loras" / names["lora"], lambda p: write_lora(p, config, LORA_RANK[scale])),
     ]
     if scale == "14b":
         steps += [

@@ -75,6 +75,52 @@ def with_cache(graph: dict, kind: str, reuse_threshold: float = 0.2) -> dict:
     return out
 
 
+# Guider and scheduler settings of the two presets (the reference's, and the distilled-step
+# LoRA's: 4 steps at text scale 1, the pose window kept); "lora" says a LoRA is needed.
+PRESETS = {
+    "reference": {"steps": 40, "text_scale": 5.0, "pose_scale": 1.5, "start": 0.1, "end": 0.4, "lora": False},
+    "fast": {"steps": 4, "text_scale": 1.0, "pose_scale": 1.5, "start": 0.1, "end": 0.4, "lora": True},
+}
+LORA_NODE_ID = "102"
+
+
+def with_preset(graph: dict, preset: str, lora_name: str | None = None, lora_strength: float = 1.0) -> dict:
+    """`graph` with a preset's steps and guidance; "fast" also puts `lora_name` (a distilled-step
+    LoRA) on the DiT with ComfyUI's LoraLoaderModelOnly, before everything else that wraps it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    settings = PRESETS[preset]
+    if settings["lora"] and not lora_name:
+        raise ValueError(f"the {preset} preset needs a distilled-step LoRA (lora_name)")
+    out = copy.deepcopy(graph)
+    out[node_id(out, "SteadyDancerScheduler")]["inputs"]["steps"] = settings["steps"]
+    out[node_id(out, "SteadyDancerGuider")]["inputs"].update(
+        {k: settings[k] for k in ("text_scale", "pose_scale", "start", "end")}
+    )
+    if settings["lora"]:
+        loader = [node_id(out, "SteadyDancerModelLoader"), 0]
+        for node in out.values():  # everything that took the loaded model now takes it with the LoRA
+            for key, value in node["inputs"].items():
+                if value == loader:
+                    node["inputs"][key] = [LORA_NODE_ID, 0]
+        out[LORA_NODE_ID] = {
+            "inputs": {"model": loader, "lora_name": lora_name, "strength_model": lora_strength},
+            "class_type": "LoraLoaderModelOnly", "_meta": {"title": "LoraLoaderModelOnly"},
+        }  # fmt: skip
+    return out
+
+
+def calls_per_step(preset: str) -> list[int]:
+    """Predictions each step of `preset` makes (cond, uncond_text, uncond_pose as needed)."""
+    from steadydancer.guidance import calls_needed, in_pose_window
+
+    s = PRESETS[preset]
+    return [
+        len(calls_needed(s["text_scale"], s["pose_scale"] != 0 and in_pose_window(i, s["steps"], s["start"], s["end"])))
+        for i in range(s["steps"])
+    ]
+
+
 def long_workflow(length: int = LONG_LENGTH) -> dict:
     """The long-video example API workflow."""
     return with_context_windows(json.loads(API.read_text()), length)

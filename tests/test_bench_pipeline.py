@@ -84,3 +84,30 @@ def test_stage_times_from_comfyui_messages() -> None:
     assert spans == [("load inputs", 1.0, 2.0), ("pose extraction", 2.0, 5.0), ("sampling", 5.0, 12.5),
                      ("VAE decode", 12.5, 20.0)]  # fmt: skip
     assert steps == [4.0, 3.0]
+
+
+def test_presets_set_steps_guidance_and_put_the_lora_before_every_model_user() -> None:
+    import json
+
+    from scripts.workflow_variants import API, calls_per_step, node_id, with_preset
+
+    api = json.loads(API.read_text())
+    loader = [node_id(api, "SteadyDancerModelLoader"), 0]
+    users = [k for k, n in api.items() if loader in n["inputs"].values()]
+    fast = with_preset(api, "fast", "distilled.safetensors")
+    lora = next(k for k, n in fast.items() if n["class_type"] == "LoraLoaderModelOnly")
+    assert fast[lora]["inputs"] == {"model": loader, "lora_name": "distilled.safetensors", "strength_model": 1.0}
+    assert users and all(fast[k]["inputs"]["model"] == [lora, 0] for k in users)
+    guider = fast[node_id(fast, "SteadyDancerGuider")]["inputs"]
+    assert (guider["text_scale"], guider["pose_scale"], guider["start"], guider["end"]) == (1.0, 1.5, 0.1, 0.4)
+    assert fast[node_id(fast, "SteadyDancerScheduler")]["inputs"]["steps"] == 4
+    reference = with_preset(api, "reference")
+    assert reference[node_id(reference, "SteadyDancerScheduler")]["inputs"]["steps"] == 40
+    assert not any(n["class_type"] == "LoraLoaderModelOnly" for n in reference.values())
+    # the reference's window test is strict (idx/steps > 0.1 and < 0.4): steps 5..15 of 40
+    assert calls_per_step("fast") == [1, 2, 1, 1]
+    assert sum(calls_per_step("reference")) == 40 * 2 + 11
+    with pytest.raises(ValueError, match="needs a distilled-step LoRA"):
+        with_preset(api, "fast")
+    with pytest.raises(ValueError, match="unknown preset"):
+        with_preset(api, "turbo")
