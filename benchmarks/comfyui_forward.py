@@ -2,7 +2,7 @@
 same inputs, same process.
 
     COMFYUI_DIR=... $COMFYUI_PYTHON -m benchmarks.comfyui_forward --model FILE
-        [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--lora-rank 64] [--cpu]
+        [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--fp8-matmul] [--lora-rank 64] [--cpu]
 
 The whole-graph benchmark (`benchmarks.comfyui_pipeline`) times sampling steps as ComfyUI
 reports them; the library benchmark (`benchmarks.gpu model`) times `load_model`'s forward
@@ -20,6 +20,10 @@ batches them):
 - `comfyui + LoRA` (with --lora-rank): `apply_model` of the MODEL after ComfyUI's
   "LoraLoaderModelOnly" applied a random LoRA of a distilled-step LoRA's layout (every
   attention and FFN linear of every block; `benchmarks.random_models.write_lora`).
+
+- `comfyui, fp8 matmul` (with --fp8-matmul, scaled-fp8 files): `apply_model` with
+  STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8, `torch._scaled_mm`), and its
+  relative error against the expanded weights' prediction.
 
 Each is timed (median of --repeat, after one warm-up) and, with --profile, run once under
 torch.profiler: the sum of kernel time against the wall time shows whether the GPU waits on
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="auto", help="the loader's attention choice")
     parser.add_argument("--profile", action="store_true", help="also profile one call of each")
     parser.add_argument("--top", type=int, default=12, help="operators listed per profile")
+    parser.add_argument("--fp8-matmul", action="store_true",
+                        help="also time STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8) and print its error")
     parser.add_argument("--lora-rank", type=int, default=0, help="also time the MODEL with a random LoRA of this rank")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (a check, with a tiny model)")
     args = parser.parse_args(argv)
@@ -188,6 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  dit forward                    {dit_s:8.3f} s  ({dit_s / args.batch:.3f} s per prediction)")
     print(f"  ratio comfyui / dit            {comfy_s / dit_s:8.3f}")
     print(f"  max |difference|               {diff:.3g} (output scale {scale:.3g})")
+    if args.fp8_matmul:
+        import os
+
+        from comfyui_steadydancer.steadydancer.quantized import FP8_MATMUL_ENV
+
+        os.environ[FP8_MATMUL_ENV] = "1"
+        try:
+            fast, fast_s = timed(comfyui, device, args.repeat)
+        finally:
+            os.environ.pop(FP8_MATMUL_ENV, None)
+        error = float((fast.float() - denoised.float()).norm() / denoised.float().norm())
+        print(f"  comfyui apply_model, fp8 matmul {fast_s:8.3f} s  ({fast_s / comfy_s:.3f}x the expanded weights; "
+              f"relative error {error:.2e})")
     if args.lora_rank:
         lora_s, layers = time_with_lora(patcher, dit.config, args, x, sigma, inputs, device)
         print(f"  comfyui apply_model + LoRA     {lora_s:8.3f} s  (rank {args.lora_rank} on {layers} layers: "

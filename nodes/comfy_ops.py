@@ -23,7 +23,7 @@ import torch
 
 from ..steadydancer.errors import GGUFError
 from ..steadydancer.gguf.ops import GGMLLayer
-from ..steadydancer.quantized import dequantize_tensor, is_quantized
+from ..steadydancer.quantized import dequantize_tensor, fp8_linear, fp8_matmul_enabled, is_quantized
 
 WeightFunction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,6 +78,13 @@ class GGUFOps(comfy.ops.manual_cast):
 
     class Linear(GGMLLayer, comfy.ops.manual_cast.Linear):
         def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
+            if fp8_matmul_enabled() and not self.weight_function:  # a LoRA needs the expanded weight
+                bias = None
+                if self.bias is not None:
+                    bias = _materialise(self.bias, input.dtype, input.device, self.bias_function)
+                out = fp8_linear(input, self.weight, bias)
+                if out is not None:
+                    return out
             weight, bias = cast_bias_weight(self, input)
             return torch.nn.functional.linear(input, weight, bias)
 

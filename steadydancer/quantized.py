@@ -16,12 +16,17 @@ them (float32 product, rounded once to the compute dtype), so results do not cha
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from .errors import ModelFileError
+
+logger = logging.getLogger(__name__)
 
 FP8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 
@@ -200,3 +205,65 @@ def dequantize_tensor(
     if isinstance(tensor, QuantizedTensor):
         return tensor.dequantize(dtype, device)
     return tensor.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- fp8 matmul (opt-in)
+FP8_MATMUL_ENV = "STEADYDANCER_FP8_MATMUL"
+FP8_E4M3_MAX = 448.0
+
+
+def fp8_matmul_enabled() -> bool:
+    """True when `STEADYDANCER_FP8_MATMUL=1`: fp8 weights multiply in fp8 (lossy, opt-in)."""
+    return os.environ.get(FP8_MATMUL_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """fp8 tensor cores (NVIDIA sm89 and newer), or the CPU kernel (for tests)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cpu"
+
+
+@functools.cache
+def _warn_cpu_once() -> None:
+    logger.warning(
+        "%s=1 on the CPU: PyTorch's fp8 matrix product there is a slow reference kernel "
+        "(hundreds of times slower); it is meant for GPUs with fp8 tensor cores (sm89+)",
+        FP8_MATMUL_ENV,
+    )
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: Fp8Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """`x @ weight.T + bias` as one fp8 matrix product (`torch._scaled_mm`), or None where it
+    does not apply (then the caller expands the weight as usual).
+
+    The input is quantised to e4m3 with one scale for the whole tensor (its max |x| / 448), so
+    the result differs from the expanded weight's product by the input's rounding (about 2^-4
+    relative per element); that is why it is opt-in. Applies to 2-D weights with one scale
+    and sizes the fp8 kernels take (multiples of 16), on devices with fp8 matrix units.
+    """
+    if not isinstance(weight, Fp8Tensor) or weight.ndim != 2 or weight.scale.ndim != 0:
+        return None
+    out_features, in_features = weight.shape
+    if in_features % 16 or out_features % 16 or x.shape[-1] != in_features:
+        return None
+    if weight.storage_dtype() != torch.float8_e4m3fn or not fp8_matmul_supported(x.device):
+        return None
+    if x.device.type == "cpu":
+        _warn_cpu_once()
+    rows = x.reshape(-1, in_features)
+    x_scale = (rows.abs().amax().float() / FP8_E4M3_MAX).clamp_min(1e-12)
+    x_fp8 = (rows.float() / x_scale).to(torch.float8_e4m3fn)
+    w_fp8 = weight.stored(x.device)
+    w_scale = weight.scale.to(x.device, non_blocking=True)
+    out = torch._scaled_mm(
+        x_fp8,
+        w_fp8.t(),  # column-major, as the kernel wants its second operand
+        scale_a=x_scale.reshape(()),
+        scale_b=w_scale,
+        bias=None if bias is None else bias.to(x.dtype),
+        out_dtype=x.dtype,
+    )
+    return out.reshape(*x.shape[:-1], out_features)

@@ -347,6 +347,45 @@ def check_fp8_compact(world: World) -> dict:
     }
 
 
+def check_fp8_matmul(world: World) -> dict:
+    """STEADYDANCER_FP8_MATMUL=1: fp8 weights multiply in fp8 inside ComfyUI's model call,
+    and a LoRA-patched layer falls back to the expanded weight (the patch needs it)."""
+    import os
+
+    from comfyui_steadydancer.steadydancer.quantized import FP8_MATMUL_ENV
+
+    import nodes
+
+    name = "tiny_fp8_scaled.safetensors"
+
+    def both(patcher: object) -> tuple:
+        os.environ.pop(FP8_MATMUL_ENV, None)
+        exact = predict(world, patcher)
+        os.environ[FP8_MATMUL_ENV] = "1"
+        try:
+            fast = predict(world, patcher)
+        finally:
+            os.environ.pop(FP8_MATMUL_ENV, None)
+        return exact, fast
+
+    exact, fast = both(load(world, name, dtype="bf16"))
+    # a strong LoRA: its change must stand well above the fp8 path's own rounding (~2 % here)
+    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(load(world, name, dtype="bf16"), "tiny_lora.safetensors",
+                                                               5.0)[0]  # fmt: skip
+    lora_exact, lora_fast = both(patched)
+
+    def relative(a: object, b: object) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    return {
+        "relative": relative(fast, exact),
+        "finite": bool(fast.isfinite().all()),
+        "lora_relative": relative(lora_fast, lora_exact),  # the fp8 path beside the LoRA's layers
+        # what the LoRA changes, with the fp8 path on vs off: ~1.0 if the LoRA were dropped
+        "lora_change_vs_exact": relative(lora_fast.float() - fast.float(), lora_exact.float() - exact.float()),
+    }
+
+
 def _merged_patcher(world: World, source: dict, lora: dict | None = None) -> object:
     """A float MODEL whose weights have the LoRA merged in (the expected result)."""
     from comfyui_steadydancer.nodes.comfy_model import build_model_patcher
@@ -876,6 +915,7 @@ CHECKS: dict[str, Callable[[World], dict]] = {
     "parity": check_parity,
     "gguf_quantised": check_gguf_quantised,
     "fp8_compact": check_fp8_compact,
+    "fp8_matmul": check_fp8_matmul,
     "lora": check_lora,
     "lora_hooks": check_lora_hooks,
     "gguf_patcher": check_gguf_patcher,

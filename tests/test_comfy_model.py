@@ -91,6 +91,15 @@ def test_scaled_fp8_weights_stay_fp8_in_the_model(report: dict) -> None:
     assert r["model_size"] < r["float_model_size"] - 0.7 * r["fp8_float_bytes"]
 
 
+def test_opt_in_fp8_matmul_runs_in_comfyui_and_keeps_loras(report: dict) -> None:
+    """STEADYDANCER_FP8_MATMUL=1 (torch._scaled_mm; its CPU kernel here): a bf16 prediction of an
+    fp8 model within the input's fp8 rounding of the exact one, and a LoRA still applied."""
+    r = result(report, "fp8_matmul")
+    assert r["finite"] and 1e-4 < r["relative"] < 0.05, r  # the fp8 path ran: lossy, slightly
+    assert r["lora_relative"] < 0.05, r
+    assert r["lora_change_vs_exact"] < 0.5, r  # the LoRA is not lost on the fp8 path
+
+
 @pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"])
 @pytest.mark.parametrize(
     "lora",

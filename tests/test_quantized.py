@@ -142,3 +142,44 @@ def test_expansion_on_the_gpu_equals_the_load_time_conversion() -> None:
             out = t.to(cuda_device).dequantize(dtype)
             assert out.device.type == "cuda" and torch.equal(out.cpu(), expected), (per_row, dtype)
             assert torch.equal(t.dequantize(dtype, cuda_device).cpu(), expected)
+
+
+def _fp8_weight(out_features: int, in_features: int, per_row: bool = False, seed: int = 0) -> Fp8Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    scale = values.abs().amax(dim=1 if per_row else None) / 448.0
+    data = (values / (scale[:, None] if per_row else scale)).to(torch.float8_e4m3fn)
+    return Fp8Tensor(data, scale=scale)
+
+
+def test_fp8_matmul_is_the_expanded_product_up_to_the_inputs_fp8_rounding() -> None:
+    """The opt-in fp8 product (torch._scaled_mm; its CPU kernel here, the GPU's on sm89+)
+    against the expanded weight's bf16 product: only the input's e4m3 rounding differs."""
+    from steadydancer.quantized import fp8_linear
+
+    weight = _fp8_weight(96, 64)
+    bias = torch.randn(96)
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    fast = fp8_linear(x, weight, bias)
+    exact = torch.nn.functional.linear(x.float(), weight.dequantize(torch.float32), bias)
+    assert fast is not None and fast.shape == (2, 7, 96) and fast.dtype == torch.bfloat16
+    relative = float((fast.float() - exact).norm() / exact.norm())
+    assert 1e-4 < relative < 0.05, relative  # lossy (so opt-in), but by the input's rounding only
+
+
+def test_fp8_matmul_declines_what_it_cannot_compute_exactly_as_stored() -> None:
+    from steadydancer.quantized import fp8_linear
+
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert fp8_linear(x, _fp8_weight(96, 64, per_row=True)) is None  # one scale per row
+    assert fp8_linear(torch.randn(3, 40), _fp8_weight(96, 40)) is None  # not a multiple of 16
+    assert fp8_linear(x, torch.randn(96, 64)) is None  # not fp8
+
+
+def test_fp8_matmul_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steadydancer.quantized import FP8_MATMUL_ENV, fp8_matmul_enabled
+
+    monkeypatch.delenv(FP8_MATMUL_ENV, raising=False)
+    assert not fp8_matmul_enabled()
+    monkeypatch.setenv(FP8_MATMUL_ENV, "1")
+    assert fp8_matmul_enabled()
