@@ -5,7 +5,7 @@
 writes under MODELS (ComfyUI's folder layout) what the example graph needs:
 - diffusion_models/: the SteadyDancer DiT as GGUF Q4_K (`steadydancer_<scale>_Q4_K.gguf`) and
   as Kijai's scaled fp8 safetensors (`steadydancer_<scale>_fp8_e4m3fn_scaled.safetensors`);
-  at `14b`, SteadyDancer-14B's shapes (8.5 GB and 15 GB);
+  at `14b`, SteadyDancer-14B's shapes (9.25 GB and 16.4 GB);
 - text_encoders/: at `14b` umT5-XXL in the scaled fp8 layout of `umt5_xxl_fp8_e4m3fn_scaled`
   (5.7 B parameters, 4096-wide states) with a small SentencePiece vocabulary trained here
   (ComfyUI reads the tokenizer from the file; token ids only index the embedding); at
