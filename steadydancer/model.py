@@ -73,6 +73,8 @@ class SteadyDancerConfig:
     align_heads: int = ALIGN_HEADS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ModelFileError(f"num_heads must be a positive whole number, got {self.num_heads!r}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ModelFileError(
                 f"dim {self.dim} does not split into {self.num_heads} heads of an even size"

@@ -404,3 +404,12 @@ def test_cuda_bf16_forward_with_every_available_backend_matches_cpu_fp32():
             out = model(**gpu_inputs)
             assert model.attention.backend_used == name
             assert rel(out.cpu(), ref) < (5e-2 if name == "sage" else 2e-2), name
+
+
+@pytest.mark.parametrize(("num_heads", "message"), [(0, "positive whole number"), (-2, "positive whole number"),
+                                                    (3, "does not split into 3 heads")])  # fmt: skip
+def test_a_bad_head_count_is_refused_with_one_clear_error(num_heads: int, message: str) -> None:
+    """A wrong `num_heads` argument names itself, instead of a ZeroDivisionError or a shape
+    error deep inside attention."""
+    with pytest.raises(ModelFileError, match=message):
+        load_model(tiny_sd(), num_heads=num_heads)
