@@ -45,6 +45,8 @@ def test_every_library_and_node_module_is_in_the_layout() -> None:
 
 
 def test_docs_and_code_point_inside_the_repository() -> None:
-    hits = subprocess.run(["git", "grep", "-nE", r"\.\./shared|spec/(MODEL|PIPELINE)\.md|CONTRACTS", "--", "*.py", "*.md", "*.sh"],
+    # the pattern is assembled so that this file does not match it itself
+    notes = "|".join((r"\.\./" + "shared", "spec/(MODEL|PIPELINE)" + r"\.md", "CONTR" + "ACTS"))
+    hits = subprocess.run(["git", "grep", "-nE", notes, "--", "*.py", "*.md", "*.sh"],
                           cwd=REPO_ROOT, capture_output=True, text=True).stdout  # fmt: skip
-    assert not [line for line in hits.splitlines() if not line.startswith("tests/test_docs.py")], hits
+    assert not hits, hits
