@@ -121,22 +121,13 @@ def _kept(key: str, weight: torch.Tensor, scale: torch.Tensor | None, source: st
     try:
         return Fp8Tensor(weight, scale=scale)
     except ModelFileError as exc:
-        raise ModelFileError(f"{source}: {key}: {exc}") from None
+        raise ModelFileError(
+            f"{source}: {key}: {exc}; the file's scale of {key} does not belong to this weight"
+        ) from None
 
 
 def _scaled(
     key: str, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, source: str
 ) -> torch.Tensor:
-    values = weight.to(torch.float32)
-    if scale is not None:
-        s = scale.to(torch.float32)
-        if s.numel() == 1:
-            values.mul_(s.reshape(()))
-        elif s.numel() == weight.shape[0]:  # one scale per output row
-            values.mul_(s.reshape(-1, *([1] * (weight.ndim - 1))))
-        else:
-            raise ModelFileError(
-                f"{source}: the scale of {key} has shape {tuple(scale.shape)}; expected one value "
-                f"or one per row of the {tuple(weight.shape)} weight"
-            )
-    return values.to(dtype)
+    # one implementation of fp8 * scale: the kept tensor's, expanded now
+    return _kept(key, weight, scale, source).dequantize(dtype)

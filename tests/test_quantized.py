@@ -32,7 +32,9 @@ def _fp8(rows: int = 6, cols: int = 10, per_row: bool = False) -> tuple[torch.Te
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_values_are_those_of_the_load_time_conversion(per_row: bool, dtype: torch.dtype) -> None:
     q, scale = _fp8(per_row=per_row)
-    expected = dequantize_fp8({"a.weight": q, "a.scale_weight": scale}, dtype)["a.weight"]
+    # the load-time conversion's arithmetic: the float32 product, rounded once to `dtype`
+    expected = (q.float() * (scale[:, None] if per_row else scale)).to(dtype)
+    assert torch.equal(dequantize_fp8({"a.weight": q, "a.scale_weight": scale}, dtype)["a.weight"], expected)
     kept = dequantize_fp8({"a.weight": q, "a.scale_weight": scale}, dtype, keep=True)["a.weight"]
     assert isinstance(kept, Fp8Tensor) and is_quantized(kept)
     out = kept.dequantize(dtype)
