@@ -59,12 +59,16 @@ def cast_bias_weight(
     if input is not None:
         dtype = dtype or input.dtype
         device = device or input.device
-    bias_dtype = bias_dtype or dtype
-    bias = None
-    if layer.bias is not None:
-        bias = _materialise(layer.bias, bias_dtype, device, layer.bias_function)
+    bias = cast_bias(layer, bias_dtype or dtype, device)
     weight = _materialise(layer.weight, dtype, device, layer.weight_function)
     return weight, bias
+
+
+def cast_bias(layer: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The layer's bias (if any) as `dtype` on `device`, with its patch functions applied."""
+    if layer.bias is None:
+        return None
+    return _materialise(layer.bias, dtype, device, layer.bias_function)
 
 
 class GGUFOps(comfy.ops.manual_cast):
@@ -79,10 +83,7 @@ class GGUFOps(comfy.ops.manual_cast):
     class Linear(GGMLLayer, comfy.ops.manual_cast.Linear):
         def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
             if fp8_matmul_enabled() and not self.weight_function:  # a LoRA needs the expanded weight
-                bias = None
-                if self.bias is not None:
-                    bias = _materialise(self.bias, input.dtype, input.device, self.bias_function)
-                out = fp8_linear(input, self.weight, bias)
+                out = fp8_linear(input, self.weight, cast_bias(self, input.dtype, input.device))
                 if out is not None:
                     return out
             weight, bias = cast_bias_weight(self, input)
