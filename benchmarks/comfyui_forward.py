@@ -56,22 +56,14 @@ def parse_size(text: str) -> tuple[int, int, int]:
 
 
 def timed(fn, device, repeat: int) -> tuple[object, float]:
-    """(result of a warm-up call, median seconds of `repeat` further calls)."""
-    import torch
+    """(result of a warm-up call, median seconds of `repeat` further calls), with the
+    benchmarks' one timer (imported here: torch must come after ComfyUI's allocator choice)."""
+    from benchmarks.common import time_calls
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    out = fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
+    results: list[object] = []
+    times = time_calls(fn, device=device, warmup=1, repeat=repeat,
+                       each=lambda out: None if results else results.append(out))  # fmt: skip
+    return results[0], statistics.median(times)
 
 
 def profile(fn, device) -> dict:
