@@ -35,17 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expanded", action="store_true", help="the old way: fp8 weights become bf16 at load")
     args = parser.parse_args(argv)
 
-    from benchmarks.random_models import dit_config, file_names, write_dit_fp8
+    from benchmarks.random_models import dit_config, file_names, write_dit_fp8, write_file
 
     folder = args.models / "diffusion_models"
     name = file_names(args.scale)["fp8"]
     path = folder / name
     if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        print(f"writing {path} ...", file=sys.stderr, flush=True)
-        part = path.with_name(path.name + ".part")
-        write_dit_fp8(part, dit_config(args.scale))
-        part.replace(path)
+        write_file(path, lambda part: write_dit_fp8(part, dit_config(args.scale)))
     size = path.stat().st_size
 
     why_not = import_comfyui(dynamic_vram=args.dynamic_vram)

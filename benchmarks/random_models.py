@@ -302,15 +302,22 @@ def build(comfyui: Path, out: Path, scale: str, device: str = "cpu", force: bool
     for path, make in steps:
         if path.is_file() and not force:
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"writing {path}", file=sys.stderr, flush=True)
         if path.suffix == ".onnx":  # the pose stand-ins: two small files at once
+            path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"writing {path}", file=sys.stderr, flush=True)
             make(path)
             continue
-        part = path.with_name(path.name + ".part")  # a killed run leaves no file under the real name
-        make(part)
-        part.replace(path)
+        write_file(path, make)
     return names
+
+
+def write_file(path: Path, make: Callable[[Path], object]) -> None:
+    """`make(part)` then rename it to `path`: a killed run leaves no file under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"writing {path}", file=sys.stderr, flush=True)
+    part = path.with_name(path.name + ".part")
+    make(part)
+    part.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
