@@ -32,6 +32,7 @@ from ..pose import (
     to_pose_keypoint,
 )
 from ..pose.backends import COLOUR_ORDERS, PoseDetector
+from ..pose.backends.onnx_backend import RUNTIMES as ONNX_RUNTIMES
 from ..pose.errors import CheckpointNotFoundError, PoseCancelled, PoseError
 from ..pose.types import Pose
 from ..steadydancer.conditioning import SIZE_MULTIPLE
@@ -123,23 +124,21 @@ def reference_for_detection(image: torch.Tensor) -> torch.Tensor:
     return to_image(resized[None])
 
 
-def detector_device(backend: str) -> str | None:
-    """ComfyUI's device for the detector: the CPU under --cpu; on a GPU, the library's choice
-    for onnx (onnxruntime may lack CUDA: it then runs on the CPU), ComfyUI's GPU for mmpose."""
+def detector_device() -> str:
+    """ComfyUI's device for the detector: the CPU under --cpu, else ComfyUI's GPU (the onnx
+    backend's `auto` runtime then runs the files with torch where onnxruntime has no CUDA)."""
     device = comfy.model_management.get_torch_device()
-    if device.type == "cpu":
-        return "cpu"
-    return None if backend == "onnx" else str(device)
+    return "cpu" if device.type == "cpu" else str(device)
 
 
-def _load_from_folders(backend: str, colour_order: str = "reference") -> PoseDetector:
+def _load_from_folders(backend: str, colour_order: str = "reference", runtime: str = "auto") -> PoseDetector:
     """The detector from the first `dwpose` folder holding this backend's checkpoints."""
     folders = folder_paths.get_folder_paths(DWPOSE_FOLDER)
     first_error: CheckpointNotFoundError | None = None
     for folder in folders:
         try:
             return load_detector(
-                backend, folder, device=detector_device(backend), colour_order=colour_order
+                backend, folder, device=detector_device(), colour_order=colour_order, runtime=runtime
             )
         except CheckpointNotFoundError as error:
             first_error = first_error or error
@@ -222,7 +221,8 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
                     "backend",
                     options=list(BACKENDS),
                     default="onnx",
-                    tooltip="onnx: onnxruntime with yolox_l.onnx + dw-ll_ucoco_384.onnx. mmpose: the reference "
+                    tooltip="onnx: yolox_l.onnx + dw-ll_ucoco_384.onnx (run by onnxruntime or PyTorch, see onnx_runtime). "
+                    "mmpose: the reference "
                     "pipeline (mmpose/mmdet/mmcv) with yolox_l_8x8_300e_coco_20211126_140236-d3bd2b23.pth + "
                     "dw-ll_ucoco_384.pth.",
                 ),
@@ -234,22 +234,32 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
                     "RGB, DWPose BGR), which SteadyDancer's training poses came from. trained: the orders the "
                     "networks were trained on (YOLOX BGR, DWPose RGB).",
                 ),
+                io.Combo.Input(
+                    "onnx_runtime",
+                    options=list(ONNX_RUNTIMES),
+                    default="auto",
+                    optional=True,
+                    tooltip="onnx backend only. auto: onnxruntime on the CPU or where its build has CUDA, "
+                    "otherwise the same ONNX files run with PyTorch on ComfyUI's GPU. torch: always PyTorch. "
+                    "onnxruntime: always onnxruntime (the CPU when it has no CUDA).",
+                ),
             ],
             outputs=[PoseDetectorType.Output(display_name="pose_detector")],
         )
 
     @classmethod
     def validate_inputs(
-        cls, backend: str | None = None, colour_order: str | None = None
+        cls, backend: str | None = None, colour_order: str | None = None, onnx_runtime: str | None = None
     ) -> bool | str:
         return first_error(
             choice_error("backend", backend, BACKENDS),
             choice_error("colour_order", colour_order, COLOUR_ORDERS),
+            choice_error("onnx_runtime", onnx_runtime, ONNX_RUNTIMES),
         )
 
     @classmethod
-    def execute(cls, backend: str, colour_order: str = "reference") -> io.NodeOutput:
-        return io.NodeOutput(_load_from_folders(backend, colour_order))
+    def execute(cls, backend: str, colour_order: str = "reference", onnx_runtime: str = "auto") -> io.NodeOutput:
+        return io.NodeOutput(_load_from_folders(backend, colour_order, onnx_runtime))
 
 
 class SteadyDancerPoseExtract(io.ComfyNode):

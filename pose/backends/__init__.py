@@ -1,6 +1,6 @@
 """DWPose backends behind one interface: `load_detector(backend, model_dir)`.
 
-"onnx" needs onnxruntime and yolox_l.onnx + dw-ll_ucoco_384.onnx; "mmpose" needs the
+"onnx" needs yolox_l.onnx + dw-ll_ucoco_384.onnx and onnxruntime or PyTorch; "mmpose" needs the
 mmcv/mmdet/mmpose stack and the two .pth checkpoints. Both are imported only when loaded.
 """
 
@@ -24,6 +24,7 @@ def load_detector(
     device: str | None = None,
     flip_test: bool = True,
     colour_order: str = "reference",
+    runtime: str = "auto",
 ) -> PoseDetector:
     """Load the person detector + DWPose model of `backend` from model_dir.
 
@@ -31,25 +32,27 @@ def load_detector(
     pose model over the crop and its mirror, as the reference config does (2x pose cost).
     colour_order: "reference" (the channel orders the reference pipeline hands the networks,
     what SteadyDancer's training poses came from) or "trained" (each network's own).
+    runtime (onnx backend): "auto", "onnxruntime" or "torch" (the ONNX graph run with
+    PyTorch operators; onnx_backend.py says which `auto` picks where).
     Raises PoseDependencyError (package to install), CheckpointNotFoundError (file to
     put where), InvalidCheckpointError (a file that is not the expected model).
     """
     check_colour_order(colour_order)
-    detector = _load(backend, model_dir, device, flip_test)
+    detector = _load(backend, model_dir, device, flip_test, runtime)
     detector.colour_order = colour_order
     return detector
 
 
-def _load(backend: str, model_dir: str | Path, device: str | None, flip_test: bool) -> PoseDetector:
+def _load(backend: str, model_dir: str | Path, device: str | None, flip_test: bool, runtime: str) -> PoseDetector:
     if backend == "onnx":
-        from .onnx_backend import OnnxPoseDetector, import_onnxruntime
+        from .onnx_backend import OnnxPoseDetector
 
-        import_onnxruntime()
         return OnnxPoseDetector(
             resolve(model_dir, YOLOX_ONNX),
             resolve(model_dir, DWPOSE_ONNX),
             device=device,
             flip_test=flip_test,
+            runtime=runtime,
         )
     if backend == "mmpose":
         from .mmpose_backend import MMPoseDetector, import_stack

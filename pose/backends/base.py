@@ -116,6 +116,25 @@ class PoseDetector(ABC):
         if batch_size < 1:
             raise PoseFormatError(f"batch_size must be at least 1, got {batch_size}")
         swap = check_colour_order(self.colour_order) == "trained"  # RGB -> BGR
+        try:
+            return self._detect(frames, detect_resolution, batch_size, swap, progress, should_cancel)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Free what a backend keeps on the device between calls (the torch runtime's
+        weights); called after each `detect`. Nothing by default."""
+        return None
+
+    def _detect(
+        self,
+        frames: np.ndarray | FrameSource,
+        detect_resolution: int,
+        batch_size: int,
+        swap: bool,
+        progress: Progress | None,
+        should_cancel: ShouldCancel | None,
+    ) -> list[Pose | None]:
         total = frames.shape[0]
         height, width = frames.shape[1:3]
         poses: list[Pose | None] = []

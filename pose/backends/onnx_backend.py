@@ -1,4 +1,10 @@
-"""DWPose through onnxruntime: yolox_l.onnx + dw-ll_ucoco_384.onnx, no mmcv needed.
+"""DWPose from its ONNX files (yolox_l.onnx + dw-ll_ucoco_384.onnx), no mmcv needed.
+
+Two runtimes execute the files: onnxruntime, and torch (torch_onnx.py: the same graph with
+PyTorch operators, on any device torch has). `auto` takes onnxruntime on the CPU and where
+its build has CUDA, torch on a GPU that onnxruntime cannot use (PyPI's onnxruntime-gpu is a
+CUDA 12 build; a CUDA 13 torch gets the CPU-only onnxruntime), so the networks run on the
+GPU wherever ComfyUI does.
 
 The networks run bare; geometry.py reproduces what mmdet/mmpose do around them, including
 mmpose's flip test of the reference config (on by default), so both backends give the same
@@ -31,6 +37,55 @@ def import_onnxruntime() -> ModuleType:
             "(or `onnxruntime-gpu` for CUDA), or `pip install .[onnx]` in this repository"
         ) from exc
     return onnxruntime
+
+
+RUNTIMES: tuple[str, ...] = ("auto", "onnxruntime", "torch")
+
+
+def _onnxruntime_or_none() -> ModuleType | None:
+    try:
+        return import_onnxruntime()
+    except PoseDependencyError:
+        return None
+
+
+def _torch_device(device: str | None) -> str:
+    from .torch_onnx import import_torch
+
+    torch = import_torch()
+    if device is None:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise PoseDependencyError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or another torch device") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise PoseDependencyError(f"device {device!r} asked for, but this PyTorch has no usable CUDA device")
+    return str(parsed) if parsed.type != "cuda" or parsed.index is not None else "cuda:0"
+
+
+def choose_runtime(runtime: str, device: str | None) -> str:
+    """The runtime `auto` stands for on `device` (module docstring); others are returned as given."""
+    if runtime not in RUNTIMES:
+        raise PoseDependencyError(f"unknown ONNX runtime {runtime!r}: use one of {list(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    ort = _onnxruntime_or_none()
+    if device == "cpu":
+        return "onnxruntime" if ort is not None else "torch"
+    if device is None or device.startswith("cuda"):
+        if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers():
+            return "onnxruntime"
+        try:
+            from .torch_onnx import import_torch
+
+            if import_torch().cuda.is_available():
+                return "torch"
+        except PoseDependencyError:
+            pass
+        if device is None and ort is not None:
+            return "onnxruntime"  # no GPU at all: the CPU
+    return "torch"  # mps, xpu, ... : only torch runs there
 
 
 def providers_for(ort: ModuleType, device: str | None) -> tuple[list, str]:
@@ -80,13 +135,27 @@ class OnnxPoseDetector(PoseDetector):
         device: str | None = None,
         flip_test: bool = True,
         threads: int | None = None,
+        runtime: str = "auto",
     ) -> None:
-        ort = import_onnxruntime()
-        providers, self.device = providers_for(ort, device)
+        self.runtime = choose_runtime(runtime, device)
         self.flip_test = flip_test
-        self._det = _session(ort, Path(detector_path), providers, threads)
-        self._pose = _session(ort, Path(pose_path), providers, threads)
+        if self.runtime == "torch":
+            from .torch_onnx import TorchOnnxSession
+
+            self.device = _torch_device(device)
+            self._det = TorchOnnxSession(detector_path, self.device)
+            self._pose = TorchOnnxSession(pose_path, self.device)
+        else:
+            ort = import_onnxruntime()
+            providers, self.device = providers_for(ort, device)
+            self._det = _session(ort, Path(detector_path), providers, threads)
+            self._pose = _session(ort, Path(pose_path), providers, threads)
         self._check_signatures(Path(detector_path), Path(pose_path))
+
+    def release(self) -> None:
+        for session in (self._det, self._pose):
+            if hasattr(session, "release"):
+                session.release()
 
     def _check_signatures(self, detector_path: Path, pose_path: Path) -> None:
         det_in = self._det.get_inputs()[0]
@@ -110,10 +179,23 @@ class OnnxPoseDetector(PoseDetector):
         self._pose_batch = _fixed_batch(pose_in.shape)
         outputs = {o.shape[-1]: o.name for o in self._pose.get_outputs()}
         if SIMCC_X_BINS not in outputs or SIMCC_Y_BINS not in outputs:
+            outputs = self._probe_output_widths()
+        if SIMCC_X_BINS not in outputs or SIMCC_Y_BINS not in outputs:
             raise InvalidCheckpointError(
                 f"{pose_path} does not output SimCC vectors [N, 133, 576] and [N, 133, 768]"
             )
         self._simcc_names = [outputs[SIMCC_X_BINS], outputs[SIMCC_Y_BINS]]
+
+    def _probe_output_widths(self) -> dict:
+        """{last axis size: output name} from one run on a blank crop, for files whose output
+        shapes are symbolic (torch's exporter names reshaped axes instead of sizing them)."""
+        names = [o.name for o in self._pose.get_outputs()]
+        blank = np.zeros((self._pose_batch or 1, 3, g.POSE_INPUT_SIZE[1], g.POSE_INPUT_SIZE[0]), np.float32)
+        try:
+            results = self._pose.run(names, {self._pose_input: blank})
+        except Exception:
+            return {}
+        return {np.shape(r)[-1]: name for r, name in zip(results, names, strict=True) if np.ndim(r) == 3}
 
     def _run(
         self,
