@@ -10,6 +10,8 @@ runtime. The GPU test runs where CUDA is (the device machine), else it skips.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -448,4 +450,31 @@ def test_gpu_keypoints_match_cpu(tmp_path):
     gpu = load_detector("onnx", tmp_path, device="cuda", runtime="torch").estimate(images)
     for (ka, sa), (kb, sb) in zip(cpu, gpu, strict=True):
         np.testing.assert_allclose(ka, kb, atol=1e-3)
+        np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-6)
+
+
+SKELETONS = Path(__file__).parent / "data" / "dwpose_skeletons"
+
+
+@pytest.fixture(scope="module")
+def dwpose_architectures(tmp_path_factory):
+    """YOLOX-L and DWPose-L as mmdet/mmpose export them (opset 17, 88 M parameters), from
+    skeletons in tests/data: the exporter's graphs with the large weights stripped
+    (scripts/onnx_skeleton.py), re-filled with seeded random values. The real checkpoints
+    cannot be downloaded here; the graphs, operators and shapes are the real networks'."""
+    from scripts.onnx_skeleton import fill
+
+    directory = tmp_path_factory.mktemp("dwpose_architectures")
+    for name in ("yolox_l", "dw-ll_ucoco_384"):
+        fill(str(SKELETONS / f"{name}.skel.onnx"), str(directory / f"{name}.onnx"))
+    return directory
+
+
+@pytest.mark.slow
+def test_dwpose_architectures_give_the_same_keypoints(dwpose_architectures):
+    images = [(RNG.random((512, 896, 3)) * 255).astype(np.uint8)]
+    results = {rt: load_detector("onnx", dwpose_architectures, device="cpu", runtime=rt).estimate(images)
+               for rt in ("onnxruntime", "torch")}  # fmt: skip
+    for (ka, sa), (kb, sb) in zip(results["onnxruntime"], results["torch"], strict=True):
+        np.testing.assert_allclose(ka, kb, atol=1e-2)
         np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-6)
