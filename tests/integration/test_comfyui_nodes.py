@@ -8,7 +8,9 @@ pytestmark = pytest.mark.comfyui
 
 # node -> (required inputs with their types, optional inputs, output types)
 EXPECTED = {
-    "SteadyDancerPoseDetectorLoader": ({"backend": "COMBO", "colour_order": "COMBO"}, {}, ["STEADYDANCER_POSE_DETECTOR"]),
+    "SteadyDancerPoseDetectorLoader": (
+        {"backend": "COMBO", "colour_order": "COMBO"}, {"onnx_runtime": "COMBO"}, ["STEADYDANCER_POSE_DETECTOR"],
+    ),
     "SteadyDancerPoseExtract": (
         {"pose_detector": "STEADYDANCER_POSE_DETECTOR", "images": "IMAGE", "detect_resolution": "INT", "batch_size": "INT"},
         {},
