@@ -254,8 +254,14 @@ def fp8_linear(
     if x.device.type == "cpu":
         _warn_cpu_once()
     rows = x.reshape(-1, in_features)
-    x_scale = (rows.abs().amax().float() / FP8_E4M3_MAX).clamp_min(1e-12)
-    x_fp8 = (rows.float() / x_scale).to(torch.float8_e4m3fn)
+    # Few passes over the activations and no float32 copy of them: on the GPU these passes,
+    # not the product, decided the speed (5 passes with float32 temporaries made fp8 1.03x
+    # slower than expanding the weights, H100). Scaling in bf16 rounds the inverse scale by
+    # at most 2^-8, so the largest value lands below 450, and e4m3 rounds up to 464 to 448
+    # (only from 464 on would it cast to NaN): no clamp pass is needed.
+    amax = torch.maximum(rows.max(), rows.min().neg()).float()
+    x_scale = (amax / FP8_E4M3_MAX).clamp_min(1e-12)
+    x_fp8 = (rows * (1.0 / x_scale).to(rows.dtype)).to(torch.float8_e4m3fn)
     w_fp8 = weight.stored(x.device)
     w_scale = weight.scale.to(x.device, non_blocking=True)
     out = torch._scaled_mm(

@@ -171,6 +171,21 @@ def test_fp8_matmul_is_the_expanded_product_up_to_the_inputs_fp8_rounding() -> N
     assert 1e-4 < relative < 0.05, relative  # lossy (so opt-in), but by the input's rounding only
 
 
+@pytest.mark.parametrize("peak", [448.0, 1000.0, -3.0e4, 1.0e-3])
+def test_fp8_matmul_input_scaling_never_overflows_e4m3(peak: float) -> None:
+    """The input is scaled in its own dtype (bf16) with a rounded inverse scale; the largest
+    value must still land inside e4m3's range (past 448 it would cast to NaN)."""
+    from steadydancer.quantized import fp8_linear
+
+    weight = _fp8_weight(32, 64, seed=1)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    x[1, 5] = peak
+    out = fp8_linear(x, weight)
+    assert out is not None and torch.isfinite(out).all()
+    exact = torch.nn.functional.linear(x.float(), weight.dequantize(torch.float32))
+    assert float((out.float() - exact).norm() / exact.norm()) < 0.1
+
+
 def test_fp8_matmul_declines_what_it_cannot_compute_exactly_as_stored() -> None:
     from steadydancer.quantized import fp8_linear
 
