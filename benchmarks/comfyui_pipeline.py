@@ -2,7 +2,7 @@
 
     python -m benchmarks.comfyui_pipeline --comfyui DIR [--scale 14b] [--weights gguf,fp8]
         [--modes default,no-dynamic-vram,16gb,16gb-card] [--frames 81[,241,481]] [--context 81:16] [--steps 2]
-        [--preset fast|reference] [--library] [--out DIR]
+        [--preset fast|reference] [--library] [--profile] [--out DIR]
 
 For each weights file and each mode it starts ComfyUI (`main.py`, this package loaded from
 the checkout), submits `workflows/api/steadydancer_api.json` pointed at random-weight models
@@ -24,7 +24,12 @@ the idle figure before ComfyUI started subtracted. Modes:
 guidance; the model calls and seconds per call (steps after the first, which also moves the
 weights) are printed. `--library` also times the DiT's
 own forward on the same file in ComfyUI's process (`benchmarks.comfyui_forward`, batch 1) and
-prints the ComfyUI path's seconds per call as a ratio of it.
+prints the ComfyUI path's seconds per call as a ratio of it. `--profile` puts a
+benchmark-only node (`benchmarks/comfyui_profile_node`) on the guider's model: inside the
+server it times every level of each model call (the guider, ComfyUI's cond batching,
+apply_model, the DiT) with the GPU synchronised, and profiles the sampling with
+torch.profiler; the report says what each level adds around the next. Each run also prints
+ComfyUI's own model-loading lines (whether the DiT was loaded completely or partially).
 `--cpu` runs everything with ComfyUI's `--cpu` (for checking this script on a machine
 without a GPU: use `--scale tiny`). Prints one table per run, then a summary; writes
 report.json (and ComfyUI's logs) under --out.
@@ -101,6 +106,8 @@ class RunResult:
     library_s: float | None = None  # the DiT's own forward, seconds per prediction (--library)
     video: dict | None = None
     card_free_gib: float | None = None  # 16gb-card: free on the card with the ballast held
+    model_loads: list[str] = field(default_factory=list)  # ComfyUI's "loaded completely/partially" lines
+    profile: dict | None = None  # --profile: the sampling's levels and operators, from the server
 
 
 class GpuMemory:
@@ -231,6 +238,30 @@ def probe_video(path: Path) -> dict:
                 "fps": float(stream.average_rate or 0)}  # fmt: skip
 
 
+PROFILE_FILE = "profile.json"
+PROFILE_NODE = REPO_ROOT / "benchmarks" / "comfyui_profile_node"
+PROFILE_NODE_ID = "990"
+
+
+def with_profile(graph: dict, work: Path) -> dict:
+    """`graph` with the benchmark's profile node on the guider's model, and the node linked into
+    this run's custom_nodes (the server loads it next to this package)."""
+    nodes_dir = work / "custom_nodes"
+    nodes_dir.mkdir(parents=True, exist_ok=True)
+    link = nodes_dir / "steadydancer_bench_profile"
+    if not link.exists():
+        link.symlink_to(PROFILE_NODE, target_is_directory=True)
+    out = json.loads(json.dumps(graph))
+    guider = next(k for k, v in out.items() if v["class_type"] == "SteadyDancerGuider")
+    out[PROFILE_NODE_ID] = {
+        "inputs": {"model": out[guider]["inputs"]["model"], "path": str(work / PROFILE_FILE),
+                   "torch_profiler": True, "top": 30},
+        "class_type": "SteadyDancerBenchProfile",
+    }  # fmt: skip
+    out[guider]["inputs"]["model"] = [PROFILE_NODE_ID, 0]
+    return out
+
+
 def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunResult, gpu: bool, timeout: float) -> RunResult:
     classes = {k: v["class_type"] for k, v in graph.items()}
     memory = GpuMemory() if gpu else None
@@ -276,6 +307,10 @@ def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunRe
             result.windows = max(counts) if counts else None
             summary = re.findall(r"(?:EasyCache|LazyCache) - skipped .*", log)
             result.cache = summary[-1].strip() if summary else None
+            result.model_loads = [line.strip() for line in re.findall(
+                r"(?:Requested to load \S+|loaded (?:completely|partially)[^\n]*)", log)]  # fmt: skip
+            if (work / PROFILE_FILE).is_file():
+                result.profile = json.loads((work / PROFILE_FILE).read_text())
             shutil.copy(server.log_path, work.parent / f"comfyui-{result.name.replace('/', '-')}.log")
     except Exception as error:  # one failed run is reported; the others still run
         result.error = f"{type(error).__name__}: {error}"
@@ -325,9 +360,39 @@ def print_run(r: RunResult) -> None:
             print(f"   library path {r.library_s:.2f} s per call: ComfyUI / library = {per_call / r.library_s:.2f}")
     if r.cache:
         print(f"   {r.cache}")
+    if r.model_loads:
+        print("   ComfyUI's model loading: " + "; ".join(r.model_loads))
+    if r.profile:
+        print_profile(r.profile)
     if r.video:
         v = r.video
         print(f"   video: {v['frames']} frames {v['width']}x{v['height']} at {v['fps']:g} fps, {v['path']}")
+
+
+def print_profile(profile: dict) -> None:
+    """What each level of a model call adds around the next (--profile), and the operators."""
+    levels = profile.get("levels", {})
+    print(f"   profile: sampling {profile.get('sampling_s', 0.0):.2f} s inside the server")
+    names = ["predict_noise", "calc_cond_batch", "apply_model", "diffusion_model"]
+    what = {"predict_noise": "the guider around ComfyUI's cond batching",
+            "calc_cond_batch": "ComfyUI's cond batching around apply_model",
+            "apply_model": "input conversion and denoising around the DiT",
+            "diffusion_model": "the DiT (and its wrappers)"}  # fmt: skip
+    for outer, inner in zip(names, [*names[1:], None], strict=True):
+        level = levels.get(outer)
+        if not level:
+            continue
+        own = level["total_s"] - (levels[inner]["total_s"] if inner and inner in levels else 0.0)
+        per = level["total_s"] / max(level["calls"], 1)
+        print(f"     {outer:16s} {level['calls']:3d} calls, {level['total_s']:8.2f} s ({per:.3f} s each); "
+              f"{what[outer]}: {own:.2f} s")  # fmt: skip
+    outside = profile.get("sampling_s", 0.0) - levels.get("predict_noise", {}).get("total_s", 0.0)
+    print(f"     sampler outside predict_noise: {outside:.2f} s")
+    rows = profile.get("operators", [])
+    if rows:
+        print(f"     {'operator':60s} {'device s':>9s} {'host s':>8s} {'calls':>7s}")
+        for row in rows[:20]:
+            print(f"     {row['op'][:60]:60s} {row['device_s']:9.3f} {row['cpu_s']:8.3f} {row['calls']:7d}")
 
 
 def print_summary(results: list[RunResult]) -> None:
@@ -362,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--preset", choices=tuple(PRESETS), help="fast (distilled-step LoRA, 4 steps) or reference (40)")
     parser.add_argument("--library", action="store_true", help="also time the DiT's own forward on the same file")
+    parser.add_argument("--profile", action="store_true",
+                        help="time each level of every model call inside the server and profile the sampling "
+                             "(benchmarks/comfyui_profile_node)")  # fmt: skip
     parser.add_argument("--detect-resolution", type=int, default=1024)
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per graph")
@@ -420,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"running {name} ...", file=sys.stderr, flush=True)
                 work = out / "runs" / name.replace("/", "-")
                 work.mkdir(parents=True, exist_ok=True)
+                (work / PROFILE_FILE).unlink(missing_ok=True)
+                run_graph = with_profile(graph, work) if args.profile else graph
                 if (work / "input").exists():
                     shutil.rmtree(work / "input")
                 shutil.copytree(inputs, work / "input")
@@ -427,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if ballast:
                         print(f"  ballast held: {ballast.free_gib:.2f} GiB of the card free", file=sys.stderr)
-                    result = run_once(args.comfyui, models, work, graph, RunResult(name, weights, mode, flags),
+                    result = run_once(args.comfyui, models, work, run_graph, RunResult(name, weights, mode, flags),
                                       not args.cpu, args.timeout)  # fmt: skip
                 finally:
                     if ballast:

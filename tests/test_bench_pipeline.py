@@ -111,3 +111,26 @@ def test_presets_set_steps_guidance_and_put_the_lora_before_every_model_user() -
         with_preset(api, "fast")
     with pytest.raises(ValueError, match="unknown preset"):
         with_preset(api, "turbo")
+
+
+def test_profile_node_goes_on_the_guiders_model_and_its_report_reads_per_level(tmp_path: Path, capsys) -> None:
+    import json
+
+    from benchmarks.comfyui_pipeline import PROFILE_NODE, print_profile, with_profile
+    from scripts.workflow_variants import API, node_id
+
+    api = json.loads(API.read_text())
+    guider = node_id(api, "SteadyDancerGuider")
+    source = api[guider]["inputs"]["model"]
+    graph = with_profile(api, tmp_path)
+    profile = next(k for k, n in graph.items() if n["class_type"] == "SteadyDancerBenchProfile")
+    assert graph[guider]["inputs"]["model"] == [profile, 0] and graph[profile]["inputs"]["model"] == source
+    assert (tmp_path / "custom_nodes" / "steadydancer_bench_profile").resolve() == PROFILE_NODE.resolve()
+    assert api[guider]["inputs"]["model"] == source  # the input graph is left as it was
+    levels = {"predict_noise": (4, 10.0), "calc_cond_batch": (4, 9.5), "apply_model": (5, 9.0), "diffusion_model": (5, 8.0)}
+    print_profile({"sampling_s": 11.0, "levels": {k: {"calls": c, "total_s": t} for k, (c, t) in levels.items()},
+                   "operators": [{"op": "aten::addmm", "device_s": 2.5, "cpu_s": 0.1, "calls": 40}]})  # fmt: skip
+    text = capsys.readouterr().out
+    assert "input conversion and denoising around the DiT: 1.00 s" in text
+    assert "ComfyUI's cond batching around apply_model: 0.50 s" in text
+    assert "sampler outside predict_noise: 1.00 s" in text and "aten::addmm" in text
