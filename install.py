@@ -4,8 +4,10 @@ requirements.txt does not list onnxruntime: pip would then install the CPU build
 `onnxruntime-gpu` a user already has, and the two share one import name, so the CPU build
 can shadow the GPU one. This script decides instead, once, at install time:
 - any onnxruntime build already installed (GPU, CPU, DirectML, OpenVINO, ROCm ...): nothing;
-- PyTorch built for CUDA 12 (what PyPI's onnxruntime-gpu is built for): `onnxruntime-gpu`;
-- otherwise (CPU, Apple, AMD, CUDA 13 ...): `onnxruntime` (the pose models then run on the CPU).
+- PyTorch built for CUDA 12: `onnxruntime-gpu<1.27` (PyPI's builds for CUDA 12 end at 1.26);
+- PyTorch built for CUDA 13: `onnxruntime-gpu>=1.27` (PyPI's builds for CUDA 13 start there);
+- otherwise (CPU, Apple, AMD ...): `onnxruntime`. The pose loader's `onnx_runtime: auto` then
+  runs the same files with PyTorch on whatever GPU torch has.
 torch is never touched: pip gets the installed torch as a constraint. Run it by hand the
 same way: `python install.py` with ComfyUI's Python; `--dry-run` prints the decision.
 """
@@ -30,12 +32,19 @@ def installed(name: str) -> str | None:
         return None
 
 
+# The first onnxruntime-gpu on PyPI built for CUDA 13 (its wheels before it need CUDA 12).
+FIRST_CUDA13_ORT = "1.27"
+
+
 def choose_runtime(present: dict[str, str | None], torch_cuda: str | None) -> str | None:
-    """The onnxruntime distribution to install (None: one is there already)."""
+    """The onnxruntime requirement to install (None: one is there already)."""
     if any(present.get(name) for name in RUNTIMES):
         return None
-    if torch_cuda and torch_cuda.split(".")[0] == "12":
-        return "onnxruntime-gpu"
+    major = torch_cuda.split(".")[0] if torch_cuda else None
+    if major == "12":
+        return f"onnxruntime-gpu<{FIRST_CUDA13_ORT}"
+    if major == "13":
+        return f"onnxruntime-gpu>={FIRST_CUDA13_ORT}"
     return "onnxruntime"
 
 

@@ -47,8 +47,10 @@ def test_registry_archive_leaves_out_development_files_and_keeps_the_package() -
 
 def test_install_script_chooses_one_onnx_runtime() -> None:
     none = dict.fromkeys(install.RUNTIMES)
-    assert install.choose_runtime(none, "12.8") == "onnxruntime-gpu"  # PyPI's GPU build is for CUDA 12
-    assert install.choose_runtime(none, "13.0") == "onnxruntime"  # would not load its CUDA provider
+    # PyPI's onnxruntime-gpu wheels need CUDA 12 up to 1.26 and CUDA 13 from 1.27 (their metadata)
+    assert install.choose_runtime(none, "12.8") == "onnxruntime-gpu<1.27"
+    assert install.choose_runtime(none, "13.0") == "onnxruntime-gpu>=1.27"
+    assert install.choose_runtime(none, "11.8") == "onnxruntime"  # no build for it: torch runs the files
     assert install.choose_runtime(none, None) == "onnxruntime"  # CPU, Apple, AMD
     assert install.choose_runtime({**none, "onnxruntime-gpu": "1.22.0"}, None) is None  # never a second build
     assert install.choose_runtime({**none, "onnxruntime-directml": "1.20.0"}, "12.8") is None

@@ -478,3 +478,23 @@ def test_dwpose_architectures_give_the_same_keypoints(dwpose_architectures):
     for (ka, sa), (kb, sb) in zip(results["onnxruntime"], results["torch"], strict=True):
         np.testing.assert_allclose(ka, kb, atol=1e-2)
         np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("runtime", "expected"), [("auto", "torch"), ("onnxruntime", "onnxruntime")])
+def test_a_cuda_provider_that_does_not_start_is_noticed(runtime, expected, cross_model_dir, monkeypatch, caplog):
+    """onnxruntime lists CUDAExecutionProvider for every GPU build, also where it cannot start
+    (a build for another CUDA, no cuDNN): the session then runs on the CPU with one log line.
+    Faked here (no GPU): the provider list claims CUDA and torch claims a CUDA device; the
+    sessions are real CPU sessions, and the torch runtime runs on the CPU in the GPU's place."""
+    monkeypatch.setattr(onnx_backend, "_onnxruntime_or_none", lambda: FakeOrt(["CUDAExecutionProvider"]))
+    monkeypatch.setattr(onnx_backend, "providers_for", lambda ort, device: (["CPUExecutionProvider"], "cuda:0"))
+    monkeypatch.setattr(onnx_backend, "_torch_cuda_available", lambda: True)
+    monkeypatch.setattr(onnx_backend, "_torch_device", lambda device: "cpu")
+    with caplog.at_level("WARNING"):
+        detector = load_detector("onnx", cross_model_dir, device="cuda:0", runtime=runtime)
+    assert detector.runtime == expected
+    assert "CUDA provider did not start" in caplog.text
+    if expected == "onnxruntime":
+        assert detector.device == "cpu"  # says where it really runs
+    poses = detector.detect(cross_frame(512, 640, 300, 200)[None], detect_resolution=512)
+    assert poses[0] is not None

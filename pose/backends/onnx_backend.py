@@ -2,9 +2,9 @@
 
 Two runtimes execute the files: onnxruntime, and torch (torch_onnx.py: the same graph with
 PyTorch operators, on any device torch has). `auto` takes onnxruntime on the CPU and where
-its build has CUDA, torch on a GPU that onnxruntime cannot use (PyPI's onnxruntime-gpu is a
-CUDA 12 build; a CUDA 13 torch gets the CPU-only onnxruntime), so the networks run on the
-GPU wherever ComfyUI does.
+its CUDA provider starts, torch on a GPU that onnxruntime cannot use (a CPU build, a build
+for another CUDA: PyPI's onnxruntime-gpu needs CUDA 12 up to 1.26 and CUDA 13 from 1.27), so
+the networks run on the GPU wherever ComfyUI does.
 
 The networks run bare; geometry.py reproduces what mmdet/mmpose do around them, including
 mmpose's flip test of the reference config (on by default), so both backends give the same
@@ -14,6 +14,7 @@ dynamic, one image at a time when it is fixed (the public yolox_l.onnx takes [1,
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,6 +24,8 @@ import numpy as np
 from ..errors import InvalidCheckpointError, PoseDependencyError
 from . import geometry as g
 from .base import PoseDetector, WholeBody
+
+logger = logging.getLogger(__name__)
 
 SIMCC_X_BINS = int(g.POSE_INPUT_SIZE[0] * g.SIMCC_SPLIT_RATIO)  # 576
 SIMCC_Y_BINS = int(g.POSE_INPUT_SIZE[1] * g.SIMCC_SPLIT_RATIO)  # 768
@@ -64,6 +67,19 @@ def _torch_device(device: str | None) -> str:
     return str(parsed) if parsed.type != "cuda" or parsed.index is not None else "cuda:0"
 
 
+def _has_cuda(*sessions: Any) -> bool:
+    return all("CUDAExecutionProvider" in session.get_providers() for session in sessions)
+
+
+def _torch_cuda_available() -> bool:
+    try:
+        from .torch_onnx import import_torch
+
+        return bool(import_torch().cuda.is_available())
+    except PoseDependencyError:
+        return False
+
+
 def choose_runtime(runtime: str, device: str | None) -> str:
     """The runtime `auto` stands for on `device` (module docstring); others are returned as given."""
     if runtime not in RUNTIMES:
@@ -76,13 +92,8 @@ def choose_runtime(runtime: str, device: str | None) -> str:
     if device is None or device.startswith("cuda"):
         if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers():
             return "onnxruntime"
-        try:
-            from .torch_onnx import import_torch
-
-            if import_torch().cuda.is_available():
-                return "torch"
-        except PoseDependencyError:
-            pass
+        if _torch_cuda_available():
+            return "torch"
         if device is None and ort is not None:
             return "onnxruntime"  # no GPU at all: the CPU
     return "torch"  # mps, xpu, ... : only torch runs there
@@ -150,6 +161,22 @@ class OnnxPoseDetector(PoseDetector):
             providers, self.device = providers_for(ort, device)
             self._det = _session(ort, Path(detector_path), providers, threads)
             self._pose = _session(ort, Path(pose_path), providers, threads)
+            if self.device != "cpu" and not _has_cuda(self._det, self._pose):
+                # Listed is not started: a build for another CUDA, or missing cuDNN, falls back
+                # to the CPU with only a log line. `auto` takes torch's GPU instead.
+                if runtime == "auto" and _torch_cuda_available():
+                    from .torch_onnx import TorchOnnxSession
+
+                    logger.warning("onnxruntime's CUDA provider did not start (%s); running the DWPose files "
+                                   "with PyTorch on %s instead", ort.__version__, self.device)  # fmt: skip
+                    self.runtime = "torch"
+                    self.device = _torch_device(device)
+                    self._det = TorchOnnxSession(detector_path, self.device)
+                    self._pose = TorchOnnxSession(pose_path, self.device)
+                else:
+                    logger.warning("onnxruntime's CUDA provider did not start (%s): the DWPose networks run on "
+                                   "the CPU; onnx_runtime 'auto' or 'torch' runs them on the GPU", ort.__version__)  # fmt: skip
+                    self.device = "cpu"
         self._check_signatures(Path(detector_path), Path(pose_path))
 
     def release(self) -> None:

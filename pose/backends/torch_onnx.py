@@ -1,9 +1,8 @@
 """Run an ONNX graph with PyTorch operators: DWPose's networks on any GPU torch can use.
 
 The pose networks are plain convolutional graphs. onnxruntime runs them on the GPU only
-with a build for the installed CUDA (PyPI's onnxruntime-gpu is a CUDA 12 build; ComfyUI
-ships CUDA 13 torch today), and otherwise on CPU cores at a few frames per second. Torch
-is always there and always matches the GPU, so this runtime executes the same files,
+with a build for the installed CUDA, and otherwise on CPU cores at a few frames per second.
+Torch is always there and always matches the GPU, so this runtime executes the same files,
 node by node, with the torch operator of the ONNX operator's definition. Weights are read
 by onnx_proto.py; numerics are float32 (TF32 off), so the CPU path's keypoints come back.
 
