@@ -11,6 +11,7 @@ import ctypes
 import functools
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import comfy.model_management
 import comfy.utils
@@ -68,6 +69,11 @@ def register_dwpose_folder() -> None:
     )
 
 
+#: threads drawing pose frames (the host's cores, at most 8: beyond that PIL and OpenCV's
+#: own threads compete)
+RENDER_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
 def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
     """ComfyUI IMAGE [N,H,W,C] floats in 0..1 -> RGB uint8 [N,H,W,3], the pose library's input."""
     return (images[..., :3].clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu().numpy()
@@ -106,11 +112,20 @@ def render_at_size(
     draw = pose_draw_size(reference_size)
     frames = torch.empty((len(poses), height, width, 3), dtype=torch.float32)
     first = None
-    for index, pose in enumerate(poses):
-        release_freed_memory()
-        full = to_image(reference_frame(pose, draw, reference_size, colours=colours)[None])
-        first = full if first is None else first
-        frames[index] = resize_like_reference(full, height, width)[0]
+
+    def draw_one(pose: Pose) -> np.ndarray:
+        return reference_frame(pose, draw, reference_size, colours=colours)
+
+    # Drawing (OpenCV) and PIL's resize release the GIL: frames are drawn on several threads,
+    # a chunk at a time, so only a few full-size drawings exist at once.
+    with ThreadPoolExecutor(RENDER_THREADS) as pool:
+        for start in range(0, len(poses), RENDER_THREADS):
+            release_freed_memory()
+            chunk = poses[start : start + RENDER_THREADS]
+            for index, drawn in enumerate(pool.map(draw_one, chunk), start):
+                full = to_image(drawn[None])
+                first = full if first is None else first
+                frames[index] = resize_like_reference(full, height, width)[0]
     return frames, first
 
 

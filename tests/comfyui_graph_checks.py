@@ -202,7 +202,17 @@ def run(out: Path) -> dict:
 
         exp_pos, exp_clip = expected(aligned)
         exp_neg, _ = expected(augment_poses(aligned, 7))
+        threads_equal = []  # frames drawn on 1 and 3 threads (chunks of 1 and 3) come out the same, in order
+        for threads in (1, 3):
+            saved, pose_nodes.RENDER_THREADS = pose_nodes.RENDER_THREADS, threads
+            try:
+                again = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result[0]
+            finally:
+                pose_nodes.RENDER_THREADS = saved
+            threads_equal.append(bool(torch.equal(again, pos)))
         return {
+            "frames": len(aligned),
+            "threads_equal": threads_equal,
             "reference_width_height": [ref_pose.width, ref_pose.height],
             "positive_equal": bool(torch.equal(pos, exp_pos)),
             "negative_equal": bool(torch.equal(neg, exp_neg)),

@@ -67,6 +67,7 @@ def test_pose_frames_go_through_the_reference_chain(report: dict) -> None:
     assert r["reference_width_height"] == [624, 928]
     assert r["positive_equal"] and r["negative_equal"] and r["clip_pose_equal"]
     assert r["unclamped"][0] < 0.0
+    assert r["frames"] > 2 and r["threads_equal"] == [True, True]  # drawn on several threads, kept in order
 
 
 def test_generation_size_is_the_references_auto_size(report: dict) -> None:
