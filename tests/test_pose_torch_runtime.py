@@ -498,3 +498,43 @@ def test_a_cuda_provider_that_does_not_start_is_noticed(runtime, expected, cross
         assert detector.device == "cpu"  # says where it really runs
     poses = detector.detect(cross_frame(512, 640, 300, 200)[None], detect_resolution=512)
     assert poses[0] is not None
+
+
+def test_damaged_files_give_one_clear_error(tmp_path):
+    """Seeded byte-level damage to a real exported network: reading, loading and running
+    either work or raise InvalidCheckpointError; never another exception (KeyError, ...)."""
+    path = tmp_path / "pose.onnx"
+    torch.manual_seed(0)
+    torch.onnx.export(MiniRTMPose(k=3).eval(), (torch.zeros(1, 3, 384, 288),), str(path),
+                      input_names=["input"], output_names=["simcc_x", "simcc_y"], opset_version=17, dynamo=False)  # fmt: skip
+    original = path.read_bytes()
+    rng = np.random.default_rng(0)
+    outcomes = {"loaded": 0, "refused": 0}
+    for case in range(300):
+        data = bytearray(original)
+        for _ in range(int(rng.integers(1, 6))):
+            position = int(rng.integers(0, len(data)))
+            if rng.random() < 0.2:
+                del data[position : position + int(rng.integers(1, 64))]
+            else:
+                data[position] = int(rng.integers(0, 256))
+        damaged = tmp_path / f"damaged{case}.onnx"
+        damaged.write_bytes(bytes(data))
+        try:
+            session = TorchOnnxSession(damaged)
+            session.run(None, {port.name: np.zeros((1, 3, 384, 288), np.float32) for port in session.get_inputs()})
+            outcomes["loaded"] += 1
+        except InvalidCheckpointError:
+            outcomes["refused"] += 1
+        damaged.unlink()
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == 300, outcomes
+
+
+def test_a_node_reading_an_undefined_value_is_refused_at_load(tmp_path):
+    node = helper.make_node("Relu", ["nowhere"], ["y"])
+    graph = helper.make_graph([node], "broken", [helper.make_tensor_value_info("x", F, [1])],
+                              [helper.make_tensor_value_info("y", F, [1])])  # fmt: skip
+    path = tmp_path / "broken.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    with pytest.raises(InvalidCheckpointError, match="reads 'nowhere'"):
+        TorchOnnxSession(path)

@@ -157,7 +157,9 @@ def _tensor(data: memoryview, directory: Path | None) -> tuple[str, np.ndarray]:
         dtype = NUMPY_TYPES[data_type]
     else:
         raise InvalidCheckpointError(f"tensor {name or '?'} has ONNX data type {data_type}, which is not supported")
-    count = int(np.prod(dims)) if dims else 1
+    if any(d < 0 for d in dims):
+        raise InvalidCheckpointError(f"tensor {name or '?'} has a negative dimension: {dims}")
+    count = int(np.prod(dims, dtype=object)) if dims else 1
     if external:
         raw = _external(name, external, directory, count * dtype.itemsize)
     if raw is not None:
@@ -173,8 +175,10 @@ def _tensor(data: memoryview, directory: Path | None) -> tuple[str, np.ndarray]:
     elif 5 in typed:  # int32_data also carries int8/16, uint8/16, bool and float16 bits
         bits = np.asarray(typed[5], dtype=np.int64)
         array = bits.astype(np.uint16).view(np.float16) if dtype == np.float16 else bits.astype(dtype)
+    elif count == 0:
+        array = np.zeros(0, dtype=dtype)
     else:
-        array = np.zeros(count, dtype=dtype)
+        raise InvalidCheckpointError(f"tensor {name or '?'} of shape {dims} holds no values")
     if array.size != count:
         raise InvalidCheckpointError(f"tensor {name or '?'} holds {array.size} values for shape {dims}")
     array = array.reshape(dims)

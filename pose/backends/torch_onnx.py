@@ -57,6 +57,7 @@ class TorchOnnxSession:
                 f"{self.path} uses ONNX operators the torch pose runtime does not implement: {', '.join(unknown)}. "
                 f"Use the onnxruntime runtime for this file"
             )
+        _check_wiring(graph, self.path)
         self.graph = graph
         self.opset = graph.opset
         self.weights = {name: _to_torch(torch, array, "cpu") for name, array in graph.initializers.items()}
@@ -87,9 +88,9 @@ class TorchOnnxSession:
                 args = [values[name] if name else None for name in node.inputs]
                 try:
                     results = OPS[node.op_type](Call(torch, node, self.opset), *args)
-                except InvalidCheckpointError:
-                    raise
-                except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                except (InvalidCheckpointError, torch.cuda.OutOfMemoryError):
+                    raise  # already clear; out of memory is the machine's state, not the file's fault
+                except Exception as exc:  # an operator failing on this file's values is the file's fault
                     raise InvalidCheckpointError(
                         f"{self.path}: node {node.name or node.op_type} ({node.op_type}) failed in the torch "
                         f"runtime: {exc}"
@@ -100,6 +101,23 @@ class TorchOnnxSession:
                     if name:
                         values[name] = value
             return [values[name].cpu().numpy() for name in wanted]
+
+
+def _check_wiring(graph: Graph, path: Path) -> None:
+    """Every value a node reads is a graph input, a weight or an earlier node's output, and
+    every graph output is produced: a broken file fails here, not half-way through a video."""
+    known = {info.name for info in graph.inputs} | set(graph.initializers) | {""}
+    for node in graph.nodes:
+        missing = [name for name in node.inputs if name not in known]
+        if missing:
+            raise InvalidCheckpointError(
+                f"{path}: node {node.name or node.op_type} reads {missing[0]!r}, which no earlier node, input "
+                f"or weight provides (a damaged or unsorted ONNX file)"
+            )
+        known.update(node.outputs)
+    for info in graph.outputs:
+        if info.name not in known:
+            raise InvalidCheckpointError(f"{path}: the output {info.name!r} is produced by no node")
 
 
 def _port(info: ValueInfo) -> _Port:
