@@ -220,7 +220,7 @@ class OnnxPoseDetector(PoseDetector):
         blank = np.zeros((self._pose_batch or 1, 3, g.POSE_INPUT_SIZE[1], g.POSE_INPUT_SIZE[0]), np.float32)
         try:
             results = self._pose.run(names, {self._pose_input: blank})
-        except Exception:
+        except Exception:  # a file that cannot run is reported below as not a DWPose model
             return {}
         return {np.shape(r)[-1]: name for r, name in zip(results, names, strict=True) if np.ndim(r) == 3}
 

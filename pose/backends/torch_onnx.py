@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidCheckpointError, PoseDependencyError
-from .onnx_proto import NUMPY_TYPES, Node, ValueInfo, read_graph
+from .onnx_proto import NUMPY_TYPES, Graph, Node, ValueInfo, read_graph
 
 INT64_MAX = (1 << 63) - 1
 
