@@ -58,6 +58,9 @@ class TorchOnnxSession:
                 f"Use the onnxruntime runtime for this file"
             )
         _check_wiring(graph, self.path)
+        self._last_use = _last_uses(graph)
+        #: most activations alive at once in the last run (diagnostics; weights not counted)
+        self.peak_live_values = 0
         self.graph = graph
         self.opset = graph.opset
         self.weights = {name: _to_torch(torch, array, "cpu") for name, array in graph.initializers.items()}
@@ -78,13 +81,19 @@ class TorchOnnxSession:
         """Like InferenceSession.run: numpy in, numpy out, on this session's device."""
         torch = import_torch()
         wanted = output_names or [info.name for info in self.graph.outputs]
+        missing = [info.name for info in self.graph.inputs if info.name not in feed]
+        unknown = [name for name in wanted if name not in self._last_use and name not in feed]
+        if missing or unknown:
+            raise ValueError(f"{self.path}: inputs {missing} not fed, or outputs {unknown} not in the graph")
         with torch.inference_mode(), _exact_float32(torch, self.device):
             if self._on_device is None:
                 self._on_device = {name: w.to(self.device, non_blocking=True) for name, w in self.weights.items()}
             values = dict(self._on_device)
             for name, array in feed.items():
                 values[name] = _to_torch(torch, np.asarray(array), self.device)
-            for node in self.graph.nodes:
+            keep = set(wanted)
+            self.peak_live_values = 0
+            for index, node in enumerate(self.graph.nodes):
                 args = [values[name] if name else None for name in node.inputs]
                 try:
                     results = OPS[node.op_type](Call(torch, node, self.opset), *args)
@@ -100,6 +109,11 @@ class TorchOnnxSession:
                 for name, value in zip(node.outputs, results, strict=False):
                     if name:
                         values[name] = value
+                del args, results
+                self.peak_live_values = max(self.peak_live_values, len(values) - len(self._on_device))
+                for name in node.inputs:  # free activations after their last reader: peak memory of
+                    if self._last_use.get(name) == index and name not in keep:  # a few layers, not the graph
+                        values.pop(name, None)
             return [values[name].cpu().numpy() for name in wanted]
 
 
@@ -118,6 +132,19 @@ def _check_wiring(graph: Graph, path: Path) -> None:
     for info in graph.outputs:
         if info.name not in known:
             raise InvalidCheckpointError(f"{path}: the output {info.name!r} is produced by no node")
+
+
+def _last_uses(graph: Graph) -> dict[str, int]:
+    """Index of the last node reading each value (for node outputs and graph inputs; weights
+    are kept: they live in the session's device copy anyway)."""
+    last: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.outputs:
+            last.setdefault(name, index)
+        for name in node.inputs:
+            if name and name not in graph.initializers:
+                last[name] = index
+    return last
 
 
 def _port(info: ValueInfo) -> _Port:
