@@ -317,10 +317,14 @@ def test_large_genuine_metadata_arrays_are_read_in_one_step_and_decoded_on_deman
         },
     )
     file_size = path.stat().st_size
-    error, elapsed, peak = _measured(lambda: read_gguf(path).close())
+    error, _, peak = _measured(lambda: read_gguf(path).close())
     assert error is None
-    assert elapsed < 1.0
     assert peak < 256 * 1024 + file_size // 8  # nothing per element: ~one pass over the strings
+    # timed without tracemalloc, whose bookkeeping multiplied this by 3-4 and made a 1 s bound
+    # fail on a loaded machine; a reader that built 100,000 Python strings takes several seconds
+    start = time.perf_counter()
+    read_gguf(path).close()
+    assert time.perf_counter() - start < 1.0
     with read_gguf(path) as f:
         assert f.metadata.types("big.bytes") == (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8)
         assert f.metadata.count("big.strings") == len(strings)
