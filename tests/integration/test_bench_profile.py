@@ -1,0 +1,49 @@
+"""The pipeline benchmark's `--profile` against a real ComfyUI: the benchmark-only node loads
+next to this package, wraps every level of each model call, and its report comes back.
+
+Runs `benchmarks.comfyui_pipeline` as a user would (its own ComfyUI server, `--cpu`, the
+tiny models at 64x64 and 5 frames, the fast preset with its random LoRA), so the figures it
+prints on the GPU machine come from code that ran here on both ComfyUI versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scripts.comfyui_server import REPO_ROOT, comfyui_python
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+
+def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None:
+    comfyui = Path(os.environ["COMFYUI_DIR"])
+    python = comfyui_python(comfyui)
+    if subprocess.run([python, "-c", "import websocket, av"], capture_output=True).returncode:
+        pytest.skip("the pipeline benchmark runs with ComfyUI's Python, which lacks websocket-client "
+                    "(`pip install websocket-client` there)")  # fmt: skip
+    out = tmp_path / "pipeline"
+    run = subprocess.run(
+        [python, "-m", "benchmarks.comfyui_pipeline", "--comfyui", str(comfyui), "--scale", "tiny",
+         "--cpu", "--width", "64", "--height", "64", "--frames", "5", "--detect-resolution", "128",
+         "--weights", "gguf", "--modes", "default", "--preset", "fast", "--profile", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (result,) = json.loads((out / "report.json").read_text())
+    profile = result["profile"]
+    levels = profile["levels"]
+    # the fast preset: 4 steps, 5 predictions; ComfyUI batches the pose step's two into one DiT call
+    assert levels["predict_noise"]["calls"] == 4
+    assert levels["calc_cond_batch"]["calls"] == 4
+    assert levels["apply_model"]["calls"] == levels["diffusion_model"]["calls"] >= 4
+    totals = [levels[name]["total_s"] for name in ("predict_noise", "calc_cond_batch", "apply_model", "diffusion_model")]
+    assert totals == sorted(totals, reverse=True) and totals[-1] > 0  # each level wraps the next
+    assert 0 < totals[0] <= profile["sampling_s"]
+    assert any(row["op"] == "aten::addmm" for row in profile["operators"])
+    assert any("SteadyDancerModel" in line for line in result["model_loads"])
+    assert "profile: sampling" in run.stdout and "the DiT (and its wrappers)" in run.stdout
