@@ -450,11 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         cwd=REPO_ROOT, check=True, capture_output=True, text=True).stdout)  # fmt: skip
     lengths = [int(v) for v in args.frames.split(",")]
     context = tuple(int(v) for v in args.context.split(":")) if args.context else None
-    inputs = out / "input"
-    inputs.mkdir(exist_ok=True)
-    subprocess.run([python, "-c", "import sys; from pathlib import Path; from scripts.make_tiny_models import write_inputs; "
-                    f"write_inputs(Path({str(inputs)!r}), {args.width}, {args.height}, {max(lengths) + 8}, 16)"],
-                   cwd=REPO_ROOT, check=True)  # fmt: skip
+    # One driving video per length (8 frames of margin): the graph extracts and draws every
+    # frame it is given, so a run fed the longest run's video would time work it never uses.
+    inputs = {}
+    for length in lengths:
+        inputs[length] = out / f"input-{length}f"
+        inputs[length].mkdir(exist_ok=True)
+        subprocess.run([python, "-c", "import sys; from pathlib import Path; from scripts.make_tiny_models import "
+                        f"write_inputs; write_inputs(Path({str(inputs[length])!r}), {args.width}, {args.height}, "
+                        f"{length + 8}, 16)"], cwd=REPO_ROOT, check=True)  # fmt: skip
 
     from scripts.make_tiny_models import demo_graph
     from scripts.workflow_variants import (
@@ -492,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_graph = with_profile(graph, work) if args.profile else graph
                 if (work / "input").exists():
                     shutil.rmtree(work / "input")
-                shutil.copytree(inputs, work / "input")
+                shutil.copytree(inputs[length], work / "input")
                 ballast = Ballast(SMALL_CARD_GIB, python) if mode == "16gb-card" else None
                 try:
                     if ballast:
