@@ -151,11 +151,7 @@ class OnnxPoseDetector(PoseDetector):
         self.runtime = choose_runtime(runtime, device)
         self.flip_test = flip_test
         if self.runtime == "torch":
-            from .torch_onnx import TorchOnnxSession
-
-            self.device = _torch_device(device)
-            self._det = TorchOnnxSession(detector_path, self.device)
-            self._pose = TorchOnnxSession(pose_path, self.device)
+            self._open_with_torch(detector_path, pose_path, device)
         else:
             ort = import_onnxruntime()
             providers, self.device = providers_for(ort, device)
@@ -165,19 +161,22 @@ class OnnxPoseDetector(PoseDetector):
                 # Listed is not started: a build for another CUDA, or missing cuDNN, falls back
                 # to the CPU with only a log line. `auto` takes torch's GPU instead.
                 if runtime == "auto" and _torch_cuda_available():
-                    from .torch_onnx import TorchOnnxSession
-
                     logger.warning("onnxruntime's CUDA provider did not start (%s); running the DWPose files "
                                    "with PyTorch on %s instead", ort.__version__, self.device)  # fmt: skip
                     self.runtime = "torch"
-                    self.device = _torch_device(device)
-                    self._det = TorchOnnxSession(detector_path, self.device)
-                    self._pose = TorchOnnxSession(pose_path, self.device)
+                    self._open_with_torch(detector_path, pose_path, device)
                 else:
                     logger.warning("onnxruntime's CUDA provider did not start (%s): the DWPose networks run on "
                                    "the CPU; onnx_runtime 'auto' or 'torch' runs them on the GPU", ort.__version__)  # fmt: skip
                     self.device = "cpu"
         self._check_signatures(Path(detector_path), Path(pose_path))
+
+    def _open_with_torch(self, detector_path: str | Path, pose_path: str | Path, device: str | None) -> None:
+        from .torch_onnx import TorchOnnxSession
+
+        self.device = _torch_device(device)
+        self._det = TorchOnnxSession(detector_path, self.device)
+        self._pose = TorchOnnxSession(pose_path, self.device)
 
     def release(self) -> None:
         for session in (self._det, self._pose):
