@@ -404,6 +404,15 @@ def test_torch_runtime_frees_its_device_copy_after_detect(cross_model_dir):
     assert detector._det._on_device is None and detector._pose._on_device is None
 
 
+def test_loading_leaves_no_device_copy_when_the_output_shapes_are_probed(tmp_path):
+    """RandomPoseNet's exported outputs are symbolic, so loading runs the pose network once to
+    find them; the detector must not keep that run's device copy of the weights."""
+    export(RandomDetector(), tmp_path / "yolox_l.onnx", "detector")
+    export(RandomPoseNet(), tmp_path / "dw-ll_ucoco_384.onnx", "pose")
+    detector = load_detector("onnx", tmp_path, device="cpu", runtime="torch")
+    assert detector._pose._on_device is None and detector._det._on_device is None
+
+
 class FakeOrt:
     """onnxruntime's provider list, faked: which builds a user has is out of reach here."""
 

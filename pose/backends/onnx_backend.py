@@ -221,6 +221,8 @@ class OnnxPoseDetector(PoseDetector):
             results = self._pose.run(names, {self._pose_input: blank})
         except Exception:  # a file that cannot run is reported below as not a DWPose model
             return {}
+        finally:
+            self.release()  # a loaded detector holds no device memory until it detects
         return {np.shape(r)[-1]: name for r, name in zip(results, names, strict=True) if np.ndim(r) == 3}
 
     def _run(
