@@ -30,6 +30,7 @@ import numpy as np
 from benchmarks.common import time_calls
 from pose.backends import load_detector
 from pose.backends.base import PoseDetector
+from pose.backends.onnx_backend import RUNTIMES
 from pose.errors import PoseError
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-flip", action="store_true", help="disable the flip test")
     parser.add_argument("--json", action="store_true", help="print one JSON object per backend")
-    parser.add_argument("--runtime", nargs="+", default=["auto"], choices=["auto", "onnxruntime", "torch"],
+    parser.add_argument("--runtime", nargs="+", default=["auto"], choices=RUNTIMES,
                         help="how the onnx backend runs its files (one row each)")
     parser.add_argument("--check-against-cpu", type=int, default=0, metavar="N",
                         help="compare the first N frames' keypoints with onnxruntime on the CPU (needs --model-dir)")
