@@ -186,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  dit forward                    {dit_s:8.3f} s  ({dit_s / args.batch:.3f} s per prediction)")
     print(f"  ratio comfyui / dit            {comfy_s / dit_s:8.3f}")
     print(f"  max |difference|               {diff:.3g} (output scale {scale:.3g})")
+    if args.profile:
+        from benchmarks.comfyui_profile_node import attention_probe
+
+        probe = attention_probe(dit.config, x)
+        print(f"  one bare SDPA of {probe['tokens']} tokens: {probe['sdpa_s'] * 1000:.1f} ms, "
+              f"PyTorch's choice {probe['sdpa_backend']}")  # fmt: skip
     if args.fp8_matmul:
         import os
 

@@ -241,6 +241,7 @@ def probe_video(path: Path) -> dict:
 PROFILE_FILE = "profile.json"
 PROFILE_NODE = REPO_ROOT / "benchmarks" / "comfyui_profile_node"
 PROFILE_NODE_ID = "990"
+PROFILE_CALL = 2  # the DiT call profiled and rerun: the first after the one that moved the weights
 
 
 def with_profile(graph: dict, work: Path) -> dict:
@@ -255,7 +256,7 @@ def with_profile(graph: dict, work: Path) -> dict:
     guider = next(k for k, v in out.items() if v["class_type"] == "SteadyDancerGuider")
     out[PROFILE_NODE_ID] = {
         "inputs": {"model": out[guider]["inputs"]["model"], "path": str(work / PROFILE_FILE),
-                   "torch_profiler": True, "top": 30},
+                   "profile_call": PROFILE_CALL, "top": 30},
         "class_type": "SteadyDancerBenchProfile",
     }  # fmt: skip
     out[guider]["inputs"]["model"] = [PROFILE_NODE_ID, 0]
@@ -320,16 +321,22 @@ def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunRe
     return result
 
 
-def library_seconds(python: str, comfyui: Path, model: Path, width: int, height: int, frames: int, cpu: bool) -> float | None:
-    """Seconds per prediction of the DiT's own forward on `model` (benchmarks.comfyui_forward)."""
+def library_seconds(python: str, comfyui: Path, model: Path, width: int, height: int, frames: int, cpu: bool,
+                    profile: bool = False) -> float | None:  # fmt: skip
+    """Seconds per prediction of the DiT's own forward on `model` (benchmarks.comfyui_forward);
+    with `profile`, its operator table is printed too (to set beside the server's)."""
     command = [python, "-m", "benchmarks.comfyui_forward", "--model", str(model), "--batch", "1",
-               "--size", f"{width}x{height}x{frames}", "--repeat", "2", *(["--cpu"] if cpu else [])]  # fmt: skip
+               "--size", f"{width}x{height}x{frames}", "--repeat", "2", *(["--cpu"] if cpu else []),
+               *(["--profile"] if profile else [])]  # fmt: skip
     run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
                          env={**os.environ, "COMFYUI_DIR": str(comfyui)})  # fmt: skip
     found = re.search(r"dit forward\s+([\d.]+) s", run.stdout)
     if run.returncode or not found:
         print(f"   library timing failed: {(run.stderr or run.stdout)[-500:]}", file=sys.stderr)
         return None
+    if profile:
+        print("   library path, batch 1, in a process of its own (benchmarks.comfyui_forward --profile):")
+        print("\n".join("     " + line for line in run.stdout.splitlines()))
     return float(found.group(1))
 
 
@@ -387,11 +394,21 @@ def print_profile(profile: dict) -> None:
         print(f"     {outer:16s} {level['calls']:3d} calls, {level['total_s']:8.2f} s ({per:.3f} s each); "
               f"{what[outer]}: {own:.2f} s")  # fmt: skip
     outside = profile.get("sampling_s", 0.0) - levels.get("predict_noise", {}).get("total_s", 0.0)
-    print(f"     sampler outside predict_noise: {outside:.2f} s")
-    rows = profile.get("operators", [])
-    if rows:
+    print(f"     sampler outside predict_noise: {outside:.2f} s "
+          f"(the profiled call's extra runs, {profile.get('extras_s', 0.0):.2f} s, are left out of every figure)")
+    call = profile.get("profiled_call")
+    if call:
+        print(f"     DiT call {call['call']}: {call['call_s']:.3f} s; again on the same inputs {call['repeat_s']:.3f} s; "
+              f"on random inputs of the same shapes {call['random_inputs_s']:.3f} s")  # fmt: skip
+        print(f"     under torch.profiler: wall {call['profiled_wall_s']:.3f} s, operators' device time "
+              f"{call['device_busy_s']:.3f} s, host time {call['host_busy_s']:.3f} s")  # fmt: skip
+        probe = call.get("attention_probe") or {}
+        if probe:
+            print(f"     one bare SDPA of {probe['tokens']} tokens here: {probe['sdpa_s'] * 1000:.1f} ms, "
+                  f"PyTorch's choice {probe['sdpa_backend']}")  # fmt: skip
+        print("     inputs: " + ", ".join(f"{k} {tuple(v[0])} {v[1]}" for k, v in call["inputs"].items()))
         print(f"     {'operator':60s} {'device s':>9s} {'host s':>8s} {'calls':>7s}")
-        for row in rows[:20]:
+        for row in call["operators"][:20]:
             print(f"     {row['op'][:60]:60s} {row['device_s']:9.3f} {row['cpu_s']:8.3f} {row['calls']:7d}")
 
 
@@ -512,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                     result.calls = calls_per_step(args.preset)
                     if args.library and result.ok:
                         result.library_s = library_seconds(python, args.comfyui, models / "diffusion_models" / files["dit"],
-                                                           args.width, args.height, length, args.cpu)  # fmt: skip
+                                                           args.width, args.height, length, args.cpu,
+                                                           profile=args.profile)  # fmt: skip
                 results.append(result)
                 print_run(result)
                 (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))

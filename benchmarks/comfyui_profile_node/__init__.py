@@ -4,10 +4,16 @@ Loaded only by `benchmarks.comfyui_pipeline --profile`, through a symlink in tha
 custom_nodes folder; not part of the package. "SteadyDancer Bench Profile" passes its MODEL
 on with ComfyUI's own wrappers installed (the seams ComfyUI's caches and patches use):
 
-- OUTER_SAMPLE: the whole sampling, its wall time, and (optionally) under torch.profiler;
+- OUTER_SAMPLE: the whole sampling, its wall time;
 - PREDICT_NOISE > CALC_COND_BATCH > APPLY_MODEL > DIFFUSION_MODEL: each level of one model
   call, timed with the GPU synchronised before and after, so what each level adds around the
-  next one is a difference of sums.
+  next one is a difference of sums;
+- at DiT call number `profile_call` (1 = the first), after the call itself, three extra runs
+  of the DiT on that call's own arguments: one under torch.profiler (its operators), one
+  timed again (same inputs: is the call's time repeatable here?), one timed on random
+  tensors of the same shapes and dtypes (do this call's inputs make it slower than a
+  benchmark's random ones?). The extras' time is taken out of every level and of the
+  sampling, so the levels stay what the sampler alone spent.
 
 The report (JSON) is written to the node's `path` when the sampling ends.
 """
@@ -35,47 +41,127 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timer(seconds: list[float]):
+class _State:
+    """What the wrappers of one sampling share."""
+
+    def __init__(self, profile_call: int, top: int) -> None:
+        self.profile_call = profile_call
+        self.top = top
+        self.levels: dict[str, list[float]] = {name: [] for name, _ in LEVELS}
+        self.extras_s = 0.0  # time spent in the extra runs, taken out of every level
+        self.extras: dict = {}
+
+    def clear(self) -> None:
+        for seconds in self.levels.values():
+            seconds.clear()
+        self.extras_s = 0.0
+        self.extras = {}
+
+
+def _timed(state: _State, executor, args, kwargs) -> tuple[object, float]:
+    _sync()
+    extras_before = state.extras_s
+    start = time.perf_counter()
+    out = executor(*args, **kwargs)
+    _sync()
+    return out, time.perf_counter() - start - (state.extras_s - extras_before)
+
+
+def _timer(state: _State, name: str):
     def wrapper(executor, *args, **kwargs):
-        _sync()
-        start = time.perf_counter()
-        out = executor(*args, **kwargs)
-        _sync()
-        seconds.append(time.perf_counter() - start)
+        out, seconds = _timed(state, executor, args, kwargs)
+        state.levels[name].append(seconds)
+        if name == "diffusion_model" and len(state.levels[name]) == state.profile_call:
+            _extras(state, executor, args, kwargs)
         return out
 
     return wrapper
 
 
-def _outer(report: dict, levels: dict[str, list[float]], path: Path, profile: bool, top: int):
-    def wrapper(executor, *args, **kwargs):
-        for seconds in levels.values():
-            seconds.clear()
+def _randomised(value: object, generator: torch.Generator) -> object:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim > 1:
+        noise = torch.randn(value.shape, generator=generator, device="cpu", dtype=torch.float32)
+        return noise.to(device=value.device, dtype=value.dtype)
+    return value
+
+
+def _operators(prof: torch.profiler.profile, top: int) -> list[dict]:
+    rows = []
+    for event in prof.key_averages():
+        device = getattr(event, "self_device_time_total", None)
+        if device is None:
+            device = getattr(event, "self_cuda_time_total", 0)
+        rows.append({"op": event.key, "calls": event.count, "device_s": device / 1e6,
+                     "cpu_s": event.self_cpu_time_total / 1e6})  # fmt: skip
+    rows.sort(key=lambda r: -max(r["device_s"], r["cpu_s"]))
+    return rows[:top] if top else rows
+
+
+def attention_probe(config: object, x: torch.Tensor) -> dict:
+    """One bare SDPA of the self-attention shape of a DiT call on latent `x` ([B, C, F, H, W],
+    with SteadyDancer's two reference frames): which kernel PyTorch picks and its time.
+    The profiled call runs it in the server; `benchmarks.comfyui_forward` in its own process."""
+    tokens = (x.shape[2] + 2) * (x.shape[3] // config.patch[1]) * (x.shape[4] // config.patch[2])
+    q = torch.randn(1, config.num_heads, tokens, config.head_dim, device=x.device, dtype=torch.bfloat16)
+    chosen = None
+    if hasattr(torch, "_fused_sdp_choice"):
+        from torch.nn.attention import SDPBackend
+
+        chosen = SDPBackend(torch._fused_sdp_choice(q, q, q)).name
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    _sync()
+    start = time.perf_counter()
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    _sync()
+    return {"tokens": tokens, "sdpa_backend": chosen, "sdpa_s": time.perf_counter() - start}
+
+
+def _extras(state: _State, executor, args, kwargs) -> None:
+    """The profiled, repeated and random-input runs of this DiT call (see the module doc)."""
+    _sync()
+    start = time.perf_counter()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        executor(*args, **kwargs)
         _sync()
-        start = time.perf_counter()
-        if profile:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities) as prof:
-                out = executor(*args, **kwargs)
-                _sync()
-        else:
-            out = executor(*args, **kwargs)
-            _sync()
-        report["sampling_s"] = time.perf_counter() - start
-        report["levels"] = {name: {"calls": len(s), "total_s": sum(s), "each_s": s} for name, s in levels.items()}
-        if profile:
-            rows = []
-            for event in prof.key_averages():
-                device = getattr(event, "self_device_time_total", None)
-                if device is None:
-                    device = getattr(event, "self_cuda_time_total", 0)
-                rows.append({"op": event.key, "calls": event.count, "device_s": device / 1e6,
-                             "cpu_s": event.self_cpu_time_total / 1e6})  # fmt: skip
-            rows.sort(key=lambda r: -max(r["device_s"], r["cpu_s"]))
-            report["operators"] = rows[:top]
-            report["device_busy_s"] = sum(r["device_s"] for r in rows)
+    profiled_s = time.perf_counter() - start
+    rows = _operators(prof, 0)
+    _, repeat_s = _timed(state, executor, args, kwargs)
+    generator = torch.Generator().manual_seed(0)
+    random_args = [_randomised(a, generator) for a in args]
+    random_kwargs = {k: _randomised(v, generator) for k, v in kwargs.items()}
+    _, random_s = _timed(state, executor, random_args, random_kwargs)
+    named = {**dict(zip(("x", "timestep"), args, strict=False)), **kwargs}
+    shapes = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in named.items() if isinstance(v, torch.Tensor)}
+    dit = getattr(getattr(executor, "class_obj", None), "diffusion_model", None)
+    probe = attention_probe(dit.config, args[0]) if hasattr(dit, "config") else {}
+    state.extras = {
+        "call": state.profile_call,
+        "attention_probe": probe,
+        "call_s": state.levels["diffusion_model"][-1],
+        "repeat_s": repeat_s,
+        "random_inputs_s": random_s,
+        "profiled_wall_s": profiled_s,
+        "device_busy_s": sum(r["device_s"] for r in rows),
+        "host_busy_s": sum(r["cpu_s"] for r in rows),
+        "inputs": shapes,
+        "operators": rows[: state.top],
+    }
+    _sync()
+    state.extras_s += time.perf_counter() - start
+
+
+def _outer(state: _State, report: dict, path: Path):
+    def wrapper(executor, *args, **kwargs):
+        state.clear()
+        out, seconds = _timed(state, executor, args, kwargs)
+        report["sampling_s"] = seconds
+        report["extras_s"] = state.extras_s
+        report["levels"] = {name: {"calls": len(s), "total_s": sum(s), "each_s": list(s)}
+                            for name, s in state.levels.items()}  # fmt: skip
+        report["profiled_call"] = state.extras or None
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1))
         return out
@@ -90,7 +176,8 @@ class SteadyDancerBenchProfile:
             "required": {
                 "model": ("MODEL",),
                 "path": ("STRING", {"default": "profile.json"}),
-                "torch_profiler": ("BOOLEAN", {"default": True}),
+                # the DiT call (1 = the first) to profile and rerun; 0: none
+                "profile_call": ("INT", {"default": 2, "min": 0, "max": 10000}),
                 "top": ("INT", {"default": 30, "min": 1, "max": 1000}),
             }
         }
@@ -99,15 +186,13 @@ class SteadyDancerBenchProfile:
     FUNCTION = "patch"
     CATEGORY = "SteadyDancer/benchmark"
 
-    def patch(self, model, path: str, torch_profiler: bool, top: int):
+    def patch(self, model, path: str, profile_call: int, top: int):
         model = model.clone()
-        levels: dict[str, list[float]] = {name: [] for name, _ in LEVELS}
+        state = _State(profile_call, top)
         for name, kind in LEVELS:
-            model.add_wrapper_with_key(kind, KEY, _timer(levels[name]))
+            model.add_wrapper_with_key(kind, KEY, _timer(state, name))
         report: dict = {}
-        model.add_wrapper_with_key(
-            extension.WrappersMP.OUTER_SAMPLE, KEY, _outer(report, levels, Path(path), torch_profiler, top)
-        )
+        model.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, KEY, _outer(state, report, Path(path)))
         return (model,)
 
 

@@ -44,6 +44,15 @@ def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None
     totals = [levels[name]["total_s"] for name in ("predict_noise", "calc_cond_batch", "apply_model", "diffusion_model")]
     assert totals == sorted(totals, reverse=True) and totals[-1] > 0  # each level wraps the next
     assert 0 < totals[0] <= profile["sampling_s"]
-    assert any(row["op"] == "aten::addmm" for row in profile["operators"])
+    # DiT call 2 ran three more times (profiled, repeated, random inputs), and none of that
+    # counts in the levels: each call's DiT time is one run, not four
+    call = profile["profiled_call"]
+    assert call["call"] == 2 and call["call_s"] == levels["diffusion_model"]["each_s"][1]
+    assert call["repeat_s"] > 0 and call["random_inputs_s"] > 0 and profile["extras_s"] > 0
+    assert profile["extras_s"] >= call["profiled_wall_s"] + call["repeat_s"]
+    assert levels["apply_model"]["each_s"][1] < call["call_s"] + profile["extras_s"] / 2
+    assert call["inputs"]["x"][0][-3:] == [2, 8, 8]  # 5 frames at 64x64: 2 latent frames of 8x8
+    assert any(row["op"] == "aten::addmm" for row in call["operators"])
     assert any("SteadyDancerModel" in line for line in result["model_loads"])
     assert "profile: sampling" in run.stdout and "the DiT (and its wrappers)" in run.stdout
+    assert "on random inputs of the same shapes" in run.stdout
