@@ -2,7 +2,8 @@
 same inputs, same process.
 
     COMFYUI_DIR=... $COMFYUI_PYTHON -m benchmarks.comfyui_forward --model FILE
-        [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--fp8-matmul] [--lora-rank 64] [--cpu]
+        [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--fp8-matmul] [--lora-rank 64]
+        [--compare-attention sdpa,flash_attn_4,sage] [--cpu]
 
 The whole-graph benchmark (`benchmarks.comfyui_pipeline`) times sampling steps as ComfyUI
 reports them; the library benchmark (`benchmarks.gpu model`) times `load_model`'s forward
@@ -24,6 +25,10 @@ batches them):
 - `comfyui, fp8 matmul` (with --fp8-matmul, scaled-fp8 files): `apply_model` with
   STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8, `torch._scaled_mm`), and its
   relative error against the expanded weights' prediction.
+
+- `attention X` (with --compare-attention): `apply_model` with the loader's attention choice
+  X instead (the MODEL's attention override swapped), the backend that really ran, and the
+  relative error of its velocity against the first prediction's (--attention's).
 
 Each is timed (median of --repeat, after one warm-up) and, with --profile, run once under
 torch.profiler: the sum of kernel time against the wall time shows whether the GPU waits on
@@ -117,6 +122,37 @@ def time_with_lora(patcher, config, args, x, sigma, inputs, device) -> tuple[flo
     return timed(run, device, args.repeat)[1], layers
 
 
+def compare_attention(choice: str, model, options: dict, x, sigma, inputs: dict, device, repeat: int,
+                      baseline, baseline_s: float) -> None:  # fmt: skip
+    """Time apply_model with attention `choice` in place of the MODEL's own; print its error."""
+    import torch
+    from comfyui_steadydancer.nodes.comfy_attention import OVERRIDE_KEY, attention_override
+
+    try:
+        override = attention_override(choice)
+    except Exception as error:  # an explicit backend that cannot run here says why
+        print(f"  attention {choice:14s} not usable here: {error}")
+        return
+    changed = {k: v for k, v in options.items() if k != OVERRIDE_KEY}
+    if override is not None:
+        changed[OVERRIDE_KEY] = override
+
+    def call() -> object:
+        with torch.inference_mode():
+            return model.apply_model(x, sigma, **inputs, transformer_options=changed)
+
+    try:
+        out, seconds = timed(call, device, repeat)
+    except Exception as error:
+        print(f"  attention {choice:14s} failed: {type(error).__name__}: {str(error)[:300]}")
+        return
+    velocity, reference = ((x - d.float()) / SIGMA for d in (out, baseline))
+    error = float((velocity - reference).norm() / reference.norm())
+    used = override.backend_used if override is not None else "ComfyUI's own"
+    print(f"  apply_model, attention {choice:14s} {seconds:8.3f} s  ({seconds / baseline_s:.3f}x; ran {used}; "
+          f"relative error of the velocity {error:.2e})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a SteadyDancer .gguf or .safetensors")
@@ -129,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-matmul", action="store_true",
                         help="also time STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8) and print its error")
     parser.add_argument("--lora-rank", type=int, default=0, help="also time the MODEL with a random LoRA of this rank")
+    parser.add_argument("--compare-attention", default="",
+                        help="comma-separated attention choices to time against --attention (e.g. sdpa,flash_attn_4,sage)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (a check, with a tiny model)")
     args = parser.parse_args(argv)
     if not args.model.is_file():
@@ -205,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         error = float((fast.float() - denoised.float()).norm() / denoised.float().norm())
         print(f"  comfyui apply_model, fp8 matmul {fast_s:8.3f} s  ({fast_s / comfy_s:.3f}x the expanded weights; "
               f"relative error {error:.2e})")
+    for choice in filter(None, args.compare_attention.split(",")):
+        compare_attention(choice, model, options, x, sigma, inputs, device, args.repeat, denoised, comfy_s)
     if args.lora_rank:
         lora_s, layers = time_with_lora(patcher, dit.config, args, x, sigma, inputs, device)
         print(f"  comfyui apply_model + LoRA     {lora_s:8.3f} s  (rank {args.lora_rank} on {layers} layers: "
