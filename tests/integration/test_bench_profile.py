@@ -56,3 +56,31 @@ def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None
     assert any("SteadyDancerModel" in line for line in result["model_loads"])
     assert "profile: sampling" in run.stdout and "the DiT (and its wrappers)" in run.stdout
     assert "on random inputs of the same shapes" in run.stdout
+
+
+def test_forward_benchmark_compares_attention_choices() -> None:
+    """`benchmarks.comfyui_forward --compare-attention` against a real ComfyUI in-process, on the
+    tiny Q8_0 model on the CPU: each choice that runs here names the backend that ran and its
+    error against the first prediction; one that cannot run says why instead of failing."""
+    comfyui = Path(os.environ["COMFYUI_DIR"])
+    model = REPO_ROOT / "tiny_models" / "diffusion_models" / "steadydancer_tiny_Q8_0.gguf"
+    if not model.is_file():
+        pytest.skip(f"{model} is written by scripts/make_tiny_models.py (the comfyui tests' fixture)")
+    run = subprocess.run(
+        [comfyui_python(comfyui), "-m", "benchmarks.comfyui_forward", "--model", str(model), "--cpu",
+         "--size", "64x64x5", "--batch", "1", "--repeat", "1", "--attention", "sdpa",
+         "--compare-attention", "math,comfy,no_such_backend"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "COMFYUI_DIR": str(comfyui)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = {}
+    for line in run.stdout.splitlines():
+        words = line.split()
+        if "attention" in words[:2]:
+            lines[words[words.index("attention") + 1]] = line
+    assert "ran math;" in lines["math"] and "ran ComfyUI's own;" in lines["comfy"]
+    for choice in ("math", "comfy"):  # exact attention: the same prediction up to float32 rounding
+        error = float(lines[choice].rsplit(" ", 1)[-1].rstrip(")"))
+        assert error < 1e-4, lines[choice]
+    assert "not usable here" in lines["no_such_backend"]
