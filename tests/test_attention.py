@@ -206,3 +206,40 @@ def test_available_backends_agree_with_reference_on_gpu(dtype):
         out = A.AttentionDispatcher(name)(q, k, v)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < (5e-2 if name == "sage" else 1e-2), (name, err)
+
+
+def test_sdpa_asks_for_cudnn_first_on_hopper_whatever_order_others_set(monkeypatch):
+    """In a ComfyUI server PyTorch's SDPA ran its flash kernel, 1.6x slower than cuDNN's for
+    the 14B self-attention (H100), because ComfyUI sets a kernel priority around its own
+    attention and PyTorch then stops preferring cuDNN on sm90+. The sdpa backend asks for
+    cuDNN first there itself; kernels switched off globally stay off; elsewhere it leaves
+    PyTorch's order alone. (No GPU here: the capability is faked, the order is checked.)"""
+    from torch.nn.attention import SDPBackend
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(A, "cuda_capability", lambda device: (9, 0))
+    assert A.sdpa_priority(cuda) == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # fmt: skip
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        assert SDPBackend.CUDNN_ATTENTION not in A.sdpa_priority(cuda)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+    monkeypatch.setattr(A, "cuda_capability", lambda device: (8, 9))
+    assert A.sdpa_priority(cuda) is None
+    assert A.sdpa_priority(torch.device("cpu")) is None
+
+
+def test_sdpa_with_a_priority_is_exact_and_leaves_the_global_order_as_it_was(monkeypatch):
+    """The priority is asked for around each call only: the result is exact attention and the
+    process-wide order (other code's) is the same afterwards. Run on the CPU by handing the
+    CPU the Hopper order."""
+    from torch.nn.attention import SDPBackend
+
+    monkeypatch.setattr(A, "sdpa_priority", lambda device: [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH])
+    before = torch._C._get_sdp_priority_order()
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    out = A.SPECS["sdpa"].load()(q, k, v)
+    torch.testing.assert_close(out, A.math_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert torch._C._get_sdp_priority_order() == before
