@@ -321,6 +321,9 @@ def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunRe
     return result
 
 
+LIBRARY_TIMEOUT_S = 900
+
+
 def library_seconds(python: str, comfyui: Path, model: Path, width: int, height: int, frames: int, cpu: bool,
                     profile: bool = False) -> float | None:  # fmt: skip
     """Seconds per prediction of the DiT's own forward on `model` (benchmarks.comfyui_forward);
@@ -328,8 +331,12 @@ def library_seconds(python: str, comfyui: Path, model: Path, width: int, height:
     command = [python, "-m", "benchmarks.comfyui_forward", "--model", str(model), "--batch", "1",
                "--size", f"{width}x{height}x{frames}", "--repeat", "2", *(["--cpu"] if cpu else []),
                *(["--profile"] if profile else [])]  # fmt: skip
-    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={**os.environ, "COMFYUI_DIR": str(comfyui)})  # fmt: skip
+    try:
+        run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=LIBRARY_TIMEOUT_S,
+                             env={**os.environ, "COMFYUI_DIR": str(comfyui)})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        print(f"   library timing gave no figure within {LIBRARY_TIMEOUT_S} s", file=sys.stderr)
+        return None
     found = re.search(r"dit forward\s+([\d.]+) s", run.stdout)
     if run.returncode or not found:
         print(f"   library timing failed: {(run.stderr or run.stdout)[-500:]}", file=sys.stderr)
@@ -338,6 +345,22 @@ def library_seconds(python: str, comfyui: Path, model: Path, width: int, height:
         print("   library path, batch 1, in a process of its own (benchmarks.comfyui_forward --profile):")
         print("\n".join("     " + line for line in run.stdout.splitlines()))
     return float(found.group(1))
+
+
+def seconds_per_call(r: RunResult) -> tuple[float, str]:
+    """Seconds per model call from the sampler's steps, and what they were taken over."""
+    if len(r.steps_s) == len(r.calls) > 1:  # step 1 also moves the weights: use the later steps
+        return sum(r.steps_s[1:]) / sum(r.calls[1:]), f"steps 2-{len(r.calls)}"
+    # ComfyUI throttles progress messages: short steps may go unreported
+    return r.stages.get("sampling", 0.0) / sum(r.calls), "whole sampling, loading included"
+
+
+def print_library(r: RunResult) -> None:
+    if r.library_s and r.calls and not r.cache:
+        per_call, _ = seconds_per_call(r)
+        print(f"   library path {r.library_s:.2f} s per call: ComfyUI / library = {per_call / r.library_s:.2f}")
+    elif r.library_s:
+        print(f"   library path {r.library_s:.2f} s per call")
 
 
 def print_run(r: RunResult) -> None:
@@ -357,14 +380,13 @@ def print_run(r: RunResult) -> None:
     if r.card_free_gib is not None:
         print(f"   the card had {r.card_free_gib:.2f} GiB free (the rest held by the ballast)")
     if r.calls:
-        if len(r.steps_s) == len(r.calls) > 1:  # step 1 also moves the weights: use the later steps
-            per_call, over = sum(r.steps_s[1:]) / sum(r.calls[1:]), f"steps 2-{len(r.calls)}"
-        else:  # ComfyUI throttles progress messages: short steps may go unreported
-            per_call, over = r.stages.get("sampling", 0.0) / sum(r.calls), "whole sampling, loading included"
-        print(f"   {sum(r.calls)} model calls, {per_call:.2f} s per call ({over}), "
-              f"sampling {r.stages.get('sampling', 0.0):.2f} s")  # fmt: skip
-        if r.library_s:
-            print(f"   library path {r.library_s:.2f} s per call: ComfyUI / library = {per_call / r.library_s:.2f}")
+        per_call, over = seconds_per_call(r)
+        if r.cache:  # skipped predictions still count in r.calls: no per-call figure from the steps
+            print(f"   {sum(r.calls)} predictions planned (some skipped by the cache, below), "
+                  f"sampling {r.stages.get('sampling', 0.0):.2f} s")  # fmt: skip
+        else:
+            print(f"   {sum(r.calls)} model calls, {per_call:.2f} s per call ({over}), "
+                  f"sampling {r.stages.get('sampling', 0.0):.2f} s")  # fmt: skip
     if r.cache:
         print(f"   {r.cache}")
     if r.model_loads:
@@ -527,13 +549,15 @@ def main(argv: list[str] | None = None) -> int:
                     result.card_free_gib = ballast.free_gib
                 if args.preset:
                     result.calls = calls_per_step(args.preset)
-                    if args.library and result.ok:
-                        result.library_s = library_seconds(python, args.comfyui, models / "diffusion_models" / files["dit"],
-                                                           args.width, args.height, length, args.cpu,
-                                                           profile=args.profile)  # fmt: skip
                 results.append(result)
-                print_run(result)
+                print_run(result)  # before the library timing: a run cut short later keeps these figures
                 (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+                if args.preset and args.library and result.ok:
+                    result.library_s = library_seconds(python, args.comfyui, models / "diffusion_models" / files["dit"],
+                                                       args.width, args.height, length, args.cpu,
+                                                       profile=args.profile)  # fmt: skip
+                    print_library(result)
+                    (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print_summary(results)
     return 0 if results and all(r.ok for r in results) else 1
 

@@ -128,9 +128,39 @@ def test_profile_node_goes_on_the_guiders_model_and_its_report_reads_per_level(t
     assert (tmp_path / "custom_nodes" / "steadydancer_bench_profile").resolve() == PROFILE_NODE.resolve()
     assert api[guider]["inputs"]["model"] == source  # the input graph is left as it was
     levels = {"predict_noise": (4, 10.0), "calc_cond_batch": (4, 9.5), "apply_model": (5, 9.0), "diffusion_model": (5, 8.0)}
-    print_profile({"sampling_s": 11.0, "levels": {k: {"calls": c, "total_s": t} for k, (c, t) in levels.items()},
-                   "operators": [{"op": "aten::addmm", "device_s": 2.5, "cpu_s": 0.1, "calls": 40}]})  # fmt: skip
+    call = {"call": 2, "call_s": 1.6, "repeat_s": 1.5, "random_inputs_s": 1.55, "profiled_wall_s": 1.7,
+            "device_busy_s": 1.4, "host_busy_s": 0.9, "inputs": {"x": [[1, 16, 21, 60, 104], "bfloat16"]},
+            "attention_probe": {"tokens": 35880, "sdpa_backend": "FLASH_ATTENTION", "sdpa_s": 0.0746},
+            "operators": [{"op": "aten::addmm", "device_s": 2.5, "cpu_s": 0.1, "calls": 40}]}  # fmt: skip
+    print_profile({"sampling_s": 11.0, "extras_s": 4.9, "profiled_call": call,
+                   "levels": {k: {"calls": c, "total_s": t} for k, (c, t) in levels.items()}})  # fmt: skip
     text = capsys.readouterr().out
     assert "input conversion and denoising around the DiT: 1.00 s" in text
     assert "ComfyUI's cond batching around apply_model: 0.50 s" in text
-    assert "sampler outside predict_noise: 1.00 s" in text and "aten::addmm" in text
+    assert "sampler outside predict_noise: 1.00 s" in text and "extra runs, 4.90 s" in text
+    assert "DiT call 2: 1.600 s; again on the same inputs 1.500 s; on random inputs of the same shapes 1.550 s" in text
+    assert "one bare SDPA of 35880 tokens here: 74.6 ms, PyTorch's choice FLASH_ATTENTION" in text
+    assert "aten::addmm" in text and "x (1, 16, 21, 60, 104) bfloat16" in text
+
+
+def test_a_cached_run_gives_no_per_call_figure_and_the_library_ratio_only_without_a_cache(capsys) -> None:
+    """EasyCache skips whole steps, and ComfyUI reports only the steps it ran: dividing the
+    sampling by the planned predictions would print a per-call time nobody can reach
+    (measured: "91 model calls, 2.17 s per call" for 3.7 s calls)."""
+    from benchmarks.comfyui_pipeline import RunResult, print_library, print_run
+
+    plain = RunResult("gguf/default/81f", "gguf", "default", [], ok=True, total_s=50.0,
+                      stages={"sampling": 20.0}, steps_s=[6.0, 8.0, 4.0, 4.0], calls=[1, 2, 1, 1], library_s=3.8)  # fmt: skip
+    print_run(plain)
+    print_library(plain)
+    text = capsys.readouterr().out
+    assert "5 model calls, 4.00 s per call (steps 2-4)" in text
+    assert "library path 3.80 s per call: ComfyUI / library = 1.05" in text
+    cached = RunResult("gguf/default/81f", "gguf", "default", [], ok=True, total_s=200.0, stages={"sampling": 197.0},
+                       steps_s=[9.0] * 24, calls=[2] * 40, library_s=3.8,
+                       cache="EasyCache - skipped 16/40 steps (1.67x speedup).")  # fmt: skip
+    print_run(cached)
+    print_library(cached)
+    text = capsys.readouterr().out
+    assert "80 predictions planned (some skipped by the cache" in text and "s per call (" not in text
+    assert "EasyCache - skipped 16/40 steps" in text and "ComfyUI / library" not in text
