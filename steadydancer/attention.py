@@ -126,7 +126,9 @@ def _sage() -> AttentionFn:
     return run
 
 
-# PyTorch's SDPA kernels in the order tried on Hopper and later, where cuDNN's is the fastest.
+# PyTorch's SDPA kernels in the order tried on Hopper (sm90) and datacenter Blackwell (sm100),
+# where cuDNN's is the fastest; elsewhere (Ada, Ampere, consumer Blackwell) PyTorch's order stays.
+CUDNN_FIRST_MAJORS = (9, 10)
 SDPA_HOPPER_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 _SDPA_ENABLED = {  # each kernel's global switch (torch.backends.cuda.enable_*_sdp)
     "CUDNN_ATTENTION": "cudnn_sdp_enabled",
@@ -139,13 +141,13 @@ _SDPA_ENABLED = {  # each kernel's global switch (torch.backends.cuda.enable_*_s
 def sdpa_priority(device: torch.device) -> list | None:
     """The SDPA kernel order to ask for on `device`, or None to leave PyTorch's own.
 
-    On sm90+ PyTorch prefers cuDNN's kernel only while nobody has set a priority order; once
+    On sm90 PyTorch prefers cuDNN's kernel only while nobody has set a priority order; once
     any code has (ComfyUI does, around its own attention calls), its flash kernel comes
     first: 1.6x slower for this model's self-attention (measured in a ComfyUI server on an
-    H100). So there the order is asked for on every call. Kernels switched off globally
-    stay off.
+    H100). So there, and on sm100, the order is asked for on every call. Kernels switched off
+    globally stay off.
     """
-    if device.type != "cuda" or cuda_capability(device)[0] < 9:
+    if device.type != "cuda" or cuda_capability(device)[0] not in CUDNN_FIRST_MAJORS:
         return None
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -212,7 +212,7 @@ def test_sdpa_asks_for_cudnn_first_on_hopper_whatever_order_others_set(monkeypat
     """In a ComfyUI server PyTorch's SDPA ran its flash kernel, 1.6x slower than cuDNN's for
     the 14B self-attention (H100), because ComfyUI sets a kernel priority around its own
     attention and PyTorch then stops preferring cuDNN on sm90+. The sdpa backend asks for
-    cuDNN first there itself; kernels switched off globally stay off; elsewhere it leaves
+    cuDNN first there itself (sm90, sm100); kernels switched off globally stay off; elsewhere it leaves
     PyTorch's order alone. (No GPU here: the capability is faked, the order is checked.)"""
     from torch.nn.attention import SDPBackend
 
@@ -226,8 +226,9 @@ def test_sdpa_asks_for_cudnn_first_on_hopper_whatever_order_others_set(monkeypat
         assert SDPBackend.CUDNN_ATTENTION not in A.sdpa_priority(cuda)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(enabled)
-    monkeypatch.setattr(A, "cuda_capability", lambda device: (8, 9))
-    assert A.sdpa_priority(cuda) is None
+    for capability in ((8, 9), (8, 0), (12, 0)):  # Ada, Ampere, consumer Blackwell: PyTorch's order
+        monkeypatch.setattr(A, "cuda_capability", lambda device, c=capability: c)
+        assert A.sdpa_priority(cuda) is None
     assert A.sdpa_priority(torch.device("cpu")) is None
 
 
