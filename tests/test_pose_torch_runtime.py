@@ -222,8 +222,11 @@ class MiniYolox(nn.Module):
         outs = []
         for level in (mid, top):
             raw = self.head(level)
-            outs.append(torch.cat([raw[:, :4], raw[:, 4:].sigmoid()], dim=1).flatten(2))
+            outs.append(self.flat(torch.cat([raw[:, :4], raw[:, 4:].sigmoid()], dim=1)))
         return torch.cat(outs, dim=2).permute(0, 2, 1)
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(2)
 
 
 class ScaleNorm(nn.Module):
@@ -256,13 +259,19 @@ class MiniRTMPose(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.body(x)
         f = f * nn.functional.hardsigmoid(self.attention(f.mean(dim=(2, 3), keepdim=True)))
-        f = self.mlp(self.final(f).flatten(2))
+        f = self.mlp(self.flat(self.final(f)))
         u, v, base = torch.split(nn.functional.silu(self.uv(self.norm(f))), [32, 32, 16], dim=-1)
-        qk = base.unsqueeze(2) * self.gamma[None, None] + self.beta[None, None]
+        qk = self.per_head(base) * self.gamma[None, None] + self.beta[None, None]
         q, k = torch.unbind(qk, dim=2)
         attention = torch.square(nn.functional.relu(torch.bmm(q, k.transpose(1, 2)) / 4.0))
         f = self.o(u * torch.bmm(attention, v)) + f
         return self.x(f), self.y(f)
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(2)
+
+    def per_head(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(2)
 
 
 @pytest.mark.parametrize("opset", [11, 17])
@@ -587,34 +596,18 @@ def _batch_reshapes(path: Path) -> int:
 class MiniYoloxOneFrame(MiniYolox):
     """MiniYolox as a static export writes it: the frame count in its reshapes is a literal 1."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], dim=1)
-        f = self.stem(x)
-        levels = []
-        for down in self.down:
-            f = down(f)
-            levels.append(f)
-        pooled = [nn.functional.max_pool2d(levels[-1], k, 1, k // 2) for k in (5, 9, 13)]
-        top = self.spp(torch.cat([levels[-1], *pooled], dim=1))
-        mid = self.fuse(torch.cat([self.up(top), levels[-2]], dim=1))
-        outs = [self.head(level).reshape(1, 85, -1) for level in (mid, top)]
-        out = torch.cat(outs, dim=2).permute(0, 2, 1)
-        return torch.cat([out[..., :4], out[..., 4:].sigmoid()], dim=-1)
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, 85, -1)
 
 
 class MiniRTMPoseOneFrame(MiniRTMPose):
     """MiniRTMPose with the static export's literal frame count in its reshapes."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.body(x)
-        f = f * nn.functional.hardsigmoid(self.attention(f.mean(dim=(2, 3), keepdim=True)))
-        f = self.mlp(self.final(f).reshape(1, 133, -1))
-        u, v, base = torch.split(nn.functional.silu(self.uv(self.norm(f))), [32, 32, 16], dim=-1)
-        qk = base.reshape(1, 133, 1, 16) * self.gamma[None, None] + self.beta[None, None]
-        q, k = torch.unbind(qk, dim=2)
-        attention = torch.square(nn.functional.relu(torch.bmm(q, k.transpose(1, 2)) / 4.0))
-        f = self.o(u * torch.bmm(attention, v)) + f
-        return self.x(f), self.y(f)
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, 133, -1)
+
+    def per_head(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, 133, 1, 16)
 
 
 @pytest.mark.parametrize("opset", [11, 17])
