@@ -103,7 +103,7 @@ def run(out: Path) -> dict:
 
     _check(report, "colour_order", colour_order)
 
-    def extract_progress() -> dict:
+    def extract_progress(batch_size: int = 1) -> dict:
         # `reported`: what the node tells ComfyUI's progress bar; `sent`: what reaches the UI's
         # hook (ComfyUI 0.3x throttles it: first and last always, others 100 ms apart).
         reported, sent = [], []
@@ -117,7 +117,7 @@ def run(out: Path) -> dict:
         comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: sent.append([value, total]))
         bar_class.update_absolute = recording_update
         try:
-            poses, preview = pose_nodes.SteadyDancerPoseExtract.execute(detector, frames, 128).result
+            poses, preview = pose_nodes.SteadyDancerPoseExtract.execute(detector, frames, 128, batch_size).result
         finally:
             bar_class.update_absolute = update
             comfy.utils.set_progress_bar_global_hook(previous)
@@ -125,6 +125,12 @@ def run(out: Path) -> dict:
                 "preview": list(preview.shape)}
 
     _check(report, "extract_progress", extract_progress)
+    def extract_progress_batched() -> dict:
+        schema = pose_nodes.SteadyDancerPoseExtract.define_schema()
+        default = next(i.default for i in schema.inputs if i.id == "batch_size")
+        return {**extract_progress(4), "schema_default": default}
+
+    _check(report, "extract_progress_batched", extract_progress_batched)
 
     def extract_cancel() -> dict:
         mm.interrupt_current_processing(True)

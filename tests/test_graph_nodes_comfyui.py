@@ -38,6 +38,16 @@ def test_extraction_reports_progress_per_frame(report: dict) -> None:
     assert r["preview"] == [6, 96, 96, 3]
 
 
+def test_batched_extraction_reports_progress_per_batch_and_batches_by_default(report: dict) -> None:
+    """batch_size 4 over 6 frames: the bar moves after each batch (4, then 6), the poses are
+    those of one frame per call; the node's default is 8 frames per call (a GPU is mostly
+    idle at one)."""
+    r, single = result(report, "extract_progress_batched"), result(report, "extract_progress")
+    assert r["reported"] == [[4, 6], [6, 6]]
+    assert r["frames"] == 6 and r["people"] == single["people"] and r["preview"] == single["preview"]
+    assert r["schema_default"] == 8
+
+
 def test_cancel_stops_extraction_as_a_comfyui_interrupt(report: dict) -> None:
     r = result(report, "extract_cancel")
     assert r["raised"] == "InterruptProcessingException"
