@@ -703,3 +703,31 @@ def test_detector_sends_one_frame_files_whole_batches_with_the_same_keypoints(tm
         np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-6)
     torch_detector = detectors["torch"]
     assert torch_detector._det.batch_checked == {3: True} and torch_detector._pose.batch_checked == {3: True}
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False], ids=["dynamic", "one-frame"])
+def test_out_of_gpu_memory_at_a_batch_runs_its_frames_one_at_a_time(dynamic_batch, tmp_path, monkeypatch, caplog):
+    """Pose Extract sends 8 frames per call by default; a card without room for that many
+    gets one warning and the same outputs frame by frame, not a failed extraction. (No GPU
+    here: the out-of-memory error is raised for multi-frame passes.)"""
+    module = RandomPoseNet() if dynamic_batch else RandomPoseNetOneFrame()
+    path = export(module, tmp_path / "pose.onnx", "pose", dynamic_batch=dynamic_batch)
+    frames = rand(4, 3, 384, 288)
+    expected = TorchOnnxSession(path)._one_by_one(["simcc_x", "simcc_y"], {"input": frames}, 4)
+    session = TorchOnnxSession(path)
+    real = session._execute
+
+    def tight(wanted, feed, batch):
+        if len(feed["input"]) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(wanted, feed, batch)
+
+    monkeypatch.setattr(session, "_execute", tight)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            got = session.run(["simcc_x", "simcc_y"], {"input": frames})
+            for g, e in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(g, e)
+    assert session.batch_checked == {4: False}
+    assert sum("out of GPU memory at 4 frames per call" in r.message for r in caplog.records) == 1

@@ -21,6 +21,7 @@ later calls of that size sent whole; otherwise they go frame by frame, as onnxru
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from ..errors import InvalidCheckpointError, PoseDependencyError
 from .onnx_proto import NUMPY_TYPES, Graph, Node, ValueInfo, read_graph
 
 INT64_MAX = (1 << 63) - 1
+logger = logging.getLogger(__name__)
 
 
 def import_torch() -> Any:
@@ -76,7 +78,8 @@ class TorchOnnxSession:
         first = graph.inputs[0].shape if graph.inputs and graph.inputs[0].shape else [None]
         #: the batch the file was exported with (None: a dynamic batch axis)
         self.fixed_batch = first[0] if isinstance(first[0], int) and first[0] > 0 else None
-        #: batch size -> whether a whole batch gives what frame-by-frame runs give (checked once)
+        #: batch size -> whether batches of that size run whole: False after a check against
+        #: frame-by-frame runs failed (one-frame files) or after running out of GPU memory
         self.batch_checked: dict[int, bool] = {}
 
     @property
@@ -104,19 +107,29 @@ class TorchOnnxSession:
             raise ValueError(f"{self.path}: inputs {missing} not fed, or outputs {unknown} not in the graph")
         first = feed[self.graph.inputs[0].name] if self.graph.inputs else None
         batch = len(first) if first is not None and np.ndim(first) else None
-        if self.fixed_batch is None or batch is None or batch == self.fixed_batch:
+        if batch is None or batch == self.fixed_batch or (batch == 1 and self.fixed_batch is None):
             return self._execute(wanted, feed, None)
-        if self.fixed_batch != 1 or not all(np.ndim(v) and len(v) == batch for v in feed.values()):
+        if not self.any_batch or not all(np.ndim(v) and len(v) == batch for v in feed.values()):
             raise ValueError(f"{self.path} takes a batch of {self.fixed_batch}; it was given {batch}")
-        checked = self.batch_checked.get(batch)
-        if checked is False:
+        if self.batch_checked.get(batch) is False:
             return self._one_by_one(wanted, feed, batch)
-        if checked:
-            return self._execute(wanted, feed, batch)
+        widen = self.fixed_batch == 1  # the file's 1 in its reshapes stands for this run's batch
+        torch = import_torch()
         try:
-            whole = self._execute(wanted, feed, batch)
-        except InvalidCheckpointError:  # another operator holds the file's batch: frame by frame
-            whole = None
+            whole = self._execute(wanted, feed, batch if widen else None)
+        except torch.cuda.OutOfMemoryError:
+            # a smaller card: the same frames one at a time need a batch's worth less memory
+            logger.warning("%s: out of GPU memory at %d frames per call; running them one at a time",
+                           self.path.name, batch)  # fmt: skip
+            torch.cuda.empty_cache()
+            self.batch_checked[batch] = False
+            return self._one_by_one(wanted, feed, batch)
+        except InvalidCheckpointError:
+            if not widen or batch in self.batch_checked:
+                raise
+            whole = None  # another operator holds the file's batch: frame by frame
+        if not widen or self.batch_checked.get(batch):
+            return whole
         single = self._one_by_one(wanted, feed, batch)
         self.batch_checked[batch] = whole is not None and all(
             _close(a, b) for a, b in zip(whole, single, strict=True)
