@@ -69,9 +69,10 @@ def register_dwpose_folder() -> None:
     )
 
 
+#: frames per detector call by default (a GPU is mostly idle at one)
+POSE_BATCH = 8
 #: threads drawing pose frames (the host's cores, at most 8: beyond that PIL and OpenCV's
 #: own threads compete)
-POSE_BATCH = 8  # frames per detector call by default (a GPU is mostly idle at 1)
 RENDER_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
