@@ -27,8 +27,10 @@ own forward on the same file in ComfyUI's process (`benchmarks.comfyui_forward`,
 prints the ComfyUI path's seconds per call as a ratio of it. `--profile` puts a
 benchmark-only node (`benchmarks/comfyui_profile_node`) on the guider's model: inside the
 server it times every level of each model call (the guider, ComfyUI's cond batching,
-apply_model, the DiT) with the GPU synchronised, and profiles the sampling with
-torch.profiler; the report says what each level adds around the next. Each run also prints
+apply_model, the DiT) with the GPU synchronised, profiles DiT call 2 with torch.profiler and
+reruns it on the same and on random inputs; the report says what each level adds around the
+next, which kernels the call ran, and whether its inputs matter. With `--library` too, the
+library's own operator table is printed beside it. Each run also prints
 ComfyUI's own model-loading lines (whether the DiT was loaded completely or partially).
 `--cpu` runs everything with ComfyUI's `--cpu` (for checking this script on a machine
 without a GPU: use `--scale tiny`). Prints one table per run, then a summary; writes
@@ -467,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=tuple(PRESETS), help="fast (distilled-step LoRA, 4 steps) or reference (40)")
     parser.add_argument("--library", action="store_true", help="also time the DiT's own forward on the same file")
     parser.add_argument("--profile", action="store_true",
-                        help="time each level of every model call inside the server and profile the sampling "
-                             "(benchmarks/comfyui_profile_node)")  # fmt: skip
+                        help="time each level of every model call inside the server, profile DiT call 2 and "
+                             "rerun it (benchmarks/comfyui_profile_node)")  # fmt: skip
     parser.add_argument("--detect-resolution", type=int, default=1024)
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per graph")
