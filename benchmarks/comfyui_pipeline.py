@@ -349,8 +349,16 @@ def library_seconds(python: str, comfyui: Path, model: Path, width: int, height:
     return float(found.group(1))
 
 
+def profile_extras_s(r: RunResult) -> float:
+    """Seconds --profile's extra runs of one DiT call added to the sampling (0 without it)."""
+    return float((r.profile or {}).get("extras_s", 0.0))
+
+
 def seconds_per_call(r: RunResult) -> tuple[float, str]:
     """Seconds per model call from the sampler's steps, and what they were taken over."""
+    steps = (r.profile or {}).get("levels", {}).get("predict_noise", {}).get("each_s", [])
+    if len(steps) == len(r.calls) > 1:  # --profile: the steps timed in the server, its extra runs left out
+        return sum(steps[1:]) / sum(r.calls[1:]), f"steps 2-{len(r.calls)}, timed in the server"
     if len(r.steps_s) == len(r.calls) > 1:  # step 1 also moves the weights: use the later steps
         return sum(r.steps_s[1:]) / sum(r.calls[1:]), f"steps 2-{len(r.calls)}"
     # ComfyUI throttles progress messages: short steps may go unreported
@@ -370,25 +378,30 @@ def print_run(r: RunResult) -> None:
     if not r.ok:
         print(f"   FAILED: {r.error}")
         return
+    extras = profile_extras_s(r)
     for stage in STAGE_ORDER:
         if stage in r.stages:
             peak = f"{r.stage_peak_gib[stage]:6.2f} GiB" if stage in r.stage_peak_gib else ""
-            print(f"   {stage:30s} {r.stages[stage]:8.2f} s  {peak}")
+            seconds = r.stages[stage] - (extras if stage == "sampling" else 0.0)
+            print(f"   {stage:30s} {seconds:8.2f} s  {peak}")
     for i, step in enumerate(r.steps_s, 1):
         per_window = f"  ({step / r.windows:.2f} s per window, {r.windows} windows)" if r.windows else ""
         print(f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s{per_window}")
     peak = f", peak GPU memory {r.peak_gib:.2f} GiB above idle ({r.idle_gib:.2f} GiB)" if r.peak_gib is not None else ""
-    print(f"   whole graph {r.total_s:.2f} s{peak}")
+    print(f"   whole graph {r.total_s - extras:.2f} s{peak}")
+    if extras:
+        print(f"   (sampling and whole graph without the {extras:.2f} s of --profile's extra runs of one DiT call; "
+              "the step times above include them)")  # fmt: skip
     if r.card_free_gib is not None:
         print(f"   the card had {r.card_free_gib:.2f} GiB free (the rest held by the ballast)")
     if r.calls:
         per_call, over = seconds_per_call(r)
         if r.cache:  # skipped predictions still count in r.calls: no per-call figure from the steps
             print(f"   {sum(r.calls)} predictions planned (some skipped by the cache, below), "
-                  f"sampling {r.stages.get('sampling', 0.0):.2f} s")  # fmt: skip
+                  f"sampling {r.stages.get('sampling', 0.0) - extras:.2f} s")  # fmt: skip
         else:
             print(f"   {sum(r.calls)} model calls, {per_call:.2f} s per call ({over}), "
-                  f"sampling {r.stages.get('sampling', 0.0):.2f} s")  # fmt: skip
+                  f"sampling {r.stages.get('sampling', 0.0) - extras:.2f} s")  # fmt: skip
     if r.cache:
         print(f"   {r.cache}")
     if r.model_loads:
@@ -443,11 +456,12 @@ def print_summary(results: list[RunResult]) -> None:
         if not r.ok:
             print(f"{r.name:32s} FAILED: {(r.error or '')[:80]}")
             continue
-        later = sum(r.steps_s[1:]) / max(len(r.steps_s) - 1, 1) if len(r.steps_s) > 1 else float("nan")
+        steps = (r.profile or {}).get("levels", {}).get("predict_noise", {}).get("each_s") or r.steps_s
+        later = sum(steps[1:]) / max(len(steps) - 1, 1) if len(steps) > 1 else float("nan")
         peak = f"{r.peak_gib:9.2f}" if r.peak_gib is not None else f"{'-':>9s}"
         video = f"{r.video['frames']}f {r.video['width']}x{r.video['height']}" if r.video else "none"
-        first = r.steps_s[0] if r.steps_s else float("nan")
-        print(f"{r.name:32s} {r.total_s:8.2f} {first:9.2f} {later:14.2f} {peak}  {video}")
+        first = r.steps_s[0] if r.steps_s else float("nan")  # with loading: the sampler's own step
+        print(f"{r.name:32s} {r.total_s - profile_extras_s(r):8.2f} {first:9.2f} {later:14.2f} {peak}  {video}")
 
 
 def main(argv: list[str] | None = None) -> int:

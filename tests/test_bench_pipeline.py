@@ -164,3 +164,22 @@ def test_a_cached_run_gives_no_per_call_figure_and_the_library_ratio_only_withou
     text = capsys.readouterr().out
     assert "80 predictions planned (some skipped by the cache" in text and "s per call (" not in text
     assert "EasyCache - skipped 16/40 steps" in text and "ComfyUI / library" not in text
+
+
+def test_profile_extra_runs_are_left_out_of_the_graph_and_the_per_call_figures(capsys) -> None:
+    """--profile runs one DiT call three more times (34.7 s on the H100): the whole graph, the
+    sampling and the per-call figure must not count them; the per-call figure then comes from
+    the steps as timed in the server (the profile's levels), which leave them out."""
+    from benchmarks.comfyui_pipeline import RunResult, print_run, print_summary
+
+    levels = {"predict_noise": {"calls": 4, "total_s": 21.4, "each_s": [6.3, 7.6, 3.75, 3.75]}}
+    r = RunResult("gguf/default/81f", "gguf", "default", [], ok=True, total_s=80.0, stages={"sampling": 58.0},
+                  steps_s=[6.4, 42.3, 3.8, 3.8], calls=[1, 2, 1, 1],
+                  profile={"sampling_s": 23.3, "extras_s": 34.7, "levels": levels})  # fmt: skip
+    print_run(r)
+    print_summary([r])
+    text = capsys.readouterr().out
+    assert "whole graph 45.30 s" in text and "sampling                          23.30 s" in text
+    assert "5 model calls, 3.77 s per call (steps 2-4, timed in the server)" in text
+    assert "34.70 s of --profile's extra runs" in text
+    assert "gguf/default/81f                    45.30      6.40           5.03" in text  # later steps: 15.1 / 3
