@@ -76,6 +76,8 @@ def profile(fn, device) -> dict:
     import torch
     from torch.profiler import ProfilerActivity
 
+    from benchmarks.comfyui_profile_node import operator_rows
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
@@ -83,15 +85,8 @@ def profile(fn, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
-    ops = {}
-    for event in prof.key_averages():
-        own = getattr(event, "self_device_time_total", None)
-        if own is None:
-            own = getattr(event, "self_cuda_time_total", 0)
-        if device.type != "cuda":
-            own = event.self_cpu_time_total
-        if own:
-            ops[event.key] = (own / 1e6, event.count)
+    own = "device_s" if device.type == "cuda" else "cpu_s"
+    ops = {row["op"]: (row[own], row["calls"]) for row in operator_rows(prof) if row[own]}
     return {"wall": wall, "kernels": sum(s for s, _ in ops.values()), "ops": ops}
 
 

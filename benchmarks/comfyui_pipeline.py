@@ -354,9 +354,14 @@ def profile_extras_s(r: RunResult) -> float:
     return float((r.profile or {}).get("extras_s", 0.0))
 
 
+def server_steps_s(r: RunResult) -> list[float]:
+    """Each sampling step as --profile timed it in the server (its extra runs left out); [] without."""
+    return (r.profile or {}).get("levels", {}).get("predict_noise", {}).get("each_s", [])
+
+
 def seconds_per_call(r: RunResult) -> tuple[float, str]:
     """Seconds per model call from the sampler's steps, and what they were taken over."""
-    steps = (r.profile or {}).get("levels", {}).get("predict_noise", {}).get("each_s", [])
+    steps = server_steps_s(r)
     if len(steps) == len(r.calls) > 1:  # --profile: the steps timed in the server, its extra runs left out
         return sum(steps[1:]) / sum(r.calls[1:]), f"steps 2-{len(r.calls)}, timed in the server"
     if len(r.steps_s) == len(r.calls) > 1:  # step 1 also moves the weights: use the later steps
@@ -395,11 +400,11 @@ def print_run(r: RunResult) -> None:
     if r.card_free_gib is not None:
         print(f"   the card had {r.card_free_gib:.2f} GiB free (the rest held by the ballast)")
     if r.calls:
-        per_call, over = seconds_per_call(r)
         if r.cache:  # skipped predictions still count in r.calls: no per-call figure from the steps
             print(f"   {sum(r.calls)} predictions planned (some skipped by the cache, below), "
                   f"sampling {r.stages.get('sampling', 0.0) - extras:.2f} s")  # fmt: skip
         else:
+            per_call, over = seconds_per_call(r)
             print(f"   {sum(r.calls)} model calls, {per_call:.2f} s per call ({over}), "
                   f"sampling {r.stages.get('sampling', 0.0) - extras:.2f} s")  # fmt: skip
     if r.cache:
@@ -456,7 +461,7 @@ def print_summary(results: list[RunResult]) -> None:
         if not r.ok:
             print(f"{r.name:32s} FAILED: {(r.error or '')[:80]}")
             continue
-        steps = (r.profile or {}).get("levels", {}).get("predict_noise", {}).get("each_s") or r.steps_s
+        steps = server_steps_s(r) or r.steps_s
         later = sum(steps[1:]) / max(len(steps) - 1, 1) if len(steps) > 1 else float("nan")
         peak = f"{r.peak_gib:9.2f}" if r.peak_gib is not None else f"{'-':>9s}"
         video = f"{r.video['frames']}f {r.video['width']}x{r.video['height']}" if r.video else "none"

@@ -274,6 +274,20 @@ class MiniRTMPose(nn.Module):
         return t.unsqueeze(2)
 
 
+# Input shape of one frame, input names, output names of the Mini networks' exports.
+MINI_IO = {"detector": ((3, 64, 64), ["images"], ["output"]), "pose": ((3, 384, 288), ["input"], ["simcc_x", "simcc_y"])}
+
+
+def export_graph(module: nn.Module, path: Path, frame: tuple, names: list[str], outputs: list[str], *,
+                 batch: int = 1, opset: int = 17, dynamic: bool = False) -> Path:  # fmt: skip
+    """torch.onnx.export of `module` at `batch` frames; `dynamic`: a symbolic batch axis."""
+    module.eval()
+    axes = {n: {0: "batch"} for n in names + outputs} if dynamic else None
+    torch.onnx.export(module, (torch.zeros(batch, *frame),), str(path), input_names=names, output_names=outputs,
+                      dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
+    return path
+
+
 @pytest.mark.parametrize("opset", [11, 17])
 @pytest.mark.parametrize("network", ["detector", "pose"])
 def test_networks_match_onnxruntime(network, opset, tmp_path):
@@ -283,12 +297,9 @@ def test_networks_match_onnxruntime(network, opset, tmp_path):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
-    shape, names, outputs = (((2, 3, 64, 64), ["images"], ["output"]) if network == "detector"
-                             else ((2, 3, 384, 288), ["input"], ["simcc_x", "simcc_y"]))  # fmt: skip
-    path = tmp_path / f"{network}.onnx"
-    torch.onnx.export(module, (torch.zeros(shape),), str(path), input_names=names, output_names=outputs,
-                      dynamic_axes={n: {0: "batch"} for n in names + outputs}, opset_version=opset, dynamo=False)  # fmt: skip
-    x = rand(*shape)
+    frame, names, outputs = MINI_IO[network]
+    path = export_graph(module, tmp_path / f"{network}.onnx", frame, names, outputs, batch=2, opset=opset, dynamic=True)
+    x = rand(2, *frame)
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {names[0]: x})
     got = TorchOnnxSession(path).run(None, {names[0]: x})
     for g, e in zip(got, expected, strict=True):
@@ -301,8 +312,7 @@ def test_reader_matches_onnx_load(tmp_path):
     as the `onnx` package reads them."""
     path = tmp_path / "pose.onnx"
     torch.manual_seed(0)
-    torch.onnx.export(MiniRTMPose().eval(), (torch.zeros(1, 3, 384, 288),), str(path), input_names=["input"],
-                      output_names=["simcc_x", "simcc_y"], opset_version=17, dynamo=False)  # fmt: skip
+    export_graph(MiniRTMPose(), path, *MINI_IO["pose"])
     model = onnx.load(path)
     model.graph.initializer.extend([
         helper.make_tensor("typed_f32", F, [2, 2], [1.0, -2.0, 3.5, 4.0]),
@@ -337,8 +347,7 @@ def test_reader_matches_onnx_load(tmp_path):
 def test_external_data_is_read_from_the_models_folder(tmp_path):
     path = tmp_path / "pose.onnx"
     torch.manual_seed(0)
-    torch.onnx.export(MiniRTMPose().eval(), (torch.zeros(1, 3, 384, 288),), str(path), input_names=["input"],
-                      output_names=["simcc_x", "simcc_y"], opset_version=17, dynamo=False)  # fmt: skip
+    export_graph(MiniRTMPose(), path, *MINI_IO["pose"])
     x = rand(1, 3, 384, 288)
     expected = TorchOnnxSession(path).run(None, {"input": x})
     onnx.save(onnx.load(path), tmp_path / "split.onnx", save_as_external_data=True, location="weights.bin",
@@ -523,8 +532,7 @@ def test_damaged_files_give_one_clear_error(tmp_path):
     either work or raise InvalidCheckpointError; never another exception (KeyError, ...)."""
     path = tmp_path / "pose.onnx"
     torch.manual_seed(0)
-    torch.onnx.export(MiniRTMPose(k=3).eval(), (torch.zeros(1, 3, 384, 288),), str(path),
-                      input_names=["input"], output_names=["simcc_x", "simcc_y"], opset_version=17, dynamo=False)  # fmt: skip
+    export_graph(MiniRTMPose(k=3), path, *MINI_IO["pose"])
     original = path.read_bytes()
     rng = np.random.default_rng(0)
     outcomes = {"loaded": 0, "refused": 0}
@@ -574,14 +582,6 @@ def test_activations_are_freed_after_their_last_reader(tmp_path):
     assert session.peak_live_values <= 2
 
 
-def _fixed_batch_export(module: nn.Module, path: Path, shape: tuple, names: list[str], outputs: list[str],
-                        opset: int = 17) -> Path:  # fmt: skip
-    module.eval()
-    torch.onnx.export(module, (torch.zeros(shape),), str(path), input_names=names, output_names=outputs,
-                      opset_version=opset, dynamo=False)  # fmt: skip
-    return path
-
-
 def _batch_reshapes(path: Path) -> int:
     """Reshapes whose constant target starts with the file's batch of 1 (what the public files hold)."""
     graph = read_graph(path)
@@ -619,12 +619,11 @@ def test_files_with_a_batch_of_one_run_whole_batches_once_checked(network, opset
     onnxruntime's frame by frame."""
     torch.manual_seed(opset)
     module = MiniYoloxOneFrame() if network == "detector" else MiniRTMPoseOneFrame()
-    shape, names, outputs = (((1, 3, 64, 64), ["images"], ["output"]) if network == "detector"
-                             else ((1, 3, 384, 288), ["input"], ["simcc_x", "simcc_y"]))  # fmt: skip
-    path = _fixed_batch_export(module, tmp_path / f"{network}.onnx", shape, names, outputs, opset)
+    frame, names, outputs = MINI_IO[network]
+    path = export_graph(module, tmp_path / f"{network}.onnx", frame, names, outputs, opset=opset)
     assert _batch_reshapes(path) >= 1  # the case this is about, not a file that is dynamic anyway
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    frames = rand(4, *shape[1:])
+    frames = rand(4, *frame)
     expected = [np.concatenate(parts) for parts in zip(*(reference.run(None, {names[0]: frames[i : i + 1]})
                                                          for i in range(4)), strict=True)]  # fmt: skip
     session = TorchOnnxSession(path)
@@ -662,7 +661,7 @@ def test_a_file_whose_batch_of_one_cannot_be_widened_goes_frame_by_frame(module,
     """When running the whole batch gives other outputs than frame by frame (or fails), the
     check says so, and this and later calls of that size go frame by frame: the outputs are
     always onnxruntime's."""
-    path = _fixed_batch_export(module, tmp_path / "net.onnx", (1, 4, 8, 8), ["input"], ["output"])
+    path = export_graph(module, tmp_path / "net.onnx", (4, 8, 8), ["input"], ["output"])
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     frames = rand(4, 4, 8, 8)
     expected = np.concatenate([reference.run(None, {"input": frames[i : i + 1]})[0] for i in range(4)])

@@ -85,7 +85,9 @@ def _randomised(value: object, generator: torch.Generator) -> object:
     return value
 
 
-def _operators(prof: torch.profiler.profile, top: int) -> list[dict]:
+def operator_rows(prof: torch.profiler.profile) -> list[dict]:
+    """Each operator of a finished torch.profiler run: calls and self time on the device and
+    the host, longest first (`benchmarks.comfyui_forward` reads its profiles with this too)."""
     rows = []
     for event in prof.key_averages():
         device = getattr(event, "self_device_time_total", None)
@@ -94,7 +96,7 @@ def _operators(prof: torch.profiler.profile, top: int) -> list[dict]:
         rows.append({"op": event.key, "calls": event.count, "device_s": device / 1e6,
                      "cpu_s": event.self_cpu_time_total / 1e6})  # fmt: skip
     rows.sort(key=lambda r: -max(r["device_s"], r["cpu_s"]))
-    return rows[:top] if top else rows
+    return rows
 
 
 def attention_probe(config: object, x: torch.Tensor) -> dict:
@@ -127,7 +129,7 @@ def _extras(state: _State, executor, args, kwargs) -> None:
         executor(*args, **kwargs)
         _sync()
     profiled_s = time.perf_counter() - start
-    rows = _operators(prof, 0)
+    rows = operator_rows(prof)
     _, repeat_s = _timed(state, executor, args, kwargs)
     generator = torch.Generator().manual_seed(0)
     random_args = [_randomised(a, generator) for a in args]
