@@ -3,7 +3,7 @@ same inputs, same process.
 
     COMFYUI_DIR=... $COMFYUI_PYTHON -m benchmarks.comfyui_forward --model FILE
         [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--fp8-matmul] [--lora-rank 64]
-        [--compare-attention sdpa,flash_attn_4,sage] [--cpu]
+        [--compare-attention sdpa,flash_attn_4,sage] [--compare-fused] [--cpu]
 
 The whole-graph benchmark (`benchmarks.comfyui_pipeline`) times sampling steps as ComfyUI
 reports them; the library benchmark (`benchmarks.gpu model`) times `load_model`'s forward
@@ -26,6 +26,10 @@ batches them):
   STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8, `torch._scaled_mm`), and its
   relative error against the expanded weights' prediction.
 
+- `unfused norms` (with --compare-fused): `apply_model` with STEADYDANCER_FUSED_NORMS=0 (the
+  blocks' norms, modulation and RoPE as PyTorch kernels instead of the fused Triton ones),
+  its time against the fused run and the largest difference of the two predictions.
+
 - `attention X` (with --compare-attention): `apply_model` with the loader's attention choice
   X instead (the MODEL's attention override swapped), the backend that really ran, and the
   relative error of its velocity against the first prediction's (--attention's).
@@ -39,9 +43,12 @@ GGUF and scaled-fp8 models run on the classic patcher either way (docs/ARCHITECT
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +76,20 @@ def timed(fn, device, repeat: int) -> tuple[object, float]:
     times = time_calls(fn, device=device, warmup=1, repeat=repeat,
                        each=lambda out: None if results else results.append(out))  # fmt: skip
     return results[0], statistics.median(times)
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable for the calls inside (the library reads its switches per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def profile(fn, device) -> dict:
@@ -162,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-rank", type=int, default=0, help="also time the MODEL with a random LoRA of this rank")
     parser.add_argument("--compare-attention", default="",
                         help="comma-separated attention choices to time against --attention (e.g. sdpa,flash_attn_4,sage)")
+    parser.add_argument("--compare-fused", action="store_true",
+                        help="also time the blocks' norms unfused (STEADYDANCER_FUSED_NORMS=0)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (a check, with a tiny model)")
     args = parser.parse_args(argv)
     if not args.model.is_file():
@@ -225,16 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         probe = attention_probe(dit.config, x)
         print(f"  one bare SDPA of {probe['tokens']} tokens: {probe['sdpa_s'] * 1000:.1f} ms, "
               f"PyTorch's choice {probe['sdpa_backend']}")  # fmt: skip
-    if args.fp8_matmul:
-        import os
+    if args.compare_fused:
+        from comfyui_steadydancer.steadydancer.fused import ENV_SWITCH
 
+        with environment(ENV_SWITCH, "0"):
+            unfused, unfused_s = timed(comfyui, device, args.repeat)
+        diff = float((unfused.float() - denoised.float()).abs().max())
+        print(f"  comfyui apply_model, unfused norms {unfused_s:8.3f} s  (fused: {comfy_s / unfused_s:.3f}x of this; "
+              f"max |difference| {diff:.3g})")
+    if args.fp8_matmul:
         from comfyui_steadydancer.steadydancer.quantized import FP8_MATMUL_ENV
 
-        os.environ[FP8_MATMUL_ENV] = "1"
-        try:
+        with environment(FP8_MATMUL_ENV, "1"):
             fast, fast_s = timed(comfyui, device, args.repeat)
-        finally:
-            os.environ.pop(FP8_MATMUL_ENV, None)
         error = float((fast.float() - denoised.float()).norm() / denoised.float().norm())
         print(f"  comfyui apply_model, fp8 matmul {fast_s:8.3f} s  ({fast_s / comfy_s:.3f}x the expanded weights; "
               f"relative error {error:.2e})")

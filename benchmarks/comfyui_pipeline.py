@@ -27,8 +27,9 @@ own forward on the same file in ComfyUI's process (`benchmarks.comfyui_forward`,
 prints the ComfyUI path's seconds per call as a ratio of it. `--profile` puts a
 benchmark-only node (`benchmarks/comfyui_profile_node`) on the guider's model: inside the
 server it times every level of each model call (the guider, ComfyUI's cond batching,
-apply_model, the DiT) with the GPU synchronised, profiles DiT call 2 with torch.profiler and
-reruns it on the same and on random inputs; the report says what each level adds around the
+apply_model, the DiT) with the GPU synchronised, profiles DiT call 2 (`--profile-call N`;
+`--profile-as-run`: that call itself, not a rerun, for its one-time work) with torch.profiler
+and reruns it on the same and on random inputs; the report says what each level adds around the
 next, which kernels the call ran, and whether its inputs matter. With `--library` too, the
 library's own operator table is printed beside it. Each run also prints
 ComfyUI's own model-loading lines (whether the DiT was loaded completely or partially).
@@ -246,9 +247,10 @@ PROFILE_NODE_ID = "990"
 PROFILE_CALL = 2  # the DiT call profiled and rerun: the first after the one that moved the weights
 
 
-def with_profile(graph: dict, work: Path) -> dict:
+def with_profile(graph: dict, work: Path, call: int = PROFILE_CALL, as_run: bool = False) -> dict:
     """`graph` with the benchmark's profile node on the guider's model, and the node linked into
-    this run's custom_nodes (the server loads it next to this package)."""
+    this run's custom_nodes (the server loads it next to this package). The node profiles DiT
+    call `call`: a rerun of it, or (`as_run`) the call itself, its one-time work included."""
     nodes_dir = work / "custom_nodes"
     nodes_dir.mkdir(parents=True, exist_ok=True)
     link = nodes_dir / "steadydancer_bench_profile"
@@ -258,7 +260,7 @@ def with_profile(graph: dict, work: Path) -> dict:
     guider = next(k for k, v in out.items() if v["class_type"] == "SteadyDancerGuider")
     out[PROFILE_NODE_ID] = {
         "inputs": {"model": out[guider]["inputs"]["model"], "path": str(work / PROFILE_FILE),
-                   "profile_call": PROFILE_CALL, "top": 30},
+                   "profile_call": call, "top": 30, "profile_as_run": as_run},
         "class_type": "SteadyDancerBenchProfile",
     }  # fmt: skip
     out[guider]["inputs"]["model"] = [PROFILE_NODE_ID, 0]
@@ -440,7 +442,8 @@ def print_profile(profile: dict) -> None:
           f"(the profiled call's extra runs, {profile.get('extras_s', 0.0):.2f} s, are left out of every figure)")
     call = profile.get("profiled_call")
     if call:
-        print(f"     DiT call {call['call']}: {call['call_s']:.3f} s; again on the same inputs {call['repeat_s']:.3f} s; "
+        how = " (profiled as it ran)" if call.get("profiled_as_run") else ""
+        print(f"     DiT call {call['call']}{how}: {call['call_s']:.3f} s; again on the same inputs {call['repeat_s']:.3f} s; "
               f"on random inputs of the same shapes {call['random_inputs_s']:.3f} s")  # fmt: skip
         print(f"     under torch.profiler: wall {call['profiled_wall_s']:.3f} s, operators' device time "
               f"{call['device_busy_s']:.3f} s, host time {call['host_busy_s']:.3f} s")  # fmt: skip
@@ -490,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="time each level of every model call inside the server, profile DiT call 2 and "
                              "rerun it (benchmarks/comfyui_profile_node)")  # fmt: skip
+    parser.add_argument("--profile-call", type=int, default=PROFILE_CALL, metavar="N",
+                        help=f"with --profile: the DiT call profiled (1 = the first; default {PROFILE_CALL})")
+    parser.add_argument("--profile-as-run", action="store_true",
+                        help="with --profile: profile that call as it runs (its one-time work, e.g. the first "
+                             "call's, included; its time then includes the profiler's overhead), not a rerun")
     parser.add_argument("--detect-resolution", type=int, default=1024)
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per graph")
@@ -553,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                 work = out / "runs" / name.replace("/", "-")
                 work.mkdir(parents=True, exist_ok=True)
                 (work / PROFILE_FILE).unlink(missing_ok=True)
-                run_graph = with_profile(graph, work) if args.profile else graph
+                run_graph = with_profile(graph, work, args.profile_call, args.profile_as_run) if args.profile else graph
                 if (work / "input").exists():
                     shutil.rmtree(work / "input")
                 shutil.copytree(inputs[length], work / "input")

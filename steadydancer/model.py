@@ -35,6 +35,7 @@ from torch import nn
 
 from .attention import AttentionDispatcher, AttentionFn
 from .errors import ConditioningError, ModelFileError
+from .fused import layer_norm_modulate, rms_norm
 from .keys import (
     ALIGN_HIDDEN,
     SteadyDancerStateDict,
@@ -233,12 +234,9 @@ class RMSNorm(_FloatParams):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics and product, written straight into x's dtype: no float32 copy of x
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-        scale = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(self.eps))
-        out = torch.mul(x, scale, out=torch.empty_like(x))
-        return out.mul_(_as_float(self.weight, x.dtype, x.device))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, C] normalised (no float32 copy of x); then rotated by `rope` if given."""
+        return rms_norm(x, _as_float(self.weight, torch.float32, x.device), self.eps, rope)
 
 
 class ChannelLayerNorm(_FloatParams):
@@ -309,25 +307,6 @@ def rope_table(
         dim=-1,
     )
     return full.reshape(f * h * w, head_dim // 2)
-
-
-ROPE_CHUNK_ELEMENTS = 1 << 24  # elements of x rotated at once: bounds the float32 temporaries
-
-
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2m, 2m+1) of x [B, L, H, D] by table [L, D/2] (float32 maths).
-
-    Works through the tokens in chunks so that the complex float32 temporaries stay small
-    whatever the sequence length; the result is written into a tensor of x's dtype.
-    """
-    b, n, h, d = x.shape
-    out = torch.empty_like(x)
-    step = max(1, ROPE_CHUNK_ELEMENTS // (b * h * d))
-    for start in range(0, n, step):
-        part = x[:, start : start + step].float().unflatten(-1, (-1, 2))
-        rotated = torch.view_as_complex(part) * table[start : start + step, None, :]
-        out[:, start : start + step] = torch.view_as_real(rotated).flatten(-2)
-    return out
 
 
 # ------------------------------------------------------------------------------- pose path
@@ -488,8 +467,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         b, n, _ = x.shape
-        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, -1), rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, -1), rope)
+        q = self.norm_q(self.q(x), rope).view(b, n, self.heads, -1)
+        k = self.norm_k(self.k(x), rope).view(b, n, self.heads, -1)
         v = self.v(x).view(b, n, self.heads, -1)
         return self.o(attention(q, k, v).reshape(b, n, -1))
 
@@ -564,11 +543,11 @@ class Block(_FloatParams):
         dtype = context_text.dtype
         mod = _as_float(self.modulation, torch.float32, x.device) + e0
         m = mod.unsqueeze(2).unbind(1)  # shift, scale, gate (attention), shift, scale, gate (FFN)
-        h = self.norm1(x).mul_(1 + m[1]).add_(m[0]).to(dtype)
+        h = layer_norm_modulate(x, m[0], m[1], self.norm1.eps, dtype)
         x.addcmul_(self.self_attn(h, rope, attention), m[2])
         h = self.norm3(x).to(dtype)
         x.add_(self.cross_attn(h, context_img, context_text, attention))
-        h = self.norm2(x).mul_(1 + m[4]).add_(m[3]).to(dtype)
+        h = layer_norm_modulate(x, m[3], m[4], self.norm2.eps, dtype)
         x.addcmul_(self._ffn(h), m[5])
         return x
 
@@ -598,7 +577,7 @@ class Head(_FloatParams):
     def forward(self, x: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         mod = _as_float(self.modulation, torch.float32, x.device) + e.unsqueeze(1)
         shift, scale = mod.unsqueeze(2).unbind(1)
-        return self.head(self.norm(x).mul_(1 + scale).add_(shift).to(dtype))
+        return self.head(layer_norm_modulate(x, shift, scale, self.norm.eps, dtype))
 
 
 class ImageEmbedding(nn.Module):

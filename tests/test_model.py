@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from steadydancer.errors import ConditioningError, ModelFileError
+from steadydancer.fused import apply_rope
 from steadydancer.keys import POSE_PATH_KEYS, TinyConfig, model_shapes, tiny_state_dict
 from steadydancer.model import (
     DynamicConv1x1,
     FrameAlignment,
     SteadyDancerConfig,
-    apply_rope,
     config_from_state_dict,
     load_model,
     rope_split,
@@ -363,13 +363,13 @@ def test_dynamic_1x1_module_matches_hand_computation():
 
 
 def test_apply_rope_in_chunks_is_exact(monkeypatch):
-    import steadydancer.model as model_module
+    import steadydancer.fused as fused_module
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 50, 3, 32, generator=g).bfloat16()
     table = rope_table((5, 2, 5), 32, torch.device("cpu"))
     whole = apply_rope(x, table)
-    monkeypatch.setattr(model_module, "ROPE_CHUNK_ELEMENTS", 7 * 2 * 3 * 32)  # 7 tokens a chunk
+    monkeypatch.setattr(fused_module, "ROPE_CHUNK_ELEMENTS", 7 * 2 * 3 * 32)  # 7 tokens a chunk
     assert torch.equal(apply_rope(x, table), whole)
 
 

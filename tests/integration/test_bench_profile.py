@@ -20,21 +20,26 @@ from scripts.comfyui_server import REPO_ROOT, comfyui_python
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 
-def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None:
+def _profiled_fast_preset(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """The pipeline benchmark's fast preset with --profile on the tiny models, on the CPU."""
     comfyui = Path(os.environ["COMFYUI_DIR"])
     python = comfyui_python(comfyui)
     if subprocess.run([python, "-c", "import websocket, av"], capture_output=True).returncode:
         pytest.skip("the pipeline benchmark runs with ComfyUI's Python, which lacks websocket-client "
                     "(`pip install websocket-client` there)")  # fmt: skip
-    out = tmp_path / "pipeline"
     run = subprocess.run(
         [python, "-m", "benchmarks.comfyui_pipeline", "--comfyui", str(comfyui), "--scale", "tiny",
          "--cpu", "--width", "64", "--height", "64", "--frames", "5", "--detect-resolution", "128",
-         "--weights", "gguf", "--modes", "default", "--preset", "fast", "--profile", "--out", str(out)],
+         "--weights", "gguf", "--modes", "default", "--preset", "fast", "--profile", "--out", str(out), *extra],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (result,) = json.loads((out / "report.json").read_text())
+    return run, result
+
+
+def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None:
+    run, result = _profiled_fast_preset(tmp_path / "pipeline")
     profile = result["profile"]
     levels = profile["levels"]
     # the fast preset: 4 steps, 5 predictions; ComfyUI batches the pose step's two into one DiT call
@@ -59,9 +64,10 @@ def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None
 
 
 def test_forward_benchmark_compares_attention_choices() -> None:
-    """`benchmarks.comfyui_forward --compare-attention` against a real ComfyUI in-process, on the
-    tiny Q8_0 model on the CPU: each choice that runs here names the backend that ran and its
-    error against the first prediction; one that cannot run says why instead of failing."""
+    """`benchmarks.comfyui_forward --compare-attention --compare-fused` against a real ComfyUI
+    in-process, on the tiny Q8_0 model on the CPU: each choice that runs here names the backend
+    that ran and its error against the first prediction; one that cannot run says why instead
+    of failing; the unfused-norms run is timed and compared."""
     comfyui = Path(os.environ["COMFYUI_DIR"])
     model = REPO_ROOT / "tiny_models" / "diffusion_models" / "steadydancer_tiny_Q8_0.gguf"
     if not model.is_file():
@@ -69,7 +75,7 @@ def test_forward_benchmark_compares_attention_choices() -> None:
     run = subprocess.run(
         [comfyui_python(comfyui), "-m", "benchmarks.comfyui_forward", "--model", str(model), "--cpu",
          "--size", "64x64x5", "--batch", "1", "--repeat", "1", "--attention", "sdpa",
-         "--compare-attention", "math,comfy,no_such_backend"],
+         "--compare-attention", "math,comfy,no_such_backend", "--compare-fused"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "COMFYUI_DIR": str(comfyui)},
     )  # fmt: skip
@@ -84,3 +90,21 @@ def test_forward_benchmark_compares_attention_choices() -> None:
         error = float(lines[choice].rsplit(" ", 1)[-1].rstrip(")"))
         assert error < 1e-4, lines[choice]
     assert "not usable here" in lines["no_such_backend"]
+    # --compare-fused: on the CPU both runs take PyTorch's kernels, so the predictions are equal
+    unfused = next(line for line in run.stdout.splitlines() if "unfused norms" in line)
+    assert unfused.rstrip(")").endswith("max |difference| 0"), unfused
+
+
+def test_profile_as_run_profiles_the_first_call_itself(tmp_path: Path) -> None:
+    """`--profile-call 1 --profile-as-run`: the first DiT call (the one that also does the
+    first-time work) runs under the profiler itself; only the two reruns are extras."""
+    run, result = _profiled_fast_preset(tmp_path / "pipeline", "--profile-call", "1", "--profile-as-run")
+    profile = result["profile"]
+    call = profile["profiled_call"]
+    first = profile["levels"]["diffusion_model"]["each_s"][0]
+    assert call["call"] == 1 and call["profiled_as_run"] and call["call_s"] == first
+    assert call["profiled_wall_s"] == first  # the call's own time, not an extra run's
+    assert profile["extras_s"] >= call["repeat_s"] + call["random_inputs_s"]
+    assert profile["extras_s"] < call["repeat_s"] + call["random_inputs_s"] + first  # the call is no extra
+    assert any(row["op"] == "aten::addmm" for row in call["operators"])
+    assert "DiT call 1 (profiled as it ran)" in run.stdout

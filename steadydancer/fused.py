@@ -1,0 +1,195 @@
+"""Fused normalisations of the DiT blocks: one GPU kernel where PyTorch runs a chain.
+
+Why: at 14B and 832x480x81 a block's activations are 35,880 tokens x 5120 channels, and
+every element-wise PyTorch operation on them is a full pass over GPU memory (1.5 GB in
+float32 per sample). Unfused, each block runs about 50 such passes around its norms alone:
+- before self-attention and the FFN, LayerNorm of the float32 residual stream, times
+  (1 + scale), plus shift, cast to the compute dtype: four kernels;
+- on q and k, RMSNorm (a reduction, a product, a product with the weight) and RoPE (a cast
+  to float32, a complex product, a copy back), the RoPE in chunks: about 50 kernels.
+Here each is one Triton kernel that reads its row once and writes its result once.
+
+The maths is the unfused path's, in the same precision: float32 statistics and products,
+and for RMSNorm the same two roundings to the compute dtype (after normalising, after the
+weight), so results agree to float32 rounding (a compute-dtype result differs by at most
+one unit in its last place, where float32 sums in another order round the other way).
+
+`layer_norm_modulate` and `rms_norm` take the fused kernel for CUDA tensors when Triton
+imports and STEADYDANCER_FUSED_NORMS is not 0/false/off/no, and the PyTorch expressions
+otherwise (CPU, Windows without Triton). A kernel that fails to compile (an unusual GPU or
+Triton) is switched off for the rest of the process with one warning, and the call is
+answered by the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "STEADYDANCER_FUSED_NORMS"
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROPE_CHUNK_ELEMENTS = 1 << 24  # elements rotated at once by the PyTorch path
+
+_broken: set[str] = set()
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """The fused kernels are on unless STEADYDANCER_FUSED_NORMS is 0/false/off/no."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def _kernels() -> Any | None:
+    """The Triton kernels module, or None where Triton does not import."""
+    try:
+        from . import _fused_kernels
+    except ImportError:
+        return None
+    return _fused_kernels
+
+
+def _use_kernel(name: str, *tensors: torch.Tensor) -> Any | None:
+    """The kernel `name` if it should run on these tensors, else None (PyTorch path).
+
+    Each tensor's rows must be contiguous (its last axis of stride 1; the kernels take the
+    strides of the other axes where they allow them, else the caller passes contiguous ones).
+    """
+    if not enabled() or name in _broken:
+        return None
+    on_device = all(t.device.type == "cuda" for t in tensors) or _interpreting()
+    if not on_device or not all(t.stride(-1) == 1 for t in tensors):
+        return None
+    kernels = _kernels()
+    return None if kernels is None else getattr(kernels, name)
+
+
+def _launch(name: str, kernel: Any, grid: tuple[int], device: torch.device, *args: Any, **meta: Any) -> bool:
+    """Run a kernel; False (and the kernel switched off, one warning) if it cannot run here."""
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                kernel[grid](*args, **meta)
+        else:
+            kernel[grid](*args, **meta)
+    except Exception as exc:  # Triton raises many types when it cannot compile
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        with _lock:
+            _broken.add(name)
+        logger.warning(
+            "SteadyDancer: the fused %s kernel does not run here (%s: %s); using PyTorch's "
+            "kernels for the rest of this run (set %s=0 to skip the attempt)",
+            name, type(exc).__name__, exc, ENV_SWITCH,
+        )
+        return False
+    return True
+
+
+def _block(n: int) -> int:
+    return 1 << max(4, (n - 1).bit_length())
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+# ----------------------------------------------------------------------- LayerNorm, modulated
+def _per_sample(t: torch.Tensor, b: int, c: int) -> torch.Tensor:
+    """A modulation row per sample as a contiguous [B, C] tensor (one row is shared by all)."""
+    rows = t.reshape(-1, c)
+    if rows.shape[0] not in (1, b):
+        raise ValueError(f"modulation of shape {tuple(t.shape)} for a batch of {b}")
+    return rows.expand(b, c).contiguous()
+
+
+def layer_norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """LayerNorm of x over its last axis (no affine), times (1 + scale), plus shift, in `dtype`.
+
+    x: float32 [B, L, C]; shift and scale: float32, one row per sample ([B, 1, C] or [B, C]).
+    The result is a new tensor of x's shape in `dtype`.
+    """
+    b, n, c = x.shape
+    shift, scale = _per_sample(shift, b, c), _per_sample(scale, b, c)
+    kernel = _use_kernel("layer_norm_modulate", x, shift, scale)  # shift, scale: contiguous
+    if (
+        kernel is not None
+        and x.dtype == torch.float32
+        and shift.dtype == scale.dtype == torch.float32
+        and dtype in FUSED_DTYPES
+        and x.numel() > 0
+    ):
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        block = _block(c)
+        args = (x, shift, scale, out, n, x.stride(0), x.stride(1), c, float(eps))
+        meta = {"BLOCK": block, "num_warps": _num_warps(block)} if x.is_cuda else {"BLOCK": block}
+        if _launch("layer_norm_modulate", kernel, (b * n,), x.device, *args, **meta):
+            return out
+    normed = F.layer_norm(x, (c,), eps=eps)
+    return normed.mul_(1 + scale[:, None]).add_(shift[:, None]).to(dtype)
+
+
+# ----------------------------------------------------------------------- RMSNorm and RoPE
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMSNorm of x [B, L, C] over its last axis times `weight`, then RoPE if `rope` is given.
+
+    As WanRMSNorm: float32 statistics, the normalised values rounded to x's dtype, then
+    multiplied by the weight in x's dtype. `rope` is a complex64 table [L, D/2] (see
+    `model.rope_table`) for heads of D channels: channel pairs (2m, 2m+1) of every head are
+    rotated in float32 and rounded to x's dtype. The result is a new tensor like x.
+    """
+    b, n, c = x.shape
+    pairs_per_head = 1 if rope is None else rope.shape[-1]
+    if rope is not None and (rope.shape[0] != n or c % (2 * pairs_per_head)):
+        raise ValueError(
+            f"RoPE table {tuple(rope.shape)} does not fit {n} tokens of {c} channels"
+        )
+    weight = weight.to(device=x.device, dtype=torch.float32)
+    table = None if rope is None else torch.view_as_real(rope.to(x.device, torch.complex64))
+    tensors = (x, weight) if table is None else (x, weight, table)
+    kernel = _use_kernel("rms_norm_rope", *tensors) if all(t.is_contiguous() for t in tensors) else None
+    if kernel is not None and x.dtype in FUSED_DTYPES and x.numel() > 0:
+        out = torch.empty_like(x)
+        block = _block(c // 2)
+        args = (x, weight, weight if table is None else table, out, n, c, pairs_per_head, float(eps))
+        meta: dict[str, Any] = {"ROPE": table is not None, "BLOCK": block}
+        if x.is_cuda:
+            meta["num_warps"] = _num_warps(block)
+        if _launch("rms_norm_rope", kernel, (b * n,), x.device, *args, **meta):
+            return out
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    inv = torch.rsqrt(norm.square_().div_(c).add_(eps))
+    out = torch.mul(x, inv, out=torch.empty_like(x)).mul_(weight.to(x.dtype))
+    if rope is None:
+        return out
+    return apply_rope(out.view(b, n, -1, 2 * pairs_per_head), rope).view(b, n, c)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2m, 2m+1) of x [B, L, H, D] by table [L, D/2] (float32 maths).
+
+    Works through the tokens in chunks so that the complex float32 temporaries stay small
+    whatever the sequence length; the result is written into a tensor of x's dtype.
+    """
+    b, n, h, d = x.shape
+    out = torch.empty_like(x)
+    step = max(1, ROPE_CHUNK_ELEMENTS // (b * h * d))
+    for start in range(0, n, step):
+        part = x[:, start : start + step].float().unflatten(-1, (-1, 2))
+        rotated = torch.view_as_complex(part) * table[start : start + step, None, :]
+        out[:, start : start + step] = torch.view_as_real(rotated).flatten(-2)
+    return out

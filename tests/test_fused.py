@@ -1,0 +1,241 @@
+"""The fused norm kernels (`steadydancer.fused`): the maths, the dispatch and the fallbacks.
+
+On the CPU the PyTorch path is checked against the reference formulas in float64, and the
+Triton kernels run in Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which must
+be set before Triton is imported). The interpreter rounds float32 to bfloat16 by truncation,
+not to nearest as the GPU does, so there half-precision results are compared within two
+units in the last place; the GPU test (marker `gpu`) checks the real rounding. Where a test
+needs "a Triton whose kernel cannot compile" it puts a fake kernels module in place (said in
+its docstring): a broken Triton cannot be installed on purpose.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from steadydancer import fused
+from steadydancer.fused import apply_rope, layer_norm_modulate, rms_norm
+from steadydancer.model import rope_table
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton)")
+
+
+def _modulation(b: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 1, c, generator=g), torch.randn(b, 1, c, generator=g) * 0.3
+
+
+def test_layer_norm_modulate_matches_the_reference_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, 40, generator=g) * 4 + 2
+    shift, scale = _modulation(2, 40, 1)
+    xd = x.double()
+    normed = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    expected = normed * (1 + scale.double()) + shift.double()
+    for dtype in (torch.float32, torch.bfloat16):
+        out = layer_norm_modulate(x, shift, scale, 1e-6, dtype)
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=1e-2, atol=1e-5)
+    # one modulation row serves every sample
+    shared = layer_norm_modulate(x, shift[:1], scale[:1], 1e-6, torch.float32)
+    torch.testing.assert_close(shared[1], layer_norm_modulate(x[1:], shift[:1], scale[:1], 1e-6, torch.float32)[0])
+    with pytest.raises(ValueError, match="modulation of shape"):
+        layer_norm_modulate(x, torch.zeros(3, 1, 40), scale, 1e-6, torch.float32)
+
+
+def test_rms_norm_with_rope_is_the_norm_then_the_rotation():
+    g = torch.Generator().manual_seed(2)
+    table = rope_table((3, 2, 4), 32, torch.device("cpu"))  # 24 tokens, heads of 32 channels
+    weight = torch.rand(96, generator=g) + 0.5
+    x = (torch.randn(2, 24, 96, generator=g) * 3).bfloat16()
+    normed = rms_norm(x, weight, 1e-6)
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * weight.bfloat16()
+    torch.testing.assert_close(normed, expected, rtol=0, atol=0)
+    rotated = rms_norm(x, weight, 1e-6, table)
+    assert torch.equal(rotated, apply_rope(normed.view(2, 24, 3, 32), table).view(2, 24, 96))
+    with pytest.raises(ValueError, match="does not fit 23 tokens"):
+        rms_norm(x[:, :23], weight, 1e-6, table)
+
+
+class _FakeKernel:
+    """Counts launches; raises like a Triton that cannot compile for this GPU, if asked."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error, self.launches = error, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches += 1
+            if self.error is not None:
+                raise self.error
+
+        return launch
+
+
+def _fake_kernels(monkeypatch, error: Exception | None = None) -> types.SimpleNamespace:
+    kernels = types.SimpleNamespace(layer_norm_modulate=_FakeKernel(error), rms_norm_rope=_FakeKernel(error))
+    monkeypatch.setattr(fused, "_kernels", lambda: kernels)
+    monkeypatch.setattr(fused, "_interpreting", lambda: True)  # let CPU tensors reach the kernel
+    monkeypatch.setattr(fused, "_broken", set())
+    return kernels
+
+
+def test_a_kernel_that_cannot_compile_is_dropped_once_with_a_warning(monkeypatch, caplog):
+    """A fake kernels module stands in for a Triton that fails on this GPU (out of reach here).
+    The caller still gets the right result, from PyTorch's kernels, and only one warning."""
+    kernels = _fake_kernels(monkeypatch, RuntimeError("PTX for sm_75 not supported"))
+    x = torch.randn(2, 5, 16)
+    shift, scale = _modulation(2, 16, 3)
+    expected = F.layer_norm(x, (16,), eps=1e-6) * (1 + scale) + shift
+    with caplog.at_level(logging.WARNING, logger="steadydancer.fused"):
+        for _ in range(3):
+            torch.testing.assert_close(layer_norm_modulate(x, shift, scale, 1e-6, torch.float32), expected)
+    assert kernels.layer_norm_modulate.launches == 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "PTX for sm_75" in warnings[0] and fused.ENV_SWITCH in warnings[0]
+    assert rms_norm(x, torch.ones(16), 1e-6).shape == x.shape  # the other kernel is tried on its own
+    assert kernels.rms_norm_rope.launches == 1
+
+
+def test_the_kernels_are_skipped_when_switched_off_or_the_input_is_strided(monkeypatch):
+    """Fake kernels module (counts launches): the switch and inputs the kernels cannot address
+    (channels not contiguous; for RMSNorm any stride) keep PyTorch's path."""
+    kernels = _fake_kernels(monkeypatch)
+    x = torch.randn(2, 6, 16)
+    shift, scale = _modulation(2, 16, 4)
+    monkeypatch.setenv(fused.ENV_SWITCH, "off")
+    layer_norm_modulate(x, shift, scale, 1e-6, torch.float32)
+    rms_norm(x, torch.ones(16), 1e-6)
+    monkeypatch.setenv(fused.ENV_SWITCH, "1")
+    rms_norm(x.transpose(0, 1).contiguous().transpose(0, 1), torch.ones(16), 1e-6)
+    layer_norm_modulate(x.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6, torch.float32)
+    assert kernels.layer_norm_modulate.launches == kernels.rms_norm_rope.launches == 0
+    layer_norm_modulate(x, shift, scale, 1e-6, torch.float32)  # the same call, contiguous: the kernel
+    assert kernels.layer_norm_modulate.launches == 1
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import os, torch
+    from steadydancer import fused
+    from steadydancer.keys import TinyConfig, tiny_state_dict
+    from steadydancer.model import load_model, rope_table
+
+    def unfused(fn, *args):
+        os.environ[fused.ENV_SWITCH] = "0"
+        try:
+            return fn(*args)
+        finally:
+            os.environ[fused.ENV_SWITCH] = "1"
+
+    def check(name, got, want, dtype):
+        # float32: rounding of sums taken in another order; half precision: the interpreter
+        # truncates to it, so two units in the last place
+        ulp = {torch.float32: 2.0 ** -21, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6}[dtype]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=ulp, atol=ulp * want.abs().max().item())
+        print(name, dtype, "close")
+
+    g = torch.Generator().manual_seed(0)
+    b, n, c = 2, 24, 96  # 3 heads of 32 channels; 96 is not a power of two
+    x = torch.randn(b, n, c, generator=g) * 3 + 1
+    shift, scale = torch.randn(b, 1, c, generator=g), torch.randn(b, 1, c, generator=g) * 0.3
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        args = (x, shift, scale, 1e-6, dtype)
+        check("layer_norm_modulate", fused.layer_norm_modulate(*args), unfused(fused.layer_norm_modulate, *args), dtype)
+    args = (x[:, 5:], shift, scale, 1e-6, torch.float32)  # a slice of the sequence: strided rows
+    check("sliced", fused.layer_norm_modulate(*args), unfused(fused.layer_norm_modulate, *args), torch.float32)
+    table = rope_table((2, 3, 4), 32, torch.device("cpu"))
+    weight = torch.rand(c, generator=g) + 0.5
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xx = (torch.randn(b, n, c, generator=g) * 3).to(dtype)
+        check("rms_norm", fused.rms_norm(xx, weight, 1e-6), unfused(fused.rms_norm, xx, weight, 1e-6), dtype)
+        args = (xx, weight, 1e-6, table)
+        check("rms_norm_rope", fused.rms_norm(*args), unfused(fused.rms_norm, *args), dtype)
+    assert not fused._broken
+
+    # the whole tiny DiT, fused against unfused (every block and the head go through the kernels)
+    cfg = TinyConfig()
+    sd = {k: torch.from_numpy(v) for k, v in tiny_state_dict(cfg, seed=0).items()}
+    model = load_model(sd, dtype=torch.float32, attention="math")
+    f, h, w = 3, 4, 6
+    inputs = dict(
+        x=torch.randn(2, 16, f, h, w, generator=g), t=torch.tensor([900.0, 300.0]),
+        text=torch.randn(2, 7, cfg.text_dim, generator=g),
+        clip_x=torch.randn(2, 257, cfg.clip_dim, generator=g),
+        clip_c=torch.randn(2, 257, cfg.clip_dim, generator=g),
+        y=torch.randn(2, 20, f, h, w, generator=g), pose=torch.randn(2, 16, f, h, w, generator=g),
+        ref_x=torch.randn(2, 36, 1, h, w, generator=g), ref_c=torch.randn(2, 36, 1, h, w, generator=g),
+    )
+    launched = []
+    launch = fused._launch
+    fused._launch = lambda name, *a, **k: launched.append(name) or launch(name, *a, **k)
+    with torch.no_grad():
+        out = model(**inputs)
+        ref = unfused(lambda: model(**inputs))
+    # per block: 2 modulated LayerNorms, RMSNorm of q and k (with RoPE), of q, k and k_img
+    # (cross-attention); and the head's LayerNorm: all of them through the kernels
+    blocks = len(model.blocks)
+    assert launched.count("layer_norm_modulate") == 2 * blocks + 1, launched
+    assert launched.count("rms_norm_rope") == 5 * blocks, launched
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, err
+    assert not fused._broken
+    print("model close", err)
+    """
+)
+
+
+@needs_triton
+def test_kernels_in_triton_interpreter_match_the_pytorch_path(repo_root):
+    path = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT],
+        env=env, capture_output=True, text=True, timeout=600, cwd=repo_root,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for name in ("layer_norm_modulate", "rms_norm", "rms_norm_rope"):
+        assert proc.stdout.count(f"{name} ") == 3, proc.stdout
+    assert "sliced torch.float32 close" in proc.stdout and "model close" in proc.stdout
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_kernels_round_like_the_pytorch_path(monkeypatch):
+    """At the 14B width on the GPU: results within one unit in the last place of PyTorch's
+    kernels, almost all of them equal, and the kernels really ran (none dropped)."""
+    monkeypatch.setattr(fused, "_broken", set())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, n, c = 2, 3000, 5120
+    x = torch.randn(b, n, c, device="cuda", generator=g) * 3 + 1
+    shift = torch.randn(b, 1, c, device="cuda", generator=g)
+    scale = torch.randn(b, 1, c, device="cuda", generator=g) * 0.3
+    table = rope_table((3, 25, 40), 128, torch.device("cuda"))
+    weight = torch.rand(c, device="cuda", generator=g) + 0.5
+    xh = (torch.randn(b, n, c, device="cuda", generator=g) * 3).bfloat16()
+    cases = {
+        "layer_norm_modulate": lambda: layer_norm_modulate(x, shift, scale, 1e-6, torch.bfloat16),
+        "rms_norm": lambda: rms_norm(xh, weight, 1e-6),
+        "rms_norm_rope": lambda: rms_norm(xh, weight, 1e-6, table),
+    }
+    for name, call in cases.items():
+        got = call()
+        monkeypatch.setenv(fused.ENV_SWITCH, "0")
+        want = call()
+        monkeypatch.setenv(fused.ENV_SWITCH, "1")
+        torch.testing.assert_close(got, want, rtol=2.0**-8, atol=2.0**-8 * want.abs().max().item())
+        assert (got != want).double().mean().item() < 0.02, name
+    assert not fused._broken
