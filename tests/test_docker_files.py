@@ -217,7 +217,8 @@ def test_gpu_service_reserves_gpus_serves_8188_and_mounts_the_data():
     # Published on loopback only unless COMFYUI_BIND says otherwise (ComfyUI has no login).
     assert service["ports"] == ["${COMFYUI_BIND:-127.0.0.1}:${COMFYUI_HOST_PORT:-8188}:${COMFYUI_PORT:-8188}"]
     targets = {v.split(":")[-1] for v in service["volumes"]}
-    assert {"/models", "/opt/ComfyUI/input", "/opt/ComfyUI/output", "/home/comfy/.cache/huggingface"} <= targets
+    assert {"/models", "/opt/ComfyUI/input", "/opt/ComfyUI/output", "/home/comfy/.cache/huggingface",
+            "/home/comfy/.cache/kernels"} <= targets  # fmt: skip
     assert service["environment"]["MODELS_DIR"] == "/models"
     assert service["restart"] == "unless-stopped"
     assert service["shm_size"]
