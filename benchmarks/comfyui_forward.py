@@ -26,9 +26,10 @@ batches them):
   STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8, `torch._scaled_mm`), and its
   relative error against the expanded weights' prediction.
 
-- `unfused norms` (with --compare-fused): `apply_model` with STEADYDANCER_FUSED_NORMS=0 (the
-  blocks' norms, modulation and RoPE as PyTorch kernels instead of the fused Triton ones),
-  its time against the fused run and the largest difference of the two predictions.
+- `unfused` (with --compare-fused): `apply_model` with STEADYDANCER_FUSED_KERNELS=0 (the
+  blocks' norms, modulation and RoPE, and with --fp8-matmul the input quantisation, as
+  PyTorch kernels instead of the fused Triton ones), its time against the fused run and the
+  largest difference of the two predictions.
 
 - `attention X` (with --compare-attention): `apply_model` with the loader's attention choice
   X instead (the MODEL's attention override swapped), the backend that really ran, and the
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-attention", default="",
                         help="comma-separated attention choices to time against --attention (e.g. sdpa,flash_attn_4,sage)")
     parser.add_argument("--compare-fused", action="store_true",
-                        help="also time the blocks' norms unfused (STEADYDANCER_FUSED_NORMS=0)")
+                        help="also time the blocks' norms unfused (STEADYDANCER_FUSED_KERNELS=0)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (a check, with a tiny model)")
     args = parser.parse_args(argv)
     if not args.model.is_file():
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         with environment(ENV_SWITCH, "0"):
             unfused, unfused_s = timed(comfyui, device, args.repeat)
         diff = float((unfused.float() - denoised.float()).abs().max())
-        print(f"  comfyui apply_model, unfused norms {unfused_s:8.3f} s  (fused: {comfy_s / unfused_s:.3f}x of this; "
+        print(f"  comfyui apply_model, unfused    {unfused_s:8.3f} s  (fused: {comfy_s / unfused_s:.3f}x of this; "
               f"max |difference| {diff:.3g})")
     if args.fp8_matmul:
         from comfyui_steadydancer.steadydancer.quantized import FP8_MATMUL_ENV
@@ -264,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         error = float((fast.float() - denoised.float()).norm() / denoised.float().norm())
         print(f"  comfyui apply_model, fp8 matmul {fast_s:8.3f} s  ({fast_s / comfy_s:.3f}x the expanded weights; "
               f"relative error {error:.2e})")
+        if args.compare_fused:
+            from comfyui_steadydancer.steadydancer.fused import ENV_SWITCH
+
+            with environment(FP8_MATMUL_ENV, "1"), environment(ENV_SWITCH, "0"):
+                slow, slow_s = timed(comfyui, device, args.repeat)
+            error = float((slow.float() - denoised.float()).norm() / denoised.float().norm())
+            print(f"  comfyui apply_model, fp8 matmul, unfused {slow_s:8.3f} s  (fused: {fast_s / slow_s:.3f}x of this; "
+                  f"relative error {error:.2e})")
     for choice in filter(None, args.compare_attention.split(",")):
         compare_attention(choice, model, options, x, sigma, inputs, device, args.repeat, denoised, comfy_s)
     if args.lora_rank:

@@ -1,7 +1,7 @@
 """Triton kernels behind `fused` (imported only when Triton is present).
 
-Each kernel handles one row of the token sequence per program: the whole row (5120 channels
-at 14B) fits in registers, so the row is read once and written once. TRITON_INTERPRET=1 at
+The norm kernels handle one row of the token sequence per program: the whole row (5120
+channels at 14B) fits in registers, so the row is read once and written once. TRITON_INTERPRET=1 at
 import time selects Triton's CPU interpreter (the CPU tests). See `fused` for the maths and
 why the results match the unfused path.
 """
@@ -76,3 +76,14 @@ def rms_norm_rope(
         a, b = a * cos - b * sin, a * sin + b * cos
     tl.store(out_ptr + base, a.to(dtype), mask=mask)
     tl.store(out_ptr + base + 1, b.to(dtype), mask=mask)
+
+
+@triton.jit
+def scale_to_fp8(x_ptr, inv_scale_ptr, out_ptr, n_elements, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    # x times the inverse scale (read on the device: no host sync), saturated, cast to fp8
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elements
+    inv = tl.load(inv_scale_ptr)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) * inv
+    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    tl.store(out_ptr + idx, x.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,4 +1,7 @@
-"""Fused normalisations of the DiT blocks: one GPU kernel where PyTorch runs a chain.
+"""Fused element-wise work of the DiT: one GPU kernel where PyTorch runs a chain.
+
+The blocks' normalisations (with modulation and RoPE), and the input quantisation of the
+opt-in fp8 matrix products (`quantize_fp8`, at the end).
 
 Why: at 14B and 832x480x81 a block's activations are 35,880 tokens x 5120 channels, and
 every element-wise PyTorch operation on them is a full pass over GPU memory (1.5 GB in
@@ -14,9 +17,8 @@ and for RMSNorm the same two roundings to the compute dtype (after normalising, 
 weight), so results agree to float32 rounding (a compute-dtype result differs by at most
 one unit in its last place, where float32 sums in another order round the other way).
 
-`layer_norm_modulate` and `rms_norm` take the fused kernel for CUDA tensors when Triton
-imports and STEADYDANCER_FUSED_NORMS is not 0/false/off/no, and the PyTorch expressions
-otherwise (CPU, Windows without Triton). A kernel that fails to compile (an unusual GPU or
+Each function takes its fused kernel for CUDA tensors when Triton imports and
+STEADYDANCER_FUSED_KERNELS is not 0/false/off/no, and the PyTorch expressions otherwise (CPU, Windows without Triton). A kernel that fails to compile (an unusual GPU or
 Triton) is switched off for the rest of the process with one warning, and the call is
 answered by the PyTorch path.
 """
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-ENV_SWITCH = "STEADYDANCER_FUSED_NORMS"
+ENV_SWITCH = "STEADYDANCER_FUSED_KERNELS"
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ROPE_CHUNK_ELEMENTS = 1 << 24  # elements rotated at once by the PyTorch path
 
@@ -42,7 +44,7 @@ _lock = threading.Lock()
 
 
 def enabled() -> bool:
-    """The fused kernels are on unless STEADYDANCER_FUSED_NORMS is 0/false/off/no."""
+    """The fused kernels are on unless STEADYDANCER_FUSED_KERNELS is 0/false/off/no."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -193,3 +195,33 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         rotated = torch.view_as_complex(part) * table[start : start + step, None, :]
         out[:, start : start + step] = torch.view_as_real(rotated).flatten(-2)
     return out
+
+
+# ----------------------------------------------------------------------- fp8 input quantisation
+FP8_BLOCK = 4096  # elements per program of the fp8 cast
+
+
+def quantize_fp8(x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as `fp8_dtype` with one float32 scale for the whole tensor: (values, scale), x ~ values * scale.
+
+    The scale is max|x| / the format's largest value (at least 1e-12). One pass finds the
+    minimum and maximum together; on CUDA with Triton a second pass multiplies by the inverse
+    scale in float32 and casts, saturating (unfused: a bf16 product and a cast, two more
+    passes). Nothing is read back to the host.
+    """
+    fp8_max = torch.finfo(fp8_dtype).max
+    low, high = torch.aminmax(x)
+    scale = (torch.maximum(high, low.neg()).float() / fp8_max).clamp_min(1e-12)
+    kernel = _use_kernel("scale_to_fp8", x) if x.is_contiguous() else None
+    if kernel is not None and x.dtype in FUSED_DTYPES and x.numel() > 0:
+        out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
+        inverse = scale.reciprocal().reshape(1)
+        grid = ((x.numel() + FP8_BLOCK - 1) // FP8_BLOCK,)
+        meta = {"FP8_MAX": fp8_max, "BLOCK": FP8_BLOCK}
+        if x.is_cuda:
+            meta["num_warps"] = 8
+        if _launch("scale_to_fp8", kernel, grid, x.device, x, inverse, out, x.numel(), **meta):
+            return out, scale
+    # bf16 scaling rounds the inverse scale by at most 2^-8: the largest value lands below 450,
+    # which e4m3 rounds to 448 (only from 464 on would it give NaN), so no clamp pass is needed
+    return (x * scale.reciprocal().to(x.dtype)).to(fp8_dtype), scale

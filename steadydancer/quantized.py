@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import ModelFileError
+from .fused import quantize_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -254,14 +255,10 @@ def fp8_linear(
     if x.device.type == "cpu":
         _warn_cpu_once()
     rows = x.reshape(-1, in_features)
-    # Few passes over the activations and no float32 copy of them: on the GPU these passes,
-    # not the product, decided the speed (5 passes with float32 temporaries made fp8 1.03x
-    # slower than expanding the weights, H100). Scaling in bf16 rounds the inverse scale by
-    # at most 2^-8, so the largest value lands below 450, and e4m3 rounds up to 464 to 448
-    # (only from 464 on would it cast to NaN): no clamp pass is needed.
-    amax = torch.maximum(rows.max(), rows.min().neg()).float()
-    x_scale = (amax / FP8_E4M3_MAX).clamp_min(1e-12)
-    x_fp8 = (rows * (1.0 / x_scale).to(rows.dtype)).to(torch.float8_e4m3fn)
+    # Few passes over the activations: on the GPU these passes, not the product, decided the
+    # speed (H100, 14B: quantising a 35,880 x 5120 input in four passes took 0.97 ms against
+    # 1.32 ms for its fp8 product), see `quantize_fp8`.
+    x_fp8, x_scale = quantize_fp8(rows)
     w_fp8 = weight.stored(x.device)
     w_scale = weight.scale.to(x.device, non_blocking=True)
     out = torch._scaled_mm(

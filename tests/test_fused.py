@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from steadydancer import fused
-from steadydancer.fused import apply_rope, layer_norm_modulate, rms_norm
+from steadydancer.fused import apply_rope, layer_norm_modulate, quantize_fp8, rms_norm
 from steadydancer.model import rope_table
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -69,6 +69,19 @@ def test_rms_norm_with_rope_is_the_norm_then_the_rotation():
         rms_norm(x[:, :23], weight, 1e-6, table)
 
 
+def test_quantize_fp8_scales_by_the_largest_magnitude():
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(37, 96, generator=g) * 5).bfloat16()
+    x[3, 7] = -40.0  # the largest magnitude is negative: it must still set the scale
+    values, scale = quantize_fp8(x)
+    assert values.dtype == torch.float8_e4m3fn and values.shape == x.shape and scale.dtype == torch.float32
+    assert scale.item() == pytest.approx(40.0 / 448, rel=1e-7) and values[3, 7].float().item() == -448.0
+    back = values.float() * scale
+    torch.testing.assert_close(back, x.float(), rtol=2.0**-4, atol=scale.item() * 2.0**-9)  # e4m3: 3 bits
+    zeros, tiny = quantize_fp8(torch.zeros(4, 16, dtype=torch.bfloat16))
+    assert tiny.item() == pytest.approx(1e-12) and not zeros.float().any()
+
+
 class _FakeKernel:
     """Counts launches; raises like a Triton that cannot compile for this GPU, if asked."""
 
@@ -85,7 +98,9 @@ class _FakeKernel:
 
 
 def _fake_kernels(monkeypatch, error: Exception | None = None) -> types.SimpleNamespace:
-    kernels = types.SimpleNamespace(layer_norm_modulate=_FakeKernel(error), rms_norm_rope=_FakeKernel(error))
+    kernels = types.SimpleNamespace(
+        layer_norm_modulate=_FakeKernel(error), rms_norm_rope=_FakeKernel(error), scale_to_fp8=_FakeKernel(error)
+    )
     monkeypatch.setattr(fused, "_kernels", lambda: kernels)
     monkeypatch.setattr(fused, "_interpreting", lambda: True)  # let CPU tensors reach the kernel
     monkeypatch.setattr(fused, "_broken", set())
@@ -105,8 +120,13 @@ def test_a_kernel_that_cannot_compile_is_dropped_once_with_a_warning(monkeypatch
     assert kernels.layer_norm_modulate.launches == 1
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "PTX for sm_75" in warnings[0] and fused.ENV_SWITCH in warnings[0]
-    assert rms_norm(x, torch.ones(16), 1e-6).shape == x.shape  # the other kernel is tried on its own
+    assert rms_norm(x, torch.ones(16), 1e-6).shape == x.shape  # the other kernels are tried on their own
     assert kernels.rms_norm_rope.launches == 1
+    xh = x.bfloat16()
+    values, scale = quantize_fp8(xh)
+    assert kernels.scale_to_fp8.launches == 1
+    assert scale == torch.maximum(xh.max(), xh.min().neg()).float() / 448
+    assert torch.equal(values.float(), (xh * scale.reciprocal().bfloat16()).to(torch.float8_e4m3fn).float())
 
 
 def test_the_kernels_are_skipped_when_switched_off_or_the_input_is_strided(monkeypatch):
@@ -165,6 +185,16 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         args = (xx, weight, 1e-6, table)
         check("rms_norm_rope", fused.rms_norm(*args), unfused(fused.rms_norm, *args), dtype)
     assert not fused._broken
+    # values that e4m3 holds exactly once scaled (quarter steps up to 4, and 112 setting the
+    # scale to 1/4): the interpreter's own fp8 rounding cannot matter, indexing and scale do
+    xq = (torch.randint(-16, 17, (50, 96), generator=g) / 4).bfloat16()
+    xq[7, 5] = 112.0
+    got, got_scale = fused.quantize_fp8(xq)
+    want, want_scale = unfused(fused.quantize_fp8, xq)
+    assert got_scale.item() == want_scale.item() == 0.25
+    assert torch.equal(got.float(), want.float()) and torch.equal(got.float() * 0.25, xq.float())
+    print("quantize_fp8 close")
+    assert not fused._broken
 
     # the whole tiny DiT, fused against unfused (every block and the head go through the kernels)
     cfg = TinyConfig()
@@ -210,13 +240,15 @@ def test_kernels_in_triton_interpreter_match_the_pytorch_path(repo_root):
     for name in ("layer_norm_modulate", "rms_norm", "rms_norm_rope"):
         assert proc.stdout.count(f"{name} ") == 3, proc.stdout
     assert "sliced torch.float32 close" in proc.stdout and "model close" in proc.stdout
+    assert "quantize_fp8 close" in proc.stdout
 
 
 @pytest.mark.gpu
 @needs_triton
 def test_gpu_kernels_round_like_the_pytorch_path(monkeypatch):
     """At the 14B width on the GPU: results within one unit in the last place of PyTorch's
-    kernels, almost all of them equal, and the kernels really ran (none dropped)."""
+    kernels, almost all of them equal, the fp8 cast bit-exact (float32 product, round to
+    nearest even), and the kernels really ran (none dropped)."""
     monkeypatch.setattr(fused, "_broken", set())
     g = torch.Generator(device="cuda").manual_seed(0)
     b, n, c = 2, 3000, 5120
@@ -231,6 +263,10 @@ def test_gpu_kernels_round_like_the_pytorch_path(monkeypatch):
         "rms_norm": lambda: rms_norm(xh, weight, 1e-6),
         "rms_norm_rope": lambda: rms_norm(xh, weight, 1e-6, table),
     }
+    xq = (torch.randn(b * n, c, device="cuda", generator=g) * 4).bfloat16()
+    values, scale = quantize_fp8(xq)
+    exact = (xq.float() * scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)  # float32, then RNE
+    assert torch.equal(values.view(torch.uint8), exact.view(torch.uint8))
     for name, call in cases.items():
         got = call()
         monkeypatch.setenv(fused.ENV_SWITCH, "0")

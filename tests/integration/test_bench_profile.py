@@ -91,7 +91,7 @@ def test_forward_benchmark_compares_attention_choices() -> None:
         assert error < 1e-4, lines[choice]
     assert "not usable here" in lines["no_such_backend"]
     # --compare-fused: on the CPU both runs take PyTorch's kernels, so the predictions are equal
-    unfused = next(line for line in run.stdout.splitlines() if "unfused norms" in line)
+    unfused = next(line for line in run.stdout.splitlines() if "apply_model, unfused" in line)
     assert unfused.rstrip(")").endswith("max |difference| 0"), unfused
 
 
