@@ -264,9 +264,9 @@ def test_gpu_kernels_round_like_the_pytorch_path(monkeypatch):
         "rms_norm_rope": lambda: rms_norm(xh, weight, 1e-6, table),
     }
     xq = (torch.randn(b * n, c, device="cuda", generator=g) * 4).bfloat16()
-    values, scale = quantize_fp8(xq)
-    exact = (xq.float() * scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)  # float32, then RNE
-    assert torch.equal(values.view(torch.uint8), exact.view(torch.uint8))
+    fp8_values, fp8_scale = quantize_fp8(xq)
+    exact = (xq.float() * fp8_scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)  # float32, then RNE
+    assert torch.equal(fp8_values.view(torch.uint8), exact.view(torch.uint8))
     for name, call in cases.items():
         got = call()
         monkeypatch.setenv(fused.ENV_SWITCH, "0")
