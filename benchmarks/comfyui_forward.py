@@ -3,7 +3,7 @@ same inputs, same process.
 
     COMFYUI_DIR=... $COMFYUI_PYTHON -m benchmarks.comfyui_forward --model FILE
         [--batch 2] [--size 832x480x81] [--repeat 3] [--profile] [--fp8-matmul] [--lora-rank 64]
-        [--compare-attention sdpa,flash_attn_4,sage] [--compare-fused] [--cpu]
+        [--compare-attention sdpa,flash_attn_4,sage] [--compare-fused] [--first-calls 3] [--cpu]
 
 The whole-graph benchmark (`benchmarks.comfyui_pipeline`) times sampling steps as ComfyUI
 reports them; the library benchmark (`benchmarks.gpu model`) times `load_model`'s forward
@@ -25,6 +25,11 @@ batches them):
 - `comfyui, fp8 matmul` (with --fp8-matmul, scaled-fp8 files): `apply_model` with
   STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8, `torch._scaled_mm`), and its
   relative error against the expanded weights' prediction.
+
+- `first calls` (with --first-calls N): before anything else, each of the process's first N
+  calls timed one by one (of the LoRA'd MODEL with --lora-rank, as in the fast preset): what
+  a fresh ComfyUI pays once (CUDA kernel loading, cuBLAS/cuDNN set-up, the Triton kernels'
+  loading, or compiling when Triton's cache, TRITON_CACHE_DIR, is cold).
 
 - `unfused` (with --compare-fused): `apply_model` with STEADYDANCER_FUSED_KERNELS=0 (the
   blocks' norms, modulation and RoPE, and with --fp8-matmul the input quantisation, as
@@ -112,31 +117,44 @@ def profile(fn, device) -> dict:
     return {"wall": wall, "kernels": sum(s for s, _ in ops.values()), "ops": ops}
 
 
-def time_with_lora(patcher, config, args, x, sigma, inputs, device) -> tuple[float, int]:
-    """Seconds per apply_model of `patcher` with a random LoRA applied by LoraLoaderModelOnly."""
-    import comfy.model_management
+def with_lora(patcher, config, rank: int):
+    """`patcher` with a random LoRA of `rank` applied by LoraLoaderModelOnly, and its layer count."""
     import folder_paths
-    import torch
 
     import nodes
     from benchmarks.random_models import write_lora
 
     folder = Path(folder_paths.get_temp_directory()) / "steadydancer-bench-loras"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"random_rank{args.lora_rank}.safetensors"
-    layers = write_lora(folder / name, config, rank=args.lora_rank)
+    name = f"random_rank{rank}.safetensors"
+    layers = write_lora(folder / name, config, rank=rank)
     folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
     patched = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)[0]
     if len(patched.patches) != layers:
         raise RuntimeError(f"ComfyUI patched {len(patched.patches)} weights of the LoRA's {layers} layers")
-    comfy.model_management.load_models_gpu([patched])
-    options = patched.model_options["transformer_options"]
+    return patched, layers
+
+
+def model_call(patcher, x, sigma, inputs):
+    """One `apply_model` of `patcher` (loaded on the GPU first), as the sampler makes it."""
+    import comfy.model_management
+    import torch
+
+    comfy.model_management.load_models_gpu([patcher])
+    options = patcher.model_options["transformer_options"]
 
     def run() -> object:
         with torch.inference_mode():
-            return patched.model.apply_model(x, sigma, **inputs, transformer_options=options)
+            return patcher.model.apply_model(x, sigma, **inputs, transformer_options=options)
 
-    return timed(run, device, args.repeat)[1], layers
+    return run
+
+
+def first_calls(run, device, count: int) -> list[float]:
+    """Seconds of each of the first `count` calls of a fresh process, one by one (no warm-up)."""
+    from benchmarks.common import time_calls
+
+    return time_calls(run, device=device, warmup=0, repeat=count) if count else []
 
 
 def compare_attention(choice: str, model, options: dict, x, sigma, inputs: dict, device, repeat: int,
@@ -182,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-matmul", action="store_true",
                         help="also time STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8) and print its error")
     parser.add_argument("--lora-rank", type=int, default=0, help="also time the MODEL with a random LoRA of this rank")
+    parser.add_argument("--first-calls", type=int, default=0, metavar="N",
+                        help="first time each of the first N calls of this process one by one (of the LoRA'd MODEL "
+                             "with --lora-rank): kernel loading, and Triton compiling where its cache is cold")
     parser.add_argument("--compare-attention", default="",
                         help="comma-separated attention choices to time against --attention (e.g. sdpa,flash_attn_4,sage)")
     parser.add_argument("--compare-fused", action="store_true",
@@ -217,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     options = patcher.model_options["transformer_options"]
     sigma = torch.full((args.batch,), SIGMA, device=device)
     cast = {k: v.to(dtype) for k, v in inputs.items()}
+    if args.lora_rank:
+        lora_patcher, layers = with_lora(patcher, dit.config, args.lora_rank)
+        lora_call = model_call(lora_patcher, x, sigma, inputs)
+    first_s = first_calls(lora_call if args.lora_rank else model_call(patcher, x, sigma, inputs), device,
+                          args.first_calls)  # fmt: skip
+    if args.lora_rank:
+        comfy.model_management.load_models_gpu([patcher])  # the LoRA's clone is unpatched again
 
     def comfyui() -> object:
         with torch.inference_mode():
@@ -239,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {torch.cuda.get_device_name(device)}, allocator "
               f"{torch.cuda.get_allocator_backend()}, peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB")
     print(f"  load (node + model management)  {load_s:8.2f} s")
+    for number, seconds in enumerate(first_s, 1):
+        print(f"  first calls of the process, call {number}{' (with the LoRA)' if args.lora_rank else ''}"
+              f"  {seconds:8.3f} s")  # fmt: skip
     print(f"  comfyui apply_model            {comfy_s:8.3f} s  ({comfy_s / args.batch:.3f} s per prediction)")
     print(f"  dit forward                    {dit_s:8.3f} s  ({dit_s / args.batch:.3f} s per prediction)")
     print(f"  ratio comfyui / dit            {comfy_s / dit_s:8.3f}")
@@ -276,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     for choice in filter(None, args.compare_attention.split(",")):
         compare_attention(choice, model, options, x, sigma, inputs, device, args.repeat, denoised, comfy_s)
     if args.lora_rank:
-        lora_s, layers = time_with_lora(patcher, dit.config, args, x, sigma, inputs, device)
+        lora_s = timed(lora_call, device, args.repeat)[1]
         print(f"  comfyui apply_model + LoRA     {lora_s:8.3f} s  (rank {args.lora_rank} on {layers} layers: "
               f"{lora_s / comfy_s:.3f}x without)")
 

@@ -67,7 +67,8 @@ def test_forward_benchmark_compares_attention_choices() -> None:
     """`benchmarks.comfyui_forward --compare-attention --compare-fused` against a real ComfyUI
     in-process, on the tiny Q8_0 model on the CPU: each choice that runs here names the backend
     that ran and its error against the first prediction; one that cannot run says why instead
-    of failing; the unfused-norms run is timed and compared."""
+    of failing; the unfused run is timed and compared; the first calls of the process (of the
+    LoRA'd MODEL, then unpatched again for the rest) are timed one by one."""
     comfyui = Path(os.environ["COMFYUI_DIR"])
     model = REPO_ROOT / "tiny_models" / "diffusion_models" / "steadydancer_tiny_Q8_0.gguf"
     if not model.is_file():
@@ -75,7 +76,8 @@ def test_forward_benchmark_compares_attention_choices() -> None:
     run = subprocess.run(
         [comfyui_python(comfyui), "-m", "benchmarks.comfyui_forward", "--model", str(model), "--cpu",
          "--size", "64x64x5", "--batch", "1", "--repeat", "1", "--attention", "sdpa",
-         "--compare-attention", "math,comfy,no_such_backend", "--compare-fused"],
+         "--compare-attention", "math,comfy,no_such_backend", "--compare-fused", "--first-calls", "2",
+         "--lora-rank", "8"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "COMFYUI_DIR": str(comfyui)},
     )  # fmt: skip
@@ -93,6 +95,11 @@ def test_forward_benchmark_compares_attention_choices() -> None:
     # --compare-fused: on the CPU both runs take PyTorch's kernels, so the predictions are equal
     unfused = next(line for line in run.stdout.splitlines() if "apply_model, unfused" in line)
     assert unfused.rstrip(")").endswith("max |difference| 0"), unfused
+    # --first-calls 2 with --lora-rank: the LoRA'd MODEL's first two calls, before the rest
+    firsts = [line for line in run.stdout.splitlines() if "first calls of the process" in line]
+    assert [line.split(",")[1].split()[1] for line in firsts] == ["1", "2"], firsts
+    assert all("(with the LoRA)" in line for line in firsts)
+    assert "comfyui apply_model + LoRA" in run.stdout and "rank 8 on" in run.stdout
 
 
 def test_profile_as_run_profiles_the_first_call_itself(tmp_path: Path) -> None:
