@@ -11,6 +11,7 @@ positive, negative and pose-negative predictions are batched together.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import ClassVar
@@ -29,9 +30,11 @@ import torch
 from ..steadydancer.conditioning import MASK_CHANNELS, image_to_video_mask
 from ..steadydancer.errors import ConditioningError
 from ..steadydancer.model import load_model
-from ..steadydancer.quantized import is_quantized
+from ..steadydancer.quantized import Fp8Tensor, fp8_matmul_supported, is_quantized
 from .comfy_attention import OVERRIDE_KEY, ComfyAttention, attention_override
 from .comfy_ops import GGUFModelPatcher, GGUFOps
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SHIFT = 5.0
 COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
@@ -345,13 +348,34 @@ def _gguf_compute_dtype(
     return comfy.model_management.unet_manual_cast(dtype, load_device, supported) or dtype
 
 
+def _use_fp8_matmul(dit: torch.nn.Module, device: torch.device) -> None:
+    """Turn the fp8 product on for the linear layers that hold scaled fp8 weights."""
+    layers = [m for m in dit.modules() if isinstance(m, GGUFOps.Linear) and isinstance(m.weight, Fp8Tensor)]
+    if not layers:
+        logger.warning("SteadyDancer: fp8_matmul applies to scaled fp8 .safetensors files; this model has no "
+                       "fp8 weights, so it runs as usual")  # fmt: skip
+        return
+    if not fp8_matmul_supported(device):
+        logger.warning("SteadyDancer: fp8_matmul needs fp8 tensor cores (NVIDIA RTX 40xx, L40S, H100 and newer); "
+                       "%s has none, so the fp8 weights are expanded as usual", device)  # fmt: skip
+        return
+    for layer in layers:
+        layer.fp8_matmul = True
+
+
 def build_model_patcher(
-    state_dict: dict[str, torch.Tensor], *, compute_dtype: str = "default", attention: str = "auto"
+    state_dict: dict[str, torch.Tensor],
+    *,
+    compute_dtype: str = "default",
+    attention: str = "auto",
+    fp8_matmul: bool = False,
 ) -> comfy.model_patcher.ModelPatcher:
     """A MODEL from a SteadyDancer state dict (GGUF blocks and fp8 weights kept compact).
 
     The DiT is `steadydancer.model.load_model`'s, built with ComfyUI's operations
     (`pick_operations`, as ComfyUI's own models) or `GGUFOps`; weights are checked there.
+    `fp8_matmul`: the linear layers with scaled fp8 weights multiply in fp8 (as
+    STEADYDANCER_FP8_MATMUL=1 does for every model); a warning says when it cannot apply.
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
@@ -380,6 +404,8 @@ def build_model_patcher(
     model_config = SteadyDancerModelConfig(dit.config, weight_dtype, manual_cast, operations)
     model = model_config.get_model({}, device=offload_device)
     model.diffusion_model = dit
+    if fp8_matmul:
+        _use_fp8_matmul(dit, load_device)
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     if override is not None:
         patcher.model_options["transformer_options"][OVERRIDE_KEY] = override

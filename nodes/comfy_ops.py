@@ -81,8 +81,11 @@ class GGUFOps(comfy.ops.manual_cast):
     """
 
     class Linear(GGMLLayer, comfy.ops.manual_cast.Linear):
+        fp8_matmul = False  # set per layer by the loader's fp8_matmul option
+
         def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
-            if fp8_matmul_enabled() and not self.weight_function:  # a LoRA needs the expanded weight
+            # a LoRA needs the expanded weight, so a patched layer takes the usual path
+            if (self.fp8_matmul or fp8_matmul_enabled()) and not self.weight_function:
                 out = fp8_linear(input, self.weight, cast_bias(self, input.dtype, input.device))
                 if out is not None:
                     return out

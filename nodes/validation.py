@@ -33,6 +33,13 @@ def number_error(name: str, value: object, low: float, high: float) -> str | Non
     return None
 
 
+def bool_error(name: str, value: object) -> str | None:
+    """Why a switch is refused: anything but true or false (bool("false") would be True)."""
+    if value is None or isinstance(value, bool):
+        return None
+    return f"{name} must be true or false; got {value!r}"
+
+
 def multiple_error(
     name: str, value: object, multiple: int, low: int, high: int, *, zero: bool = False
 ) -> str | None:

@@ -224,10 +224,10 @@ def write_lora_peft(path: Path, float_sd: dict, layers: tuple[str, str]) -> dict
 # --- helpers ------------------------------------------------------------------------------
 
 
-def load(world: World, name: str, dtype: str = "fp32", attention: str = "math") -> object:
+def load(world: World, name: str, dtype: str = "fp32", attention: str = "math", fp8_matmul: bool = False) -> object:
     from comfyui_steadydancer.nodes.model_loader import SteadyDancerModelLoader
 
-    return SteadyDancerModelLoader.execute(name, dtype, attention).result[0]
+    return SteadyDancerModelLoader.execute(name, dtype, attention, fp8_matmul).result[0]
 
 
 def predict(world: World, patcher: object, noise: object | None = None, *, manage: bool = True) -> object:
@@ -373,11 +373,28 @@ def check_fp8_matmul(world: World) -> dict:
     patched = nodes.LoraLoaderModelOnly().load_lora_model_only(load(world, name, dtype="bf16"), "tiny_lora.safetensors",
                                                                5.0)[0]  # fmt: skip
     lora_exact, lora_fast = both(patched)
+    # the loader's fp8_matmul option, the environment variable unset: the same product
+    option = predict(world, load(world, name, dtype="bf16", fp8_matmul=True))
+    # and where it cannot apply (no fp8 weights): a warning, the usual result
+    import logging
+
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("comfyui_steadydancer.nodes.comfy_model").addHandler(handler)
+    try:
+        gguf_option = predict(world, load(world, "tiny_q8.gguf", dtype="bf16", fp8_matmul=True))
+    finally:
+        logging.getLogger("comfyui_steadydancer.nodes.comfy_model").removeHandler(handler)
+    gguf_plain = predict(world, load(world, "tiny_q8.gguf", dtype="bf16"))
 
     def relative(a: object, b: object) -> float:
         return float((a.float() - b.float()).norm() / b.float().norm())
 
     return {
+        "option_vs_env": max_diff(option, fast),
+        "gguf_option_vs_plain": max_diff(gguf_option, gguf_plain),
+        "gguf_option_warnings": warnings,
         "relative": relative(fast, exact),
         "finite": bool(fast.isfinite().all()),
         "lora_relative": relative(lora_fast, lora_exact),  # the fp8 path beside the LoRA's layers
@@ -898,6 +915,8 @@ def check_errors(world: World) -> dict:
     out["validate_linked"] = validate(model_name=None, compute_dtype=None, attention=None)
     out["validate_model"] = validate(model_name="nope.gguf", compute_dtype="default", attention="auto")
     out["validate_attention"] = validate(model_name="tiny.safetensors", compute_dtype="default", attention="fast")
+    out["validate_fp8_matmul"] = validate(model_name="tiny.safetensors", compute_dtype="default", attention="auto",
+                                          fp8_matmul="false")  # fmt: skip
     out["validate_sampler"] = SteadyDancerSampler.validate_inputs(sampler_name="uni_pc_bh3", scheduler="simple")
     patcher = load(world, "tiny.safetensors")
     kwargs = {**world.values, "cross_attn": world.text}  # no steadydancer_pose

@@ -92,12 +92,18 @@ def test_scaled_fp8_weights_stay_fp8_in_the_model(report: dict) -> None:
 
 
 def test_opt_in_fp8_matmul_runs_in_comfyui_and_keeps_loras(report: dict) -> None:
-    """STEADYDANCER_FP8_MATMUL=1 (torch._scaled_mm; its CPU kernel here): a bf16 prediction of an
-    fp8 model within the input's fp8 rounding of the exact one, and a LoRA still applied."""
+    """STEADYDANCER_FP8_MATMUL=1 or the loader's fp8_matmul option (torch._scaled_mm; its CPU
+    kernel here): a bf16 prediction of an fp8 model within the input's fp8 rounding of the
+    exact one, and a LoRA still applied; the option on a GGUF model warns and changes nothing."""
     r = result(report, "fp8_matmul")
     assert r["finite"] and 1e-4 < r["relative"] < 0.05, r  # the fp8 path ran: lossy, slightly
     assert r["lora_relative"] < 0.05, r
     assert r["lora_change_vs_exact"] < 0.5, r  # the LoRA is not lost on the fp8 path
+    # the loader's fp8_matmul option does what the variable does, for that model only
+    assert r["option_vs_env"] == 0, r
+    # on a file without fp8 weights it changes nothing and says so
+    assert r["gguf_option_vs_plain"] == 0, r
+    assert any("no fp8 weights" in w for w in r["gguf_option_warnings"]), r
 
 
 @pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"])
@@ -180,6 +186,7 @@ def test_combo_values_are_validated_before_running(report: dict) -> None:
     assert r["validate_linked"] is True
     assert "model_name" in r["validate_model"] and "nope.gguf" in r["validate_model"]
     assert "attention" in r["validate_attention"] and "'fast'" in r["validate_attention"]
+    assert r["validate_fp8_matmul"] == "fp8_matmul must be true or false; got 'false'", r
     assert "sampler_name" in r["validate_sampler"]
 
 

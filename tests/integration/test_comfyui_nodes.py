@@ -35,7 +35,8 @@ EXPECTED = {
         ["CONDITIONING", "CONDITIONING", "CONDITIONING", "LATENT"],
     ),
     # the nodes-model side, as the team contract names them
-    "SteadyDancerModelLoader": ({"model_name": "COMBO", "compute_dtype": "COMBO", "attention": "COMBO"}, {}, ["MODEL"]),
+    "SteadyDancerModelLoader": ({"model_name": "COMBO", "compute_dtype": "COMBO", "attention": "COMBO"},
+                                {"fp8_matmul": "BOOLEAN"}, ["MODEL"]),
     "SteadyDancerGuider": (
         {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING", "pose_negative": "CONDITIONING",
          "text_scale": "FLOAT", "pose_scale": "FLOAT", "start": "FLOAT", "end": "FLOAT"},
