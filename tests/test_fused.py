@@ -11,24 +11,18 @@ its docstring): a broken Triton cannot be installed on purpose.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_testutils import needs_triton, run_in_interpreter
 
 from steadydancer import fused
 from steadydancer.fused import apply_rope, layer_norm_modulate, quantize_fp8, rms_norm
 from steadydancer.model import rope_table
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton)")
 
 
 def _modulation(b: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,12 +224,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 @needs_triton
 def test_kernels_in_triton_interpreter_match_the_pytorch_path(repo_root):
-    path = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT],
-        env=env, capture_output=True, text=True, timeout=600, cwd=repo_root,
-    )  # fmt: skip
+    proc = run_in_interpreter(_INTERPRETER_SCRIPT, repo_root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for name in ("layer_norm_modulate", "rms_norm", "rms_norm_rope"):
         assert proc.stdout.count(f"{name} ") == 3, proc.stdout

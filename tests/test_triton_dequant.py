@@ -9,21 +9,15 @@ subnormals, infinities and NaNs) takes arbitrary values, so any indexing slip sh
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from triton_testutils import needs_triton, run_in_interpreter
 
 from steadydancer.errors import GGUFError, UnsupportedQuantError
 from steadydancer.gguf import triton_dequant as td
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton)")
 
 
 def _random_blocks(name: str, n_blocks: int, seed: int) -> np.ndarray:
@@ -102,16 +96,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 @needs_triton
 def test_kernels_bit_exact_in_triton_interpreter(repo_root):
-    path = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=repo_root,
-    )
+    proc = run_in_interpreter(_INTERPRETER_SCRIPT, repo_root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in td.BLOCK_LAYOUT:
         assert f"{name} exact" in proc.stdout
