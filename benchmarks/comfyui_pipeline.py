@@ -498,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-as-run", action="store_true",
                         help="with --profile: profile that call as it runs (its one-time work, e.g. the first "
                              "call's, included; its time then includes the profiler's overhead), not a rerun")
+    parser.add_argument("--fp8-matmul", action="store_true",
+                        help="the loader's fp8_matmul on (scaled fp8 weights multiply in fp8; layers with a LoRA do not)")
     parser.add_argument("--detect-resolution", type=int, default=1024)
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per graph")
@@ -533,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         calls_per_step,
         with_cache,
         with_context_windows,
+        with_fp8_matmul,
         with_preset,
     )
 
@@ -551,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                 graph = with_cache(graph, args.cache)
             if args.preset:
                 graph = with_preset(graph, args.preset, names["lora"])
+            if args.fp8_matmul:
+                graph = with_fp8_matmul(graph)
             for mode in args.modes.split(","):
                 flags = mode_args(mode, args.comfyui, args.cpu)
                 name = f"{weights}/{mode}/{length}f"

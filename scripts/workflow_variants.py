@@ -110,6 +110,13 @@ def with_preset(graph: dict, preset: str, lora_name: str | None = None, lora_str
     return out
 
 
+def with_fp8_matmul(graph: dict) -> dict:
+    """`graph` with the loader's fp8_matmul on (scaled fp8 weights multiply in fp8)."""
+    out = copy.deepcopy(graph)
+    out[node_id(out, "SteadyDancerModelLoader")]["inputs"]["fp8_matmul"] = True
+    return out
+
+
 def calls_per_step(preset: str) -> list[int]:
     """Predictions each step of `preset` makes (cond, uncond_text, uncond_pose as needed)."""
     from steadydancer.guidance import calls_needed, in_pose_window

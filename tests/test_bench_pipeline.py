@@ -113,6 +113,20 @@ def test_presets_set_steps_guidance_and_put_the_lora_before_every_model_user() -
         with_preset(api, "turbo")
 
 
+def test_fp8_matmul_variant_turns_the_loaders_option_on_and_nothing_else() -> None:
+    import json
+
+    from scripts.workflow_variants import API, node_id, with_fp8_matmul
+
+    api = json.loads(API.read_text())
+    loader = node_id(api, "SteadyDancerModelLoader")
+    assert api[loader]["inputs"]["fp8_matmul"] is False  # the example ships with it off
+    fast = with_fp8_matmul(api)
+    assert fast[loader]["inputs"]["fp8_matmul"] is True
+    fast[loader]["inputs"]["fp8_matmul"] = False
+    assert fast == api and api[loader]["inputs"]["fp8_matmul"] is False  # a copy; the rest unchanged
+
+
 def test_profile_node_goes_on_the_guiders_model_and_its_report_reads_per_level(tmp_path: Path, capsys) -> None:
     import json
 
