@@ -115,19 +115,21 @@ def render_at_size(
     frames = torch.empty((len(poses), height, width, 3), dtype=torch.float32)
     first = None
 
-    def draw_one(pose: Pose) -> np.ndarray:
-        return reference_frame(pose, draw, reference_size, colours=colours)
+    def draw_one(item: tuple[int, Pose]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        index, pose = item
+        full = to_image(reference_frame(pose, draw, reference_size, colours=colours)[None])
+        return (full if index == 0 else None), resize_like_reference(full, height, width)[0]
 
-    # Drawing (OpenCV) and PIL's resize release the GIL: frames are drawn on several threads,
-    # a chunk at a time, so only a few full-size drawings exist at once.
+    # Drawing (OpenCV), PIL's resize and PyTorch's conversions release the GIL: whole frames
+    # are made on several threads (the main thread only stores them), a chunk at a time, so
+    # only a few full-size drawings exist at once.
     with ThreadPoolExecutor(RENDER_THREADS) as pool:
         for start in range(0, len(poses), RENDER_THREADS):
             release_freed_memory()
-            chunk = poses[start : start + RENDER_THREADS]
-            for index, drawn in enumerate(pool.map(draw_one, chunk), start):
-                full = to_image(drawn[None])
-                first = full if first is None else first
-                frames[index] = resize_like_reference(full, height, width)[0]
+            chunk = list(enumerate(poses[start : start + RENDER_THREADS], start))
+            for (index, _), (full, resized) in zip(chunk, pool.map(draw_one, chunk), strict=True):
+                first = full if full is not None else first
+                frames[index] = resized
     return frames, first
 
 
