@@ -18,9 +18,10 @@ weight), so results agree to float32 rounding (a compute-dtype result differs by
 one unit in its last place, where float32 sums in another order round the other way).
 
 Each function takes its fused kernel for CUDA tensors when Triton imports and
-STEADYDANCER_FUSED_KERNELS is not 0/false/off/no, and the PyTorch expressions otherwise (CPU, Windows without Triton). A kernel that fails to compile (an unusual GPU or
-Triton) is switched off for the rest of the process with one warning, and the call is
-answered by the PyTorch path.
+STEADYDANCER_FUSED_KERNELS is not 0/false/off/no, and the PyTorch expressions otherwise
+(CPU, Windows without Triton). A kernel that fails to compile (an unusual GPU or Triton) is
+switched off for the rest of the process with one warning, and the call is answered by the
+PyTorch path.
 """
 
 from __future__ import annotations

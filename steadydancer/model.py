@@ -11,6 +11,8 @@ fp32), while normalisations, RoPE and the modulation arithmetic run in float32. 
 stream between blocks is kept in float32 as well: it costs one fp32 copy of the token
 sequence and keeps fp16 runs from overflowing. Norm weights and modulation tables are
 float32 parameters for the same reason (they are tiny).
+On CUDA with Triton the blocks' norms, modulation and RoPE run as fused kernels with the
+same precision (`fused.py`); elsewhere as PyTorch expressions.
 
 Memory: the token sequence is built once, in place; the residual updates are in place; RoPE
 multiplies by a complex64 table of one row per token (no per-sample loops, no float64
