@@ -49,13 +49,12 @@ GGUF and scaled-fp8 models run on the classic patcher either way (docs/ARCHITECT
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -82,20 +81,6 @@ def timed(fn, device, repeat: int) -> tuple[object, float]:
     times = time_calls(fn, device=device, warmup=1, repeat=repeat,
                        each=lambda out: None if results else results.append(out))  # fmt: skip
     return results[0], statistics.median(times)
-
-
-@contextlib.contextmanager
-def environment(name: str, value: str) -> Iterator[None]:
-    """Set one environment variable for the calls inside (the library reads its switches per call)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def profile(fn, device) -> dict:
@@ -148,13 +133,6 @@ def model_call(patcher, x, sigma, inputs):
             return patcher.model.apply_model(x, sigma, **inputs, transformer_options=options)
 
     return run
-
-
-def first_calls(run, device, count: int) -> list[float]:
-    """Seconds of each of the first `count` calls of a fresh process, one by one (no warm-up)."""
-    from benchmarks.common import time_calls
-
-    return time_calls(run, device=device, warmup=0, repeat=count) if count else []
 
 
 def compare_attention(choice: str, model, options: dict, x, sigma, inputs: dict, device, repeat: int,
@@ -218,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     import folder_paths
     import torch
     from comfyui_steadydancer.nodes.model_loader import SteadyDancerModelLoader
+    from comfyui_steadydancer.steadydancer.fused import ENV_SWITCH as FUSED_ENV
+    from comfyui_steadydancer.steadydancer.quantized import FP8_MATMUL_ENV
 
-    from benchmarks.common import GIB, random_inputs, shapes_for_video
+    from benchmarks.common import GIB, random_inputs, shapes_for_video, time_calls
 
     folder_paths.add_model_folder_path("diffusion_models", str(args.model.parent), is_default=True)
     start = time.perf_counter()
@@ -240,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     cast = {k: v.to(dtype) for k, v in inputs.items()}
     if args.lora_rank:
         lora_patcher, layers = with_lora(patcher, dit.config, args.lora_rank)
-        lora_call = model_call(lora_patcher, x, sigma, inputs)
-    first_s = first_calls(lora_call if args.lora_rank else model_call(patcher, x, sigma, inputs), device,
-                          args.first_calls)  # fmt: skip
-    if args.lora_rank:
-        comfy.model_management.load_models_gpu([patcher])  # the LoRA's clone is unpatched again
+    first_s: list[float] = []
+    if args.first_calls:  # a fresh process's first calls, one by one (no warm-up)
+        first = model_call(lora_patcher if args.lora_rank else patcher, x, sigma, inputs)
+        first_s = time_calls(first, device=device, repeat=args.first_calls)
+        comfy.model_management.load_models_gpu([patcher])  # the LoRA's clone, if any, is unpatched again
 
     def comfyui() -> object:
         with torch.inference_mode():
@@ -281,25 +261,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  one bare SDPA of {probe['tokens']} tokens: {probe['sdpa_s'] * 1000:.1f} ms, "
               f"PyTorch's choice {probe['sdpa_backend']}")  # fmt: skip
     if args.compare_fused:
-        from comfyui_steadydancer.steadydancer.fused import ENV_SWITCH
-
-        with environment(ENV_SWITCH, "0"):
+        with mock.patch.dict(os.environ, {FUSED_ENV: "0"}):
             unfused, unfused_s = timed(comfyui, device, args.repeat)
         diff = float((unfused.float() - denoised.float()).abs().max())
         print(f"  comfyui apply_model, unfused    {unfused_s:8.3f} s  (fused: {comfy_s / unfused_s:.3f}x of this; "
               f"max |difference| {diff:.3g})")
     if args.fp8_matmul:
-        from comfyui_steadydancer.steadydancer.quantized import FP8_MATMUL_ENV
-
-        with environment(FP8_MATMUL_ENV, "1"):
+        with mock.patch.dict(os.environ, {FP8_MATMUL_ENV: "1"}):
             fast, fast_s = timed(comfyui, device, args.repeat)
         error = float((fast.float() - denoised.float()).norm() / denoised.float().norm())
         print(f"  comfyui apply_model, fp8 matmul {fast_s:8.3f} s  ({fast_s / comfy_s:.3f}x the expanded weights; "
               f"relative error {error:.2e})")
         if args.compare_fused:
-            from comfyui_steadydancer.steadydancer.fused import ENV_SWITCH
-
-            with environment(FP8_MATMUL_ENV, "1"), environment(ENV_SWITCH, "0"):
+            with mock.patch.dict(os.environ, {FP8_MATMUL_ENV: "1", FUSED_ENV: "0"}):
                 slow, slow_s = timed(comfyui, device, args.repeat)
             error = float((slow.float() - denoised.float()).norm() / denoised.float().norm())
             print(f"  comfyui apply_model, fp8 matmul, unfused {slow_s:8.3f} s  (fused: {fast_s / slow_s:.3f}x of this; "
@@ -307,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     for choice in filter(None, args.compare_attention.split(",")):
         compare_attention(choice, model, options, x, sigma, inputs, device, args.repeat, denoised, comfy_s)
     if args.lora_rank:
-        lora_s = timed(lora_call, device, args.repeat)[1]
+        lora_s = timed(model_call(lora_patcher, x, sigma, inputs), device, args.repeat)[1]
         print(f"  comfyui apply_model + LoRA     {lora_s:8.3f} s  (rank {args.lora_rank} on {layers} layers: "
               f"{lora_s / comfy_s:.3f}x without)")
 

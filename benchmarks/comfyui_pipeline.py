@@ -329,15 +329,19 @@ LIBRARY_TIMEOUT_S = 900
 
 
 def library_seconds(python: str, comfyui: Path, model: Path, width: int, height: int, frames: int, cpu: bool,
-                    profile: bool = False) -> float | None:  # fmt: skip
+                    profile: bool = False, fp8_matmul: bool = False) -> float | None:  # fmt: skip
     """Seconds per prediction of the DiT's own forward on `model` (benchmarks.comfyui_forward);
-    with `profile`, its operator table is printed too (to set beside the server's)."""
+    with `profile`, its operator table is printed too (to set beside the server's); with
+    `fp8_matmul`, fp8 weights multiply in fp8 there too, as the graph's loader option made them."""
+    from steadydancer.quantized import FP8_MATMUL_ENV
+
     command = [python, "-m", "benchmarks.comfyui_forward", "--model", str(model), "--batch", "1",
                "--size", f"{width}x{height}x{frames}", "--repeat", "2", *(["--cpu"] if cpu else []),
                *(["--profile"] if profile else [])]  # fmt: skip
     try:
         run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=LIBRARY_TIMEOUT_S,
-                             env={**os.environ, "COMFYUI_DIR": str(comfyui)})  # fmt: skip
+                             env={**os.environ, "COMFYUI_DIR": str(comfyui),
+                                  **({FP8_MATMUL_ENV: "1"} if fp8_matmul else {})})  # fmt: skip
     except subprocess.TimeoutExpired:
         print(f"   library timing gave no figure within {LIBRARY_TIMEOUT_S} s", file=sys.stderr)
         return None
@@ -589,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.preset and args.library and result.ok:
                     result.library_s = library_seconds(python, args.comfyui, models / "diffusion_models" / files["dit"],
                                                        args.width, args.height, length, args.cpu,
-                                                       profile=args.profile)  # fmt: skip
+                                                       profile=args.profile, fp8_matmul=args.fp8_matmul)  # fmt: skip
                     print_library(result)
                     (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print_summary(results)

@@ -210,7 +210,6 @@ def dequantize_tensor(
 
 # --------------------------------------------------------------------------- fp8 matmul (opt-in)
 FP8_MATMUL_ENV = "STEADYDANCER_FP8_MATMUL"
-FP8_E4M3_MAX = 448.0
 
 
 def fp8_matmul_enabled() -> bool:

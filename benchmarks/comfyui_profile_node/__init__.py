@@ -74,17 +74,13 @@ def _timed(state: _State, executor, args, kwargs) -> tuple[object, float]:
 def _timer(state: _State, name: str):
     def wrapper(executor, *args, **kwargs):
         chosen = name == "diffusion_model" and len(state.levels[name]) + 1 == state.profile_call
-        if chosen and state.profile_as_run:
-            _sync()
-            start = time.perf_counter()
-            out, rows = _profiled(executor, args, kwargs)
-            state.levels[name].append(time.perf_counter() - start)
-            _extras(state, executor, args, kwargs, (rows, state.levels[name][-1]))
-            return out
-        out, seconds = _timed(state, executor, args, kwargs)
+        as_run = chosen and state.profile_as_run
+        run = (lambda *a, **k: _profiled(executor, a, k)) if as_run else executor
+        result, seconds = _timed(state, run, args, kwargs)
+        out, rows = result if as_run else (result, None)
         state.levels[name].append(seconds)
         if chosen:
-            _extras(state, executor, args, kwargs)
+            _extras(state, executor, args, kwargs, (rows, seconds) if as_run else None)
         return out
 
     return wrapper
