@@ -79,7 +79,9 @@ def rms_norm_rope(
 
 
 @triton.jit
-def scale_to_fp8(x_ptr, inv_scale_ptr, out_ptr, n_elements, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+def scale_to_fp8(
+    x_ptr, inv_scale_ptr, out_ptr, n_elements, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr
+):
     # x times the inverse scale (read on the device: no host sync), saturated, cast to fp8
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements

@@ -45,7 +45,15 @@ logger = logging.getLogger(__name__)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 ENV_VAR = "STEADYDANCER_ATTENTION"
-BACKENDS: tuple[str, ...] = ("flash_attn_4", "flash_attn_3", "flash_attn_2", "xformers", "sage", "sdpa", "math")
+BACKENDS: tuple[str, ...] = (
+    "flash_attn_4",
+    "flash_attn_3",
+    "flash_attn_2",
+    "xformers",
+    "sage",
+    "sdpa",
+    "math",
+)
 # Fastest first before Hopper (FA2 ~ SDPA's own flash kernel > xformers); sage is opt-in (lossy).
 AUTO_ORDER: tuple[str, ...] = ("flash_attn_3", "flash_attn_2", "xformers", "sdpa", "math")
 # On Hopper PyTorch's SDPA dispatches to cuDNN's attention, which beat FA2-class kernels there
@@ -53,7 +61,14 @@ AUTO_ORDER: tuple[str, ...] = ("flash_attn_3", "flash_attn_2", "xformers", "sdpa
 # docs/benchmarks.md), so there it goes right after FA3.
 # FlashAttention-4 (CuTe kernels for sm90/sm100) beat cuDNN there: one 35,880-token 14B
 # self-attention in 39.5 ms against 46.7 ms on an H200 (667 against 565-573 TFLOP/s).
-HOPPER_AUTO_ORDER: tuple[str, ...] = ("flash_attn_4", "flash_attn_3", "sdpa", "flash_attn_2", "xformers", "math")
+HOPPER_AUTO_ORDER: tuple[str, ...] = (
+    "flash_attn_4",
+    "flash_attn_3",
+    "sdpa",
+    "flash_attn_2",
+    "xformers",
+    "math",
+)
 
 
 def auto_order(device: torch.device) -> tuple[str, ...]:
@@ -61,6 +76,7 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
     if device.type == "cuda" and cuda_capability(device)[0] >= 9:
         return HOPPER_AUTO_ORDER
     return AUTO_ORDER
+
 
 _HALF = frozenset({torch.float16, torch.bfloat16})
 _FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -70,7 +86,14 @@ MATH_CHUNK_ELEMENTS = 1 << 26
 
 
 # ---------------------------------------------------------------------------- the backends
+# FlashAttention-4 compiles its kernels at the first call of each shape in a process (seconds
+# per shape); its own disk cache, off unless asked for, makes that once per machine. Read when
+# flash_attn.cute is imported; a value the user set is kept.
+FA4_DISK_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+
+
 def _flash_attn_4() -> AttentionFn:
+    os.environ.setdefault(FA4_DISK_CACHE_ENV, "1")
     from flash_attn.cute import flash_attn_func
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -355,7 +378,8 @@ def available_backends(device: torch.device | str, dtype: torch.dtype, head_dim:
     return [
         n
         for n in BACKENDS
-        if SPECS[n].supports(device, dtype, head_dim) is None and is_installed(n)  # no GPU package imported on a CPU
+        if SPECS[n].supports(device, dtype, head_dim) is None
+        and is_installed(n)  # no GPU package imported on a CPU
     ]
 
 

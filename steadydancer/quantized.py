@@ -233,6 +233,20 @@ def _warn_cpu_once() -> None:
     )
 
 
+def fp8_matmul_applies(weight: Any, device: torch.device) -> bool:
+    """True where `fp8_linear` multiplies `weight` in fp8 on `device`: a 2-D e4m3 weight with
+    one scale, sizes the fp8 kernels take (multiples of 16), a device with fp8 matrix units."""
+    return (
+        isinstance(weight, Fp8Tensor)
+        and weight.ndim == 2
+        and weight.scale.ndim == 0
+        and weight.shape[0] % 16 == 0
+        and weight.shape[1] % 16 == 0
+        and weight.storage_dtype() == torch.float8_e4m3fn
+        and fp8_matmul_supported(device)
+    )
+
+
 def fp8_linear(
     x: torch.Tensor, weight: Fp8Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -244,13 +258,9 @@ def fp8_linear(
     relative per element); that is why it is opt-in. Applies to 2-D weights with one scale
     and sizes the fp8 kernels take (multiples of 16), on devices with fp8 matrix units.
     """
-    if not isinstance(weight, Fp8Tensor) or weight.ndim != 2 or weight.scale.ndim != 0:
+    if not fp8_matmul_applies(weight, x.device) or x.shape[-1] != weight.shape[1]:
         return None
     out_features, in_features = weight.shape
-    if in_features % 16 or out_features % 16 or x.shape[-1] != in_features:
-        return None
-    if weight.storage_dtype() != torch.float8_e4m3fn or not fp8_matmul_supported(x.device):
-        return None
     if x.device.type == "cpu":
         _warn_cpu_once()
     rows = x.reshape(-1, in_features)

@@ -46,7 +46,10 @@ def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None
     assert levels["predict_noise"]["calls"] == 4
     assert levels["calc_cond_batch"]["calls"] == 4
     assert levels["apply_model"]["calls"] == levels["diffusion_model"]["calls"] >= 4
-    totals = [levels[name]["total_s"] for name in ("predict_noise", "calc_cond_batch", "apply_model", "diffusion_model")]
+    totals = [
+        levels[name]["total_s"]
+        for name in ("predict_noise", "calc_cond_batch", "apply_model", "diffusion_model")
+    ]
     assert totals == sorted(totals, reverse=True) and totals[-1] > 0  # each level wraps the next
     assert 0 < totals[0] <= profile["sampling_s"]
     # DiT call 2 ran three more times (profiled, repeated, random inputs), and none of that
@@ -72,7 +75,9 @@ def test_forward_benchmark_compares_attention_choices() -> None:
     comfyui = Path(os.environ["COMFYUI_DIR"])
     model = REPO_ROOT / "tiny_models" / "diffusion_models" / "steadydancer_tiny_Q8_0.gguf"
     if not model.is_file():
-        pytest.skip(f"{model} is written by scripts/make_tiny_models.py (the comfyui tests' fixture)")
+        pytest.skip(
+            f"{model} is written by scripts/make_tiny_models.py (the comfyui tests' fixture)"
+        )
     run = subprocess.run(
         [comfyui_python(comfyui), "-m", "benchmarks.comfyui_forward", "--model", str(model), "--cpu",
          "--size", "64x64x5", "--batch", "1", "--repeat", "1", "--attention", "sdpa",
@@ -105,13 +110,41 @@ def test_forward_benchmark_compares_attention_choices() -> None:
 def test_profile_as_run_profiles_the_first_call_itself(tmp_path: Path) -> None:
     """`--profile-call 1 --profile-as-run`: the first DiT call (the one that also does the
     first-time work) runs under the profiler itself; only the two reruns are extras."""
-    run, result = _profiled_fast_preset(tmp_path / "pipeline", "--profile-call", "1", "--profile-as-run")
+    run, result = _profiled_fast_preset(
+        tmp_path / "pipeline", "--profile-call", "1", "--profile-as-run"
+    )
     profile = result["profile"]
     call = profile["profiled_call"]
     first = profile["levels"]["diffusion_model"]["each_s"][0]
     assert call["call"] == 1 and call["profiled_as_run"] and call["call_s"] == first
     assert call["profiled_wall_s"] == first  # the call's own time, not an extra run's
     assert profile["extras_s"] >= call["repeat_s"] + call["random_inputs_s"]
-    assert profile["extras_s"] < call["repeat_s"] + call["random_inputs_s"] + first  # the call is no extra
+    assert (
+        profile["extras_s"] < call["repeat_s"] + call["random_inputs_s"] + first
+    )  # the call is no extra
     assert any(row["op"] == "aten::addmm" for row in call["operators"])
     assert "DiT call 1 (profiled as it ran)" in run.stdout
+
+
+def test_forward_benchmark_times_a_lora_merged_into_fp8_weights(tmp_path: Path) -> None:
+    """`benchmarks.comfyui_forward --fp8-matmul --lora-rank` on a tiny scaled-fp8 file (written
+    by the benchmark's own writer) on the CPU, whose reference fp8 kernel stands in for the
+    GPU's: the LoRA'd MODEL loaded with fp8 matmul on is timed against fp8 matmul alone, and its
+    prediction stays within the fp8 path's error of the exact LoRA's."""
+    comfyui = Path(os.environ["COMFYUI_DIR"])
+    model = tmp_path / "steadydancer_tiny_fp8_e4m3fn_scaled.safetensors"
+    write = ("from pathlib import Path; from benchmarks.random_models import dit_config, write_dit_fp8; "
+             f"write_dit_fp8(Path({str(model)!r}), dit_config('tiny'))")  # fmt: skip
+    python = comfyui_python(comfyui)
+    subprocess.run([python, "-c", write], cwd=REPO_ROOT, check=True, timeout=300)
+    run = subprocess.run(
+        [python, "-m", "benchmarks.comfyui_forward", "--model", str(model), "--cpu", "--size", "64x64x5",
+         "--batch", "1", "--repeat", "1", "--attention", "sdpa", "--fp8-matmul", "--lora-rank", "8"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "COMFYUI_DIR": str(comfyui)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    line = next(line for line in run.stdout.splitlines() if "fp8 matmul + LoRA merged" in line)
+    assert "x fp8 matmul without" in line, line
+    error = float(line.rsplit(" ", 1)[-1].rstrip(")"))
+    assert 0 < error < 0.1, line  # merged into fp8 (lossy), yet the LoRA's prediction
