@@ -129,6 +129,8 @@ class GGUFOps(comfy.ops.manual_cast):
             return torch.nn.functional.group_norm(input, self.num_groups, weight, bias, self.eps)
 
 
+# ComfyUI 0.3x moved this to comfy.utils; the old name still works there but warns on each call.
+_string_to_seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
 _Backup = collections.namedtuple(
     "Dimension", ["weight", "inplace_update"]
 )  # ComfyUI's backup record
@@ -228,7 +230,7 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         fp8_max = torch.finfo(torch.float8_e4m3fn).max
         scale = torch.maximum(weight.scale.to(device), merged.abs().amax() / fp8_max)
         values = comfy.float.stochastic_rounding(
-            merged / scale, torch.float8_e4m3fn, seed=comfy.model_patcher.string_to_seed(key)
+            merged / scale, torch.float8_e4m3fn, seed=_string_to_seed(key)
         )
         comfy.utils.set_attr_param(self.model, key, Fp8Tensor(values, scale=scale))
 
