@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterable
 
-import comfy.float
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
@@ -25,6 +24,7 @@ import comfy.utils
 import torch
 
 from ..steadydancer.errors import GGUFError
+from ..steadydancer.fused import E4M3_MAX, stochastic_round_fp8
 from ..steadydancer.gguf.ops import GGMLLayer
 from ..steadydancer.quantized import (
     Fp8Tensor,
@@ -217,9 +217,9 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
 
         The fp8 product needs one fp8 weight, so a patched layer would otherwise fall back to
         the expanded one (1.1x slower per call, and every call re-applies the LoRA). Stochastic
-        rounding (ComfyUI's, seeded by the key) keeps a LoRA's small changes in expectation;
-        the error it adds is of the fp8 path's own size. The original stays in `backup`, which
-        ComfyUI's unpatch puts back.
+        rounding (seeded by the key, like ComfyUI's; one Triton kernel on CUDA) keeps a LoRA's
+        small changes in expectation; the error it adds is of the fp8 path's own size. The
+        original stays in `backup`, which ComfyUI's unpatch puts back.
         """
         if key not in self.backup:
             self.backup[key] = _Backup(weight.to(device=self.offload_device), False)
@@ -227,11 +227,8 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
             self.patches[key], weight.dequantize(torch.float32, device), key
         )
         # the file's scale, widened if the patch made a value larger than e4m3 can hold
-        fp8_max = torch.finfo(torch.float8_e4m3fn).max
-        scale = torch.maximum(weight.scale.to(device), merged.abs().amax() / fp8_max)
-        values = comfy.float.stochastic_rounding(
-            merged / scale, torch.float8_e4m3fn, seed=_string_to_seed(key)
-        )
+        scale = torch.maximum(weight.scale.to(device), merged.abs().amax() / E4M3_MAX)
+        values = stochastic_round_fp8(merged, scale, seed=_string_to_seed(key))
         comfy.utils.set_attr_param(self.model, key, Fp8Tensor(values, scale=scale))
 
     def model_state_dict_for_saving(

@@ -89,3 +89,25 @@ def scale_to_fp8(
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) * inv
     x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
     tl.store(out_ptr + idx, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def stochastic_round_e4m3(x_ptr, inv_scale_ptr, out_ptr, n_elements, seed, BLOCK: tl.constexpr):
+    # x times the inverse scale, rounded to one of its two e4m3 neighbours with probabilities
+    # that make the mean exact (see fused.stochastic_round_fp8)
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elements
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_scale_ptr)
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    noise = tl.randint(seed, idx).to(tl.uint32, bitcast=True) & 0xFFFFF
+    magnitude = tl.abs(x)
+    # normal range: random low 20 bits added to the float32 pattern, then dropped (3 mantissa bits left)
+    bits = (magnitude.to(tl.uint32, bitcast=True) + noise) & 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    # below e4m3's smallest normal, 2^-6, the grid is uniform: multiples of 2^-9
+    subnormal = tl.floor(magnitude * 512.0 + noise.to(tl.float32) * (1.0 / 1048576.0)) * (
+        1.0 / 512.0
+    )
+    rounded = tl.minimum(tl.where(magnitude < 0.015625, subnormal, normal), 448.0)
+    rounded = tl.where(x < 0, -rounded, rounded)
+    tl.store(out_ptr + idx, rounded.to(out_ptr.dtype.element_ty), mask=mask)

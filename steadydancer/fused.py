@@ -242,3 +242,55 @@ def quantize_fp8(
     # bf16 scaling rounds the inverse scale by at most 2^-8: the largest value lands below 450,
     # which e4m3 rounds to 448 (only from 464 on would it give NaN), so no clamp pass is needed
     return (x * scale.reciprocal().to(x.dtype)).to(fp8_dtype), scale
+
+
+# ----------------------------------------------------------------------- stochastic rounding to fp8
+E4M3_MAX = 448.0
+E4M3_MIN_NORMAL = 2.0**-6  # below it e4m3 values are multiples of 2^-9
+_DROPPED_BITS = 20  # float32 mantissa bits e4m3 does not keep (23 - 3)
+
+
+def stochastic_round_fp8(x: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
+    """x / scale as float8 e4m3, each value rounded up or down at random so that its mean is
+    exact: a value a quarter of the way from one e4m3 value to the next becomes the upper one
+    with probability 1/4. Values beyond e4m3's range saturate at +-448.
+
+    Why: a LoRA's change to a weight is often smaller than e4m3's step (2^-3 relative), so
+    rounding to nearest would drop most of it; random rounding keeps it on average over the
+    thousands of products in each output. `seed` makes the result repeatable. `scale`: a
+    float32 tensor of one value on x's device. One pass on CUDA with Triton; the PyTorch path
+    draws its random numbers from another generator, so the two agree in distribution only.
+    """
+    inverse = scale.to(device=x.device, dtype=torch.float32).reciprocal().reshape(1)
+    kernel = _use_kernel("stochastic_round_e4m3", x) if x.is_contiguous() else None
+    if kernel is not None and x.dtype in FUSED_DTYPES and x.numel() > 0:
+        out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        grid = ((x.numel() + FP8_BLOCK - 1) // FP8_BLOCK,)
+        meta = {"BLOCK": FP8_BLOCK, "num_warps": 8} if x.is_cuda else {"BLOCK": FP8_BLOCK}
+        if _launch(
+            "stochastic_round_e4m3",
+            kernel,
+            grid,
+            x.device,
+            x,
+            inverse,
+            out,
+            x.numel(),
+            seed,
+            **meta,
+        ):
+            return out
+    values = (x.float() * inverse).clamp_(-E4M3_MAX, E4M3_MAX)
+    magnitude = values.abs()
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    noise = torch.randint(
+        0, 1 << _DROPPED_BITS, x.shape, generator=generator, device=x.device, dtype=torch.int32
+    )
+    normal = (
+        (magnitude.view(torch.int32) + noise)
+        .bitwise_and_(-(1 << _DROPPED_BITS))
+        .view(torch.float32)
+    )
+    subnormal = torch.floor(magnitude * 512.0 + noise.float() / (1 << _DROPPED_BITS)) / 512.0
+    rounded = torch.where(magnitude < E4M3_MIN_NORMAL, subnormal, normal).clamp_max_(E4M3_MAX)
+    return rounded.copysign_(values).to(torch.float8_e4m3fn)

@@ -18,10 +18,16 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_testutils import needs_triton, run_in_interpreter
+from triton_testutils import check_stochastic_rounding, needs_triton, run_in_interpreter
 
 from steadydancer import fused
-from steadydancer.fused import apply_rope, layer_norm_modulate, quantize_fp8, rms_norm
+from steadydancer.fused import (
+    apply_rope,
+    layer_norm_modulate,
+    quantize_fp8,
+    rms_norm,
+    stochastic_round_fp8,
+)
 from steadydancer.model import rope_table
 
 
@@ -169,7 +175,7 @@ def test_the_kernels_are_skipped_when_switched_off_or_the_input_is_strided(monke
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
-    import os, torch
+    import os, sys, torch
     from steadydancer import fused
     from steadydancer.keys import TinyConfig, tiny_state_dict
     from steadydancer.model import load_model, rope_table
@@ -215,6 +221,16 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     assert got_scale.item() == want_scale.item() == 0.25
     assert torch.equal(got.float(), want.float()) and torch.equal(got.float() * 0.25, xq.float())
     print("quantize_fp8 close")
+    sys.path.insert(0, "tests")
+    from triton_testutils import check_stochastic_rounding
+
+    launched = []
+    launch = fused._launch
+    fused._launch = lambda name, *a, **k: launched.append(name) or launch(name, *a, **k)
+    check_stochastic_rounding(fused.stochastic_round_fp8)
+    fused._launch = launch
+    assert launched and set(launched) == {"stochastic_round_e4m3"}, launched
+    print("stochastic_round_fp8 close")
     assert not fused._broken
 
     # the whole tiny DiT, fused against unfused (every block and the head go through the kernels)
@@ -249,6 +265,11 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 )
 
 
+def test_stochastic_rounding_to_fp8_is_unbiased_between_neighbours():
+    """The PyTorch path (CPU): see `check_stochastic_rounding` for what is asserted."""
+    check_stochastic_rounding(stochastic_round_fp8)
+
+
 @needs_triton
 def test_kernels_in_triton_interpreter_match_the_pytorch_path(repo_root):
     proc = run_in_interpreter(_INTERPRETER_SCRIPT, repo_root)
@@ -256,7 +277,7 @@ def test_kernels_in_triton_interpreter_match_the_pytorch_path(repo_root):
     for name in ("layer_norm_modulate", "rms_norm", "rms_norm_rope"):
         assert proc.stdout.count(f"{name} ") == 3, proc.stdout
     assert "sliced torch.float32 close" in proc.stdout and "model close" in proc.stdout
-    assert "quantize_fp8 close" in proc.stdout
+    assert "quantize_fp8 close" in proc.stdout and "stochastic_round_fp8 close" in proc.stdout
 
 
 @pytest.mark.gpu
@@ -292,4 +313,13 @@ def test_gpu_kernels_round_like_the_pytorch_path(monkeypatch):
         monkeypatch.setenv(fused.ENV_SWITCH, "1")
         torch.testing.assert_close(got, want, rtol=2.0**-8, atol=2.0**-8 * want.abs().max().item())
         assert (got != want).double().mean().item() < 0.02, name
+    assert not fused._broken
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_stochastic_rounding_kernel(monkeypatch):
+    """The Triton kernel on the GPU keeps the same promises as the PyTorch path (and ran)."""
+    monkeypatch.setattr(fused, "_broken", set())
+    check_stochastic_rounding(stochastic_round_fp8, "cuda")
     assert not fused._broken
