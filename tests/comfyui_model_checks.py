@@ -505,6 +505,13 @@ def _fp8_lora_merge(world: World, name: str, option: object) -> dict:
             # stochastic rounding is unbiased: the mean error is far below the mean step
             "bias": float(error.mean().abs() / error.abs().mean()),
         }
+    # ComfyUI freeing VRAM: the partial unload puts the file's weights back and the LoRA
+    # returns as a per-forward patch on the expanded weight
+    patched.partially_unload(torch.device("cpu"), memory_to_free=1 << 40)
+    unloaded = predict(world, patched, manage=False)
+    unloaded_functions = sum(
+        len(dit.get_submodule(layer).weight_function) for layer in world.lora_keys
+    )
     patched.unpatch_model()
     restored = all(
         torch.equal(dit.get_submodule(layer).weight.stored().view(torch.uint8), file.get_submodule(layer).weight.stored().view(torch.uint8))
@@ -523,6 +530,8 @@ def _fp8_lora_merge(world: World, name: str, option: object) -> dict:
             exact.float() - predict(world, load(world, name, dtype="bf16")).float(),
         ),
         "restored_after_unpatch": restored,
+        "partial_unload_vs_exact_lora": relative(unloaded, exact),
+        "partial_unload_patch_functions": unloaded_functions,
     }
 
 
