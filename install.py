@@ -65,13 +65,9 @@ def main(argv: list[str]) -> int:
     if "--dry-run" in argv:
         return 0
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
-        constraints.write(
-            "".join(f"{name}=={installed(name)}\n" for name in PINNED if installed(name))
-        )
+        constraints.write("".join(f"{name}=={installed(name)}\n" for name in PINNED if installed(name)))
         constraints.flush()
-        return subprocess.call(
-            [sys.executable, "-m", "pip", "install", "-c", constraints.name, package]
-        )
+        return subprocess.call([sys.executable, "-m", "pip", "install", "-c", constraints.name, package])
 
 
 if __name__ == "__main__":

@@ -70,9 +70,7 @@ def parse_size(text: str) -> tuple[int, int, int]:
     try:
         width, height, frames = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--size {text!r}: expected WIDTHxHEIGHTxFRAMES, e.g. 832x480x81"
-        ) from None
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected WIDTHxHEIGHTxFRAMES, e.g. 832x480x81") from None
     return width, height, frames
 
 
@@ -120,9 +118,7 @@ def with_lora(patcher, config, rank: int):
     folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
     patched = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)[0]
     if len(patched.patches) != layers:
-        raise RuntimeError(
-            f"ComfyUI patched {len(patched.patches)} weights of the LoRA's {layers} layers"
-        )
+        raise RuntimeError(f"ComfyUI patched {len(patched.patches)} weights of the LoRA's {layers} layers")
     return patched, layers
 
 
@@ -168,59 +164,30 @@ def compare_attention(choice: str, model, options: dict, x, sigma, inputs: dict,
     velocity, reference = ((x - d.float()) / SIGMA for d in (out, baseline))
     error = float((velocity - reference).norm() / reference.norm())
     used = override.backend_used if override is not None else "ComfyUI's own"
-    print(
-        f"  apply_model, attention {choice:14s} {seconds:8.3f} s  ({seconds / baseline_s:.3f}x; ran {used}; "
-        f"relative error of the velocity {error:.2e})"
-    )
+    print(f"  apply_model, attention {choice:14s} {seconds:8.3f} s  ({seconds / baseline_s:.3f}x; ran {used}; "
+          f"relative error of the velocity {error:.2e})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model", type=Path, required=True, help="a SteadyDancer .gguf or .safetensors"
-    )
-    parser.add_argument(
-        "--batch", type=int, default=2, help="predictions per call (2: cond + uncond)"
-    )
-    parser.add_argument(
-        "--size", type=parse_size, default=(832, 480, 81), help="WIDTHxHEIGHTxFRAMES"
-    )
+    parser.add_argument("--model", type=Path, required=True, help="a SteadyDancer .gguf or .safetensors")
+    parser.add_argument("--batch", type=int, default=2, help="predictions per call (2: cond + uncond)")
+    parser.add_argument("--size", type=parse_size, default=(832, 480, 81), help="WIDTHxHEIGHTxFRAMES")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--attention", default="auto", help="the loader's attention choice")
     parser.add_argument("--profile", action="store_true", help="also profile one call of each")
     parser.add_argument("--top", type=int, default=12, help="operators listed per profile")
-    parser.add_argument(
-        "--fp8-matmul",
-        action="store_true",
-        help="also time STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8) and print its error",
-    )
-    parser.add_argument(
-        "--lora-rank",
-        type=int,
-        default=0,
-        help="also time the MODEL with a random LoRA of this rank",
-    )
-    parser.add_argument(
-        "--first-calls",
-        type=int,
-        default=0,
-        metavar="N",
-        help="first time each of the first N calls of this process one by one (of the LoRA'd MODEL "
-        "with --lora-rank): kernel loading, and Triton compiling where its cache is cold",
-    )
-    parser.add_argument(
-        "--compare-attention",
-        default="",
-        help="comma-separated attention choices to time against --attention (e.g. sdpa,flash_attn_4,sage)",
-    )
-    parser.add_argument(
-        "--compare-fused",
-        action="store_true",
-        help="also time the blocks' norms unfused (STEADYDANCER_FUSED_KERNELS=0)",
-    )
-    parser.add_argument(
-        "--cpu", action="store_true", help="run on the CPU (a check, with a tiny model)"
-    )
+    parser.add_argument("--fp8-matmul", action="store_true",
+                        help="also time STEADYDANCER_FP8_MATMUL=1 (fp8 weights multiply in fp8) and print its error")
+    parser.add_argument("--lora-rank", type=int, default=0, help="also time the MODEL with a random LoRA of this rank")
+    parser.add_argument("--first-calls", type=int, default=0, metavar="N",
+                        help="first time each of the first N calls of this process one by one (of the LoRA'd MODEL "
+                             "with --lora-rank): kernel loading, and Triton compiling where its cache is cold")
+    parser.add_argument("--compare-attention", default="",
+                        help="comma-separated attention choices to time against --attention (e.g. sdpa,flash_attn_4,sage)")
+    parser.add_argument("--compare-fused", action="store_true",
+                        help="also time the blocks' norms unfused (STEADYDANCER_FUSED_KERNELS=0)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (a check, with a tiny model)")
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"--model {args.model}: no such file")
@@ -259,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.first_calls:  # a fresh process's first calls, one by one (no warm-up)
         first = model_call(lora_patcher if args.lora_rank else patcher, x, sigma, inputs)
         first_s = time_calls(first, device=device, repeat=args.first_calls)
-        comfy.model_management.load_models_gpu(
-            [patcher]
-        )  # the LoRA's clone, if any, is unpatched again
+        comfy.model_management.load_models_gpu([patcher])  # the LoRA's clone, if any, is unpatched again
 
     def comfyui() -> object:
         with torch.inference_mode():
@@ -278,25 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     diff = float((denoised - (x - SIGMA * velocity.float())).abs().max())
     scale = float(denoised.abs().max())
 
-    print(
-        f"{args.model.name}: {width}x{height}x{frames}, batch {args.batch}, {dtype}, "
-        f"{type(patcher).__name__}, attention {args.attention}, device {device}"
-    )
+    print(f"{args.model.name}: {width}x{height}x{frames}, batch {args.batch}, {dtype}, "
+          f"{type(patcher).__name__}, attention {args.attention}, device {device}")
     if device.type == "cuda":
-        print(
-            f"  {torch.cuda.get_device_name(device)}, allocator "
-            f"{torch.cuda.get_allocator_backend()}, peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB"
-        )
+        print(f"  {torch.cuda.get_device_name(device)}, allocator "
+              f"{torch.cuda.get_allocator_backend()}, peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB")
     print(f"  load (node + model management)  {load_s:8.2f} s")
     for number, seconds in enumerate(first_s, 1):
         print(f"  first calls of the process, call {number}{' (with the LoRA)' if args.lora_rank else ''}"
               f"  {seconds:8.3f} s")  # fmt: skip
-    print(
-        f"  comfyui apply_model            {comfy_s:8.3f} s  ({comfy_s / args.batch:.3f} s per prediction)"
-    )
-    print(
-        f"  dit forward                    {dit_s:8.3f} s  ({dit_s / args.batch:.3f} s per prediction)"
-    )
+    print(f"  comfyui apply_model            {comfy_s:8.3f} s  ({comfy_s / args.batch:.3f} s per prediction)")
+    print(f"  dit forward                    {dit_s:8.3f} s  ({dit_s / args.batch:.3f} s per prediction)")
     print(f"  ratio comfyui / dit            {comfy_s / dit_s:8.3f}")
     print(f"  max |difference|               {diff:.3g} (output scale {scale:.3g})")
     if args.profile:
@@ -309,60 +266,42 @@ def main(argv: list[str] | None = None) -> int:
         with mock.patch.dict(os.environ, {FUSED_ENV: "0"}):
             unfused, unfused_s = timed(comfyui, device, args.repeat)
         diff = float((unfused.float() - denoised.float()).abs().max())
-        print(
-            f"  comfyui apply_model, unfused    {unfused_s:8.3f} s  (fused: {comfy_s / unfused_s:.3f}x of this; "
-            f"max |difference| {diff:.3g})"
-        )
+        print(f"  comfyui apply_model, unfused    {unfused_s:8.3f} s  (fused: {comfy_s / unfused_s:.3f}x of this; "
+              f"max |difference| {diff:.3g})")
     if args.fp8_matmul:
         with mock.patch.dict(os.environ, {FP8_MATMUL_ENV: "1"}):
             fast, fast_s = timed(comfyui, device, args.repeat)
         error = float((fast.float() - denoised.float()).norm() / denoised.float().norm())
-        print(
-            f"  comfyui apply_model, fp8 matmul {fast_s:8.3f} s  ({fast_s / comfy_s:.3f}x the expanded weights; "
-            f"relative error {error:.2e})"
-        )
+        print(f"  comfyui apply_model, fp8 matmul {fast_s:8.3f} s  ({fast_s / comfy_s:.3f}x the expanded weights; "
+              f"relative error {error:.2e})")
         if args.compare_fused:
             with mock.patch.dict(os.environ, {FP8_MATMUL_ENV: "1", FUSED_ENV: "0"}):
                 slow, slow_s = timed(comfyui, device, args.repeat)
             error = float((slow.float() - denoised.float()).norm() / denoised.float().norm())
-            print(
-                f"  comfyui apply_model, fp8 matmul, unfused {slow_s:8.3f} s  (fused: {fast_s / slow_s:.3f}x of this; "
-                f"relative error {error:.2e})"
-            )
+            print(f"  comfyui apply_model, fp8 matmul, unfused {slow_s:8.3f} s  (fused: {fast_s / slow_s:.3f}x of this; "
+                  f"relative error {error:.2e})")
     for choice in filter(None, args.compare_attention.split(",")):
-        compare_attention(
-            choice, model, options, x, sigma, inputs, device, args.repeat, denoised, comfy_s
-        )
+        compare_attention(choice, model, options, x, sigma, inputs, device, args.repeat, denoised, comfy_s)
     if args.lora_rank:
         lora_out, lora_s = timed(model_call(lora_patcher, x, sigma, inputs), device, args.repeat)
-        print(
-            f"  comfyui apply_model + LoRA     {lora_s:8.3f} s  (rank {args.lora_rank} on {layers} layers: "
-            f"{lora_s / comfy_s:.3f}x without)"
-        )
+        print(f"  comfyui apply_model + LoRA     {lora_s:8.3f} s  (rank {args.lora_rank} on {layers} layers: "
+              f"{lora_s / comfy_s:.3f}x without)")
     if args.lora_rank and args.fp8_matmul:
         # a fresh LoRA'd MODEL loaded while fp8 matmul is on: the LoRA is merged into its fp8 weights
         with mock.patch.dict(os.environ, {FP8_MATMUL_ENV: "1"}):
             merged_patcher = with_lora(patcher, dit.config, args.lora_rank)[0]
-            merged, merged_s = timed(
-                model_call(merged_patcher, x, sigma, inputs), device, args.repeat
-            )
+            merged, merged_s = timed(model_call(merged_patcher, x, sigma, inputs), device, args.repeat)
         error = float((merged.float() - lora_out.float()).norm() / lora_out.float().norm())
-        print(
-            f"  comfyui apply_model, fp8 matmul + LoRA merged {merged_s:8.3f} s  ({merged_s / fast_s:.3f}x fp8 "
-            f"matmul without; relative error against the exact LoRA {error:.2e})"
-        )
+        print(f"  comfyui apply_model, fp8 matmul + LoRA merged {merged_s:8.3f} s  ({merged_s / fast_s:.3f}x fp8 "
+              f"matmul without; relative error against the exact LoRA {error:.2e})")
 
     if args.profile:
         runs = {"comfyui": profile(comfyui, device), "dit": profile(direct, device)}
         for name, run in runs.items():
-            print(
-                f"  profile {name:8s} wall {run['wall']:.3f} s, operators' device time {run['kernels']:.3f} s "
-                f"({run['kernels'] / run['wall']:.0%} busy)"
-            )
+            print(f"  profile {name:8s} wall {run['wall']:.3f} s, operators' device time {run['kernels']:.3f} s "
+                  f"({run['kernels'] / run['wall']:.0%} busy)")
         a, b = runs["comfyui"]["ops"], runs["dit"]["ops"]
-        rows = sorted(
-            set(a) | set(b), key=lambda k: -abs(a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0])
-        )
+        rows = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0]))
         print(f"  {'operator':60s} {'comfyui s':>10s} {'dit s':>10s} {'calls c/d':>12s}")
         for key in rows[: args.top]:
             (sa, ca), (sb, cb) = a.get(key, (0.0, 0)), b.get(key, (0.0, 0))

@@ -99,25 +99,17 @@ class RunResult:
     error: str | None = None
     total_s: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-    stage_peak_gib: dict[str, float] = field(
-        default_factory=dict
-    )  # stage -> peak GPU GiB above idle
-    steps_s: list[float] = field(
-        default_factory=list
-    )  # each sampling step (the first includes loading)
+    stage_peak_gib: dict[str, float] = field(default_factory=dict)  # stage -> peak GPU GiB above idle
+    steps_s: list[float] = field(default_factory=list)  # each sampling step (the first includes loading)
     peak_gib: float | None = None
     idle_gib: float | None = None
-    windows: int | None = (
-        None  # context windows per model call (from ComfyUI's log; 0.33 logs them)
-    )
+    windows: int | None = None  # context windows per model call (from ComfyUI's log; 0.33 logs them)
     cache: str | None = None  # EasyCache / LazyCache's own summary line ("skipped N/M steps ...")
     calls: list[int] = field(default_factory=list)  # predictions per sampling step (preset runs)
     library_s: float | None = None  # the DiT's own forward, seconds per prediction (--library)
     video: dict | None = None
     card_free_gib: float | None = None  # 16gb-card: free on the card with the ballast held
-    model_loads: list[str] = field(
-        default_factory=list
-    )  # ComfyUI's "loaded completely/partially" lines
+    model_loads: list[str] = field(default_factory=list)  # ComfyUI's "loaded completely/partially" lines
     profile: dict | None = None  # --profile: the sampling's levels and operators, from the server
 
 
@@ -214,9 +206,7 @@ class Ballast:
                 self.process.kill()
 
 
-def stage_times(
-    messages: list[tuple[float, dict]], classes: dict[str, str], end: float
-) -> tuple[list, list[float]]:
+def stage_times(messages: list[tuple[float, dict]], classes: dict[str, str], end: float) -> tuple[list, list[float]]:
     """[(stage, start, stop)] of every node that ran, and the sampler's step times."""
     spans, steps = [], []
     running: tuple[str, float] | None = None
@@ -277,15 +267,7 @@ def with_profile(graph: dict, work: Path, call: int = PROFILE_CALL, as_run: bool
     return out
 
 
-def run_once(
-    comfyui: Path,
-    models: Path,
-    work: Path,
-    graph: dict,
-    result: RunResult,
-    gpu: bool,
-    timeout: float,
-) -> RunResult:
+def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunResult, gpu: bool, timeout: float) -> RunResult:
     classes = {k: v["class_type"] for k, v in graph.items()}
     memory = GpuMemory() if gpu else None
     try:
@@ -301,16 +283,9 @@ def run_once(
                 start = time.monotonic()
                 response = server.submit(graph)
                 if response.status_code != 200:
-                    raise RuntimeError(
-                        f"ComfyUI refused the graph ({response.status_code}): {response.text[:2000]}"
-                    )
+                    raise RuntimeError(f"ComfyUI refused the graph ({response.status_code}): {response.text[:2000]}")
                 prompt_id = response.json()["prompt_id"]
-                messages_until_done(
-                    ws,
-                    prompt_id,
-                    timeout,
-                    on_message=lambda m: received.append((time.monotonic(), m)),
-                )
+                messages_until_done(ws, prompt_id, timeout, on_message=lambda m: received.append((time.monotonic(), m)))
                 end = time.monotonic()
             finally:
                 ws.close()
@@ -326,13 +301,9 @@ def run_once(
                     result.stage_peak_gib[stage] = max(result.stage_peak_gib.get(stage, 0.0), peak)
             if memory:
                 result.peak_gib = memory.peak(start, end) - (result.idle_gib or 0.0)
-            videos = [
-                f for f in saved_files(server.wait(prompt_id)) if f["filename"].endswith(".mp4")
-            ]
+            videos = [f for f in saved_files(server.wait(prompt_id)) if f["filename"].endswith(".mp4")]
             if videos:
-                result.video = probe_video(
-                    server.output_dir / videos[0].get("subfolder", "") / videos[0]["filename"]
-                )
+                result.video = probe_video(server.output_dir / videos[0].get("subfolder", "") / videos[0]["filename"])
             result.ok = True
         finally:
             server.stop()
@@ -345,9 +316,7 @@ def run_once(
                 r"(?:Requested to load \S+|loaded (?:completely|partially)[^\n]*)", log)]  # fmt: skip
             if (work / PROFILE_FILE).is_file():
                 result.profile = json.loads((work / PROFILE_FILE).read_text())
-            shutil.copy(
-                server.log_path, work.parent / f"comfyui-{result.name.replace('/', '-')}.log"
-            )
+            shutil.copy(server.log_path, work.parent / f"comfyui-{result.name.replace('/', '-')}.log")
     except Exception as error:  # one failed run is reported; the others still run
         result.error = f"{type(error).__name__}: {error}"
     finally:
@@ -381,9 +350,7 @@ def library_seconds(python: str, comfyui: Path, model: Path, width: int, height:
         print(f"   library timing failed: {(run.stderr or run.stdout)[-500:]}", file=sys.stderr)
         return None
     if profile:
-        print(
-            "   library path, batch 1, in a process of its own (benchmarks.comfyui_forward --profile):"
-        )
+        print("   library path, batch 1, in a process of its own (benchmarks.comfyui_forward --profile):")
         print("\n".join("     " + line for line in run.stdout.splitlines()))
     return float(found.group(1))
 
@@ -401,9 +368,7 @@ def server_steps_s(r: RunResult) -> list[float]:
 def seconds_per_call(r: RunResult) -> tuple[float, str]:
     """Seconds per model call from the sampler's steps, and what they were taken over."""
     steps = server_steps_s(r)
-    if (
-        len(steps) == len(r.calls) > 1
-    ):  # --profile: the steps timed in the server, its extra runs left out
+    if len(steps) == len(r.calls) > 1:  # --profile: the steps timed in the server, its extra runs left out
         return sum(steps[1:]) / sum(r.calls[1:]), f"steps 2-{len(r.calls)}, timed in the server"
     if len(r.steps_s) == len(r.calls) > 1:  # step 1 also moves the weights: use the later steps
         return sum(r.steps_s[1:]) / sum(r.calls[1:]), f"steps 2-{len(r.calls)}"
@@ -414,9 +379,7 @@ def seconds_per_call(r: RunResult) -> tuple[float, str]:
 def print_library(r: RunResult) -> None:
     if r.library_s and r.calls and not r.cache:
         per_call, _ = seconds_per_call(r)
-        print(
-            f"   library path {r.library_s:.2f} s per call: ComfyUI / library = {per_call / r.library_s:.2f}"
-        )
+        print(f"   library path {r.library_s:.2f} s per call: ComfyUI / library = {per_call / r.library_s:.2f}")
     elif r.library_s:
         print(f"   library path {r.library_s:.2f} s per call")
 
@@ -433,17 +396,9 @@ def print_run(r: RunResult) -> None:
             seconds = r.stages[stage] - (extras if stage == "sampling" else 0.0)
             print(f"   {stage:30s} {seconds:8.2f} s  {peak}")
     for i, step in enumerate(r.steps_s, 1):
-        per_window = (
-            f"  ({step / r.windows:.2f} s per window, {r.windows} windows)" if r.windows else ""
-        )
-        print(
-            f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s{per_window}"
-        )
-    peak = (
-        f", peak GPU memory {r.peak_gib:.2f} GiB above idle ({r.idle_gib:.2f} GiB)"
-        if r.peak_gib is not None
-        else ""
-    )
+        per_window = f"  ({step / r.windows:.2f} s per window, {r.windows} windows)" if r.windows else ""
+        print(f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s{per_window}")
+    peak = f", peak GPU memory {r.peak_gib:.2f} GiB above idle ({r.idle_gib:.2f} GiB)" if r.peak_gib is not None else ""
     print(f"   whole graph {r.total_s - extras:.2f} s{peak}")
     if extras:
         print(f"   (sampling and whole graph without the {extras:.2f} s of --profile's extra runs of one DiT call; "
@@ -466,9 +421,7 @@ def print_run(r: RunResult) -> None:
         print_profile(r.profile)
     if r.video:
         v = r.video
-        print(
-            f"   video: {v['frames']} frames {v['width']}x{v['height']} at {v['fps']:g} fps, {v['path']}"
-        )
+        print(f"   video: {v['frames']} frames {v['width']}x{v['height']} at {v['fps']:g} fps, {v['path']}")
 
 
 def print_profile(profile: dict) -> None:
@@ -489,10 +442,8 @@ def print_profile(profile: dict) -> None:
         print(f"     {outer:16s} {level['calls']:3d} calls, {level['total_s']:8.2f} s ({per:.3f} s each); "
               f"{what[outer]}: {own:.2f} s")  # fmt: skip
     outside = profile.get("sampling_s", 0.0) - levels.get("predict_noise", {}).get("total_s", 0.0)
-    print(
-        f"     sampler outside predict_noise: {outside:.2f} s "
-        f"(the profiled call's extra runs, {profile.get('extras_s', 0.0):.2f} s, are left out of every figure)"
-    )
+    print(f"     sampler outside predict_noise: {outside:.2f} s "
+          f"(the profiled call's extra runs, {profile.get('extras_s', 0.0):.2f} s, are left out of every figure)")
     call = profile.get("profiled_call")
     if call:
         how = " (profiled as it ran)" if call.get("profiled_as_run") else ""
@@ -504,22 +455,15 @@ def print_profile(profile: dict) -> None:
         if probe:
             print(f"     one bare SDPA of {probe['tokens']} tokens here: {probe['sdpa_s'] * 1000:.1f} ms, "
                   f"PyTorch's choice {probe['sdpa_backend']}")  # fmt: skip
-        print(
-            "     inputs: "
-            + ", ".join(f"{k} {tuple(v[0])} {v[1]}" for k, v in call["inputs"].items())
-        )
+        print("     inputs: " + ", ".join(f"{k} {tuple(v[0])} {v[1]}" for k, v in call["inputs"].items()))
         print(f"     {'operator':60s} {'device s':>9s} {'host s':>8s} {'calls':>7s}")
         for row in call["operators"][:20]:
-            print(
-                f"     {row['op'][:60]:60s} {row['device_s']:9.3f} {row['cpu_s']:8.3f} {row['calls']:7d}"
-            )
+            print(f"     {row['op'][:60]:60s} {row['device_s']:9.3f} {row['cpu_s']:8.3f} {row['calls']:7d}")
 
 
 def print_summary(results: list[RunResult]) -> None:
     print("\nSUMMARY (steps after the first exclude model loading)")
-    print(
-        f"{'run':32s} {'graph s':>8s} {'step 1 s':>9s} {'later steps s':>14s} {'peak GiB':>9s}  video"
-    )
+    print(f"{'run':32s} {'graph s':>8s} {'step 1 s':>9s} {'later steps s':>14s} {'peak GiB':>9s}  video")
     for r in results:
         if not r.ok:
             print(f"{r.name:32s} FAILED: {(r.error or '')[:80]}")
@@ -527,82 +471,41 @@ def print_summary(results: list[RunResult]) -> None:
         steps = server_steps_s(r) or r.steps_s
         later = sum(steps[1:]) / max(len(steps) - 1, 1) if len(steps) > 1 else float("nan")
         peak = f"{r.peak_gib:9.2f}" if r.peak_gib is not None else f"{'-':>9s}"
-        video = (
-            f"{r.video['frames']}f {r.video['width']}x{r.video['height']}" if r.video else "none"
-        )
+        video = f"{r.video['frames']}f {r.video['width']}x{r.video['height']}" if r.video else "none"
         first = r.steps_s[0] if r.steps_s else float("nan")  # with loading: the sampler's own step
-        print(
-            f"{r.name:32s} {r.total_s - profile_extras_s(r):8.2f} {first:9.2f} {later:14.2f} {peak}  {video}"
-        )
+        print(f"{r.name:32s} {r.total_s - profile_extras_s(r):8.2f} {first:9.2f} {later:14.2f} {peak}  {video}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder")
-    parser.add_argument(
-        "--python", help="ComfyUI's Python (default: COMFYUI_PYTHON, DIR/.venv, python3)"
-    )
-    parser.add_argument(
-        "--models", type=Path, help="models folder (default: OUT/models); built when missing"
-    )
+    parser.add_argument("--python", help="ComfyUI's Python (default: COMFYUI_PYTHON, DIR/.venv, python3)")
+    parser.add_argument("--models", type=Path, help="models folder (default: OUT/models); built when missing")
     parser.add_argument("--scale", choices=("14b", "tiny"), default="14b")
-    parser.add_argument(
-        "--weights", default="gguf,fp8", help="DiT files to run: gguf (Q4_K), fp8 (scaled)"
-    )
-    parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
-    )
+    parser.add_argument("--weights", default="gguf,fp8", help="DiT files to run: gguf (Q4_K), fp8 (scaled)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--height", type=int, default=832)
-    parser.add_argument(
-        "--frames", default="81", help="comma-separated video lengths (4k+1), e.g. 81,241,481"
-    )
-    parser.add_argument(
-        "--cache",
-        choices=("easycache", "lazycache"),
-        help="ComfyUI's EasyCache or LazyCache at its default threshold on the model",
-    )
-    parser.add_argument(
-        "--context",
-        metavar="LENGTH:OVERLAP",
-        help="sample in ComfyUI's WAN context windows of LENGTH frames overlapping by OVERLAP (e.g. 81:16)",
-    )
+    parser.add_argument("--frames", default="81", help="comma-separated video lengths (4k+1), e.g. 81,241,481")
+    parser.add_argument("--cache", choices=("easycache", "lazycache"),
+                        help="ComfyUI's EasyCache or LazyCache at its default threshold on the model")
+    parser.add_argument("--context", metavar="LENGTH:OVERLAP",
+                        help="sample in ComfyUI's WAN context windows of LENGTH frames overlapping by OVERLAP (e.g. 81:16)")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument(
-        "--preset",
-        choices=tuple(PRESETS),
-        help="fast (distilled-step LoRA, 4 steps) or reference (40)",
-    )
-    parser.add_argument(
-        "--library", action="store_true", help="also time the DiT's own forward on the same file"
-    )
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="fast (distilled-step LoRA, 4 steps) or reference (40)")
+    parser.add_argument("--library", action="store_true", help="also time the DiT's own forward on the same file")
     parser.add_argument("--profile", action="store_true",
                         help="time each level of every model call inside the server, profile DiT call 2 and "
                              "rerun it (benchmarks/comfyui_profile_node)")  # fmt: skip
-    parser.add_argument(
-        "--profile-call",
-        type=int,
-        default=PROFILE_CALL,
-        metavar="N",
-        help=f"with --profile: the DiT call profiled (1 = the first; default {PROFILE_CALL})",
-    )
-    parser.add_argument(
-        "--profile-as-run",
-        action="store_true",
-        help="with --profile: profile that call as it runs (its one-time work, e.g. the first "
-        "call's, included; its time then includes the profiler's overhead), not a rerun",
-    )
-    parser.add_argument(
-        "--fp8-matmul",
-        action="store_true",
-        help="the loader's fp8_matmul on (scaled fp8 weights multiply in fp8; layers with a LoRA do not)",
-    )
+    parser.add_argument("--profile-call", type=int, default=PROFILE_CALL, metavar="N",
+                        help=f"with --profile: the DiT call profiled (1 = the first; default {PROFILE_CALL})")
+    parser.add_argument("--profile-as-run", action="store_true",
+                        help="with --profile: profile that call as it runs (its one-time work, e.g. the first "
+                             "call's, included; its time then includes the profiler's overhead), not a rerun")
+    parser.add_argument("--fp8-matmul", action="store_true",
+                        help="the loader's fp8_matmul on (scaled fp8 weights multiply in fp8; layers with a LoRA do not)")
     parser.add_argument("--detect-resolution", type=int, default=1024)
-    parser.add_argument(
-        "--cpu",
-        action="store_true",
-        help="run ComfyUI with --cpu (checks on a machine without GPU)",
-    )
+    parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per graph")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "pipeline")
     args = parser.parse_args(argv)
@@ -613,11 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     models = (args.models or out / "models").resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    print(
-        f"building {args.scale} models into {models} (first run only) ...",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"building {args.scale} models into {models} (first run only) ...", file=sys.stderr, flush=True)
     subprocess.run([python, "-m", "benchmarks.random_models", "--comfyui", str(args.comfyui), "--out", str(models),
                     "--scale", args.scale], cwd=REPO_ROOT, check=True)  # fmt: skip
     names = json.loads(subprocess.run(
@@ -650,12 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         files = {"dit": names[{"gguf": "gguf", "fp8": "fp8"}[weights]], **{k: names[k] for k in
                  ("text_encoder", "text_encoder_type", "clip_vision", "vae")}}  # fmt: skip
         for length in lengths:
-            settings = {
-                "width": args.width,
-                "height": args.height,
-                "length": length,
-                "steps": args.steps,
-            }
+            settings = {"width": args.width, "height": args.height, "length": length, "steps": args.steps}
             graph = demo_graph(api, prefix=f"bench/{weights}", files=files, settings=settings,
                                detect_resolution=args.detect_resolution)  # fmt: skip
             if context:
@@ -670,30 +564,20 @@ def main(argv: list[str] | None = None) -> int:
                 flags = mode_args(mode, args.comfyui, args.cpu)
                 name = f"{weights}/{mode}/{length}f"
                 if flags is None:
-                    print(
-                        f"skipping {name}: not possible with this ComfyUI / machine",
-                        file=sys.stderr,
-                    )
+                    print(f"skipping {name}: not possible with this ComfyUI / machine", file=sys.stderr)
                     continue
                 print(f"running {name} ...", file=sys.stderr, flush=True)
                 work = out / "runs" / name.replace("/", "-")
                 work.mkdir(parents=True, exist_ok=True)
                 (work / PROFILE_FILE).unlink(missing_ok=True)
-                run_graph = (
-                    with_profile(graph, work, args.profile_call, args.profile_as_run)
-                    if args.profile
-                    else graph
-                )
+                run_graph = with_profile(graph, work, args.profile_call, args.profile_as_run) if args.profile else graph
                 if (work / "input").exists():
                     shutil.rmtree(work / "input")
                 shutil.copytree(inputs[length], work / "input")
                 ballast = Ballast(SMALL_CARD_GIB, python) if mode == "16gb-card" else None
                 try:
                     if ballast:
-                        print(
-                            f"  ballast held: {ballast.free_gib:.2f} GiB of the card free",
-                            file=sys.stderr,
-                        )
+                        print(f"  ballast held: {ballast.free_gib:.2f} GiB of the card free", file=sys.stderr)
                     result = run_once(args.comfyui, models, work, run_graph, RunResult(name, weights, mode, flags),
                                       not args.cpu, args.timeout)  # fmt: skip
                 finally:
@@ -704,18 +588,14 @@ def main(argv: list[str] | None = None) -> int:
                 if args.preset:
                     result.calls = calls_per_step(args.preset)
                 results.append(result)
-                print_run(
-                    result
-                )  # before the library timing: a run cut short later keeps these figures
+                print_run(result)  # before the library timing: a run cut short later keeps these figures
                 (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
                 if args.preset and args.library and result.ok:
                     result.library_s = library_seconds(python, args.comfyui, models / "diffusion_models" / files["dit"],
                                                        args.width, args.height, length, args.cpu,
                                                        profile=args.profile, fp8_matmul=args.fp8_matmul)  # fmt: skip
                     print_library(result)
-                    (out / "report.json").write_text(
-                        json.dumps([asdict(r) for r in results], indent=1)
-                    )
+                    (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print_summary(results)
     return 0 if results and all(r.ok for r in results) else 1
 

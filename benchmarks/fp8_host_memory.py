@@ -32,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=REPO_ROOT / "out" / "fp8-models")
     parser.add_argument("--scale", choices=("14b", "tiny"), default="14b")
     parser.add_argument("--dynamic-vram", action="store_true")
-    parser.add_argument(
-        "--expanded", action="store_true", help="the old way: fp8 weights become bf16 at load"
-    )
+    parser.add_argument("--expanded", action="store_true", help="the old way: fp8 weights become bf16 at load")
     args = parser.parse_args(argv)
 
     from benchmarks.random_models import dit_config, file_names, write_dit_fp8, write_file
@@ -76,18 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     vram = "dynamic VRAM" if args.dynamic_vram else "classic"
     print(f"{name}: {size / 1e9:.2f} GB file, ComfyUI {vram}, weights {mode}")
     print(f"  model in memory        {stored / 1e9:8.2f} GB  ({stored / size:.2f}x the file)")
-    print(
-        f"  loader node            {load.seconds:8.1f} s   peak RSS above start {(load.peak - load.start) / GIB:.2f} GiB"
-    )
-    print(
-        f"  model management load  {manage.seconds:8.1f} s   peak RSS above start {(manage.peak - load.start) / GIB:.2f} GiB"
-    )
-    print(
-        f"  every weight read once {read.seconds:8.1f} s   peak RSS above start {(read.peak - load.start) / GIB:.2f} GiB"
-    )
-    print(
-        f"  peak host memory       {peak / 1e9:8.2f} GB  = {peak / size:.2f}x the file (target < 1.25x)"
-    )
+    print(f"  loader node            {load.seconds:8.1f} s   peak RSS above start {(load.peak - load.start) / GIB:.2f} GiB")
+    print(f"  model management load  {manage.seconds:8.1f} s   peak RSS above start {(manage.peak - load.start) / GIB:.2f} GiB")
+    print(f"  every weight read once {read.seconds:8.1f} s   peak RSS above start {(read.peak - load.start) / GIB:.2f} GiB")
+    print(f"  peak host memory       {peak / 1e9:8.2f} GB  = {peak / size:.2f}x the file (target < 1.25x)")
     return 0
 
 

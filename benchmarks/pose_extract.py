@@ -58,21 +58,15 @@ def _random_detector(
     return OnnxPoseDetector(det_path, pose_path, device=device, flip_test=flip_test)
 
 
-def compare_with_cpu(
-    detector: PoseDetector, cpu: PoseDetector, frames: np.ndarray, detect_resolution: int
-) -> dict:
+def compare_with_cpu(detector: PoseDetector, cpu: PoseDetector, frames: np.ndarray, detect_resolution: int) -> dict:
     """Largest differences of raw keypoints (pixels of the detection image) and scores."""
     from pose.backends.geometry import resize_for_detection
 
     images = [np.ascontiguousarray(resize_for_detection(f, detect_resolution)) for f in frames]
     ours, theirs = detector.estimate(images), cpu.estimate(images)
     return {
-        "keypoints_max_px": round(
-            max(float(np.abs(a - b).max()) for (a, _), (b, _) in zip(ours, theirs, strict=True)), 4
-        ),
-        "scores_max": float(
-            max(np.abs(a - b).max() for (_, a), (_, b) in zip(ours, theirs, strict=True))
-        ),
+        "keypoints_max_px": round(max(float(np.abs(a - b).max()) for (a, _), (b, _) in zip(ours, theirs, strict=True)), 4),
+        "scores_max": float(max(np.abs(a - b).max() for (_, a), (_, b) in zip(ours, theirs, strict=True))),
     }
 
 
@@ -114,20 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-flip", action="store_true", help="disable the flip test")
     parser.add_argument("--json", action="store_true", help="print one JSON object per backend")
-    parser.add_argument(
-        "--runtime",
-        nargs="+",
-        default=["auto"],
-        choices=RUNTIMES,
-        help="how the onnx backend runs its files (one row each)",
-    )
-    parser.add_argument(
-        "--check-against-cpu",
-        type=int,
-        default=0,
-        metavar="N",
-        help="compare the first N frames' keypoints with onnxruntime on the CPU (needs --model-dir)",
-    )
+    parser.add_argument("--runtime", nargs="+", default=["auto"], choices=RUNTIMES,
+                        help="how the onnx backend runs its files (one row each)")
+    parser.add_argument("--check-against-cpu", type=int, default=0, metavar="N",
+                        help="compare the first N frames' keypoints with onnxruntime on the CPU (needs --model-dir)")
     args = parser.parse_args(argv)
 
     frames = np.random.default_rng(0).integers(
@@ -141,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.model_dir is not None:
                     options = {"runtime": runtime} if backend == "onnx" else {}
                     detector = load_detector(
-                        backend,
-                        args.model_dir,
-                        device=args.device,
-                        flip_test=not args.no_flip,
-                        **options,
+                        backend, args.model_dir, device=args.device, flip_test=not args.no_flip, **options
                     )
                 else:
                     detector = _random_detector(backend, args.device, not args.no_flip, Path(tmp))

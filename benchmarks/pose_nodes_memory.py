@@ -57,21 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     reference = torch.rand(1, args.height, args.width, 3)
     # onnxruntime grows its arenas on the first frames: not the node's memory
     pose_nodes.SteadyDancerPoseExtract.execute(detector, frames[:2], args.detect_resolution, 1)
-    print(
-        f"input: {args.frames} frames of {args.width}x{args.height}, {nbytes(frames) / GIB:.2f} GiB as ComfyUI IMAGE"
-    )
+    print(f"input: {args.frames} frames of {args.width}x{args.height}, {nbytes(frames) / GIB:.2f} GiB as ComfyUI IMAGE")
     frame_gib = args.height * args.width * 3 * 4 / GIB
 
     with PeakRSS() as extract:
-        poses, preview = pose_nodes.SteadyDancerPoseExtract.execute(
-            detector, frames, args.detect_resolution, 1
-        ).result
+        poses, preview = pose_nodes.SteadyDancerPoseExtract.execute(detector, frames, args.detect_resolution, 1).result
     with PeakRSS() as align:
         outputs = pose_nodes.SteadyDancerPoseAlign.execute(reference, poses, args.width, args.height, 0, "hold", 42,
                                                            pose_detector=detector).result  # fmt: skip
-    print(
-        f"{'node':24s} {'seconds':>8s} {'peak above start GiB':>21s} {'outputs GiB':>12s} {'held besides outputs':>21s}"
-    )
+    print(f"{'node':24s} {'seconds':>8s} {'peak above start GiB':>21s} {'outputs GiB':>12s} {'held besides outputs':>21s}")
     for name, run, out in (("Pose Extract", extract, (preview,)), ("Pose Align", align, outputs)):
         above = (run.peak - run.start) / GIB
         held = above - nbytes(out) / GIB

@@ -52,14 +52,7 @@ def dit_config(scale: str) -> SteadyDancerConfig:
     """SteadyDancer-14B's sizes, or the demo's tiny DiT (text and CLIP widths of its encoders)."""
     if scale == "14b":
         return SteadyDancerConfig()
-    tc = TinyConfig(
-        dim=128,
-        ffn_dim=256,
-        num_heads=1,
-        num_layers=2,
-        text_dim=tiny.TEXT_DIM,
-        clip_dim=tiny.CLIP_DIM,
-    )
+    tc = TinyConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=tiny.TEXT_DIM, clip_dim=tiny.CLIP_DIM)
     return SteadyDancerConfig(dim=tc.dim, ffn_dim=tc.ffn_dim, num_heads=tc.num_heads, num_layers=tc.num_layers,
                               text_dim=tc.text_dim, clip_dim=tc.clip_dim)  # fmt: skip
 
@@ -70,9 +63,7 @@ def file_names(scale: str) -> dict[str, str]:
     return {
         "gguf": f"steadydancer_{scale}_Q4_K.gguf",
         "fp8": f"steadydancer_{scale}_fp8_e4m3fn_scaled.safetensors",
-        "text_encoder": "umt5_xxl_random_fp8_e4m3fn_scaled.safetensors"
-        if big
-        else tiny.TEXT_ENCODER,
+        "text_encoder": "umt5_xxl_random_fp8_e4m3fn_scaled.safetensors" if big else tiny.TEXT_ENCODER,
         "text_encoder_type": "wan" if big else "stable_diffusion",
         "clip_vision": "clip_vision_h_random.safetensors" if big else tiny.CLIP_VISION,
         "vae": tiny.VAE,
@@ -98,17 +89,13 @@ def random_blocks(plan: TensorPlan, rng: np.random.Generator) -> np.ndarray:
         blocks[:, 0:2] = np.frombuffer(np.float16(std / 74.0).tobytes(), np.uint8)
     elif plan.qtype == q.Q4_K:  # d, dmin (fp16), 6-bit scales and mins, 4-bit q: spread ~258 d
         blocks[:, 0:2] = np.frombuffer(np.float16(std / 258.0).tobytes(), np.uint8)
-        blocks[:, 2:4] = np.frombuffer(
-            np.float16(7.5 * std / 258.0).tobytes(), np.uint8
-        )  # centres q
+        blocks[:, 2:4] = np.frombuffer(np.float16(7.5 * std / 258.0).tobytes(), np.uint8)  # centres q
     else:
         raise ValueError(f"random {plan.qtype.name} blocks are not implemented; use Q8_0 or Q4_K")
     return blocks.reshape(-1)
 
 
-def write_dit_gguf(
-    path: Path, config: SteadyDancerConfig, qtype: str = "Q4_K", seed: int = 7
-) -> None:
+def write_dit_gguf(path: Path, config: SteadyDancerConfig, qtype: str = "Q4_K", seed: int = 7) -> None:
     """The DiT as GGUF, tensor by tensor (ComfyUI-GGUF's storage rules: steadydancer.gguf.convert)."""
     target = as_qtype(qtype)
     layout = parameter_layout(config, torch.float32)
@@ -141,9 +128,7 @@ _FP8_CODE_STD = float(_FP8_CODES.view(torch.float8_e4m3fn).float().pow(2).mean()
 def random_fp8(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random fp8 codes and the scale that gives them a spread of 1/sqrt(fan_in) (an
     initialised weight's); drawing codes directly is ~10x faster than converting floats."""
-    index = torch.randint(
-        0, len(_FP8_CODES), shape, generator=gen, dtype=torch.int64, device=gen.device
-    )
+    index = torch.randint(0, len(_FP8_CODES), shape, generator=gen, dtype=torch.int64, device=gen.device)
     codes = _FP8_CODES.to(gen.device)[index].view(torch.float8_e4m3fn)
     scale = 1.0 / (math.sqrt(_fan_in(shape)) * _FP8_CODE_STD)
     return codes, torch.tensor([scale], dtype=torch.float32)
@@ -153,11 +138,8 @@ def _safetensors_dtype(dtype: torch.dtype) -> str:
     return {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]
 
 
-def write_safetensors_streamed(
-    path: Path,
-    items: list[tuple[str, tuple[int, ...], torch.dtype]],
-    make: Callable[[str], torch.Tensor],
-) -> None:
+def write_safetensors_streamed(path: Path, items: list[tuple[str, tuple[int, ...], torch.dtype]],
+                               make: Callable[[str], torch.Tensor]) -> None:
     """A .safetensors file written one tensor at a time: `items` declares names, shapes and
     dtypes (the header comes first), `make(name)` gives each tensor when its turn comes, so
     the host holds one tensor, not the model (safetensors' own writer holds all of it twice)."""
@@ -165,11 +147,7 @@ def write_safetensors_streamed(
     offset = 0
     for name, shape, dtype in items:
         size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        header[name] = {
-            "dtype": _safetensors_dtype(dtype),
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
+        header[name] = {"dtype": _safetensors_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -179,15 +157,11 @@ def write_safetensors_streamed(
         for name, shape, dtype in items:
             tensor = make(name)
             if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(
-                    f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, declared {shape} {dtype}"
-                )
+                raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, declared {shape} {dtype}")
             f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def write_dit_fp8(
-    path: Path, config: SteadyDancerConfig, device: str = "cpu", seed: int = 8
-) -> None:
+def write_dit_fp8(path: Path, config: SteadyDancerConfig, device: str = "cpu", seed: int = 8) -> None:
     """The DiT as Kijai's `*_fp8_e4m3fn_scaled` safetensors: matrices fp8 with one scale each.
 
     Written tensor by tensor (`write_safetensors_streamed`): a 16 GB file needs a few hundred
@@ -196,17 +170,12 @@ def write_dit_fp8(
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     init_gen = torch.Generator().manual_seed(seed)
-    items: list[tuple[str, tuple[int, ...], torch.dtype]] = [
-        ("scaled_fp8", (0,), torch.float8_e4m3fn)
-    ]
+    items: list[tuple[str, tuple[int, ...], torch.dtype]] = [("scaled_fp8", (0,), torch.float8_e4m3fn)]
     scales: dict[str, torch.Tensor] = {}
     for name, (shape, _) in parameter_layout(config, torch.float32).items():
         key = f"model.diffusion_model.{name}"
         if name.endswith(".weight") and len(shape) >= 2 and "condition_embedding" not in name:
-            items += [
-                (key, shape, torch.float8_e4m3fn),
-                (key[: -len("weight")] + "scale_weight", (1,), torch.float32),
-            ]
+            items += [(key, shape, torch.float8_e4m3fn), (key[: -len("weight")] + "scale_weight", (1,), torch.float32)]
         else:
             items.append((key, shape, torch.bfloat16))
 
@@ -227,20 +196,8 @@ def write_dit_fp8(
 
 
 # ------------------------------------------------------------------------------ encoders
-LORA_LAYERS = (
-    "self_attn.q",
-    "self_attn.k",
-    "self_attn.v",
-    "self_attn.o",
-    "cross_attn.q",
-    "cross_attn.k",
-    "cross_attn.v",
-    "cross_attn.o",
-    "cross_attn.k_img",
-    "cross_attn.v_img",
-    "ffn.0",
-    "ffn.2",
-)
+LORA_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+               "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
 
 
 def write_lora(path: Path, config: SteadyDancerConfig, rank: int = 64, seed: int = 11) -> int:
@@ -297,12 +254,7 @@ def write_umt5_xxl(path: Path, device: str = "cpu", seed: int = 9) -> None:
     out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
     for name, tensor in model.state_dict().items():
         values = tiny.init_tensor(name, tuple(tensor.shape), gen)
-        if (
-            name.endswith(".weight")
-            and tensor.ndim == 2
-            and "shared" not in name
-            and "relative_attention_bias" not in name
-        ):
+        if name.endswith(".weight") and tensor.ndim == 2 and "shared" not in name and "relative_attention_bias" not in name:
             out[name], out[name[: -len("weight")] + "scale_weight"] = _scaled_fp8(values)
         else:
             out[name] = values.to(torch.bfloat16).cpu()
@@ -323,9 +275,7 @@ def write_clip_vision_h(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ all of it
-def build(
-    comfyui: Path, out: Path, scale: str, device: str = "cpu", force: bool = False
-) -> dict[str, str]:
+def build(comfyui: Path, out: Path, scale: str, device: str = "cpu", force: bool = False) -> dict[str, str]:
     """Write every model of `scale` under `out` (skipping files that exist); returns file_names."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
@@ -372,19 +322,11 @@ def write_file(path: Path, make: Callable[[Path], object]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--comfyui",
-        type=Path,
-        required=True,
-        help="ComfyUI folder (its model classes give the key layouts)",
-    )
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder (its model classes give the key layouts)")
     parser.add_argument("--out", type=Path, required=True, help="models folder to fill")
     parser.add_argument("--scale", choices=SCALES, default="14b")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="where random values are drawn (a GPU is much faster at 14b)",
-    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where random values are drawn (a GPU is much faster at 14b)")
     parser.add_argument("--force", action="store_true", help="rewrite files that exist")
     args = parser.parse_args(argv)
     build(args.comfyui, args.out, args.scale, args.device, args.force)

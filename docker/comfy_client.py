@@ -47,11 +47,8 @@ class JobTimeout(ExecutionFailed):
     """The workflow did not finish in time; it has been taken off the queue and interrupted."""
 
     def __init__(self, prompt_id: str, timeout: float) -> None:
-        super().__init__(
-            f"the workflow did not finish within the time limit ({timeout:.0f} s, "
-            f"STEADYDANCER_JOB_TIMEOUT); prompt {prompt_id}",
-            {"prompt_id": prompt_id},
-        )
+        super().__init__(f"the workflow did not finish within the time limit ({timeout:.0f} s, "
+                         f"STEADYDANCER_JOB_TIMEOUT); prompt {prompt_id}", {"prompt_id": prompt_id})
         self.prompt_id = prompt_id
 
 
@@ -93,9 +90,7 @@ def format_node_errors(response: dict[str, Any], workflow: dict[str, Any] | None
     elif error:
         lines.append(str(error))
     for node_id, info in (response.get("node_errors") or {}).items():
-        class_type = info.get("class_type") or (workflow or {}).get(node_id, {}).get(
-            "class_type", "?"
-        )
+        class_type = info.get("class_type") or (workflow or {}).get(node_id, {}).get("class_type", "?")
         title = (workflow or {}).get(node_id, {}).get("_meta", {}).get("title")
         label = f"node {node_id} ({class_type}{', ' + repr(title) if title and title != class_type else ''})"
         for err in info.get("errors", []):
@@ -124,20 +119,11 @@ def collect_outputs(history_entry: dict[str, Any]) -> list[OutputFile]:
             if not isinstance(items, list):
                 continue
             for item in items:
-                if (
-                    isinstance(item, dict)
-                    and item.get("filename")
-                    and item.get("type", "output") == "output"
-                ):
-                    files.append(
-                        OutputFile(
-                            node=node_id,
-                            filename=item["filename"],
-                            subfolder=item.get("subfolder", ""),
-                            type=item.get("type", "output"),
-                            kind=kind,
-                        )
-                    )
+                if isinstance(item, dict) and item.get("filename") and item.get("type", "output") == "output":
+                    files.append(OutputFile(
+                        node=node_id, filename=item["filename"], subfolder=item.get("subfolder", ""),
+                        type=item.get("type", "output"), kind=kind,
+                    ))
     return files
 
 
@@ -157,13 +143,9 @@ class ComfyClient:
         try:
             response = self.session.get(self._url(path), timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
-            raise ComfyUnavailable(
-                f"ComfyUI at {self.base_url} did not answer {path}: {exc}"
-            ) from None
+            raise ComfyUnavailable(f"ComfyUI at {self.base_url} did not answer {path}: {exc}") from None
         if response.status_code != 200:
-            raise ComfyError(
-                f"ComfyUI answered {path} with HTTP {response.status_code}: {response.text[:300]}"
-            )
+            raise ComfyError(f"ComfyUI answered {path} with HTTP {response.status_code}: {response.text[:300]}")
         return response
 
     def wait_ready(self, timeout: float = 600.0, interval: float = 1.0) -> dict[str, Any]:
@@ -176,13 +158,9 @@ class ComfyClient:
             except (ComfyError, ValueError) as exc:
                 last = exc
                 time.sleep(interval)
-        raise ComfyUnavailable(
-            f"ComfyUI at {self.base_url} was not ready after {timeout:.0f} s ({last})"
-        )
+        raise ComfyUnavailable(f"ComfyUI at {self.base_url} was not ready after {timeout:.0f} s ({last})")
 
-    def upload(
-        self, name: str, data: bytes, *, subfolder: str = "", overwrite: bool = False
-    ) -> str:
+    def upload(self, name: str, data: bytes, *, subfolder: str = "", overwrite: bool = False) -> str:
         """Put a file in ComfyUI's input folder (in `subfolder`); returns the name to use in the
         workflow. Without `overwrite`, ComfyUI never replaces a file: it stores the upload under
         another name (or, for identical content, answers with the existing file's name)."""
@@ -190,19 +168,13 @@ class ComfyClient:
             response = self.session.post(
                 self._url("/upload/image"),
                 files={"image": (name, data)},
-                data={
-                    "overwrite": "true" if overwrite else "false",
-                    "type": "input",
-                    "subfolder": subfolder,
-                },
+                data={"overwrite": "true" if overwrite else "false", "type": "input", "subfolder": subfolder},
                 timeout=max(self.timeout, 120.0),
             )
         except requests.RequestException as exc:
             raise ComfyUnavailable(f"uploading {name} to ComfyUI failed: {exc}") from None
         if response.status_code != 200:
-            raise ComfyError(
-                f"ComfyUI refused the upload of {name}: HTTP {response.status_code} {response.text[:300]}"
-            )
+            raise ComfyError(f"ComfyUI refused the upload of {name}: HTTP {response.status_code} {response.text[:300]}")
         info = response.json()
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
@@ -210,8 +182,7 @@ class ComfyClient:
         """Submit an API-format workflow; returns its prompt id. Raises WorkflowRejected."""
         try:
             response = self.session.post(
-                self._url("/prompt"),
-                json={"prompt": workflow, "client_id": self.client_id},
+                self._url("/prompt"), json={"prompt": workflow, "client_id": self.client_id},
                 timeout=self.timeout,
             )
         except requests.RequestException as exc:
@@ -235,27 +206,20 @@ class ComfyClient:
     def interrupt(self, prompt_id: str | None = None) -> None:
         """Stop the running prompt (only `prompt_id`, if given and ComfyUI knows targeted interrupts)."""
         with contextlib.suppress(requests.RequestException):
-            self.session.post(
-                self._url("/interrupt"),
-                json={"prompt_id": prompt_id} if prompt_id else {},
-                timeout=self.timeout,
-            )
+            self.session.post(self._url("/interrupt"), json={"prompt_id": prompt_id} if prompt_id else {},
+                              timeout=self.timeout)
 
     def cancel(self, prompt_id: str) -> None:
         """Take a prompt off the queue if it has not started, and interrupt it if it runs."""
         with contextlib.suppress(requests.RequestException):
-            self.session.post(
-                self._url("/queue"), json={"delete": [prompt_id]}, timeout=self.timeout
-            )
+            self.session.post(self._url("/queue"), json={"delete": [prompt_id]}, timeout=self.timeout)
         self.interrupt(prompt_id)
 
     def is_queued_or_running(self, prompt_id: str) -> bool:
         """Whether ComfyUI's queue still holds the prompt (running or pending)."""
         queue = self._get("/queue").json()
         items = [*(queue.get("queue_running") or []), *(queue.get("queue_pending") or [])]
-        return any(
-            isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in items
-        )
+        return any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in items)
 
     def wait_stopped(self, prompt_id: str, timeout: float, interval: float = 0.5) -> bool:
         """Wait until ComfyUI has dropped the prompt; False if it still holds it after `timeout` s
@@ -325,11 +289,7 @@ class ComfyClient:
         return f"{'wss' if scheme == 'https' else 'ws'}://{rest.rstrip('/')}/ws?clientId={self.client_id}"
 
     def _follow_websocket(
-        self,
-        ws: Any,
-        prompt_id: str,
-        on_progress: Callable[[Progress], None] | None,
-        deadline: float,
+        self, ws: Any, prompt_id: str, on_progress: Callable[[Progress], None] | None, deadline: float
     ) -> None:
         while time.monotonic() < deadline:
             if hasattr(ws, "settimeout"):  # a quiet server must not keep us past the deadline
@@ -358,26 +318,15 @@ class ComfyClient:
                 raise ExecutionFailed("the workflow was interrupted", data)
             if kind == "progress" and on_progress is not None:
                 node = data.get("node")
-                on_progress(
-                    Progress(
-                        None if node is None else str(node),
-                        int(data.get("value", 0)),
-                        int(data.get("max", 0)),
-                    )
-                )
+                on_progress(Progress(None if node is None else str(node), int(data.get("value", 0)),
+                                     int(data.get("max", 0))))
             if kind == "execution_success":
                 return
-            if (
-                kind == "executing"
-                and data.get("node") is None
-                and data.get("prompt_id") == prompt_id
-            ):
+            if kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
                 return
         raise _DeadlinePassed
 
-    def _poll_history(
-        self, prompt_id: str, deadline: float, interval: float = 1.0
-    ) -> dict[str, Any]:
+    def _poll_history(self, prompt_id: str, deadline: float, interval: float = 1.0) -> dict[str, Any]:
         while True:
             entry = self.history(prompt_id)
             if entry is not None:
@@ -386,9 +335,7 @@ class ComfyClient:
                     for name, data in status.get("messages", []):
                         if name == "execution_error":
                             raise ExecutionFailed(format_execution_error(data), data)
-                    raise ExecutionFailed(
-                        "the workflow failed (no error message in ComfyUI's history)"
-                    )
+                    raise ExecutionFailed("the workflow failed (no error message in ComfyUI's history)")
                 return entry
             if time.monotonic() > deadline:
                 raise _DeadlinePassed

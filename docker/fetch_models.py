@@ -108,31 +108,24 @@ def _entry(name: str, raw: Any) -> ModelEntry:
         raise ManifestError(f"models.{name}: expected a mapping, got {type(raw).__name__}")
     unknown = set(raw) - _ENTRY_KEYS
     if unknown:
-        raise ManifestError(
-            f"models.{name}: unknown keys {sorted(unknown)}; known: {sorted(_ENTRY_KEYS)}"
-        )
+        raise ManifestError(f"models.{name}: unknown keys {sorted(unknown)}; known: {sorted(_ENTRY_KEYS)}")
     if not raw.get("folder"):
         raise ManifestError(f"models.{name}: `folder` (the ComfyUI models subfolder) is required")
     if raw.get("url"):
         if raw.get("repo"):
             raise ManifestError(f"models.{name}: give either `url` or `repo`, not both")
     elif not raw.get("repo") or bool(raw.get("file")) == bool(raw.get("pattern")):
-        raise ManifestError(
-            f"models.{name}: needs `url`, or `repo` with exactly one of `file`/`pattern`"
-        )
+        raise ManifestError(f"models.{name}: needs `url`, or `repo` with exactly one of `file`/`pattern`")
     size = raw.get("size")
     if size is not None and (not isinstance(size, int) or size <= 0):
         raise ManifestError(f"models.{name}: size must be a positive number of bytes or null")
     for key in ("sha256", "sha256_prefix"):
         value = raw.get(key)
         if value is not None and (
-            not isinstance(value, str)
-            or any(c not in "0123456789abcdef" for c in value.lower())
+            not isinstance(value, str) or any(c not in "0123456789abcdef" for c in value.lower())
             or (key == "sha256" and len(value) != 64)
         ):
-            raise ManifestError(
-                f"models.{name}: {key} must be hexadecimal (64 digits for sha256) or null"
-            )
+            raise ManifestError(f"models.{name}: {key} must be hexadecimal (64 digits for sha256) or null")
     values = {k: v for k, v in raw.items() if v is not None}
     for key in ("sha256", "sha256_prefix"):
         if key in values:
@@ -191,9 +184,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(
-    path: Path, size: int | None, sha256: str | None, sha256_prefix: str | None = None
-) -> str:
+def verify(path: Path, size: int | None, sha256: str | None, sha256_prefix: str | None = None) -> str:
     """Check a file's size and hash; returns its SHA-256. Raises ChecksumError."""
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
@@ -211,22 +202,14 @@ class Backend(Protocol):
 
     def resolve(self, entry: ModelEntry) -> RemoteFile: ...
 
-    def download(
-        self, entry: ModelEntry, remote: RemoteFile, dest_dir: Path, force: bool
-    ) -> Path: ...
+    def download(self, entry: ModelEntry, remote: RemoteFile, dest_dir: Path, force: bool) -> Path: ...
 
 
 def _hf_errors() -> dict[str, type[BaseException]]:
     from huggingface_hub import errors
 
-    names = (
-        "GatedRepoError",
-        "RepositoryNotFoundError",
-        "RevisionNotFoundError",
-        "EntryNotFoundError",
-        "RemoteEntryNotFoundError",
-        "DisabledRepoError",
-    )
+    names = ("GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError",
+             "EntryNotFoundError", "RemoteEntryNotFoundError", "DisabledRepoError")
     return {n: getattr(errors, n) for n in names if hasattr(errors, n)}
 
 
@@ -256,20 +239,11 @@ class HubBackend:
                 "(a read token from https://huggingface.co/settings/tokens)"
             )
         if "RepositoryNotFoundError" in e and issubclass(kind, e["RepositoryNotFoundError"]):
-            hint = (
-                "check the repo id in models.yaml"
-                if self.token
-                else "if it is private, set HF_TOKEN"
-            )
-            return FatalDownloadError(
-                f"repository {entry.repo} not found or not accessible: {hint}"
-            )
+            hint = "check the repo id in models.yaml" if self.token else "if it is private, set HF_TOKEN"
+            return FatalDownloadError(f"repository {entry.repo} not found or not accessible: {hint}")
         if "RevisionNotFoundError" in e and issubclass(kind, e["RevisionNotFoundError"]):
             return FatalDownloadError(f"{entry.repo} has no revision {entry.revision!r}")
-        if any(
-            n in e and issubclass(kind, e[n])
-            for n in ("EntryNotFoundError", "RemoteEntryNotFoundError")
-        ):
+        if any(n in e and issubclass(kind, e[n]) for n in ("EntryNotFoundError", "RemoteEntryNotFoundError")):
             return FatalDownloadError(
                 f"{entry.repo} has no file {entry.file or entry.pattern!r} at {entry.revision}: "
                 "models.yaml is out of date"
@@ -281,15 +255,11 @@ class HubBackend:
     def resolve(self, entry: ModelEntry) -> RemoteFile:
         try:
             path = entry.file or self._match(entry)
-            infos = self.api.get_paths_info(
-                entry.repo, [path], expand=True, revision=entry.revision
-            )
+            infos = self.api.get_paths_info(entry.repo, [path], expand=True, revision=entry.revision)
         except Exception as exc:
             raise self._translate(exc, entry) from None
         if not infos:
-            raise FatalDownloadError(
-                f"{entry.repo} has no file {path!r}: models.yaml is out of date"
-            )
+            raise FatalDownloadError(f"{entry.repo} has no file {path!r}: models.yaml is out of date")
         info = infos[0]
         lfs = getattr(info, "lfs", None)
         size = getattr(lfs, "size", None) or getattr(info, "size", None)
@@ -304,16 +274,10 @@ class HubBackend:
         from huggingface_hub import hf_hub_download
 
         try:
-            return Path(
-                hf_hub_download(
-                    entry.repo,
-                    remote.path,
-                    revision=entry.revision,
-                    local_dir=dest_dir,
-                    token=self.token,
-                    force_download=force,
-                )
-            )
+            return Path(hf_hub_download(
+                entry.repo, remote.path, revision=entry.revision, local_dir=dest_dir,
+                token=self.token, force_download=force,
+            ))
         except Exception as exc:
             raise self._translate(exc, entry) from None
 
@@ -340,11 +304,8 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None, int 
     if not match:
         raise TransferError(f"the server answered a Range request with Content-Range {value!r}")
     first, last, total = match.groups()
-    return (
-        None if first is None else int(first),
-        None if last is None else int(last),
-        None if total in (None, "*") else int(total),
-    )
+    return (None if first is None else int(first), None if last is None else int(last),
+            None if total in (None, "*") else int(total))
 
 
 def _content_length(headers: Any) -> int | None:
@@ -360,18 +321,10 @@ class UrlBackend:
     transfer raises TransferError and keeps the partial file for the next attempt.
     """
 
-    def __init__(
-        self,
-        timeout: float = 60.0,
-        stall_seconds: float = 60.0,
-        min_rate: float = 1024.0,
-        log: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, timeout: float = 60.0, stall_seconds: float = 60.0, min_rate: float = 1024.0,
+                 log: Callable[[str], None] | None = None) -> None:
         self.timeout = timeout  # per socket operation (connect, each read)
-        self.stall_seconds, self.min_rate = (
-            stall_seconds,
-            min_rate,
-        )  # slower than this for that long: stalled
+        self.stall_seconds, self.min_rate = stall_seconds, min_rate  # slower than this for that long: stalled
         self.log = log or (lambda message: None)
 
     def resolve(self, entry: ModelEntry) -> RemoteFile:
@@ -384,9 +337,7 @@ class UrlBackend:
         if force:
             part.unlink(missing_ok=True)
         start = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(
-            entry.url or "", headers={"Range": f"bytes={start}-"} if start else {}
-        )
+        request = urllib.request.Request(entry.url or "", headers={"Range": f"bytes={start}-"} if start else {})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 offset, expected_body, total = self._plan(response, start, part, entry)
@@ -406,20 +357,14 @@ class UrlBackend:
         size = part.stat().st_size
         if total is not None and size != total:
             part.unlink(missing_ok=True)  # the pieces do not make the file: start again
-            raise TransferError(
-                f"{entry.name}: {size} bytes on disk, the server says {total}: starting again"
-            )
+            raise TransferError(f"{entry.name}: {size} bytes on disk, the server says {total}: starting again")
         if total is None and entry.size is None and entry.sha256 is None:
-            self.log(
-                f"{entry.name}: the server gave no length and models.yaml no size or hash: "
-                "the file cannot be checked"
-            )
+            self.log(f"{entry.name}: the server gave no length and models.yaml no size or hash: "
+                     "the file cannot be checked")
         part.replace(final)
         return final
 
-    def _plan(
-        self, response: Any, start: int, part: Path, entry: ModelEntry
-    ) -> tuple[int, int | None, int | None]:
+    def _plan(self, response: Any, start: int, part: Path, entry: ModelEntry) -> tuple[int, int | None, int | None]:
         """(offset the body starts at, bytes the body should have, size of the whole file)."""
         status = getattr(response, "status", 200)
         if start and status == 206:
@@ -430,16 +375,12 @@ class UrlBackend:
                 raise
             if first != start or last is None:
                 part.unlink(missing_ok=True)
-                raise TransferError(
-                    f"{entry.name}: asked for bytes {start}- and got "
-                    f"{response.headers.get('Content-Range')!r}: starting again"
-                )
+                raise TransferError(f"{entry.name}: asked for bytes {start}- and got "
+                                    f"{response.headers.get('Content-Range')!r}: starting again")
             body = last - first + 1
             length = _content_length(response.headers)
             if length is not None and length != body:
-                raise TransferError(
-                    f"{entry.name}: Content-Length {length} does not match Content-Range"
-                )
+                raise TransferError(f"{entry.name}: Content-Length {length} does not match Content-Range")
             self._check_total(entry, total)
             return start, body, total
         if status == 206:
@@ -447,9 +388,7 @@ class UrlBackend:
         if status != 200:
             raise TransferError(f"{entry.url}: HTTP {status}")
         if start:
-            self.log(
-                f"{entry.name}: the server ignored the Range request: downloading from the start"
-            )
+            self.log(f"{entry.name}: the server ignored the Range request: downloading from the start")
         length = _content_length(response.headers)
         self._check_total(entry, length)
         return 0, length, length
@@ -478,15 +417,12 @@ class UrlBackend:
             if now - window_start >= self.stall_seconds:
                 if window_bytes < self.min_rate * self.stall_seconds:
                     out.flush()
-                    raise TransferError(
-                        f"{entry.name}: stalled ({window_bytes} bytes in "
-                        f"{now - window_start:.0f} s; kept for resuming)"
-                    )
+                    raise TransferError(f"{entry.name}: stalled ({window_bytes} bytes in "
+                                        f"{now - window_start:.0f} s; kept for resuming)")
                 window_start, window_bytes = now, 0
 
-    def _range_not_satisfiable(
-        self, exc: urllib.error.HTTPError, start: int, part: Path, final: Path, entry: ModelEntry
-    ) -> Path:
+    def _range_not_satisfiable(self, exc: urllib.error.HTTPError, start: int, part: Path, final: Path,
+                               entry: ModelEntry) -> Path:
         """416 to `Range: bytes=<start>-`: complete only if the server's total is exactly `start`."""
         try:
             _, _, total = parse_content_range(exc.headers.get("Content-Range"))
@@ -496,10 +432,8 @@ class UrlBackend:
             part.replace(final)
             return final
         part.unlink(missing_ok=True)
-        raise TransferError(
-            f"{entry.name}: the server refused bytes {start}- (its size: "
-            f"{total if total is not None else 'not given'}): starting again"
-        ) from None
+        raise TransferError(f"{entry.name}: the server refused bytes {start}- (its size: "
+                            f"{total if total is not None else 'not given'}): starting again") from None
 
 
 class State:
@@ -517,9 +451,7 @@ class State:
         if not record or not path.exists():
             return False
         stat = path.stat()
-        same_file = (
-            record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
-        )
+        same_file = record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
         return same_file and (sha256 is None or record.get("sha256") == sha256)
 
     def remember(self, rel: str, path: Path, sha256: str) -> None:
@@ -539,9 +471,7 @@ class Fetcher:
     url: Backend | None = None
     retries: int = 4
     backoff: float = 5.0
-    log: Callable[[str], None] = lambda message: print(
-        f"[fetch] {message}", file=sys.stderr, flush=True
-    )
+    log: Callable[[str], None] = lambda message: print(f"[fetch] {message}", file=sys.stderr, flush=True)
     sleep: Callable[[float], None] = time.sleep
 
     def backend(self, entry: ModelEntry) -> Backend:
@@ -549,16 +479,11 @@ class Fetcher:
             self.url = self.url or UrlBackend(log=self.log)
             return self.url
         if self.hub is None:
-            self.hub = HubBackend(
-                os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-            )
+            self.hub = HubBackend(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
         return self.hub
 
     def target(self, entry: ModelEntry, remote: RemoteFile | None = None) -> Path:
-        name = (
-            entry.target
-            or Path(entry.file or (remote.path if remote else "") or entry.url or "").name
-        )
+        name = entry.target or Path(entry.file or (remote.path if remote else "") or entry.url or "").name
         return self.models_dir / entry.folder / name
 
     def fetch(self, entry: ModelEntry) -> Path:
@@ -582,9 +507,7 @@ class Fetcher:
             try:
                 digest = verify(target, size, sha256, entry.sha256_prefix)
             except ChecksumError as exc:
-                self.log(
-                    f"{entry.name}: the file in place is not the expected one ({exc}): fetching it again"
-                )
+                self.log(f"{entry.name}: the file in place is not the expected one ({exc}): fetching it again")
             else:
                 state.remember(rel, target, digest)
                 self.log(f"{entry.name}: {rel} present and verified")
@@ -614,10 +537,7 @@ class Fetcher:
 
     def _expected(self, entry: ModelEntry, remote: RemoteFile) -> tuple[int | None, str | None]:
         """Size and hash to check: the manifest's, which must agree with the source's."""
-        for what, ours, theirs in (
-            ("size", entry.size, remote.size),
-            ("SHA-256", entry.sha256, remote.sha256),
-        ):
+        for what, ours, theirs in (("size", entry.size, remote.size), ("SHA-256", entry.sha256, remote.sha256)):
             if ours is not None and theirs is not None and ours != theirs:
                 raise FatalDownloadError(
                     f"{entry.name}: models.yaml says {what} {ours}, {entry.source} says {theirs}: "
@@ -635,9 +555,7 @@ class Fetcher:
                 f"{entry.name}: needs {size / 1e9:.1f} GB, only {free / 1e9:.1f} GB free in {target.parent}"
             )
 
-    def _with_retries(
-        self, entry: ModelEntry, action: Callable[..., Any], pass_force: bool = False
-    ) -> Any:
+    def _with_retries(self, entry: ModelEntry, action: Callable[..., Any], pass_force: bool = False) -> Any:
         force = False
         for attempt in range(self.retries + 1):
             try:
@@ -655,9 +573,7 @@ class Fetcher:
                         f"{entry.name}: giving up after {self.retries + 1} attempts: {exc}"
                     ) from None
                 pause = self.backoff * 2**attempt
-                self.log(
-                    f"{entry.name}: attempt {attempt + 1} failed ({exc}); retrying in {pause:.0f} s"
-                )
+                self.log(f"{entry.name}: attempt {attempt + 1} failed ({exc}); retrying in {pause:.0f} s")
                 self.sleep(pause)
         raise AssertionError("unreachable")
 
@@ -686,9 +602,7 @@ def describe(manifest: Manifest, models_dir: Path | None) -> str:
         where = f"{entry.folder}/"
         present = ""
         if models_dir is not None and entry.file:
-            present = (
-                " [present]" if (models_dir / entry.folder / Path(entry.file).name).exists() else ""
-            )
+            present = " [present]" if (models_dir / entry.folder / Path(entry.file).name).exists() else ""
         lines.append(f"{entry.name:22} {size:>9}  {where:18} {entry.source}{present}")
     return "\n".join(lines)
 
@@ -696,12 +610,8 @@ def describe(manifest: Manifest, models_dir: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=MANIFEST)
-    parser.add_argument(
-        "--models-dir", type=Path, default=Path(os.environ.get("MODELS_DIR", "models"))
-    )
-    parser.add_argument(
-        "--select", default="default", help="model or group names, comma-separated, or all"
-    )
+    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("MODELS_DIR", "models")))
+    parser.add_argument("--select", default="default", help="model or group names, comma-separated, or all")
     parser.add_argument("--retries", type=int, default=4)
     parser.add_argument("--list", action="store_true", help="list the manifest and exit")
     args = parser.parse_args(argv)
@@ -720,10 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[fetch] error: cannot create {args.models_dir}: {exc}", file=sys.stderr)
         return 1
     if not os.access(args.models_dir, os.W_OK):
-        print(
-            f"[fetch] error: {args.models_dir} is not writable by uid {os.getuid()}",
-            file=sys.stderr,
-        )
+        print(f"[fetch] error: {args.models_dir} is not writable by uid {os.getuid()}", file=sys.stderr)
         return 1
     fetcher = Fetcher(args.models_dir, retries=args.retries)
     failures = fetch_all(fetcher, entries)

@@ -46,38 +46,15 @@ MODEL_FRAMES = 81
 MAX_LENGTH = 1025  # 64 s at 16 fps
 MAX_SEED = 2**63 - 1
 SIMPLE_FIELDS = frozenset(
-    {
-        "image",
-        "video",
-        "prompt",
-        "negative_prompt",
-        "seed",
-        "width",
-        "height",
-        "size",
-        "length",
-        "steps",
-        "model",
-    }
+    {"image", "video", "prompt", "negative_prompt", "seed", "width", "height", "size", "length",
+     "steps", "model"}
 )
 WORKFLOW_FIELDS = frozenset({"workflow", "images"})
 # The folder under ComfyUI's input folder that each job's uploads go to (one folder per job).
 UPLOAD_ROOT = "steadydancer-jobs"
 # Workflow inputs that hold a prompt (text encoders of ComfyUI and common custom nodes).
-PROMPT_INPUTS = frozenset(
-    {
-        "text",
-        "prompt",
-        "negative_prompt",
-        "text_g",
-        "text_l",
-        "t5xxl",
-        "clip_l",
-        "positive",
-        "negative",
-        "system_prompt",
-    }
-)
+PROMPT_INPUTS = frozenset({"text", "prompt", "negative_prompt", "text_g", "text_l", "t5xxl", "clip_l",
+                           "positive", "negative", "system_prompt"})
 
 
 class JobInputError(ValueError):
@@ -89,16 +66,10 @@ class Limits:
     """What one job may ask for. The worker reads them from the environment (`from_env`)."""
 
     max_media_bytes: int = 200 * 2**20  # each image/video                STEADYDANCER_MAX_INPUT_MB
-    max_total_bytes: int = (
-        400 * 2**20
-    )  # all media of a job together      STEADYDANCER_MAX_TOTAL_INPUT_MB
+    max_total_bytes: int = 400 * 2**20  # all media of a job together      STEADYDANCER_MAX_TOTAL_INPUT_MB
     max_images: int = 16  # `images` entries of a workflow request        STEADYDANCER_MAX_IMAGES
-    max_prompt_chars: int = (
-        4000  # each prompt                           STEADYDANCER_MAX_PROMPT_CHARS
-    )
-    download_timeout: float = (
-        120.0  # all URL downloads of a job, s      STEADYDANCER_DOWNLOAD_TIMEOUT
-    )
+    max_prompt_chars: int = 4000  # each prompt                           STEADYDANCER_MAX_PROMPT_CHARS
+    download_timeout: float = 120.0  # all URL downloads of a job, s      STEADYDANCER_DOWNLOAD_TIMEOUT
 
     ENV: ClassVar[dict[str, tuple[str, float]]] = {
         "max_media_bytes": ("STEADYDANCER_MAX_INPUT_MB", 2**20),
@@ -109,9 +80,8 @@ class Limits:
     }
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] = os.environ, warn: Callable[[str], None] | None = None
-    ) -> Limits:
+    def from_env(cls, environ: Mapping[str, str] = os.environ,
+                 warn: Callable[[str], None] | None = None) -> Limits:
         """Limits from the environment; a value that is not a positive number keeps the default."""
         values: dict[str, Any] = {}
         for field_name, (variable, unit) in cls.ENV.items():
@@ -223,7 +193,7 @@ def sniff_type(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     for offset, magic, kind in _SIGNATURES:
-        if data[offset : offset + len(magic)] == magic:
+        if data[offset:offset + len(magic)] == magic:
             return kind
     return None
 
@@ -234,9 +204,8 @@ def decode_base64(text: str, field: str) -> bytes:
     payload = re.sub(r"\s+", "", payload)
     payload += "=" * (-len(payload) % 4)
     try:
-        return base64.b64decode(
-            payload, altchars=b"-_" if "-" in payload or "_" in payload else None, validate=True
-        )
+        return base64.b64decode(payload, altchars=b"-_" if "-" in payload or "_" in payload else None,
+                                validate=True)
     except (binascii.Error, ValueError):
         raise JobInputError(
             f"`{field}` is neither an http(s) URL nor valid base64 (data: URLs are accepted too)"
@@ -259,13 +228,9 @@ def _read_body(response: Any, max_bytes: int, deadline: float, url: str) -> byte
     chunks, total = [], 0
     while True:
         if time.monotonic() > deadline:
-            raise JobInputError(
-                f"{_short_url(url)}: the download did not finish in time "
-                "(STEADYDANCER_DOWNLOAD_TIMEOUT)"
-            )
-        chunk = (
-            read(1 << 20, decode_content=True) if read else raw.read(1 << 16, decode_content=True)
-        )
+            raise JobInputError(f"{_short_url(url)}: the download did not finish in time "
+                                "(STEADYDANCER_DOWNLOAD_TIMEOUT)")
+        chunk = read(1 << 20, decode_content=True) if read else raw.read(1 << 16, decode_content=True)
         if not chunk:
             break
         total += len(chunk)
@@ -274,19 +239,9 @@ def _read_body(response: Any, max_bytes: int, deadline: float, url: str) -> byte
         chunks.append(chunk)
     data = b"".join(chunks)
     declared = response.headers.get("Content-Length")
-    encoded = response.headers.get("Content-Encoding", "identity").strip().lower() not in (
-        "",
-        "identity",
-    )
-    if (
-        declared is not None
-        and declared.strip().isdigit()
-        and not encoded
-        and int(declared) != len(data)
-    ):
-        raise JobInputError(
-            f"{_short_url(url)}: the download stopped after {len(data)} of {declared} bytes"
-        )
+    encoded = response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+    if declared is not None and declared.strip().isdigit() and not encoded and int(declared) != len(data):
+        raise JobInputError(f"{_short_url(url)}: the download stopped after {len(data)} of {declared} bytes")
     return data
 
 
@@ -302,11 +257,8 @@ def fetch_url_safely(url: str, max_bytes: int, timeout: float = 60.0) -> bytes:
 
     deadline = time.monotonic() + timeout
     try:
-        response = safe_get(
-            url,
-            timeout=(min(CONNECT_TIMEOUT, timeout), min(READ_TIMEOUT, timeout)),
-            max_bytes=max_bytes,
-        )
+        response = safe_get(url, timeout=(min(CONNECT_TIMEOUT, timeout), min(READ_TIMEOUT, timeout)),
+                            max_bytes=max_bytes)
         with response:
             if response.status_code != 200:
                 raise JobInputError(f"{_short_url(url)}: HTTP {response.status_code}")
@@ -322,13 +274,8 @@ def fetch_url_safely(url: str, max_bytes: int, timeout: float = 60.0) -> bytes:
 
 
 def load_media(
-    value: Any,
-    field: str,
-    allowed: frozenset[str],
-    *,
-    max_bytes: int | None = None,
-    fetch_url: Callable[[str, int, float], bytes] = fetch_url_safely,
-    budget: _Budget | None = None,
+    value: Any, field: str, allowed: frozenset[str], *, max_bytes: int | None = None,
+    fetch_url: Callable[[str, int, float], bytes] = fetch_url_safely, budget: _Budget | None = None,
 ) -> tuple[bytes, str]:
     """(bytes, file type) of a media field given as base64 or URL; checks the type.
 
@@ -336,12 +283,8 @@ def load_media(
     and download time; without it, `max_bytes` bounds the file.
     """
     if budget is None:
-        budget = _Budget(
-            Limits(
-                max_media_bytes=max_bytes or Limits.max_media_bytes,
-                max_total_bytes=max_bytes or Limits.max_media_bytes,
-            )
-        )
+        budget = _Budget(Limits(max_media_bytes=max_bytes or Limits.max_media_bytes,
+                                max_total_bytes=max_bytes or Limits.max_media_bytes))
     per_file = budget.limits.max_media_bytes
     if not isinstance(value, str) or not value.strip():
         raise JobInputError(f"`{field}` must be a base64 string or an http(s) URL")
@@ -352,15 +295,11 @@ def load_media(
     else:
         estimate = len(text) * 3 // 4 - 3
         if estimate > per_file:
-            raise JobInputError(
-                f"`{field}` is larger than {_mb(per_file)} MB (STEADYDANCER_MAX_INPUT_MB)"
-            )
+            raise JobInputError(f"`{field}` is larger than {_mb(per_file)} MB (STEADYDANCER_MAX_INPUT_MB)")
         budget.spend(max(0, estimate), field, check_only=True)
         data = decode_base64(text, field)
     if len(data) > per_file:
-        raise JobInputError(
-            f"`{field}` is larger than {_mb(per_file)} MB (STEADYDANCER_MAX_INPUT_MB)"
-        )
+        raise JobInputError(f"`{field}` is larger than {_mb(per_file)} MB (STEADYDANCER_MAX_INPUT_MB)")
     budget.spend(len(data), field)
     kind = sniff_type(data)
     if kind not in allowed:
@@ -371,20 +310,15 @@ def load_media(
 
 # --- finding the inputs of the bundled workflow ----------------------------------------
 
-
 def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
 
 
-def literal_inputs(
-    workflow: dict[str, Any], name: str, class_types: set[str] | None = None
-) -> list[str]:
+def literal_inputs(workflow: dict[str, Any], name: str, class_types: set[str] | None = None) -> list[str]:
     """Ids of nodes whose input `name` is a literal value (not a link), optionally by class."""
     return [
-        node_id
-        for node_id, node in workflow.items()
-        if isinstance(node, dict)
-        and name in node.get("inputs", {})
+        node_id for node_id, node in workflow.items()
+        if isinstance(node, dict) and name in node.get("inputs", {})
         and not _is_link(node["inputs"][name])
         and (class_types is None or node.get("class_type") in class_types)
     ]
@@ -404,9 +338,7 @@ def linked_text_nodes(workflow: dict[str, Any], input_name: str) -> list[str]:
 
 def _one(workflow: dict[str, Any], ids: list[str], what: str, title_hint: str | None = None) -> str:
     if title_hint and len(ids) > 1:
-        titled = [
-            i for i in ids if title_hint in workflow[i].get("_meta", {}).get("title", "").lower()
-        ]
+        titled = [i for i in ids if title_hint in workflow[i].get("_meta", {}).get("title", "").lower()]
         if len(titled) == 1:
             return titled[0]
     if len(ids) != 1:
@@ -426,7 +358,6 @@ def _set(workflow: dict[str, Any], ids: list[str], name: str, value: Any, what: 
 
 
 # --- the request ------------------------------------------------------------------------
-
 
 def _int(params: dict[str, Any], key: str, low: int, high: int, multiple: int = 1) -> int | None:
     if key not in params or params[key] is None:
@@ -449,19 +380,13 @@ def parse_size(params: dict[str, Any]) -> tuple[int | None, int | None]:
     if size is not None:
         if "width" in params or "height" in params:
             raise JobInputError("give either `size` or `width`/`height`, not both")
-        match = (
-            re.fullmatch(r"\s*([0-9]{1,6})\s*[x×*]\s*([0-9]{1,6})\s*", size)
-            if isinstance(size, str)
-            else None
-        )
+        match = re.fullmatch(r"\s*([0-9]{1,6})\s*[x×*]\s*([0-9]{1,6})\s*", size) if isinstance(size, str) else None
         if match:
             w, h = (int(v) for v in match.groups())
         elif isinstance(size, list | tuple) and len(size) == 2:
             w, h = size
         else:
-            raise JobInputError(
-                f'`size` must look like "480x832" or [480, 832], got {_short(size)}'
-            )
+            raise JobInputError(f"`size` must look like \"480x832\" or [480, 832], got {_short(size)}")
         params = {"width": w, "height": h}
     return _int(params, "width", 16, 4096, 16), _int(params, "height", 16, 4096, 16)
 
@@ -470,9 +395,7 @@ def _check_keys(params: dict[str, Any], allowed: frozenset[str], mode: str) -> N
     unknown = sorted(set(params) - allowed)
     if unknown:
         shown = _short(unknown[:5], 200)
-        raise JobInputError(
-            f"unknown input {shown} for a {mode}; accepted: {', '.join(sorted(allowed))}"
-        )
+        raise JobInputError(f"unknown input {shown} for a {mode}; accepted: {', '.join(sorted(allowed))}")
 
 
 def _check_prompt(value: Any, what: str, limits: Limits) -> str:
@@ -515,9 +438,7 @@ def _plain_copy(workflow: Any) -> Any:
     except RecursionError:
         raise JobInputError("`workflow` is nested too deeply") from None
     except (TypeError, ValueError) as exc:
-        raise JobInputError(
-            f"`workflow` is not plain JSON (NaN and Infinity are not allowed): {exc}"
-        ) from None
+        raise JobInputError(f"`workflow` is not plain JSON (NaN and Infinity are not allowed): {exc}") from None
 
 
 def load_workflow(path: Path = WORKFLOW) -> dict[str, Any]:
@@ -528,14 +449,9 @@ def load_workflow(path: Path = WORKFLOW) -> dict[str, Any]:
 
 
 def prepare(
-    params: Any,
-    *,
-    workflow: dict[str, Any] | None = None,
-    max_bytes: int | None = None,
-    limits: Limits | None = None,
-    fetch_url: Callable[[str, int, float], bytes] = fetch_url_safely,
-    rng: random.Random | None = None,
-    folder: str | None = None,
+    params: Any, *, workflow: dict[str, Any] | None = None, max_bytes: int | None = None,
+    limits: Limits | None = None, fetch_url: Callable[[str, int, float], bytes] = fetch_url_safely,
+    rng: random.Random | None = None, folder: str | None = None,
 ) -> PreparedJob:
     """Check a job's input and build the workflow and the uploads it needs.
 
@@ -544,22 +460,14 @@ def prepare(
     """
     limits = limits or Limits()
     if max_bytes is not None:
-        limits = replace(
-            limits,
-            max_media_bytes=max_bytes,
-            max_total_bytes=max(max_bytes, limits.max_total_bytes),
-        )
+        limits = replace(limits, max_media_bytes=max_bytes, max_total_bytes=max(max_bytes, limits.max_total_bytes))
     if not isinstance(params, dict) or not params:
-        raise JobInputError(
-            "the job input must be an object with `workflow`, or `image` and `video`"
-        )
+        raise JobInputError("the job input must be an object with `workflow`, or `image` and `video`")
     budget = _Budget(limits)
     folder = folder or _job_folder()
     if "workflow" in params:
         return _prepare_workflow(params, limits, budget, fetch_url, folder)
-    return _prepare_simple(
-        params, workflow, limits, budget, fetch_url, rng or random.Random(), folder
-    )
+    return _prepare_simple(params, workflow, limits, budget, fetch_url, rng or random.Random(), folder)
 
 
 def _rename_references(workflow: dict[str, Any], renames: dict[str, str]) -> None:
@@ -571,16 +479,13 @@ def _rename_references(workflow: dict[str, Any], renames: dict[str, str]) -> Non
                 continue
             base, annotation = value, ""
             if value.endswith(" [input]"):
-                base, annotation = value[: -len(" [input]")], " [input]"
+                base, annotation = value[:-len(" [input]")], " [input]"
             if base in renames:
                 inputs[key] = renames[base] + annotation
 
 
 def _prepare_workflow(
-    params: dict[str, Any],
-    limits: Limits,
-    budget: _Budget,
-    fetch_url: Callable[[str, int, float], bytes],
+    params: dict[str, Any], limits: Limits, budget: _Budget, fetch_url: Callable[[str, int, float], bytes],
     folder: str,
 ) -> PreparedJob:
     _check_keys(params, WORKFLOW_FIELDS, "workflow request")
@@ -596,18 +501,12 @@ def _prepare_workflow(
         raise JobInputError("`workflow` must be an API-format workflow (an object of nodes)")
     if "nodes" in workflow and "links" in workflow:
         raise JobInputError(
-            '`workflow` is in the UI format: export it with "Export (API)" in ComfyUI instead'
+            "`workflow` is in the UI format: export it with \"Export (API)\" in ComfyUI instead"
         )
     workflow = _plain_copy(workflow)
     for node_id, node in workflow.items():
-        if (
-            not isinstance(node, dict)
-            or not isinstance(node.get("class_type"), str)
-            or not node["class_type"]
-        ):
-            raise JobInputError(
-                f"`workflow` node {_short(node_id)} has no class_type: is this the API format?"
-            )
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            raise JobInputError(f"`workflow` node {_short(node_id)} has no class_type: is this the API format?")
         if not isinstance(node.setdefault("inputs", {}), dict):
             raise JobInputError(f"`workflow` node {_short(node_id)}: `inputs` must be an object")
         for key, value in node["inputs"].items():
@@ -617,61 +516,42 @@ def _prepare_workflow(
     images = params.get("images")
     images = [] if images is None else images
     if not isinstance(images, list):
-        raise JobInputError('`images` must be a list of {"name": ..., "image": <base64 or URL>}')
+        raise JobInputError("`images` must be a list of {\"name\": ..., \"image\": <base64 or URL>}")
     if len(images) > limits.max_images:
-        raise JobInputError(
-            f"`images` has {len(images)} entries, more than the {limits.max_images} allowed "
-            "(STEADYDANCER_MAX_IMAGES)"
-        )
+        raise JobInputError(f"`images` has {len(images)} entries, more than the {limits.max_images} allowed "
+                            "(STEADYDANCER_MAX_IMAGES)")
     seen: set[str] = set()
     for i, item in enumerate(images):
         if not isinstance(item, dict) or "image" not in item or set(item) - {"name", "image"}:
-            raise JobInputError(f'`images[{i}]` must be {{"name": ..., "image": <base64 or URL>}}')
+            raise JobInputError(f"`images[{i}]` must be {{\"name\": ..., \"image\": <base64 or URL>}}")
         name = check_upload_name(item.get("name"), f"images[{i}].name")
         if name in seen:
             raise JobInputError(f"`images[{i}].name` {_short(name)} is given twice")
         seen.add(name)
     for i, item in enumerate(images):
-        data, _ = load_media(
-            item["image"],
-            f"images[{i}]",
-            IMAGE_TYPES | VIDEO_TYPES,
-            fetch_url=fetch_url,
-            budget=budget,
-        )
+        data, _ = load_media(item["image"], f"images[{i}]", IMAGE_TYPES | VIDEO_TYPES,
+                             fetch_url=fetch_url, budget=budget)
         uploads.append(Upload(item["name"], data, folder))
     _rename_references(workflow, {u.name: u.path for u in uploads})
     return PreparedJob(workflow, uploads, folder=folder)
 
 
 def _prepare_simple(
-    params: dict[str, Any],
-    template: dict[str, Any] | None,
-    limits: Limits,
-    budget: _Budget,
-    fetch_url: Callable[[str, int, float], bytes],
-    rng: random.Random,
-    folder: str,
+    params: dict[str, Any], template: dict[str, Any] | None, limits: Limits, budget: _Budget,
+    fetch_url: Callable[[str, int, float], bytes], rng: random.Random, folder: str,
 ) -> PreparedJob:
     _check_keys(params, SIMPLE_FIELDS, "simple request (or send `workflow`)")
     for key in ("image", "video"):
         if key not in params:
-            raise JobInputError(
-                f"`{key}` is required (base64 or an http(s) URL), or send a full `workflow`"
-            )
+            raise JobInputError(f"`{key}` is required (base64 or an http(s) URL), or send a full `workflow`")
     # Everything that costs nothing is checked before any download.
-    prompts = {
-        key: _check_prompt(params[key], key, limits)
-        for key in ("prompt", "negative_prompt")
-        if params.get(key) is not None
-    }
+    prompts = {key: _check_prompt(params[key], key, limits)
+               for key in ("prompt", "negative_prompt") if params.get(key) is not None}
     seed = _int(params, "seed", 0, MAX_SEED)
     width, height = parse_size(params)
     length = _int(params, "length", 1, MAX_LENGTH)
     if length is not None and (length - 1) % 4:
-        raise JobInputError(
-            f"`length` must be 4k+1 frames (5, 9, ..., 81, ..., 481, ...), got {length}"
-        )
+        raise JobInputError(f"`length` must be 4k+1 frames (5, 9, ..., 81, ..., 481, ...), got {length}")
     steps = _int(params, "steps", 1, 200)
     model = params.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > 255):
@@ -680,26 +560,15 @@ def _prepare_simple(
     if template is None:  # the bundled workflow; a long video is sampled in context windows
         template = load_workflow(LONG_WORKFLOW if (length or 0) > MODEL_FRAMES else WORKFLOW)
     workflow = copy.deepcopy(template)
-    image, image_type = load_media(
-        params["image"], "image", IMAGE_TYPES - {"gif"}, fetch_url=fetch_url, budget=budget
-    )
-    video, video_type = load_media(
-        params["video"], "video", VIDEO_TYPES, fetch_url=fetch_url, budget=budget
-    )
-    uploads = [
-        Upload(f"reference.{image_type}", image, folder),
-        Upload(f"driving.{video_type}", video, folder),
-    ]
-    node = _one(
-        workflow,
-        literal_inputs(workflow, "image", {"LoadImage"}),
-        "the reference image",
-        "reference",
-    )
+    image, image_type = load_media(params["image"], "image", IMAGE_TYPES - {"gif"},
+                                   fetch_url=fetch_url, budget=budget)
+    video, video_type = load_media(params["video"], "video", VIDEO_TYPES,
+                                   fetch_url=fetch_url, budget=budget)
+    uploads = [Upload(f"reference.{image_type}", image, folder),
+               Upload(f"driving.{video_type}", video, folder)]
+    node = _one(workflow, literal_inputs(workflow, "image", {"LoadImage"}), "the reference image", "reference")
     workflow[node]["inputs"]["image"] = uploads[0].path
-    loaders = [
-        i for cls, name in VIDEO_LOADERS.items() for i in literal_inputs(workflow, name, {cls})
-    ]
+    loaders = [i for cls, name in VIDEO_LOADERS.items() for i in literal_inputs(workflow, name, {cls})]
     node = _one(workflow, loaders, "the driving video", "driving")
     workflow[node]["inputs"][VIDEO_LOADERS[workflow[node]["class_type"]]] = uploads[1].path
 
@@ -722,23 +591,11 @@ def _prepare_simple(
         _set(workflow, literal_inputs(workflow, "width"), "width", width, "the width")
         _set(workflow, literal_inputs(workflow, "height"), "height", height, "the height")
     if length is not None:
-        _set(
-            workflow,
-            literal_inputs(workflow, "length", _LENGTH_NODES),
-            "length",
-            length,
-            "the length",
-        )
+        _set(workflow, literal_inputs(workflow, "length", _LENGTH_NODES), "length", length, "the length")
     if steps is not None:
         _set(workflow, literal_inputs(workflow, "steps"), "steps", steps, "the steps")
     if model is not None:
-        _set(
-            workflow,
-            literal_inputs(workflow, "model_name"),
-            "model_name",
-            model.strip(),
-            "the model",
-        )
+        _set(workflow, literal_inputs(workflow, "model_name"), "model_name", model.strip(), "the model")
     return PreparedJob(workflow, uploads, seed, folder)
 
 

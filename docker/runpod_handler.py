@@ -84,12 +84,8 @@ class ProgressReporter:
     """Turns ComfyUI progress events into RunPod progress updates, at most one per interval."""
 
     def __init__(
-        self,
-        job: dict[str, Any],
-        workflow: dict[str, Any],
-        send: Callable[[dict[str, Any], Any], None],
-        interval: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
+        self, job: dict[str, Any], workflow: dict[str, Any], send: Callable[[dict[str, Any], Any], None],
+        interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job, self.workflow, self.send = job, workflow, send
         self.interval, self.clock = interval, clock
@@ -133,13 +129,8 @@ def upload_to_s3(job_id: str, name: str, data: bytes) -> str:
 
 
 def encode_outputs(
-    job_id: str,
-    files: list[tuple[OutputFile, bytes]],
-    *,
-    mode: str,
-    inline_limit: int,
-    s3_ready: bool,
-    s3_upload: Callable[[str, str, bytes], str] = upload_to_s3,
+    job_id: str, files: list[tuple[OutputFile, bytes]], *, mode: str, inline_limit: int,
+    s3_ready: bool, s3_upload: Callable[[str, str, bytes], str] = upload_to_s3,
 ) -> list[dict[str, Any]]:
     """The result entries for the saved files: base64, or S3 URLs.
 
@@ -189,11 +180,7 @@ def list_files(folder: Path) -> set[Path]:
 
 
 def remove_job_files(
-    comfyui_dir: Path,
-    inputs: list[str],
-    outputs: list[OutputFile],
-    *,
-    job_folder: str = "",
+    comfyui_dir: Path, inputs: list[str], outputs: list[OutputFile], *, job_folder: str = "",
     existing_outputs: set[Path] | None = None,
 ) -> None:
     """Delete what a finished job created in ComfyUI's input and output folders.
@@ -207,9 +194,7 @@ def remove_job_files(
     output_root = (comfyui_dir / "output").resolve()
     upload_root = (input_root / job_folder).resolve() if job_folder else input_root
     candidates = [(input_root / name, upload_root) for name in inputs]
-    candidates += [
-        (output_root / o.subfolder / o.filename, output_root) for o in outputs if o.type == "output"
-    ]
+    candidates += [(output_root / o.subfolder / o.filename, output_root) for o in outputs if o.type == "output"]
     for path, root in candidates:
         resolved = path.resolve()
         if not resolved.is_relative_to(root) or resolved == root:
@@ -228,9 +213,7 @@ def remove_job_files(
 
 
 def run_job(
-    job: dict[str, Any],
-    *,
-    client: ComfyClient | None = None,
+    job: dict[str, Any], *, client: ComfyClient | None = None,
     send: Callable[[dict[str, Any], Any], None] = send_progress,
     s3_upload: Callable[[str, str, bytes], str] = upload_to_s3,
     environ: dict[str, str] | os._Environ = os.environ,
@@ -261,32 +244,21 @@ def run_job(
             # another name (caught below), so nothing of anyone else's is replaced.
             stored = client.upload(upload.name, upload.data, subfolder=upload.subfolder)
             if stored != upload.path:
-                raise ComfyError(
-                    f"ComfyUI stored {upload.path} as {stored}; the job's folder was not empty"
-                )
+                raise ComfyError(f"ComfyUI stored {upload.path} as {stored}; the job's folder was not empty")
             uploaded.append(stored)
         reporter = ProgressReporter(job, prepared.workflow, send)
-        prompt_id, entry = client.run(
-            prepared.workflow,
-            on_progress=reporter,
-            timeout=_env_float(environ, "STEADYDANCER_JOB_TIMEOUT", 3600),
-        )
+        prompt_id, entry = client.run(prepared.workflow, on_progress=reporter,
+                                      timeout=_env_float(environ, "STEADYDANCER_JOB_TIMEOUT", 3600))
         log.info("job %s: prompt %s finished", job_id, prompt_id)
         saved = collect_outputs(entry)
         if not saved:
-            return {
-                "error": "the workflow finished but saved no file: it needs a SaveVideo or "
-                "SaveImage node",
-                "prompt_id": prompt_id,
-            }
+            return {"error": "the workflow finished but saved no file: it needs a SaveVideo or "
+                             "SaveImage node", "prompt_id": prompt_id}
         files = [(output, client.download(output)) for output in saved]
         outputs = encode_outputs(
-            job_id,
-            files,
-            mode=environ.get("STEADYDANCER_OUTPUT", "auto").strip().lower(),
+            job_id, files, mode=environ.get("STEADYDANCER_OUTPUT", "auto").strip().lower(),
             inline_limit=int(_env_float(environ, "STEADYDANCER_INLINE_LIMIT_MB", 15) * 2**20),
-            s3_ready=s3_configured(environ),
-            s3_upload=s3_upload,
+            s3_ready=s3_configured(environ), s3_upload=s3_upload,
         )
     except JobTimeout as exc:
         grace = _env_float(environ, "STEADYDANCER_INTERRUPT_GRACE", 60)
@@ -294,22 +266,13 @@ def run_job(
             return {"error": str(exc), "prompt_id": exc.prompt_id}
         # A node that never checks for interrupts still holds ComfyUI (and the GPU): RunPod
         # replaces this worker after the job instead of giving it the next one.
-        log.error(
-            "prompt %s still runs %.0f s after its interrupt: asking RunPod for a new worker",
-            exc.prompt_id,
-            grace,
-        )
-        return {
-            "error": f"{exc}; it did not stop within {grace:.0f} s of its interrupt, so the worker "
-            "is replaced",
-            "prompt_id": exc.prompt_id,
-            "refresh_worker": True,
-        }
+        log.error("prompt %s still runs %.0f s after its interrupt: asking RunPod for a new worker",
+                  exc.prompt_id, grace)
+        return {"error": f"{exc}; it did not stop within {grace:.0f} s of its interrupt, so the worker "
+                         "is replaced", "prompt_id": exc.prompt_id, "refresh_worker": True}
     except WorkflowRejected as exc:
-        return {
-            "error": f"ComfyUI rejected the workflow: {exc}",
-            "node_errors": exc.details.get("node_errors") or {},
-        }
+        return {"error": f"ComfyUI rejected the workflow: {exc}",
+                "node_errors": exc.details.get("node_errors") or {}}
     except ExecutionFailed as exc:
         keys = ("node_id", "node_type", "exception_type", "exception_message")
         return {"error": str(exc), "details": {k: exc.details[k] for k in keys if k in exc.details}}
@@ -317,18 +280,10 @@ def run_job(
         return {"error": str(exc)}
     finally:
         if cleanup_dir is not None:
-            remove_job_files(
-                cleanup_dir,
-                uploaded,
-                saved,
-                job_folder=prepared.folder,
-                existing_outputs=existing_outputs,
-            )
-    result: dict[str, Any] = {
-        "prompt_id": prompt_id,
-        "outputs": outputs,
-        "seconds": round(time.monotonic() - started, 1),
-    }
+            remove_job_files(cleanup_dir, uploaded, saved, job_folder=prepared.folder,
+                             existing_outputs=existing_outputs)
+    result: dict[str, Any] = {"prompt_id": prompt_id, "outputs": outputs,
+                              "seconds": round(time.monotonic() - started, 1)}
     if prepared.seed is not None:
         result["seed"] = prepared.seed
     return result
@@ -346,9 +301,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         keep = os.environ.get("STEADYDANCER_KEEP_FILES", "").strip() in ("1", "true", "yes")
         return run_job(job, cleanup_dir=None if keep or not comfyui_dir.is_dir() else comfyui_dir)
     except Exception as exc:
-        log.exception(
-            "job %s failed unexpectedly", job.get("id") if isinstance(job, dict) else None
-        )
+        log.exception("job %s failed unexpectedly", job.get("id") if isinstance(job, dict) else None)
         return {"error": f"internal error ({type(exc).__name__}): {str(exc)[:300]}"}
 
 
@@ -366,12 +319,8 @@ def save_outputs(result: dict[str, Any], folder: Path) -> list[Path]:
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     """The result without base64 payloads, for printing."""
-    return {
-        **result,
-        "outputs": [
-            {k: v for k, v in e.items() if k != "base64"} for e in result.get("outputs", [])
-        ],
-    }
+    return {**result, "outputs": [{k: v for k, v in e.items() if k != "base64"}
+                                  for e in result.get("outputs", [])]}
 
 
 def _run_file(job_file: str, save: Path | None) -> int:
@@ -401,18 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--job" in args:
         parser = argparse.ArgumentParser(description="run one job without the RunPod SDK")
-        parser.add_argument(
-            "--job", required=True, help='job JSON file ({"input": ...}), or - for stdin'
-        )
+        parser.add_argument("--job", required=True, help="job JSON file ({\"input\": ...}), or - for stdin")
         parser.add_argument("--save", type=Path, help="write the returned files here")
         options = parser.parse_args(args)
         return _run_file(options.job, options.save)
     import runpod
 
-    if not os.environ.get("RUNPOD_WEBHOOK_GET_JOB") and not {
-        "--test_input",
-        "--rp_serve_api",
-    } & set(args):
+    if not os.environ.get("RUNPOD_WEBHOOK_GET_JOB") and not {"--test_input", "--rp_serve_api"} & set(args):
         # Off RunPod the SDK runs one local job from ./test_input.json: use the one next to this file.
         log.info("not on RunPod (no RUNPOD_WEBHOOK_GET_JOB): running %s once", TEST_INPUT)
         args = ["--test_input", *args]

@@ -35,7 +35,8 @@ def check_log(log: str, package: str) -> list[str]:
     lines = _plain_lines(log)
     problems = [line.strip() for line in lines if "IMPORT FAILED" in line]
     loaded = [
-        m for m in map(_IMPORT_LINE.match, lines) if m and Path(m.group("path")).name == package
+        m for m in map(_IMPORT_LINE.match, lines)
+        if m and Path(m.group("path")).name == package
     ]
     if not loaded:
         problems.append(f"custom node {package!r} is not in ComfyUI's import list (was it copied?)")

@@ -350,11 +350,7 @@ def _gguf_compute_dtype(
 
 def _use_fp8_matmul(dit: torch.nn.Module, device: torch.device) -> None:
     """Turn the fp8 product on for the linear layers that hold scaled fp8 weights."""
-    layers = [
-        m
-        for m in dit.modules()
-        if isinstance(m, GGUFOps.Linear) and isinstance(m.weight, Fp8Tensor)
-    ]
+    layers = [m for m in dit.modules() if isinstance(m, GGUFOps.Linear) and isinstance(m.weight, Fp8Tensor)]
     if not layers:
         logger.warning("SteadyDancer: fp8_matmul applies to scaled fp8 .safetensors files; this model has no "
                        "fp8 weights, so it runs as usual")  # fmt: skip

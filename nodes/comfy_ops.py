@@ -74,9 +74,7 @@ def cast_bias_weight(
     return weight, bias
 
 
-def cast_bias(
-    layer: torch.nn.Module, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor | None:
+def cast_bias(layer: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """The layer's bias (if any) as `dtype` on `device`, with its patch functions applied."""
     if layer.bias is None:
         return None
@@ -131,9 +129,7 @@ class GGUFOps(comfy.ops.manual_cast):
 
 # ComfyUI 0.3x moved this to comfy.utils; the old name still works there but warns on each call.
 _string_to_seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
-_Backup = collections.namedtuple(
-    "Dimension", ["weight", "inplace_update"]
-)  # ComfyUI's backup record
+_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ComfyUI's backup record
 
 
 def _multiplies_in_fp8(module: torch.nn.Module, weight: torch.Tensor, device: torch.device) -> bool:

@@ -139,11 +139,7 @@ class SteadyDancerModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls,
-        model_name: str,
-        compute_dtype: str = "default",
-        attention: str = "auto",
-        fp8_matmul: bool = False,
+        cls, model_name: str, compute_dtype: str = "default", attention: str = "auto", fp8_matmul: bool = False
     ) -> io.NodeOutput:
         # fp8 .safetensors are dequantised into the compute dtype (bf16 unless one is chosen).
         state_dict = read_weights(
@@ -151,10 +147,7 @@ class SteadyDancerModelLoader(io.ComfyNode):
         )
         return io.NodeOutput(
             build_model_patcher(
-                state_dict,
-                compute_dtype=compute_dtype,
-                attention=attention,
-                fp8_matmul=bool(fp8_matmul),
+                state_dict, compute_dtype=compute_dtype, attention=attention, fp8_matmul=bool(fp8_matmul)
             )
         )
 

@@ -150,20 +150,14 @@ def detector_device() -> str:
     return "cpu" if device.type == "cpu" else str(device)
 
 
-def _load_from_folders(
-    backend: str, colour_order: str = "reference", runtime: str = "auto"
-) -> PoseDetector:
+def _load_from_folders(backend: str, colour_order: str = "reference", runtime: str = "auto") -> PoseDetector:
     """The detector from the first `dwpose` folder holding this backend's checkpoints."""
     folders = folder_paths.get_folder_paths(DWPOSE_FOLDER)
     first_error: CheckpointNotFoundError | None = None
     for folder in folders:
         try:
             return load_detector(
-                backend,
-                folder,
-                device=detector_device(),
-                colour_order=colour_order,
-                runtime=runtime,
+                backend, folder, device=detector_device(), colour_order=colour_order, runtime=runtime
             )
         except CheckpointNotFoundError as error:
             first_error = first_error or error
@@ -274,10 +268,7 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(
-        cls,
-        backend: str | None = None,
-        colour_order: str | None = None,
-        onnx_runtime: str | None = None,
+        cls, backend: str | None = None, colour_order: str | None = None, onnx_runtime: str | None = None
     ) -> bool | str:
         return first_error(
             choice_error("backend", backend, BACKENDS),
@@ -286,9 +277,7 @@ class SteadyDancerPoseDetectorLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls, backend: str, colour_order: str = "reference", onnx_runtime: str = "auto"
-    ) -> io.NodeOutput:
+    def execute(cls, backend: str, colour_order: str = "reference", onnx_runtime: str = "auto") -> io.NodeOutput:
         return io.NodeOutput(_load_from_folders(backend, colour_order, onnx_runtime))
 
 

@@ -220,9 +220,7 @@ def reference_frame(
     """
     (draw_h, draw_w), (ref_h, ref_w) = draw_size, reference_size
     if min(draw_h, draw_w, ref_h, ref_w) <= 0:
-        raise PoseFormatError(
-            f"sizes must be positive, got draw {draw_w}x{draw_h} and reference {ref_w}x{ref_h}"
-        )
+        raise PoseFormatError(f"sizes must be positive, got draw {draw_w}x{draw_h} and reference {ref_w}x{ref_h}")
     drawn = render_pose(pose, 2 * int(draw_h), 2 * int(draw_w), colours=colours)
     image = _pil_image()
     resized = image.fromarray(drawn).resize((int(ref_w), int(ref_h)), image.Resampling.BICUBIC)

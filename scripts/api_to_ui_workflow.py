@@ -103,9 +103,7 @@ def main() -> int:
         raise SystemExit(workflow["error"])
     for node in workflow["nodes"]:
         if str(node["id"]) in FIXED_SEED_NODES:
-            node["widgets_values"] = [
-                "fixed" if v == "randomize" else v for v in node["widgets_values"]
-            ]
+            node["widgets_values"] = ["fixed" if v == "randomize" else v for v in node["widgets_values"]]
     out = REPO_ROOT / "workflows" / ui_name
     out.write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out} ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links)")

@@ -55,13 +55,7 @@ class ComfyServer:
     """A ComfyUI process on a free loopback port; `stop()` ends it (only it)."""
 
     def __init__(
-        self,
-        comfyui_dir: Path,
-        work: Path,
-        models: Path,
-        *,
-        input_dir: Path | None = None,
-        output_dir: Path | None = None,
+        self, comfyui_dir: Path, work: Path, models: Path, *, input_dir: Path | None = None, output_dir: Path | None = None,
         comfy_args: tuple[str, ...] = ("--cpu",),
     ) -> None:
         """`comfy_args`: ComfyUI's own flags (default `--cpu`; () starts it as it starts on a GPU)."""
@@ -84,9 +78,7 @@ class ComfyServer:
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command, cwd=comfyui_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env
-        )
+        self.process = subprocess.Popen(command, cwd=comfyui_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def log(self, tail: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:]
@@ -107,13 +99,10 @@ class ComfyServer:
         failed = [
             line
             for line in self.log_path.read_text(errors="replace").splitlines()
-            if PACKAGE_FOLDER in line
-            and ("IMPORT FAILED" in line or "Error while calling comfy_entrypoint" in line)
+            if PACKAGE_FOLDER in line and ("IMPORT FAILED" in line or "Error while calling comfy_entrypoint" in line)
         ]
         if failed:  # ComfyUI starts anyway; say why our nodes are missing
-            raise RuntimeError(
-                f"ComfyUI could not load the package ({failed[0].strip()}):\n{self.log(8000)}"
-            )
+            raise RuntimeError(f"ComfyUI could not load the package ({failed[0].strip()}):\n{self.log(8000)}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -134,9 +123,7 @@ class ComfyServer:
 
     def submit(self, graph: dict) -> requests.Response:
         """POST /prompt; the response is returned as is (200 with prompt_id, or 400 with node_errors)."""
-        return requests.post(
-            f"{self.url}/prompt", json={"prompt": graph, "client_id": self.client_id}, timeout=60
-        )
+        return requests.post(f"{self.url}/prompt", json={"prompt": graph, "client_id": self.client_id}, timeout=60)
 
     def interrupt(self) -> None:
         requests.post(f"{self.url}/interrupt", timeout=10).raise_for_status()
@@ -154,9 +141,7 @@ class ComfyServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log()}")
             time.sleep(0.5)
-        raise TimeoutError(
-            f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log()}"
-        )
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log()}")
 
     def websocket(self):  # -> websocket.WebSocket
         import websocket
@@ -198,7 +183,5 @@ def saved_files(entry: dict) -> list[dict]:
     for output in entry.get("outputs", {}).values():
         for items in output.values():
             if isinstance(items, list):
-                files.extend(
-                    item for item in items if isinstance(item, dict) and "filename" in item
-                )
+                files.extend(item for item in items if isinstance(item, dict) and "filename" in item)
     return files

@@ -63,30 +63,21 @@ def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torc
 
     lower = name.lower()
     device = gen.device
-    if any(k in lower for k in ("norm", "gamma", "ln_", "layrnorm")) and (
-        lower.endswith("weight") or "gamma" in lower
-    ):
+    if any(k in lower for k in ("norm", "gamma", "ln_", "layrnorm")) and (lower.endswith("weight") or "gamma" in lower):
         return torch.ones(shape, device=device)
     if lower.endswith("bias") or len(shape) <= 1:
         return torch.zeros(shape, device=device)
     if "embedding" in lower:
         return torch.randn(shape, generator=gen, device=device) * EMBEDDING_STD
-    return torch.randn(shape, generator=gen, device=device) / float(
-        np.sqrt(max(int(np.prod(shape[1:])), 1))
-    )
+    return torch.randn(shape, generator=gen, device=device) / float(np.sqrt(max(int(np.prod(shape[1:])), 1)))
 
 
-def random_weights(
-    shapes: dict[str, tuple[int, ...]], seed: int, dtype: str
-) -> dict[str, torch.Tensor]:
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: str) -> dict[str, torch.Tensor]:
     """`init_tensor` for every name, in `dtype`, on the CPU."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    return {
-        name: init_tensor(name, shape, gen).to(getattr(torch, dtype)).contiguous()
-        for name, shape in shapes.items()
-    }
+    return {name: init_tensor(name, shape, gen).to(getattr(torch, dtype)).contiguous() for name, shape in shapes.items()}
 
 
 def use_comfyui(comfyui: Path) -> None:
@@ -126,12 +117,7 @@ def write_wan_vae(path: Path) -> None:
     from safetensors.torch import save_file
 
     model = comfy.ldm.wan.vae.WanVAE(
-        dim=96,
-        z_dim=16,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
+        dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True]
     )
     save_file(random_weights(_shapes(model), 3, "bfloat16"), str(path))
 
@@ -142,23 +128,11 @@ def write_dit(path: Path, work: Path) -> None:
 
     from steadydancer.keys import TinyConfig, tiny_state_dict
 
-    config = TinyConfig(
-        dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=TEXT_DIM, clip_dim=CLIP_DIM
-    )
+    config = TinyConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=TEXT_DIM, clip_dim=CLIP_DIM)
     source = work / "steadydancer_tiny.safetensors"
     save_file(tiny_state_dict(config, seed=4), str(source))
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "steadydancer.gguf.convert",
-            str(source),
-            str(path),
-            "--type",
-            "Q8_0",
-            "--overwrite",
-            "--quiet",
-        ],
+        [sys.executable, "-m", "steadydancer.gguf.convert", str(source), str(path), "--type", "Q8_0", "--overwrite", "--quiet"],
         cwd=REPO_ROOT,
         check=True,
     )
@@ -188,14 +162,10 @@ def _wholebody_points() -> np.ndarray:
 def _heat(centres: np.ndarray, bins: int, sigma: float = 2.0) -> np.ndarray:
     """SimCC vectors [1, K, bins]: a Gaussian of height 1 at each centre (in bins)."""
     grid = np.arange(bins, dtype=np.float32)
-    return np.exp(-((grid[None, :] - centres[:, None]) ** 2) / (2 * sigma**2))[None].astype(
-        np.float32
-    )
+    return np.exp(-((grid[None, :] - centres[:, None]) ** 2) / (2 * sigma**2))[None].astype(np.float32)
 
 
-def _constant_model(
-    input_shape: list, outputs: dict[str, np.ndarray | tuple[int, ...]], path: Path
-) -> None:
+def _constant_model(input_shape: list, outputs: dict[str, np.ndarray | tuple[int, ...]], path: Path) -> None:
     """An ONNX model whose outputs ignore the image: constant + 0 * mean(input), batch-sized.
 
     `outputs` maps a name to a constant [1, ...] array, or to a shape to fill with zeros.
@@ -208,10 +178,7 @@ def _constant_model(
         helper.make_node("Reshape", ["mean", "batch_shape"], ["per_item"]),
         helper.make_node("Mul", ["per_item", "zero"], ["nothing"]),
     ]
-    inits = [
-        numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "batch_shape"),
-        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
-    ]
+    inits = [numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "batch_shape"), numpy_helper.from_array(np.zeros((), np.float32), "zero")]
     graph_outputs = []
     for name, value in outputs.items():
         if isinstance(value, tuple):  # zeros of this shape: expand instead of storing them
@@ -224,11 +191,7 @@ def _constant_model(
             dims = ["N", *value.shape[1:]]
         graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     graph = helper.make_graph(
-        nodes,
-        path.stem,
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
-        graph_outputs,
-        inits,
+        nodes, path.stem, [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)], graph_outputs, inits
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -249,11 +212,7 @@ def write_pose_standins(folder: Path) -> None:
 
 
 def write_inputs(
-    folder: Path,
-    width: int = 96,
-    height: int = 96,
-    frames: int = DEMO["driving_frames"],
-    fps: int = DEMO["fps"],
+    folder: Path, width: int = 96, height: int = 96, frames: int = DEMO["driving_frames"], fps: int = DEMO["fps"]
 ) -> None:
     """A reference image and a driving video of `frames` frames (a moving figure on a plain background)."""
     import av
@@ -287,11 +246,7 @@ DEMO_FILES = {  # what demo_graph puts into the loaders by default: the tiny mod
 
 
 def demo_graph(
-    api_workflow: dict,
-    *,
-    prefix: str = "steadydancer/demo",
-    files: dict | None = None,
-    settings: dict | None = None,
+    api_workflow: dict, *, prefix: str = "steadydancer/demo", files: dict | None = None, settings: dict | None = None,
     detect_resolution: int = 128,
 ) -> dict:
     """The example API graph with other files and sizes (same nodes, same links): by default
@@ -313,19 +268,9 @@ def demo_graph(
             inputs["image"] = files["reference"]
         elif kind == "LoadVideo":
             inputs["file"] = files["driving"]
-        elif kind in (
-            "SteadyDancerImageToVideo",
-            "SteadyDancerPoseAlign",
-            "SteadyDancerGenerationSize",
-        ):
+        elif kind in ("SteadyDancerImageToVideo", "SteadyDancerPoseAlign", "SteadyDancerGenerationSize"):
             # the literal sizes (the auto-size node's width/height force the size); links stay links
-            inputs.update(
-                {
-                    k: settings[k]
-                    for k in ("width", "height")
-                    if k in inputs and not isinstance(inputs[k], list)
-                }
-            )
+            inputs.update({k: settings[k] for k in ("width", "height") if k in inputs and not isinstance(inputs[k], list)})
             if "length" in inputs:
                 inputs["length"] = settings["length"]
         elif kind == "BasicScheduler" or "steps" in inputs:
@@ -339,23 +284,9 @@ def demo_graph(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--comfyui",
-        type=Path,
-        required=True,
-        help="ComfyUI folder (its model classes are imported)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=REPO_ROOT / "tiny_models",
-        help="models folder to fill (default: tiny_models)",
-    )
-    parser.add_argument(
-        "--input",
-        type=Path,
-        help="where the reference image and driving video go (default: OUT/input)",
-    )
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder (its model classes are imported)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "tiny_models", help="models folder to fill (default: tiny_models)")
+    parser.add_argument("--input", type=Path, help="where the reference image and driving video go (default: OUT/input)")
     parser.add_argument("--graph", type=Path, help="also write the demo API graph here")
     parser.add_argument("--force", action="store_true", help="rebuild files that exist")
     args = parser.parse_args(argv)

@@ -35,10 +35,7 @@ def node_id(graph: dict, class_type: str) -> str:
 
 
 def with_context_windows(
-    graph: dict,
-    length: int | None = None,
-    context_length: int = CONTEXT_LENGTH,
-    context_overlap: int = CONTEXT_OVERLAP,
+    graph: dict, length: int | None = None, context_length: int = CONTEXT_LENGTH, context_overlap: int = CONTEXT_OVERLAP
 ) -> dict:
     """`graph` sampled in context windows: a WanContextWindowsManual node feeds the guider's model.
 
@@ -54,9 +51,7 @@ def with_context_windows(
         "fuse_method": "pyramid", "freenoise": True, "retain_first_frame": False, "split_conds_to_windows": False,
     }  # fmt: skip
     out[WINDOWS_NODE_ID] = {
-        "inputs": inputs,
-        "class_type": "WanContextWindowsManual",
-        "_meta": {"title": "WAN Context Windows (Manual)"},
+        "inputs": inputs, "class_type": "WanContextWindowsManual", "_meta": {"title": "WAN Context Windows (Manual)"},
     }
     guider["model"] = [WINDOWS_NODE_ID, 0]
     if length is not None:
@@ -75,11 +70,7 @@ def with_cache(graph: dict, kind: str, reuse_threshold: float = 0.2) -> dict:
     guider = out[node_id(out, "SteadyDancerGuider")]["inputs"]
     inputs = {"model": guider["model"], "reuse_threshold": reuse_threshold, "start_percent": 0.15,
               "end_percent": 0.95, "verbose": False}  # fmt: skip
-    out[CACHE_NODE_ID] = {
-        "inputs": inputs,
-        "class_type": CACHE_NODES[kind],
-        "_meta": {"title": CACHE_NODES[kind]},
-    }
+    out[CACHE_NODE_ID] = {"inputs": inputs, "class_type": CACHE_NODES[kind], "_meta": {"title": CACHE_NODES[kind]}}
     guider["model"] = [CACHE_NODE_ID, 0]
     return out
 
@@ -87,29 +78,13 @@ def with_cache(graph: dict, kind: str, reuse_threshold: float = 0.2) -> dict:
 # Guider and scheduler settings of the two presets (the reference's, and the distilled-step
 # LoRA's: 4 steps at text scale 1, the pose window kept); "lora" says a LoRA is needed.
 PRESETS = {
-    "reference": {
-        "steps": 40,
-        "text_scale": 5.0,
-        "pose_scale": 1.5,
-        "start": 0.1,
-        "end": 0.4,
-        "lora": False,
-    },
-    "fast": {
-        "steps": 4,
-        "text_scale": 1.0,
-        "pose_scale": 1.5,
-        "start": 0.1,
-        "end": 0.4,
-        "lora": True,
-    },
+    "reference": {"steps": 40, "text_scale": 5.0, "pose_scale": 1.5, "start": 0.1, "end": 0.4, "lora": False},
+    "fast": {"steps": 4, "text_scale": 1.0, "pose_scale": 1.5, "start": 0.1, "end": 0.4, "lora": True},
 }
 LORA_NODE_ID = "102"
 
 
-def with_preset(
-    graph: dict, preset: str, lora_name: str | None = None, lora_strength: float = 1.0
-) -> dict:
+def with_preset(graph: dict, preset: str, lora_name: str | None = None, lora_strength: float = 1.0) -> dict:
     """`graph` with a preset's steps and guidance; "fast" also puts `lora_name` (a distilled-step
     LoRA) on the DiT with ComfyUI's LoraLoaderModelOnly, before everything else that wraps it."""
     if preset not in PRESETS:
@@ -124,9 +99,7 @@ def with_preset(
     )
     if settings["lora"]:
         loader = [node_id(out, "SteadyDancerModelLoader"), 0]
-        for (
-            node
-        ) in out.values():  # everything that took the loaded model now takes it with the LoRA
+        for node in out.values():  # everything that took the loaded model now takes it with the LoRA
             for key, value in node["inputs"].items():
                 if value == loader:
                     node["inputs"][key] = [LORA_NODE_ID, 0]
@@ -150,12 +123,7 @@ def calls_per_step(preset: str) -> list[int]:
 
     s = PRESETS[preset]
     return [
-        len(
-            calls_needed(
-                s["text_scale"],
-                s["pose_scale"] != 0 and in_pose_window(i, s["steps"], s["start"], s["end"]),
-            )
-        )
+        len(calls_needed(s["text_scale"], s["pose_scale"] != 0 and in_pose_window(i, s["steps"], s["start"], s["end"])))
         for i in range(s["steps"])
     ]
 
@@ -168,20 +136,13 @@ def long_workflow(length: int = LONG_LENGTH) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variant", choices=["long"])
-    parser.add_argument(
-        "--length", type=int, default=LONG_LENGTH, help="frames of the long example (4k+1)"
-    )
-    parser.add_argument(
-        "--check", action="store_true", help="only check that the file is up to date"
-    )
+    parser.add_argument("--length", type=int, default=LONG_LENGTH, help="frames of the long example (4k+1)")
+    parser.add_argument("--check", action="store_true", help="only check that the file is up to date")
     args = parser.parse_args(argv)
     text = json.dumps(long_workflow(args.length), indent=2, ensure_ascii=False) + "\n"
     if args.check:
         if not LONG_API.is_file() or LONG_API.read_text() != text:
-            print(
-                f"{LONG_API} is not what `scripts/workflow_variants.py long` writes",
-                file=sys.stderr,
-            )
+            print(f"{LONG_API} is not what `scripts/workflow_variants.py long` writes", file=sys.stderr)
             return 1
         return 0
     LONG_API.write_text(text)

@@ -79,9 +79,7 @@ def rms_norm_rope(
 
 
 @triton.jit
-def scale_to_fp8(
-    x_ptr, inv_scale_ptr, out_ptr, n_elements, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr
-):
+def scale_to_fp8(x_ptr, inv_scale_ptr, out_ptr, n_elements, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
     # x times the inverse scale (read on the device: no host sync), saturated, cast to fp8
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
@@ -105,9 +103,7 @@ def stochastic_round_e4m3(x_ptr, inv_scale_ptr, out_ptr, n_elements, seed, BLOCK
     bits = (magnitude.to(tl.uint32, bitcast=True) + noise) & 0xFFF00000
     normal = bits.to(tl.float32, bitcast=True)
     # below e4m3's smallest normal, 2^-6, the grid is uniform: multiples of 2^-9
-    subnormal = tl.floor(magnitude * 512.0 + noise.to(tl.float32) * (1.0 / 1048576.0)) * (
-        1.0 / 512.0
-    )
+    subnormal = tl.floor(magnitude * 512.0 + noise.to(tl.float32) * (1.0 / 1048576.0)) / 512.0
     rounded = tl.minimum(tl.where(magnitude < 0.015625, subnormal, normal), 448.0)
     rounded = tl.where(x < 0, -rounded, rounded)
     tl.store(out_ptr + idx, rounded.to(out_ptr.dtype.element_ty), mask=mask)

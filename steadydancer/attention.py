@@ -45,15 +45,7 @@ logger = logging.getLogger(__name__)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 ENV_VAR = "STEADYDANCER_ATTENTION"
-BACKENDS: tuple[str, ...] = (
-    "flash_attn_4",
-    "flash_attn_3",
-    "flash_attn_2",
-    "xformers",
-    "sage",
-    "sdpa",
-    "math",
-)
+BACKENDS: tuple[str, ...] = ("flash_attn_4", "flash_attn_3", "flash_attn_2", "xformers", "sage", "sdpa", "math")
 # Fastest first before Hopper (FA2 ~ SDPA's own flash kernel > xformers); sage is opt-in (lossy).
 AUTO_ORDER: tuple[str, ...] = ("flash_attn_3", "flash_attn_2", "xformers", "sdpa", "math")
 # On Hopper PyTorch's SDPA dispatches to cuDNN's attention, which beat FA2-class kernels there
@@ -61,14 +53,7 @@ AUTO_ORDER: tuple[str, ...] = ("flash_attn_3", "flash_attn_2", "xformers", "sdpa
 # docs/benchmarks.md), so there it goes right after FA3.
 # FlashAttention-4 (CuTe kernels for sm90/sm100) beat cuDNN there: one 35,880-token 14B
 # self-attention in 39.5 ms against 46.7 ms on an H200 (667 against 565-573 TFLOP/s).
-HOPPER_AUTO_ORDER: tuple[str, ...] = (
-    "flash_attn_4",
-    "flash_attn_3",
-    "sdpa",
-    "flash_attn_2",
-    "xformers",
-    "math",
-)
+HOPPER_AUTO_ORDER: tuple[str, ...] = ("flash_attn_4", "flash_attn_3", "sdpa", "flash_attn_2", "xformers", "math")
 
 
 def auto_order(device: torch.device) -> tuple[str, ...]:
@@ -76,7 +61,6 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
     if device.type == "cuda" and cuda_capability(device)[0] >= 9:
         return HOPPER_AUTO_ORDER
     return AUTO_ORDER
-
 
 _HALF = frozenset({torch.float16, torch.bfloat16})
 _FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -378,8 +362,7 @@ def available_backends(device: torch.device | str, dtype: torch.dtype, head_dim:
     return [
         n
         for n in BACKENDS
-        if SPECS[n].supports(device, dtype, head_dim) is None
-        and is_installed(n)  # no GPU package imported on a CPU
+        if SPECS[n].supports(device, dtype, head_dim) is None and is_installed(n)  # no GPU package imported on a CPU
     ]
 
 

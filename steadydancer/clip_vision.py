@@ -21,17 +21,11 @@ def reference_clip_pixels(
 ) -> torch.Tensor:
     """IMAGE [N, H, W, C] floats in 0..1 -> normalised pixel values [N, 3, size, size]."""
     if images.ndim != 4 or images.shape[-1] < 3 or images.shape[0] == 0:
-        raise ConditioningError(
-            f"expected a batch of images [N, H, W, C>=3]; got shape {tuple(images.shape)}"
-        )
+        raise ConditioningError(f"expected a batch of images [N, H, W, C>=3]; got shape {tuple(images.shape)}")
     if len(mean) != 3 or len(std) != 3:
-        raise ConditioningError(
-            f"mean and std need 3 values (RGB); got {list(mean)} and {list(std)}"
-        )
+        raise ConditioningError(f"mean and std need 3 values (RGB); got {list(mean)} and {list(std)}")
     signed = images[..., :3].movedim(-1, 1).float().sub(0.5).div(0.5)
-    squashed = torch.nn.functional.interpolate(
-        signed, size=(size, size), mode="bicubic", align_corners=False
-    )
+    squashed = torch.nn.functional.interpolate(signed, size=(size, size), mode="bicubic", align_corners=False)
     unit = squashed.mul(0.5).add(0.5)
     m = torch.tensor(list(mean), dtype=unit.dtype, device=unit.device).view(1, 3, 1, 1)
     s = torch.tensor(list(std), dtype=unit.dtype, device=unit.device).view(1, 3, 1, 1)

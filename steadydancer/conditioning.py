@@ -36,23 +36,14 @@ def length_error(length: int) -> str | None:
 
 def size_error(width: int, height: int) -> str | None:
     """Why width x height cannot be generated (None when it can): both multiples of 16."""
-    if (
-        width < SIZE_MULTIPLE
-        or height < SIZE_MULTIPLE
-        or width % SIZE_MULTIPLE
-        or height % SIZE_MULTIPLE
-    ):
+    if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
         return f"width and height must be multiples of {SIZE_MULTIPLE} (at least 16); got {width}x{height}"
     return None
 
 
 def short_policy_error(short: str) -> str | None:
     """Why `short` is not a padding policy (None when it is)."""
-    return (
-        None
-        if short in SHORT_POLICIES
-        else f"short_video must be one of {list(SHORT_POLICIES)}; got {short!r}"
-    )
+    return None if short in SHORT_POLICIES else f"short_video must be one of {list(SHORT_POLICIES)}; got {short!r}"
 
 
 def latent_frames(length: int) -> int:
@@ -60,9 +51,7 @@ def latent_frames(length: int) -> int:
     return (length - 1) // TIME_STRIDE + 1
 
 
-def fit_frames(
-    frames: torch.Tensor, length: int, *, short: ShortPolicy = "pad", what: str = "pose frames"
-) -> torch.Tensor:
+def fit_frames(frames: torch.Tensor, length: int, *, short: ShortPolicy = "pad", what: str = "pose frames") -> torch.Tensor:
     """Exactly `length` frames: extra frames are dropped, a short sequence is padded or refused.
 
     `pad` repeats the last frame (the person holds the last pose), the reference pipeline's
@@ -70,9 +59,7 @@ def fit_frames(
     again from the start (a dance loop filling a long video); `error` refuses.
     """
     if frames.ndim != 4 or frames.shape[0] == 0:
-        raise ConditioningError(
-            f"{what} must be a non-empty batch of images [N,H,W,C]; got shape {tuple(frames.shape)}"
-        )
+        raise ConditioningError(f"{what} must be a non-empty batch of images [N,H,W,C]; got shape {tuple(frames.shape)}")
     if short_policy_error(short):
         raise ConditioningError(short_policy_error(short))
     count = frames.shape[0]
@@ -96,16 +83,12 @@ def reference_video(reference: torch.Tensor, length: int) -> torch.Tensor:
     Zero in the model's [-1, 1] range is 0.5 in ComfyUI's [0, 1] images (what the reference
     code and ComfyUI's WanImageToVideo feed the VAE).
     """
-    video = torch.full(
-        (length, *reference.shape[1:]), 0.5, dtype=reference.dtype, device=reference.device
-    )
+    video = torch.full((length, *reference.shape[1:]), 0.5, dtype=reference.dtype, device=reference.device)
     video[:1] = reference[:1]
     return video
 
 
-def image_to_video_mask(
-    frames: int, height: int, width: int, *, device: torch.device | None = None
-) -> torch.Tensor:
+def image_to_video_mask(frames: int, height: int, width: int, *, device: torch.device | None = None) -> torch.Tensor:
     """ComfyUI's `concat_mask` for one known first frame: [1, 1, F, h, w], 0 = known.
 
     ComfyUI's Wan model turns it into the 4 mask channels of `y` (1 on the first latent frame).
@@ -121,30 +104,14 @@ def reference_latent(latent: torch.Tensor, mask_value: float) -> torch.Tensor:
     ref_x (reference image) uses ones, ref_c (first pose frame) zeros, as the reference code.
     """
     if latent.ndim != 5 or latent.shape[1] != LATENT_CHANNELS:
-        raise ConditioningError(
-            f"expected a VAE latent [B,16,F,h,w]; got shape {tuple(latent.shape)}"
-        )
+        raise ConditioningError(f"expected a VAE latent [B,16,F,h,w]; got shape {tuple(latent.shape)}")
     first = latent[:, :, :1]
-    mask = torch.full(
-        (first.shape[0], MASK_CHANNELS, *first.shape[2:]),
-        float(mask_value),
-        dtype=first.dtype,
-        device=first.device,
-    )
+    mask = torch.full((first.shape[0], MASK_CHANNELS, *first.shape[2:]), float(mask_value), dtype=first.dtype, device=first.device)
     return torch.cat([first, mask, first], dim=1)
 
 
-def empty_latent(
-    batch_size: int, length: int, height: int, width: int, *, device: torch.device | None = None
-) -> torch.Tensor:
+def empty_latent(batch_size: int, length: int, height: int, width: int, *, device: torch.device | None = None) -> torch.Tensor:
     """The zero latent the sampler starts from: [batch, 16, F, height/8, width/8]."""
     return torch.zeros(
-        (
-            batch_size,
-            LATENT_CHANNELS,
-            latent_frames(length),
-            height // SPACE_STRIDE,
-            width // SPACE_STRIDE,
-        ),
-        device=device,
+        (batch_size, LATENT_CHANNELS, latent_frames(length), height // SPACE_STRIDE, width // SPACE_STRIDE), device=device
     )

@@ -77,9 +77,7 @@ def _use_kernel(name: str, *tensors: torch.Tensor) -> Any | None:
     return None if kernels is None else getattr(kernels, name)
 
 
-def _launch(
-    name: str, kernel: Any, grid: tuple[int], device: torch.device, *args: Any, **meta: Any
-) -> bool:
+def _launch(name: str, kernel: Any, grid: tuple[int], device: torch.device, *args: Any, **meta: Any) -> bool:
     """Run a kernel; False (and the kernel switched off, one warning) if it cannot run here."""
     try:
         if device.type == "cuda":
@@ -95,10 +93,7 @@ def _launch(
         logger.warning(
             "SteadyDancer: the fused %s kernel does not run here (%s: %s); using PyTorch's "
             "kernels for the rest of this run (set %s=0 to skip the attempt)",
-            name,
-            type(exc).__name__,
-            exc,
-            ENV_SWITCH,
+            name, type(exc).__name__, exc, ENV_SWITCH,
         )
         return False
     return True
@@ -163,26 +158,17 @@ def rms_norm(
     b, n, c = x.shape
     pairs_per_head = 1 if rope is None else rope.shape[-1]
     if rope is not None and (rope.shape[0] != n or c % (2 * pairs_per_head)):
-        raise ValueError(f"RoPE table {tuple(rope.shape)} does not fit {n} tokens of {c} channels")
+        raise ValueError(
+            f"RoPE table {tuple(rope.shape)} does not fit {n} tokens of {c} channels"
+        )
     weight = weight.to(device=x.device, dtype=torch.float32)
     table = None if rope is None else torch.view_as_real(rope.to(x.device, torch.complex64))
     tensors = (x, weight) if table is None else (x, weight, table)
-    kernel = (
-        _use_kernel("rms_norm_rope", *tensors) if all(t.is_contiguous() for t in tensors) else None
-    )
+    kernel = _use_kernel("rms_norm_rope", *tensors) if all(t.is_contiguous() for t in tensors) else None
     if kernel is not None and x.dtype in FUSED_DTYPES and x.numel() > 0:
         out = torch.empty_like(x)
         block = _block(c // 2)
-        args = (
-            x,
-            weight,
-            weight if table is None else table,
-            out,
-            n,
-            c,
-            pairs_per_head,
-            float(eps),
-        )
+        args = (x, weight, weight if table is None else table, out, n, c, pairs_per_head, float(eps))
         meta: dict[str, Any] = {"ROPE": table is not None, "BLOCK": block}
         if x.is_cuda:
             meta["num_warps"] = _num_warps(block)
@@ -216,9 +202,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 FP8_BLOCK = 4096  # elements per program of the fp8 cast
 
 
-def quantize_fp8(
-    x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """x as `fp8_dtype` with one float32 scale for the whole tensor: (values, scale), x ~ values * scale.
 
     The scale is max|x| / the format's largest value (at least 1e-12). One pass finds the
@@ -267,18 +251,8 @@ def stochastic_round_fp8(x: torch.Tensor, scale: torch.Tensor, seed: int) -> tor
         out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
         grid = ((x.numel() + FP8_BLOCK - 1) // FP8_BLOCK,)
         meta = {"BLOCK": FP8_BLOCK, "num_warps": 8} if x.is_cuda else {"BLOCK": FP8_BLOCK}
-        if _launch(
-            "stochastic_round_e4m3",
-            kernel,
-            grid,
-            x.device,
-            x,
-            inverse,
-            out,
-            x.numel(),
-            seed,
-            **meta,
-        ):
+        args = (x, inverse, out, x.numel(), seed)
+        if _launch("stochastic_round_e4m3", kernel, grid, x.device, *args, **meta):
             return out
     values = (x.float() * inverse).clamp_(-E4M3_MAX, E4M3_MAX)
     magnitude = values.abs()
@@ -286,11 +260,7 @@ def stochastic_round_fp8(x: torch.Tensor, scale: torch.Tensor, seed: int) -> tor
     noise = torch.randint(
         0, 1 << _DROPPED_BITS, x.shape, generator=generator, device=x.device, dtype=torch.int32
     )
-    normal = (
-        (magnitude.view(torch.int32) + noise)
-        .bitwise_and_(-(1 << _DROPPED_BITS))
-        .view(torch.float32)
-    )
+    normal = (magnitude.view(torch.int32) + noise).bitwise_and_(-(1 << _DROPPED_BITS)).view(torch.float32)
     subnormal = torch.floor(magnitude * 512.0 + noise.float() / (1 << _DROPPED_BITS)) / 512.0
     rounded = torch.where(magnitude < E4M3_MIN_NORMAL, subnormal, normal).clamp_max_(E4M3_MAX)
     return rounded.copysign_(values).to(torch.float8_e4m3fn)

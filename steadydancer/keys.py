@@ -32,9 +32,7 @@ def strip_prefix(name: str) -> str:
     return name
 
 
-def pose_path_shapes(
-    c: int = POSE_CHANNELS, dim: int = 5120, in_dim: int = 36
-) -> dict[str, tuple[int, ...]]:
+def pose_path_shapes(c: int = POSE_CHANNELS, dim: int = 5120, in_dim: int = 36) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the pose-path tensors (absent from plain Wan2.1-I2V files)."""
     h, r = ALIGN_HIDDEN, DCD_DIM
     shapes: dict[str, tuple[int, ...]] = {
@@ -93,11 +91,7 @@ def pose_path_shapes(
 POSE_PATH_KEYS: tuple[str, ...] = tuple(pose_path_shapes())
 
 # Tensors every Wan2.1 DiT has: their absence means the file is some other model.
-WAN_KEYS: tuple[str, ...] = (
-    "head.modulation",
-    "text_embedding.0.weight",
-    "blocks.0.self_attn.q.weight",
-)
+WAN_KEYS: tuple[str, ...] = ("head.modulation", "text_embedding.0.weight", "blocks.0.self_attn.q.weight")
 
 
 def missing_pose_path(names: Iterable[str]) -> list[str]:
@@ -115,9 +109,7 @@ class SteadyDancerStateDict(dict):
     """
 
 
-def checked_state_dict(
-    tensors: Mapping[str, Any], source: str = "the weights"
-) -> SteadyDancerStateDict:
+def checked_state_dict(tensors: Mapping[str, Any], source: str = "the weights") -> SteadyDancerStateDict:
     """`tensors` by prefix-free name, after `check_pose_path` (a SteadyDancerStateDict as it is)."""
     if isinstance(tensors, SteadyDancerStateDict):
         return tensors
@@ -206,10 +198,7 @@ def model_shapes(
         b = f"blocks.{n}"
         shapes[f"{b}.norm3.weight"] = (dim,)
         shapes[f"{b}.norm3.bias"] = (dim,)
-        for attn, projs in (
-            ("self_attn", "qkvo"),
-            ("cross_attn", ("q", "k", "v", "o", "k_img", "v_img")),
-        ):
+        for attn, projs in (("self_attn", "qkvo"), ("cross_attn", ("q", "k", "v", "o", "k_img", "v_img"))):
             for p in projs:
                 shapes[f"{b}.{attn}.{p}.weight"] = (dim, dim)
                 shapes[f"{b}.{attn}.{p}.bias"] = (dim,)
@@ -235,14 +224,7 @@ def tiny_state_dict(config: TinyConfig | None = None, seed: int = 0) -> dict[str
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     shapes = model_shapes(
-        cfg.dim,
-        cfg.ffn_dim,
-        cfg.num_layers,
-        cfg.in_dim,
-        cfg.out_dim,
-        cfg.text_dim,
-        cfg.clip_dim,
-        cfg.freq_dim,
+        cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.in_dim, cfg.out_dim, cfg.text_dim, cfg.clip_dim, cfg.freq_dim
     )
     for name, shape in shapes.items():
         is_norm = any(k in name for k in ("norm", "bn1", "bn2", "img_emb.proj.0", "img_emb.proj.4"))

@@ -77,9 +77,7 @@ class SteadyDancerConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
-            raise ModelFileError(
-                f"num_heads must be a positive whole number, got {self.num_heads!r}"
-            )
+            raise ModelFileError(f"num_heads must be a positive whole number, got {self.num_heads!r}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ModelFileError(
                 f"dim {self.dim} does not split into {self.num_heads} heads of an even size"
@@ -731,10 +729,7 @@ class SteadyDancerDiT(nn.Module):
         return self._unpatchify(out, grid).to(x.dtype)
 
     def run_blocks(
-        self,
-        x: torch.Tensor,
-        block_patches: Mapping[int, BlockPatch] | None = None,
-        **block_kwargs: Any,
+        self, x: torch.Tensor, block_patches: Mapping[int, BlockPatch] | None = None, **block_kwargs: Any
     ) -> torch.Tensor:
         """The transformer blocks in order (the seam that block streaming wraps); a block
         with an entry in `block_patches` runs as `patch(block, x, block_kwargs)` instead."""

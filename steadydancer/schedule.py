@@ -62,9 +62,7 @@ def predictions_for(
     """
     steps = 0 if sigmas is None else num_steps(sigmas)
     pose_active = (
-        pose_scale != 0.0
-        and steps > 0
-        and in_pose_window(step_index(sigmas, sigma), steps, start, end)
+        pose_scale != 0.0 and steps > 0 and in_pose_window(step_index(sigmas, sigma), steps, start, end)
     )
     return calls_needed(text_scale, pose_active)
 

@@ -56,9 +56,7 @@ def fit_to_area(height: int, width: int, area: int) -> tuple[int, int]:
     if height < 1 or width < 1:
         raise ConditioningError(f"the reference image has no pixels ({width}x{height})")
     if area < SIZE_MULTIPLE * SIZE_MULTIPLE:
-        raise ConditioningError(
-            f"area must be at least {SIZE_MULTIPLE * SIZE_MULTIPLE} pixels; got {area}"
-        )
+        raise ConditioningError(f"area must be at least {SIZE_MULTIPLE * SIZE_MULTIPLE} pixels; got {area}")
     ratio = height / width
     out_h = int(math.sqrt(area * ratio) // SIZE_MULTIPLE) * SIZE_MULTIPLE
     out_w = int(math.sqrt(area / ratio) // SIZE_MULTIPLE) * SIZE_MULTIPLE
@@ -70,9 +68,7 @@ def fit_to_area(height: int, width: int, area: int) -> tuple[int, int]:
     return out_h, out_w
 
 
-def generation_size(
-    height: int, width: int, area: str, *, force: tuple[int, int] = (0, 0)
-) -> tuple[int, int]:
+def generation_size(height: int, width: int, area: str, *, force: tuple[int, int] = (0, 0)) -> tuple[int, int]:
     """(height, width) to generate for a height x width reference image.
 
     `force` = (width, height): both 0 (auto) takes the reference's rule for `area`; both
@@ -103,12 +99,8 @@ def resize_like_reference(images: torch.Tensor, height: int, width: int) -> torc
     if rgb.shape[1:3] == (height, width):
         return rgb
     out = torch.empty((rgb.shape[0], height, width, 3), dtype=torch.float32, device=rgb.device)
-    for start in range(
-        0, rgb.shape[0], RESIZE_CHUNK
-    ):  # a long video's float copies stay a few frames
+    for start in range(0, rgb.shape[0], RESIZE_CHUNK):  # a long video's float copies stay a few frames
         signed = rgb[start : start + RESIZE_CHUNK].movedim(-1, 1).float().sub(0.5).div(0.5)
-        resized = torch.nn.functional.interpolate(
-            signed, size=(height, width), mode="bicubic", align_corners=False
-        )
+        resized = torch.nn.functional.interpolate(signed, size=(height, width), mode="bicubic", align_corners=False)
         out[start : start + RESIZE_CHUNK] = resized.add_(1.0).div_(2.0).movedim(1, -1)
     return out

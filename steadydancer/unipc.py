@@ -41,9 +41,7 @@ def _lambda(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(1 - sigma) - torch.log(sigma)
 
 
-def _phi_terms(
-    h: torch.Tensor, order: int
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _phi_terms(h: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(e^-h - 1, B(h), b) for data prediction: hh = -h, b_k = k! phi_{k+1}(hh) / B(h)."""
     hh = -h
     h_phi_1 = torch.expm1(hh)
@@ -71,9 +69,7 @@ class _History:
         self.lambdas = [*self.lambdas, lam][-self.order :]
 
 
-def _predict(
-    x: torch.Tensor, history: _History, sigma_s: torch.Tensor, sigma_t: torch.Tensor, order: int
-) -> torch.Tensor:
+def _predict(x: torch.Tensor, history: _History, sigma_s: torch.Tensor, sigma_t: torch.Tensor, order: int) -> torch.Tensor:
     """UniP: from x at sigma_s (its x0 is history's newest) to sigma_t."""
     m0, lam_s, lam_t = history.x0[-1], history.lambdas[-1], _lambda(sigma_t)
     h = lam_t - lam_s
@@ -88,12 +84,8 @@ def _predict(
 
 
 def _correct(
-    x_prev: torch.Tensor,
-    x0_new: torch.Tensor,
-    history: _History,
-    sigma_prev: torch.Tensor,
-    sigma_now: torch.Tensor,
-    order: int,
+    x_prev: torch.Tensor, x0_new: torch.Tensor, history: _History,
+    sigma_prev: torch.Tensor, sigma_now: torch.Tensor, order: int,
 ) -> torch.Tensor:
     """UniC: redo the last step from x_prev (at sigma_prev) with x0_new, the model's x0 at
     the predicted sample (sigma_now), which replaces that sample; `order` is the order the

@@ -47,9 +47,7 @@ def load_weights(
 
         return load_gguf_state_dict(p, require_pose_path=require_pose_path)
     if suffix == ".safetensors":
-        return from_safetensors(
-            _read_safetensors(p), dtype=dtype, source=str(p), require_pose_path=require_pose_path
-        )
+        return from_safetensors(_read_safetensors(p), dtype=dtype, source=str(p), require_pose_path=require_pose_path)
     raise ModelFileError(
         f"{p}: unsupported file type {suffix or '(none)'}; SteadyDancer weights are .gguf or .safetensors"
     )
@@ -88,11 +86,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def dequantize_fp8(
-    sd: dict[str, torch.Tensor],
-    dtype: torch.dtype,
-    *,
-    source: str = "the weights",
-    keep: bool = False,
+    sd: dict[str, torch.Tensor], dtype: torch.dtype, *, source: str = "the weights", keep: bool = False
 ) -> dict[str, torch.Tensor]:
     """Apply the scaled-fp8 convention: fp8 weight * its scale -> `dtype` (or, with `keep`, an
     `Fp8Tensor` of the fp8 weight and its scale); drop scale tensors."""
@@ -109,11 +103,7 @@ def dequantize_fp8(
     for key, value in out.items():
         scale = scales.pop(key, None)
         if value.dtype in FP8_DTYPES:
-            out[key] = (
-                _kept(key, value, scale, source)
-                if keep
-                else _scaled(key, value, scale, dtype, source)
-            )
+            out[key] = _kept(key, value, scale, source) if keep else _scaled(key, value, scale, dtype, source)
         elif scale is not None and not _is_one(scale):
             raise ModelFileError(
                 f"{source}: {key} is {value.dtype} but has a scale; only fp8 weights are scaled"

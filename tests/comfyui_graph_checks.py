@@ -41,11 +41,7 @@ class RecordingVAE:
         self.encoded.append(images.clone())
         video = images.movedim(-1, 0)[None]  # [1, 3, N, H, W]
         first = torch.nn.functional.avg_pool3d(video[:, :, :1], (1, 8, 8))
-        rest = (
-            torch.nn.functional.avg_pool3d(video[:, :, 1:], (4, 8, 8))
-            if images.shape[0] > 1
-            else first[:, :, :0]
-        )
+        rest = torch.nn.functional.avg_pool3d(video[:, :, 1:], (4, 8, 8)) if images.shape[0] > 1 else first[:, :, :0]
         pooled = torch.cat([first, rest], dim=2).mean(1, keepdim=True)
         return pooled.expand(1, 16, *pooled.shape[2:]).clone()
 
@@ -54,11 +50,7 @@ def _check(report: dict, name: str, fn: Callable[[], dict]) -> None:
     try:
         report[name] = {"ok": True, **fn()}
     except Exception as error:  # the report says what failed; pytest asserts on it
-        report[name] = {
-            "ok": False,
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc(),
-        }
+        report[name] = {"ok": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
 
 
 def run(out: Path) -> dict:
@@ -85,11 +77,7 @@ def run(out: Path) -> dict:
 
     def folders() -> dict:
         paths, extensions = folder_paths.folder_names_and_paths["dwpose"]
-        shared = [
-            k
-            for k, (_, ext) in folder_paths.folder_names_and_paths.items()
-            if k != "dwpose" and ext is extensions
-        ]
+        shared = [k for k, (_, ext) in folder_paths.folder_names_and_paths.items() if k != "dwpose" and ext is extensions]
         return {
             "paths": paths,
             "default": os.path.join(folder_paths.models_dir, "dwpose"),
@@ -121,34 +109,22 @@ def run(out: Path) -> dict:
         reported, sent = [], []
         bar_class, update = comfy.utils.ProgressBar, comfy.utils.ProgressBar.update_absolute
 
-        def recording_update(
-            bar: object, value: int, total: int | None = None, preview: object = None
-        ) -> None:
+        def recording_update(bar: object, value: int, total: int | None = None, preview: object = None) -> None:
             reported.append([value, total])
             update(bar, value, total, preview)
 
         previous = comfy.utils.PROGRESS_BAR_HOOK
-        comfy.utils.set_progress_bar_global_hook(
-            lambda value, total, preview, node_id=None: sent.append([value, total])
-        )
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: sent.append([value, total]))
         bar_class.update_absolute = recording_update
         try:
-            poses, preview = pose_nodes.SteadyDancerPoseExtract.execute(
-                detector, frames, 128, batch_size
-            ).result
+            poses, preview = pose_nodes.SteadyDancerPoseExtract.execute(detector, frames, 128, batch_size).result
         finally:
             bar_class.update_absolute = update
             comfy.utils.set_progress_bar_global_hook(previous)
-        return {
-            "reported": reported,
-            "sent": sent,
-            "frames": len(poses),
-            "people": [len(p["people"]) for p in poses],
-            "preview": list(preview.shape),
-        }
+        return {"reported": reported, "sent": sent, "frames": len(poses), "people": [len(p["people"]) for p in poses],
+                "preview": list(preview.shape)}
 
     _check(report, "extract_progress", extract_progress)
-
     def extract_progress_batched() -> dict:
         schema = pose_nodes.SteadyDancerPoseExtract.define_schema()
         default = next(i.default for i in schema.inputs if i.id == "batch_size")
@@ -181,20 +157,12 @@ def run(out: Path) -> dict:
     align = pose_nodes.SteadyDancerPoseAlign.execute
 
     def alignment() -> dict:
-        pos, neg, clip_pose = align(
-            reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None
-        ).result
-        pos_again, neg_again, _ = align(
-            reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None
-        ).result
-        _, neg_other, _ = align(
-            reference, keypoints, 48, 64, 2, "hold", 8, "steadydancer", detector, None
-        ).result
+        pos, neg, clip_pose = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result
+        pos_again, neg_again, _ = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result
+        _, neg_other, _ = align(reference, keypoints, 48, 64, 2, "hold", 8, "steadydancer", detector, None).result
         fitted = torch.from_numpy(reference_chain_input(reference)).float().div(255)[None]
         ref_pose = pose_nodes.SteadyDancerPoseExtract.execute(detector, fitted, 1024).result[0]
-        pos_given, _, _ = align(
-            reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", None, ref_pose
-        ).result
+        pos_given, _, _ = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", None, ref_pose).result
         try:
             align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", None, None)
             no_reference = None
@@ -229,20 +197,13 @@ def run(out: Path) -> dict:
             resize_like_reference,
         )
 
-        pos, neg, clip_pose = align(
-            reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None
-        ).result
+        pos, neg, clip_pose = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result
         ref_pose = detector.detect_image(reference_chain_input(reference))
-        aligned = align_poses(
-            ref_pose, from_pose_keypoint(keypoints), align_frame=2, missing="hold"
-        )
+        aligned = align_poses(ref_pose, from_pose_keypoint(keypoints), align_frame=2, missing="hold")
         draw, size = fit_to_area(120, 80, POSE_AREA), (120, 80)
 
         def expected(poses: list) -> torch.Tensor:
-            full = [
-                torch.from_numpy(reference_frame(p, draw, size)).float().div(255)[None]
-                for p in poses
-            ]
+            full = [torch.from_numpy(reference_frame(p, draw, size)).float().div(255)[None] for p in poses]
             return torch.cat([resize_like_reference(f, 64, 48) for f in full]), full[0]
 
         exp_pos, exp_clip = expected(aligned)
@@ -251,9 +212,7 @@ def run(out: Path) -> dict:
         for threads in (1, 3):
             saved, pose_nodes.RENDER_THREADS = pose_nodes.RENDER_THREADS, threads
             try:
-                again = align(
-                    reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None
-                ).result[0]
+                again = align(reference, keypoints, 48, 64, 2, "hold", 7, "steadydancer", detector, None).result[0]
             finally:
                 pose_nodes.RENDER_THREADS = saved
             threads_equal.append(bool(torch.equal(again, pos)))
@@ -283,20 +242,14 @@ def run(out: Path) -> dict:
             "auto_720p": list(size_node.execute(portrait, "1280*720", 0, 0).result),
             "forced": list(size_node.execute(portrait, "832*480", 512, 768).result),
             "half_forced": half_forced,
-            "validate": [
-                size_node.validate_inputs(area="640*640"),
-                size_node.validate_inputs(area="1024*576"),
-                size_node.validate_inputs(area=None),
-            ],
+            "validate": [size_node.validate_inputs(area="640*640"), size_node.validate_inputs(area="1024*576"), size_node.validate_inputs(area=None)],
         }
 
     _check(report, "generation_size", generation_size)
 
     def vision(rows: int) -> comfy.clip_vision.Output:
         output = comfy.clip_vision.Output()
-        output["penultimate_hidden_states"] = (
-            torch.arange(rows, dtype=torch.float32).view(rows, 1, 1).expand(rows, 257, 8).clone()
-        )
+        output["penultimate_hidden_states"] = torch.arange(rows, dtype=torch.float32).view(rows, 1, 1).expand(rows, 257, 8).clone()
         return output
 
     i2v = cond_nodes.SteadyDancerImageToVideo
@@ -310,9 +263,7 @@ def run(out: Path) -> dict:
         pose = torch.rand(5, 48, 32, 3)
         i2v.execute(text, text, vae, vision(1), vision(1), ref, pose, pose, 32, 48, 5, 1, "pad")
         video, ref_x_in = vae.encoded[0], vae.encoded[1]
-        expected = torch.nn.functional.interpolate(
-            ref.movedim(-1, 1) * 2 - 1, size=(48, 32), mode="bicubic"
-        ).movedim(1, -1)
+        expected = torch.nn.functional.interpolate(ref.movedim(-1, 1) * 2 - 1, size=(48, 32), mode="bicubic").movedim(1, -1)
         return {
             "ref_range": [float(ref_x_in.min()), float(ref_x_in.max())],
             "ref_diff": float((ref_x_in * 2 - 1 - expected[0]).abs().max()),
@@ -338,21 +289,7 @@ def run(out: Path) -> dict:
             torch.equal(values[0][k], values[2][k]) for k in shapes if k != "steadydancer_pose"
         )
         try:
-            i2v.execute(
-                text,
-                text_neg,
-                vae,
-                ref_vision,
-                pose_vision,
-                ref,
-                pose,
-                pose_neg,
-                32,
-                48,
-                9,
-                1,
-                "error",
-            )
+            i2v.execute(text, text_neg, vae, ref_vision, pose_vision, ref, pose, pose_neg, 32, 48, 9, 1, "error")
             short_error = None
         except Exception as error:
             short_error = f"{type(error).__name__}: {error}"
@@ -360,45 +297,25 @@ def run(out: Path) -> dict:
             "keys": sorted(values[0]),
             "shapes": shapes,
             "latent": list(latent["samples"].shape),
-            "text_kept": [
-                torch.equal(positive[0][0], text[0][0]),
-                torch.equal(negative[0][0], text_neg[0][0]),
-                torch.equal(pose_negative[0][0], text[0][0]),
-            ],
-            "pose_same_pos_neg": torch.equal(
-                values[0]["steadydancer_pose"], values[1]["steadydancer_pose"]
-            ),
-            "pose_negative_differs": not torch.equal(
-                values[0]["steadydancer_pose"], values[2]["steadydancer_pose"]
-            ),
+            "text_kept": [torch.equal(positive[0][0], text[0][0]), torch.equal(negative[0][0], text_neg[0][0]), torch.equal(pose_negative[0][0], text[0][0])],
+            "pose_same_pos_neg": torch.equal(values[0]["steadydancer_pose"], values[1]["steadydancer_pose"]),
+            "pose_negative_differs": not torch.equal(values[0]["steadydancer_pose"], values[2]["steadydancer_pose"]),
             "same_except_pose": same_except_pose,
             "encoded_shapes": [list(t.shape) for t in vae.encoded],
             "video_first_is_reference": torch.allclose(video[0], ref_x_in[0]),
             "video_rest_grey": bool((video[1:] == 0.5).all()),
             "ref_c_is_first_pose": torch.equal(ref_c_in[0], pose_in[0]),
-            "padded_with_last": bool(
-                torch.equal(pose_in[3], pose_in[2]) and torch.equal(pose_in[8], pose_in[2])
-            ),
+            "padded_with_last": bool(torch.equal(pose_in[3], pose_in[2]) and torch.equal(pose_in[8], pose_in[2])),
             "negative_padded_with_last": bool(torch.equal(pose_neg_in[8], pose_neg_in[2])),
             "ref_x_mask": float(values[0]["steadydancer_ref_x"][:, 16:20].mean()),
             "ref_c_mask": float(values[0]["steadydancer_ref_c"][:, 16:20].abs().max()),
-            "clip_reference_rows": int(
-                values[0]["clip_vision_output"].penultimate_hidden_states.shape[0]
-            ),
-            "clip_pose_first_row": float(
-                values[0]["steadydancer_clip_c"].penultimate_hidden_states.max()
-            ),
-            "clip_pose_rows": int(
-                values[0]["steadydancer_clip_c"].penultimate_hidden_states.shape[0]
-            ),
+            "clip_reference_rows": int(values[0]["clip_vision_output"].penultimate_hidden_states.shape[0]),
+            "clip_pose_first_row": float(values[0]["steadydancer_clip_c"].penultimate_hidden_states.max()),
+            "clip_pose_rows": int(values[0]["steadydancer_clip_c"].penultimate_hidden_states.shape[0]),
             "concat_mask_first": float(values[0]["concat_mask"][:, :, 0].max()),
             "concat_mask_rest": float(values[0]["concat_mask"][:, :, 1:].min()),
             "short_error": short_error,
-            "validate": [
-                i2v.validate_inputs(length=8),
-                i2v.validate_inputs(length=81),
-                i2v.validate_inputs(length=None),
-            ],
+            "validate": [i2v.validate_inputs(length=8), i2v.validate_inputs(length=81), i2v.validate_inputs(length=None)],
         }
 
     _check(report, "conditioning", conditioning)

@@ -79,22 +79,15 @@ class World:
         save_file(scaled_fp8(self.float_sd), str(unet / "tiny_fp8_scaled.safetensors"))
         self.gguf_path = unet / "tiny_q8.gguf"
         self.quantised = write_gguf(self.gguf_path, arrays)
-        wan = {
-            k: v
-            for k, v in self.float_sd.items()
-            if not k.startswith(("condition_embedding", "patch_embedding_"))
-        }
+        wan = {k: v for k, v in self.float_sd.items() if not k.startswith(("condition_embedding", "patch_embedding_"))}
         save_file(wan, unet / "plain_wan.safetensors")
         (unet / "notes.ckpt").write_bytes(b"not a model")
         self.lora_keys = ("blocks.0.self_attn.q", "blocks.1.ffn.0")
         self.lora = write_lora(loras / "tiny_lora.safetensors", self.float_sd, self.lora_keys)
         self.loras = {
             "tiny_lora.safetensors": self.lora,
-            "tiny_lora_peft.safetensors": write_lora_peft(
-                loras / "tiny_lora_peft.safetensors",
-                self.float_sd,
-                ("blocks.1.cross_attn.k", "blocks.0.ffn.2"),
-            ),
+            "tiny_lora_peft.safetensors": write_lora_peft(loras / "tiny_lora_peft.safetensors", self.float_sd,
+                                                          ("blocks.1.cross_attn.k", "blocks.0.ffn.2")),
         }
         self.unet = unet
 
@@ -109,9 +102,7 @@ class World:
 
         def vision() -> comfy.clip_vision.Output:
             out = comfy.clip_vision.Output()
-            out["penultimate_hidden_states"] = torch.randn(
-                1, 257, self.config.clip_dim, generator=gen
-            )
+            out["penultimate_hidden_states"] = torch.randn(1, 257, self.config.clip_dim, generator=gen)
             return out
 
         mask = torch.ones(1, 1, f, h, w)
@@ -121,16 +112,12 @@ class World:
             "concat_latent_image": latent(),
             "concat_mask": mask,
             "steadydancer_ref_x": torch.cat([ref, torch.ones(1, 4, 1, h, w), ref], dim=1),
-            "steadydancer_ref_c": torch.cat(
-                [first_pose, torch.zeros(1, 4, 1, h, w), first_pose], dim=1
-            ),
+            "steadydancer_ref_c": torch.cat([first_pose, torch.zeros(1, 4, 1, h, w), first_pose], dim=1),
             "clip_vision_output": vision(),
             "steadydancer_clip_c": vision(),
         }
         self.pose, self.pose_negative = latent(), latent()
-        self.text, self.text_negative = (
-            torch.randn(1, 7, self.config.text_dim, generator=gen) for _ in range(2)
-        )
+        self.text, self.text_negative = (torch.randn(1, 7, self.config.text_dim, generator=gen) for _ in range(2))
         del np
 
     def conditioning(self, text: object, pose: object) -> list:
@@ -157,22 +144,8 @@ class World:
             "clip_c": v["steadydancer_clip_c"].penultimate_hidden_states,
             "y": torch.cat([y_mask, norm(v["concat_latent_image"])], dim=1),
             "pose": norm(self.pose if pose is None else pose),
-            "ref_x": torch.cat(
-                [
-                    norm(v["steadydancer_ref_x"][:, :16]),
-                    v["steadydancer_ref_x"][:, 16:20],
-                    norm(v["steadydancer_ref_x"][:, 20:]),
-                ],
-                dim=1,
-            ),
-            "ref_c": torch.cat(
-                [
-                    norm(v["steadydancer_ref_c"][:, :16]),
-                    v["steadydancer_ref_c"][:, 16:20],
-                    norm(v["steadydancer_ref_c"][:, 20:]),
-                ],
-                dim=1,
-            ),
+            "ref_x": torch.cat([norm(v["steadydancer_ref_x"][:, :16]), v["steadydancer_ref_x"][:, 16:20], norm(v["steadydancer_ref_x"][:, 20:])], dim=1),
+            "ref_c": torch.cat([norm(v["steadydancer_ref_c"][:, :16]), v["steadydancer_ref_c"][:, 16:20], norm(v["steadydancer_ref_c"][:, 20:])], dim=1),
         }
 
 
@@ -186,9 +159,7 @@ def write_gguf(path: Path, arrays: dict) -> set[str]:
     for name, array in arrays.items():
         if array.ndim == 2 and array.shape[-1] % 32 == 0 and name.endswith(".weight"):
             packed = quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(
-                name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0
-            )
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             quantised.add(name)
         else:
             writer.add_tensor(name, array)
@@ -221,9 +192,7 @@ def write_lora(path: Path, float_sd: dict, layers: tuple[str, ...]) -> dict:
         tensors[f"{prefix}.alpha"] = torch.tensor(LORA_ALPHA)
         factors[f"{layer}.weight"] = up @ down * (LORA_ALPHA / LORA_RANK)
         if i == 0:
-            tensors[f"{prefix}.diff_b"] = factors[f"{layer}.bias"] = (
-                torch.randn(out_dim, generator=gen) * 0.3
-            )
+            tensors[f"{prefix}.diff_b"] = factors[f"{layer}.bias"] = torch.randn(out_dim, generator=gen) * 0.3
     save_file(tensors, path)
     return factors
 
@@ -255,17 +224,13 @@ def write_lora_peft(path: Path, float_sd: dict, layers: tuple[str, str]) -> dict
 # --- helpers ------------------------------------------------------------------------------
 
 
-def load(
-    world: World, name: str, dtype: str = "fp32", attention: str = "math", fp8_matmul: bool = False
-) -> object:
+def load(world: World, name: str, dtype: str = "fp32", attention: str = "math", fp8_matmul: bool = False) -> object:
     from comfyui_steadydancer.nodes.model_loader import SteadyDancerModelLoader
 
     return SteadyDancerModelLoader.execute(name, dtype, attention, fp8_matmul).result[0]
 
 
-def predict(
-    world: World, patcher: object, noise: object | None = None, *, manage: bool = True
-) -> object:
+def predict(world: World, patcher: object, noise: object | None = None, *, manage: bool = True) -> object:
     """The MODEL's denoised prediction for one step, through ComfyUI's conditioning path.
 
     `manage`: load through ComfyUI's model management first (False: the patcher was
@@ -281,25 +246,13 @@ def predict(
     kwargs = {**world.values, "steadydancer_pose": world.pose, "cross_attn": world.text}
     conds = model.extra_conds(**kwargs, noise=noise, device=torch.device("cpu"))
     # What calc_cond_batch does to every cond before the forward pass.
-    inputs = {
-        k: v.process_cond(batch_size=noise.shape[0], area=None).cond for k, v in conds.items()
-    }
+    inputs = {k: v.process_cond(batch_size=noise.shape[0], area=None).cond for k, v in conds.items()}
     with torch.no_grad():
-        return model.apply_model(
-            noise,
-            torch.tensor([SIGMA] * noise.shape[0]),
-            **inputs,
-            transformer_options=patcher.model_options["transformer_options"],
-        )
+        return model.apply_model(noise, torch.tensor([SIGMA] * noise.shape[0]), **inputs,
+                                 transformer_options=patcher.model_options["transformer_options"])
 
 
-def direct(
-    world: World,
-    dit: object,
-    inputs: dict | None = None,
-    sigma: float = SIGMA,
-    noise: object | None = None,
-) -> object:
+def direct(world: World, dit: object, inputs: dict | None = None, sigma: float = SIGMA, noise: object | None = None) -> object:
     """steadydancer.model's forward, turned into the same denoised prediction."""
     torch = world.torch
     inputs = inputs or world.model_inputs()
@@ -340,9 +293,7 @@ def check_parity(world: World) -> dict:
 
     torch = world.torch
     out = {}
-    batch = torch.cat(
-        [world.noise, 0.5 * world.noise.flip(-1)]
-    )  # conds of batch 1, latent of batch 2
+    batch = torch.cat([world.noise, 0.5 * world.noise.flip(-1)])  # conds of batch 1, latent of batch 2
     for name in ("tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"):
         patcher = load(world, name)  # fp8 stays fp8 here, the library expands it once at load
         dit = load_model(str(world.unet / name), dtype=torch.float32, attention="math")
@@ -350,10 +301,7 @@ def check_parity(world: World) -> dict:
         batched = predict(world, patcher, batch)
         out[name] = {
             "max_diff": max_diff(predict(world, patcher), reference),
-            "batch_max_diff": max(
-                max_diff(batched[i : i + 1], direct(world, dit, noise=batch[i : i + 1]))
-                for i in range(2)
-            ),
+            "batch_max_diff": max(max_diff(batched[i:i + 1], direct(world, dit, noise=batch[i:i + 1])) for i in range(2)),
             "scale": float(reference.abs().max()),
         }
     return out
@@ -368,8 +316,7 @@ def check_gguf_quantised(world: World) -> dict:
     float_patcher = load(world, "tiny.safetensors")
     return {
         "quantised_in_file": len(world.quantised),
-        "quantised_in_model": sorted(k for k, v in sd.items() if is_quantized(v))
-        == sorted(world.quantised),
+        "quantised_in_model": sorted(k for k, v in sd.items() if is_quantized(v)) == sorted(world.quantised),
         "quantised_float_bytes": sum(world.float_sd[k].numel() * 4 for k in world.quantised),
         "model_size": patcher.model_size(),
         "float_model_size": float_patcher.model_size(),
@@ -384,19 +331,12 @@ def check_fp8_compact(world: World) -> dict:
     torch = world.torch
     name = "tiny_fp8_scaled.safetensors"
     with safe_open(str(world.unet / name), framework="pt") as f:
-        in_file = sorted(
-            k.removeprefix("model.diffusion_model.")
-            for k in f.keys()  # noqa: SIM118 (not a Mapping)
-            if k != "scaled_fp8" and f.get_slice(k).get_dtype() == "F8_E4M3"
-        )
+        in_file = sorted(k.removeprefix("model.diffusion_model.") for k in f.keys()  # noqa: SIM118 (not a Mapping)
+                         if k != "scaled_fp8" and f.get_slice(k).get_dtype() == "F8_E4M3")
     patcher = load(world, name)
     predict(world, patcher)
     sd = patcher.model.diffusion_model.state_dict()
-    fp8 = sorted(
-        k
-        for k, v in sd.items()
-        if isinstance(v, Fp8Tensor) and v.storage_dtype() == torch.float8_e4m3fn
-    )
+    fp8 = sorted(k for k, v in sd.items() if isinstance(v, Fp8Tensor) and v.storage_dtype() == torch.float8_e4m3fn)
     return {
         "fp8_in_file": in_file,
         "fp8_in_model": fp8,
@@ -461,9 +401,7 @@ def check_fp8_matmul(world: World) -> dict:
         "finite": bool(fast.isfinite().all()),
         "lora_relative": relative(lora_fast, lora_exact),  # the fp8 path beside the LoRA's layers
         # what the LoRA changes, with the fp8 path on vs off: ~1.0 if the LoRA were dropped
-        "lora_change_vs_exact": relative(
-            lora_fast.float() - fast.float(), lora_exact.float() - exact.float()
-        ),
+        "lora_change_vs_exact": relative(lora_fast.float() - fast.float(), lora_exact.float() - exact.float()),
     }
 
 
@@ -479,14 +417,10 @@ def _fp8_lora_merge(world: World, name: str, option: object) -> dict:
     base = load(world, name, dtype="bf16", fp8_matmul=True)
     exact = predict(world, nodes.LoraLoaderModelOnly().load_lora_model_only(
         load(world, name, dtype="bf16"), "tiny_lora.safetensors", strength)[0])  # fmt: skip
-    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(
-        base, "tiny_lora.safetensors", strength
-    )[0]
+    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "tiny_lora.safetensors", strength)[0]
     with_lora = predict(world, patched)
     dit = patched.model.diffusion_model
-    file = load(
-        world, name, dtype="bf16"
-    ).model.diffusion_model  # the file's fp8 weights, untouched
+    file = load(world, name, dtype="bf16").model.diffusion_model  # the file's fp8 weights, untouched
     layers = {}
     for layer in world.lora_keys:
         key = f"{layer}.weight"
@@ -499,9 +433,7 @@ def _fp8_lora_merge(world: World, name: str, option: object) -> dict:
             "fp8": isinstance(weight, Fp8Tensor),
             "weight_functions": len(module.weight_function),
             # per element: at most one e4m3 step (2^-3 relative) off the exact merged value
-            "worst_step": float(
-                (error.abs() / (want.abs() * 2**-3 + float(weight.scale) * 2**-9)).max()
-            ),
+            "worst_step": float((error.abs() / (want.abs() * 2**-3 + float(weight.scale) * 2**-9)).max()),
             # stochastic rounding is unbiased: the mean error is far below the mean step
             "bias": float(error.mean().abs() / error.abs().mean()),
         }
@@ -509,9 +441,7 @@ def _fp8_lora_merge(world: World, name: str, option: object) -> dict:
     # returns as a per-forward patch on the expanded weight
     patched.partially_unload(torch.device("cpu"), memory_to_free=1 << 40)
     unloaded = predict(world, patched, manage=False)
-    unloaded_functions = sum(
-        len(dit.get_submodule(layer).weight_function) for layer in world.lora_keys
-    )
+    unloaded_functions = sum(len(dit.get_submodule(layer).weight_function) for layer in world.lora_keys)
     patched.unpatch_model()
     restored = all(
         torch.equal(dit.get_submodule(layer).weight.stored().view(torch.uint8), file.get_submodule(layer).weight.stored().view(torch.uint8))
@@ -559,9 +489,7 @@ def check_lora(world: World) -> dict:
         before = predict(world, base)
         patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, lora, LORA_STRENGTH)[0]
         with_lora = predict(world, patched)
-        weights = load_weights(
-            str(world.unet / name), dtype=world.torch.float32
-        )  # fp8 expanded in float32
+        weights = load_weights(str(world.unet / name), dtype=world.torch.float32)  # fp8 expanded in float32
         source = {k: dequantize_tensor(v, world.torch.float32) for k, v in weights.items()}
         expected = predict(world, _merged_patcher(world, source, world.loras[lora]))
         # Low-VRAM path: every layer streamed, patches applied per forward as weight functions.
@@ -607,20 +535,13 @@ def check_gguf_patcher(world: World) -> dict:
     torch = world.torch
     cpu = torch.device("cpu")
     base = load(world, "tiny_q8.gguf")
-    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(
-        base, "tiny_lora.safetensors", LORA_STRENGTH
-    )[0]
-    source = {
-        k: dequantize_tensor(v, torch.float32)
-        for k, v in load_weights(str(world.unet / "tiny_q8.gguf")).items()
-    }
+    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "tiny_lora.safetensors", LORA_STRENGTH)[0]
+    source = {k: dequantize_tensor(v, torch.float32) for k, v in load_weights(str(world.unet / "tiny_q8.gguf")).items()}
     merged = {k: source[k] + LORA_STRENGTH * delta for k, delta in world.lora.items()}
     expected = predict(world, _merged_patcher(world, source))  # merges the LoRA itself
     key = "blocks.0.self_attn.q.weight"
     out = {}
-    weight = patched.patch_weight_to_device(
-        f"diffusion_model.{key}", device_to=cpu, return_weight=True
-    )
+    weight = patched.patch_weight_to_device(f"diffusion_model.{key}", device_to=cpu, return_weight=True)
     out["return_weight_vs_merged"] = max_diff(weight, merged[key])
     q = patched.model.diffusion_model.blocks[0].self_attn.q
     out["model_untouched"] = is_quantized(q.weight) and not q.weight_function
@@ -630,9 +551,7 @@ def check_gguf_patcher(world: World) -> dict:
     out["shrunk_vs_merged"] = max_diff(predict(world, patched, manage=False), expected)
     out["still_quantised"] = is_quantized(q.weight)
 
-    if hasattr(
-        comfy.model_patcher.ModelPatcher, "model_state_dict_for_saving"
-    ):  # 0.3x saves via the patcher
+    if hasattr(comfy.model_patcher.ModelPatcher, "model_state_dict_for_saving"):  # 0.3x saves via the patcher
         path = world.unet.parent / "saved.safetensors"
         comfy.utils.save_torch_file(patched.state_dict_for_saving(), str(path))
         saved = load_file(str(path))
@@ -645,9 +564,7 @@ def check_gguf_patcher(world: World) -> dict:
 WINDOW_FRAMES = 6  # latent frames of the context-window check (21 video frames)
 
 
-def _window_node_execute(
-    node: type, model: object, length: int, overlap: int, dim: int | None = None
-) -> object:
+def _window_node_execute(node: type, model: object, length: int, overlap: int, dim: int | None = None) -> object:
     """ComfyUI's (WAN) Context Windows (Manual) node on `model`, for either ComfyUI version's inputs."""
     import inspect
 
@@ -681,11 +598,7 @@ def check_context_windows(world: World) -> dict:
     pose = torch.randn(1, 16, frames, h, w, generator=gen)
     mask = torch.ones(1, 1, frames, h, w)
     mask[:, :, :1] = 0.0
-    values = {
-        **world.values,
-        "concat_latent_image": torch.randn(1, 16, frames, h, w, generator=gen),
-        "concat_mask": mask,
-    }
+    values = {**world.values, "concat_latent_image": torch.randn(1, 16, frames, h, w, generator=gen), "concat_mask": mask}
 
     def conditioning(text: object, pose_latent: object) -> list:
         return [[text, {**values, "steadydancer_pose": pose_latent}]]
@@ -698,14 +611,8 @@ def check_context_windows(world: World) -> dict:
         model = _window_node_execute(node, load(world, "tiny.safetensors"), length, overlap, dim)
         guider = make_guider(model, conditioning(world.text, pose), conditioning(world.text_negative, pose),
                              conditioning(world.text, pose), 1.0, 0.0, 0.1, 0.4)  # fmt: skip
-        calls, latent = _record_window_calls(
-            guider, normalised_pose, torch.zeros(1, 16, frames, h, w)
-        )
-        out[label] = {
-            "calls": calls,
-            "shape": list(latent.shape),
-            "finite": bool(torch.isfinite(latent).all()),
-        }
+        calls, latent = _record_window_calls(guider, normalised_pose, torch.zeros(1, 16, frames, h, w))
+        out[label] = {"calls": calls, "shape": list(latent.shape), "finite": bool(torch.isfinite(latent).all())}
     return out
 
 
@@ -722,11 +629,7 @@ def check_long_without_windows(world: World) -> dict:
     pose = torch.randn(1, 16, frames, h, w)
     mask = torch.ones(1, 1, frames, h, w)
     mask[:, :, :1] = 0.0
-    values = {
-        **world.values,
-        "concat_latent_image": torch.randn(1, 16, frames, h, w),
-        "concat_mask": mask,
-    }
+    values = {**world.values, "concat_latent_image": torch.randn(1, 16, frames, h, w), "concat_mask": mask}
     cond = [[world.text, {**values, "steadydancer_pose": pose}]]
     records: list[str] = []
 
@@ -742,24 +645,17 @@ def check_long_without_windows(world: World) -> dict:
             records.clear()
             model = load(world, "tiny.safetensors")
             if label == "windows":
-                model = _window_node_execute(
-                    windows_nodes.WanContextWindowsManualNode, model, 81, 16
-                )
+                model = _window_node_execute(windows_nodes.WanContextWindowsManualNode, model, 81, 16)
             guider = make_guider(model, cond, cond, cond, 1.0, 0.0, 0.1, 0.4)
             latent = sample(guider, {"samples": torch.zeros(1, 16, frames, h, w)}, seed=1, steps=1,
                             sampler_name="euler", scheduler="simple")["samples"]  # fmt: skip
-            out[label] = {
-                "warnings": [r for r in records if "SteadyDancer" in r],
-                "finite": bool(torch.isfinite(latent).all()),
-            }
+            out[label] = {"warnings": [r for r in records if "SteadyDancer" in r], "finite": bool(torch.isfinite(latent).all())}
     finally:
         logging.getLogger().removeHandler(handler)
     return out
 
 
-def _record_window_calls(
-    guider: object, normalised_pose: object, samples: object
-) -> tuple[list[dict], object]:
+def _record_window_calls(guider: object, normalised_pose: object, samples: object) -> tuple[list[dict], object]:
     """Sample 2 steps with `guider`; per DiT call, its window's frame indices and what it got."""
     import torch
     from comfyui_steadydancer.nodes.guider import sample
@@ -778,30 +674,20 @@ def _record_window_calls(
 
     def recording_forward(x: object, t: object, **inputs: object) -> object:
         window = window_now[0]
-        anchor = getattr(
-            window, "causal_anchor_index", None
-        )  # 0.33 prepends the frame before the window
+        anchor = getattr(window, "causal_anchor_index", None)  # 0.33 prepends the frame before the window
         indices = ([anchor] if anchor is not None and anchor >= 0 else []) + list(window.index_list)
         y_mask = inputs["y"][:, :4].float().amax(dim=(0, 1, 3, 4))  # 1 where a frame is given
-        calls.append(
-            {
-                "indices": indices,
-                "x_frames": x.shape[2],
-                "pose_is_slice": bool(
-                    torch.allclose(
-                        inputs["pose"].float(), normalised_pose[:, :, indices], atol=1e-6
-                    )
-                ),
-                "given_frames": [indices[i] for i, v in enumerate(y_mask.tolist()) if v > 0.5],
-            }
-        )
+        calls.append({
+            "indices": indices,
+            "x_frames": x.shape[2],
+            "pose_is_slice": bool(torch.allclose(inputs["pose"].float(), normalised_pose[:, :, indices], atol=1e-6)),
+            "given_frames": [indices[i] for i, v in enumerate(y_mask.tolist()) if v > 0.5],
+        })
         return forward(x, t, **inputs)
 
     dit.forward = recording_forward
     try:
-        latent = sample(
-            guider, {"samples": samples}, seed=1, steps=2, sampler_name="euler", scheduler="simple"
-        )
+        latent = sample(guider, {"samples": samples}, seed=1, steps=2, sampler_name="euler", scheduler="simple")
     finally:
         dit.forward = forward
     return calls, latent["samples"]
@@ -842,16 +728,11 @@ def check_caches(world: World) -> dict:
 
     base_calls, base = run(load(world, "tiny.safetensors"))
     out = {"uncached_calls": base_calls}
-    for name, node in (
-        ("easycache", cache_nodes.EasyCacheNode),
-        ("lazycache", cache_nodes.LazyCacheNode),
-    ):
+    for name, node in (("easycache", cache_nodes.EasyCacheNode), ("lazycache", cache_nodes.LazyCacheNode)):
         for threshold in (0.0, 3.0):
             # ComfyUI's default window (0.15-0.95). It must not begin before the pose window (0.1):
             # 0.3.64's caches fail on a prediction first made on a step they skip (0.33 copes).
-            model = node.execute(
-                load(world, "tiny.safetensors"), threshold, 0.15, 0.95, False
-            ).result[0]
+            model = node.execute(load(world, "tiny.safetensors"), threshold, 0.15, 0.95, False).result[0]
             calls, latent = run(model)
             out[f"{name}@{threshold}"] = {"calls": calls, "max_diff": max_diff(latent, base),
                                          "finite": bool(torch.isfinite(latent).all())}  # fmt: skip
@@ -876,11 +757,7 @@ def check_block_patches(world: World) -> dict:
         return {"img": args["img"]}
 
     out = {}
-    for name, patch, block in (
-        ("passthrough", passthrough, 0),
-        ("twice", twice, 1),
-        ("skip", skip, 1),
-    ):
+    for name, patch, block in (("passthrough", passthrough, 0), ("twice", twice, 1), ("skip", skip, 1)):
         model = base.clone()
         model.set_model_patch_replace(patch, "dit", "double_block", block)
         out[name] = max_diff(predict(world, model), expected)
@@ -896,9 +773,7 @@ def check_lora_hooks(world: World) -> dict:
     from comfyui_steadydancer.steadydancer.errors import GGUFError
 
     torch = world.torch
-    lora = comfy.utils.load_torch_file(
-        str(world.unet.parent / "loras" / "tiny_lora.safetensors"), safe_load=True
-    )
+    lora = comfy.utils.load_torch_file(str(world.unet.parent / "loras" / "tiny_lora.safetensors"), safe_load=True)
     hooks = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
     out = {}
     for name in ("tiny.safetensors", "tiny_q8.gguf"):
@@ -907,28 +782,11 @@ def check_lora_hooks(world: World) -> dict:
             # would patch ComfyUI's read-only file map in place, which no real run does.
             out[name] = {"skipped": "dynamic VRAM"}
             continue
-        positive = comfy.hooks.set_hooks_for_conditioning(
-            world.conditioning(world.text, world.pose), hooks
-        )
-        guider = make_guider(
-            load(world, name),
-            positive,
-            world.conditioning(world.text_negative, world.pose),
-            world.conditioning(world.text, world.pose_negative),
-            5.0,
-            1.5,
-            0.1,
-            0.4,
-        )
+        positive = comfy.hooks.set_hooks_for_conditioning(world.conditioning(world.text, world.pose), hooks)
+        guider = make_guider(load(world, name), positive, world.conditioning(world.text_negative, world.pose),
+                             world.conditioning(world.text, world.pose_negative), 5.0, 1.5, 0.1, 0.4)
         try:
-            result = sample(
-                guider,
-                {"samples": torch.zeros_like(world.noise)},
-                seed=1,
-                steps=2,
-                sampler_name="euler",
-                scheduler="simple",
-            )
+            result = sample(guider, {"samples": torch.zeros_like(world.noise)}, seed=1, steps=2, sampler_name="euler", scheduler="simple")
             out[name] = {"finite": bool(torch.isfinite(result["samples"]).all())}
         except GGUFError as exc:
             out[name] = {"error": str(exc)}
@@ -939,14 +797,9 @@ def check_attention(world: World) -> dict:
     """The loader's choice is ComfyUI's optimized_attention_override; a ComfyUI override wins."""
     from comfyui_steadydancer.nodes.comfy_attention import OVERRIDE_KEY
 
-    models = {
-        name: load(world, "tiny.safetensors", attention=name) for name in ("math", "sdpa", "comfy")
-    }
+    models = {name: load(world, "tiny.safetensors", attention=name) for name in ("math", "sdpa", "comfy")}
     outputs = {name: predict(world, model) for name, model in models.items()}
-    overrides = {
-        name: model.model_options["transformer_options"].get(OVERRIDE_KEY)
-        for name, model in models.items()
-    }
+    overrides = {name: model.model_options["transformer_options"].get(OVERRIDE_KEY) for name, model in models.items()}
     clone = models["math"].clone()
     # What ComfyUI's attention nodes do: their own override on a clone of the MODEL.
     seen: list[tuple[int, ...]] = []
@@ -965,8 +818,7 @@ def check_attention(world: World) -> dict:
         "used": {name: o.backend_used if o is not None else None for name, o in overrides.items()},
         "comfy_vs_math": max_diff(outputs["comfy"], outputs["math"]),
         "sdpa_vs_math": max_diff(outputs["sdpa"], outputs["math"]),
-        "clone_shares": clone.model_options["transformer_options"][OVERRIDE_KEY]
-        is overrides["math"],
+        "clone_shares": clone.model_options["transformer_options"][OVERRIDE_KEY] is overrides["math"],
         "override_calls": per_forward,
         "override_vs_math": max_diff(with_override, outputs["math"]),
         "comfy_choice_calls_without_override": len(seen),
@@ -983,9 +835,7 @@ def check_formats(world: World) -> dict:
     out = {}
     for name, dtype in FORMAT_RUNS:
         patcher = load(world, name, dtype=dtype)
-        reference = direct(
-            world, load_model(str(world.unet / name), dtype=torch.float32, attention="math")
-        )
+        reference = direct(world, load_model(str(world.unet / name), dtype=torch.float32, attention="math"))
         got = predict(world, patcher)
         q = patcher.model.diffusion_model.blocks[0].self_attn.q
         out[f"{name}@{dtype}"] = {
@@ -1022,26 +872,11 @@ def check_guider(world: World) -> dict:
         calls: list[tuple[float, list[int]]] = []
         model.set_model_unet_function_wrapper(call_recorder(calls))
         guider = SteadyDancerGuider.execute(
-            model,
-            world.conditioning(world.text, world.pose),
-            world.conditioning(world.text_negative, world.pose),
-            world.conditioning(world.text, world.pose_negative),
-            text_scale,
-            1.5,
-            0.1,
-            0.4,
+            model, world.conditioning(world.text, world.pose), world.conditioning(world.text_negative, world.pose),
+            world.conditioning(world.text, world.pose_negative), text_scale, 1.5, 0.1, 0.4,
         ).result[0]
-        latent = sample(
-            guider,
-            {"samples": torch.zeros_like(world.noise)},
-            seed=1,
-            steps=10,
-            sampler_name="euler",
-            scheduler="simple",
-        )
-        sigmas = comfy.samplers.calculate_sigmas(
-            model.get_model_object("model_sampling"), "simple", 10
-        )
+        latent = sample(guider, {"samples": torch.zeros_like(world.noise)}, seed=1, steps=10, sampler_name="euler", scheduler="simple")
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
         per_step, forwards = [], []
         for i in range(10):
             at_step = [c for t, c in calls if abs(t - float(sigmas[i])) < 1e-5]
@@ -1061,17 +896,8 @@ class ProbeSampler:
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def sample(
-        self,
-        model_wrap: Callable,
-        sigmas: object,
-        extra_args: dict,
-        callback: object,
-        noise: object,
-        latent_image: object = None,
-        denoise_mask: object = None,
-        disable_pbar: bool = False,
-    ) -> object:
+    def sample(self, model_wrap: Callable, sigmas: object, extra_args: dict, callback: object, noise: object,
+               latent_image: object = None, denoise_mask: object = None, disable_pbar: bool = False) -> object:
         return model_wrap(noise, sigmas[self.step].reshape(1), **extra_args)
 
 
@@ -1086,33 +912,19 @@ def check_guidance_values(world: World) -> dict:
     dit = load_model(str(world.unet / "tiny.safetensors"), dtype=torch.float32, attention="math")
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
     guider = make_guider(
-        model,
-        world.conditioning(world.text, world.pose),
-        world.conditioning(world.text_negative, world.pose),
-        world.conditioning(world.text, world.pose_negative),
-        5.0,
-        1.5,
-        0.1,
-        0.4,
+        model, world.conditioning(world.text, world.pose), world.conditioning(world.text_negative, world.pose),
+        world.conditioning(world.text, world.pose_negative), 5.0, 1.5, 0.1, 0.4,
     )
     fmt = model.model.latent_format
     out = {}
     for step in (2, 5):  # inside and outside the pose window
         sigma = float(sigmas[step])
-        got = guider.sample(
-            world.noise.clone(), torch.zeros_like(world.noise), ProbeSampler(step), sigmas.clone()
-        )
+        got = guider.sample(world.noise.clone(), torch.zeros_like(world.noise), ProbeSampler(step), sigmas.clone())
         cond = direct(world, dit, world.model_inputs(), sigma)
         uncond_text = direct(world, dit, world.model_inputs(text=world.text_negative), sigma)
         uncond_pose = direct(world, dit, world.model_inputs(pose=world.pose_negative), sigma)
-        expected = (
-            uncond_text
-            + 5.0 * (cond - uncond_text)
-            + (1.5 * (cond - uncond_pose) if step == 2 else 0.0)
-        )
-        out[str(step)] = max_diff(
-            fmt.process_in(got), expected
-        )  # the guider's result leaves via process_latent_out
+        expected = uncond_text + 5.0 * (cond - uncond_text) + (1.5 * (cond - uncond_pose) if step == 2 else 0.0)
+        out[str(step)] = max_diff(fmt.process_in(got), expected)  # the guider's result leaves via process_latent_out
     return out
 
 
@@ -1123,20 +935,8 @@ def check_sampler_node(world: World) -> dict:
     model = load(world, "tiny_q8.gguf")
     latent = {"samples": torch.zeros_like(world.noise)}
     result = SteadyDancerSampler.execute(
-        model,
-        world.conditioning(world.text, world.pose),
-        world.conditioning(world.text_negative, world.pose),
-        world.conditioning(world.text, world.pose_negative),
-        5.0,
-        1.5,
-        0.1,
-        0.4,
-        latent,
-        0,
-        3,
-        3.0,
-        "uni_pc_bh2",
-        "simple",
+        model, world.conditioning(world.text, world.pose), world.conditioning(world.text_negative, world.pose),
+        world.conditioning(world.text, world.pose_negative), 5.0, 1.5, 0.1, 0.4, latent, 0, 3, 3.0, "uni_pc_bh2", "simple",
     ).result[0]
     shifted = model.get_model_object("model_sampling")
     return {
@@ -1175,17 +975,11 @@ def check_errors(world: World) -> dict:
     validate = SteadyDancerModelLoader.validate_inputs
     out["validate_ok"] = validate(model_name="tiny_q8.gguf", compute_dtype="bf16", attention="sdpa")
     out["validate_linked"] = validate(model_name=None, compute_dtype=None, attention=None)
-    out["validate_model"] = validate(
-        model_name="nope.gguf", compute_dtype="default", attention="auto"
-    )
-    out["validate_attention"] = validate(
-        model_name="tiny.safetensors", compute_dtype="default", attention="fast"
-    )
+    out["validate_model"] = validate(model_name="nope.gguf", compute_dtype="default", attention="auto")
+    out["validate_attention"] = validate(model_name="tiny.safetensors", compute_dtype="default", attention="fast")
     out["validate_fp8_matmul"] = validate(model_name="tiny.safetensors", compute_dtype="default", attention="auto",
                                           fp8_matmul="false")  # fmt: skip
-    out["validate_sampler"] = SteadyDancerSampler.validate_inputs(
-        sampler_name="uni_pc_bh3", scheduler="simple"
-    )
+    out["validate_sampler"] = SteadyDancerSampler.validate_inputs(sampler_name="uni_pc_bh3", scheduler="simple")
     patcher = load(world, "tiny.safetensors")
     kwargs = {**world.values, "cross_attn": world.text}  # no steadydancer_pose
     try:
@@ -1234,11 +1028,7 @@ def main() -> None:
             try:
                 results[name] = {"ok": True, **CHECKS[name](world)}
             except Exception as exc:  # reported to pytest, which shows the traceback
-                results[name] = {
-                    "ok": False,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(),
-                }
+                results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     out_path.write_text(json.dumps(results, indent=1, default=str))
 
 

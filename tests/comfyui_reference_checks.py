@@ -34,29 +34,20 @@ def check_model_sampling(world: World) -> dict:
     base = load(world, "tiny.safetensors")
     patched = SteadyDancerModelSampling.execute(base, SHIFT, "integer").result[0]
     floated = SteadyDancerModelSampling.execute(base, SHIFT, "float").result[0]
-    ms, ms_float = (
-        patched.get_model_object("model_sampling"),
-        floated.get_model_object("model_sampling"),
-    )
+    ms, ms_float = patched.get_model_object("model_sampling"), floated.get_model_object("model_sampling")
     noise, latent = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 16, 2, 4, 4)
     first = torch.tensor(reference_first_sigma(SHIFT), dtype=torch.float32)
     half = torch.tensor(0.5)
     return {
         "class": type(ms).__name__,
-        "base_untouched": not isinstance(
-            base.get_model_object("model_sampling"), ReferenceFlowSampling
-        ),
+        "base_untouched": not isinstance(base.get_model_object("model_sampling"), ReferenceFlowSampling),
         "shift": float(ms.shift),
         "timesteps": ms.timestep(torch.tensor([0.99979, 0.5, 0.0005])).tolist(),
         "float_class_is_flow": isinstance(ms_float, comfy.model_sampling.ModelSamplingDiscreteFlow),
         "float_timestep": float(ms_float.timestep(torch.tensor(0.99979))),
         "starts_from_noise": bool(torch.equal(ms.noise_scaling(first, noise, latent), noise)),
-        "one_starts_from_noise": bool(
-            torch.equal(ms.noise_scaling(torch.tensor(1.0), noise, latent), noise)
-        ),
-        "partial_is_comfyui": max_diff(
-            ms.noise_scaling(half, noise, latent), 0.5 * noise + 0.5 * latent
-        ),
+        "one_starts_from_noise": bool(torch.equal(ms.noise_scaling(torch.tensor(1.0), noise, latent), noise)),
+        "partial_is_comfyui": max_diff(ms.noise_scaling(half, noise, latent), 0.5 * noise + 0.5 * latent),
         "validate": SteadyDancerModelSampling.validate_inputs(timesteps="exact"),
     }
 
@@ -85,20 +76,10 @@ def check_scheduler(world: World) -> dict:
     except ValueError as exc:
         not_flow = str(exc)
     return {
-        "patched": bool(
-            torch.equal(
-                SteadyDancerScheduler.execute(patched, 40).result[0],
-                reference_schedule(40, SHIFT)[0],
-            )
-        ),
-        "loader_shift": bool(
-            torch.equal(
-                SteadyDancerScheduler.execute(base, 40).result[0], reference_schedule(40, 5.0)[0]
-            )
-        ),
+        "patched": bool(torch.equal(SteadyDancerScheduler.execute(patched, 40).result[0], reference_schedule(40, SHIFT)[0])),
+        "loader_shift": bool(torch.equal(SteadyDancerScheduler.execute(base, 40).result[0], reference_schedule(40, 5.0)[0])),
         "not_flow": not_flow,
-        "not_registered": STEADYDANCER
-        not in comfy.samplers.KSampler.SAMPLERS + comfy.samplers.KSampler.SCHEDULERS,
+        "not_registered": STEADYDANCER not in comfy.samplers.KSampler.SAMPLERS + comfy.samplers.KSampler.SCHEDULERS,
     }
 
 
@@ -137,9 +118,7 @@ def _comfyui_run(world: World, text_scale: float, pose_scale: float) -> tuple[ob
     )
 
     torch = world.torch
-    model = SteadyDancerModelSampling.execute(
-        load(world, "tiny.safetensors"), SHIFT, "integer"
-    ).result[0]
+    model = SteadyDancerModelSampling.execute(load(world, "tiny.safetensors"), SHIFT, "integer").result[0]
     sigmas = SteadyDancerScheduler.execute(model, STEPS).result[0]
     sampler = SteadyDancerUniPCSampler.execute().result[0]
     guider = make_guider(model, world.conditioning(world.text, world.pose), world.conditioning(world.text_negative, world.pose),
@@ -153,9 +132,7 @@ def _comfyui_run(world: World, text_scale: float, pose_scale: float) -> tuple[ob
 
     dit.forward = recording
     try:
-        out = guider.sample(
-            world.noise.clone(), torch.zeros_like(world.noise), sampler, sigmas, seed=0
-        )
+        out = guider.sample(world.noise.clone(), torch.zeros_like(world.noise), sampler, sigmas, seed=0)
     finally:
         dit.forward = forward
     return model.model.latent_format.process_in(out), seen
@@ -187,18 +164,12 @@ def check_shortcut(world: World) -> dict:
 
     torch = world.torch
     schema = SteadyDancerSampler.define_schema()
-    defaults = {
-        i.id: getattr(i, "default", None)
-        for i in schema.inputs
-        if i.id in ("steps", "sampler_name", "scheduler", "shift")
-    }
+    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs if i.id in ("steps", "sampler_name", "scheduler", "shift")}
     conds = (world.conditioning(world.text, world.pose), world.conditioning(world.text_negative, world.pose),
              world.conditioning(world.text, world.pose_negative))  # fmt: skip
     latent = {"samples": torch.zeros_like(world.noise)}
     model = load(world, "tiny.safetensors")
-    got = SteadyDancerSampler.execute(
-        model, *conds, 5.0, 1.5, 0.1, 0.4, latent, 3, 4, SHIFT, "steadydancer", "steadydancer"
-    ).result[0]
+    got = SteadyDancerSampler.execute(model, *conds, 5.0, 1.5, 0.1, 0.4, latent, 3, 4, SHIFT, "steadydancer", "steadydancer").result[0]
     patched = SteadyDancerModelSampling.execute(model, SHIFT, "integer").result[0]
     guider = make_guider(patched, *conds, 5.0, 1.5, 0.1, 0.4)
     noise = comfy.sample.prepare_noise(latent["samples"], 3)
@@ -207,19 +178,10 @@ def check_shortcut(world: World) -> dict:
     return {
         "defaults": defaults,
         "max_diff": max_diff(got["samples"], expected),
-        "validate": SteadyDancerSampler.validate_inputs(
-            sampler_name="steadydancer", scheduler="steadydancer"
-        ),
-        "validate_bad": SteadyDancerSampler.validate_inputs(
-            sampler_name="steadydancer", scheduler="steady"
-        ),
-        "comfyui_choices_still_run": bool(
-            torch.isfinite(
-                SteadyDancerSampler.execute(
-                    model, *conds, 5.0, 1.5, 0.1, 0.4, latent, 3, 2, SHIFT, "uni_pc_bh2", "simple"
-                ).result[0]["samples"]
-            ).all()
-        ),
+        "validate": SteadyDancerSampler.validate_inputs(sampler_name="steadydancer", scheduler="steadydancer"),
+        "validate_bad": SteadyDancerSampler.validate_inputs(sampler_name="steadydancer", scheduler="steady"),
+        "comfyui_choices_still_run": bool(torch.isfinite(SteadyDancerSampler.execute(
+            model, *conds, 5.0, 1.5, 0.1, 0.4, latent, 3, 2, SHIFT, "uni_pc_bh2", "simple").result[0]["samples"]).all()),
     }
 
 
@@ -235,14 +197,10 @@ def _tiny_clip_vision(torch: object, root: Path) -> object:
     path.write_text(json.dumps(config))
     clip = comfy.clip_vision.ClipVisionModel(str(path))
     gen = torch.Generator().manual_seed(11)
-
     def is_norm_weight(key: str) -> bool:
         return key.endswith("weight") and ("norm" in key or "layrnorm" in key)
 
-    state = {
-        k: torch.randn(v.shape, generator=gen) * 0.05 + (1.0 if is_norm_weight(k) else 0.0)
-        for k, v in clip.get_sd().items()
-    }
+    state = {k: torch.randn(v.shape, generator=gen) * 0.05 + (1.0 if is_norm_weight(k) else 0.0) for k, v in clip.get_sd().items()}
     clip.load_sd(state)
     return clip
 
@@ -256,9 +214,7 @@ def check_clip(world: World) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         clip = _tiny_clip_vision(torch, Path(tmp))
     gen = torch.Generator().manual_seed(4)
-    square = (
-        torch.randint(0, 256, (2, 224, 224, 3), generator=gen).float() / 255
-    )  # 8-bit values, already 224
+    square = torch.randint(0, 256, (2, 224, 224, 3), generator=gen).float() / 255  # 8-bit values, already 224
     portrait = torch.randint(0, 256, (1, 300, 200, 3), generator=gen).float() / 255
     ours_square = SteadyDancerCLIPVisionEncode.execute(clip, square).result[0]
     comfy_square = clip.encode_image(square, crop=False)
@@ -269,15 +225,10 @@ def check_clip(world: World) -> dict:
         direct = clip.model(pixel_values=pixels, intermediate_output=-2)[1]
     return {
         "missing_fields": sorted(set(vars(comfy_square)) - set(vars(ours_square))),
-        "square_equal": max(
-            max_diff(ours_square[k], comfy_square[k])
-            for k in ("penultimate_hidden_states", "last_hidden_state", "image_embeds")
-        ),
+        "square_equal": max(max_diff(ours_square[k], comfy_square[k]) for k in ("penultimate_hidden_states", "last_hidden_state", "image_embeds")),
         "shape": list(ours.penultimate_hidden_states.shape),
         "direct_diff": max_diff(ours.penultimate_hidden_states, direct),
-        "differs_from_comfyui": max_diff(
-            ours.penultimate_hidden_states, comfy_out.penultimate_hidden_states
-        ),
+        "differs_from_comfyui": max_diff(ours.penultimate_hidden_states, comfy_out.penultimate_hidden_states),
         "is_output": isinstance(ours, comfy.clip_vision.Output),
     }
 
@@ -302,11 +253,7 @@ def main() -> None:
             try:
                 results[name] = {"ok": True, **check(world)}
             except Exception as exc:  # reported to pytest, which shows the traceback
-                results[name] = {
-                    "ok": False,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(),
-                }
+                results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     out_path.write_text(json.dumps(results, indent=1, default=str))
 
 

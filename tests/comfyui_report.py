@@ -25,17 +25,9 @@ def run_checks(script: Path, out_dir: Path, timeout: int, args: tuple[str, ...] 
     out = out_dir / "report.json"
     python = comfyui_python(Path(os.environ["COMFYUI_DIR"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [python, str(script), str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    proc = subprocess.run([python, str(script), str(out), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(
-            f"the ComfyUI check process failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
+        pytest.fail(f"the ComfyUI check process failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     report = json.loads(out.read_text())
     if "unsupported" in report:
         pytest.skip(report["unsupported"])

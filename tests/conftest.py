@@ -55,12 +55,7 @@ def _mmpose_reason() -> str | None:
     return None
 
 
-_REASONS = {
-    "comfyui": _comfyui_reason,
-    "docker": _docker_reason,
-    "gpu": _gpu_reason,
-    "mmpose": _mmpose_reason,
-}
+_REASONS = {"comfyui": _comfyui_reason, "docker": _docker_reason, "gpu": _gpu_reason, "mmpose": _mmpose_reason}
 _cache: dict[str, str | None] = {}
 
 

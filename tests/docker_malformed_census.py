@@ -29,15 +29,9 @@ import docker_modules
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--real", action="store_true", help="a real ComfyUI (COMFYUI_DIR) instead of the stand-in"
-    )
-    parser.add_argument(
-        "--worker", type=Path, help="a folder whose docker/ holds the worker to measure"
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="print each exception and touched file"
-    )
+    parser.add_argument("--real", action="store_true", help="a real ComfyUI (COMFYUI_DIR) instead of the stand-in")
+    parser.add_argument("--worker", type=Path, help="a folder whose docker/ holds the worker to measure")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each exception and touched file")
     args = parser.parse_args(argv)
     logging.disable(logging.CRITICAL)
     if args.worker:
@@ -62,13 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             before = cases.snapshot(root)
             client = cc.ComfyClient(url) if args.real else cases.StandInComfy(root)
             try:
-                result = rh.run_job(
-                    {"id": name, "input": params},
-                    client=client,
-                    send=lambda job, message: None,
-                    environ=cases.ENV,
-                    cleanup_dir=root,
-                )
+                result = rh.run_job({"id": name, "input": params}, client=client, send=lambda job, message: None,
+                                    environ=cases.ENV, cleanup_dir=root)
                 if "error" in result:
                     errors += 1
                 else:
@@ -92,12 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if comfyui is not None:
             comfyui.__exit__(None, None, None)
         shutil.rmtree(root, ignore_errors=True)
-    print(
-        f"{'real ComfyUI' if args.real else 'stand-in ComfyUI'}: {len(cases.JOBS)} jobs in "
-        f"{time.monotonic() - started:.0f} s: {errors} error results, {successes} successes, "
-        f"{sum(exceptions.values())} exceptions {dict(exceptions)}, {len(touched)} jobs changed or removed "
-        f"a user's file {touched}, {len(leftover)} jobs left files behind"
-    )
+    print(f"{'real ComfyUI' if args.real else 'stand-in ComfyUI'}: {len(cases.JOBS)} jobs in "
+          f"{time.monotonic() - started:.0f} s: {errors} error results, {successes} successes, "
+          f"{sum(exceptions.values())} exceptions {dict(exceptions)}, {len(touched)} jobs changed or removed "
+          f"a user's file {touched}, {len(leftover)} jobs left files behind")
     return 1 if exceptions or touched or leftover else 0
 
 

@@ -42,24 +42,9 @@ def running_comfyui(work: Path, *extra_args: str, timeout: float = 180) -> Itera
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [
-        python,
-        "main.py",
-        "--cpu",
-        "--listen",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--disable-auto-launch",
-        "--disable-all-custom-nodes",
-        "--input-directory",
-        str(work / "input"),
-        "--output-directory",
-        str(work / "output"),
-        "--temp-directory",
-        str(work),
-        *extra_args,
-    ]
+    command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+               "--disable-all-custom-nodes", "--input-directory", str(work / "input"),
+               "--output-directory", str(work / "output"), "--temp-directory", str(work), *extra_args]
     url = f"http://127.0.0.1:{port}"
     with open(work / "comfyui.log", "w") as log:
         process = subprocess.Popen(command, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT)

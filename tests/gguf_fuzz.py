@@ -174,9 +174,7 @@ def pack_value(item_type: int, value) -> bytes:
     """One fixed-size value; integers wrap to the type's width (two's complement)."""
     fmt = _SCALAR_FMT[VT(item_type)]
     if fmt[1] in "bBhHiIqQ":
-        return (int(value) % 2 ** (8 * _SIZE[VT(item_type)])).to_bytes(
-            _SIZE[VT(item_type)], "little"
-        )
+        return (int(value) % 2 ** (8 * _SIZE[VT(item_type)])).to_bytes(_SIZE[VT(item_type)], "little")
     return struct.pack(fmt, value)
 
 
@@ -254,11 +252,7 @@ def serialise(layout: Layout) -> tuple[bytes, list[Mark]]:
 
     put(b"GGUF", "magic")
     put(u32(layout.version), "version", 4)
-    put(
-        u64(len(layout.tensors) if layout.tensor_count is None else layout.tensor_count),
-        "tensor_count",
-        8,
-    )
+    put(u64(len(layout.tensors) if layout.tensor_count is None else layout.tensor_count), "tensor_count", 8)
     put(u64(len(layout.kvs) if layout.kv_count is None else layout.kv_count), "kv_count", 8)
     for i, kv in enumerate(layout.kvs):
         put(u64(len(kv.key) if kv.key_len is None else kv.key_len), f"kv{i}.key_len", 8)
@@ -365,9 +359,7 @@ def build_corpus(directory: Path) -> dict[str, bytes]:
 
     t = {
         name: (value, Q.F16 if value.ndim >= 2 else Q.F32)
-        for name, (value, _) in tiny_model_tensors(
-            Q.F32, prefix="diffusion_model.", config=one
-        ).items()
+        for name, (value, _) in tiny_model_tensors(Q.F32, prefix="diffusion_model.", config=one).items()
     }
     files["undeclared_f16"] = _write(directory / "undeclared_f16.gguf", t, arch=None)
     return files
@@ -377,9 +369,7 @@ def _write(path: Path, tensors, **kwargs) -> bytes:
     write_gguf(path, tensors, **kwargs)
     config_from_state_dict(load_gguf_state_dict(path))  # the starting point is valid
     raw = path.read_bytes()
-    assert serialise(parse_layout(raw))[0] == raw, (
-        f"{path.name}: the layout model does not round-trip"
-    )
+    assert serialise(parse_layout(raw))[0] == raw, f"{path.name}: the layout model does not round-trip"
     assert len(raw) < FILE_LIMIT // 2
     return raw
 
@@ -453,11 +443,7 @@ def _reshapes(shape: tuple[int, ...], rng: random.Random) -> tuple[int, ...]:
         n *= s
     options = [(n,), (1, n), (*shape, 1), (1, *shape), (1,) * rng.randint(2, 20) + (n,)]
     if len(shape) >= 2:
-        options += [
-            shape[::-1],
-            (*shape[1:-1], shape[0] * shape[-1]),
-            (shape[0], n // (shape[0] or 1)),
-        ]
+        options += [shape[::-1], (*shape[1:-1], shape[0] * shape[-1]), (shape[0], n // (shape[0] or 1))]
     divisors = [d for d in (2, 3, 4, 8, 16, 32) if n and n % d == 0]
     if divisors:
         d = rng.choice(divisors)
@@ -544,9 +530,7 @@ def op_big_array(layout: Layout, c: Ctx) -> str:
     """A genuinely large array (the file grows towards 1 MB), its count honest or not."""
     r = c.rng
     budget = FILE_LIMIT - c.size - 4096
-    item = r.choice(
-        [VT.UINT8, VT.INT8, VT.BOOL, VT.INT32, VT.FLOAT32, VT.UINT64, VT.FLOAT64, VT.STRING]
-    )
+    item = r.choice([VT.UINT8, VT.INT8, VT.BOOL, VT.INT32, VT.FLOAT32, VT.UINT64, VT.FLOAT64, VT.STRING])
     if item == VT.STRING:
         pattern = b"".join(string_body(b"x" * r.choice((0, 0, 1, 3))) for _ in range(8))
         count = budget // len(pattern) * 8
@@ -606,9 +590,7 @@ def op_orig_shape(layout: Layout, c: Ctx) -> str:
     for d in t.dims:
         n *= d
     key = ORIG_SHAPE_PREFIX.encode() + (t.name if r.random() < 0.9 else _strip(t.name).encode())
-    kind = r.choice(
-        ("coherent", "coherent", "count", "zero", "negative", "huge", "axes", "empty", "type")
-    )
+    kind = r.choice(("coherent", "coherent", "count", "zero", "negative", "huge", "axes", "empty", "type"))
     item = VT.INT32 if kind == "negative" else r.choice((VT.INT32, VT.UINT32, VT.INT64, VT.UINT64))
     shape = list(_logical_shape(layout, t))
     if kind == "coherent":
@@ -644,9 +626,7 @@ def op_orig_shape(layout: Layout, c: Ctx) -> str:
     else:
         shape = [max(-(2**63), min(s, 2**63 - 1)) for s in shape]
     layout.set_kv(key, VT.ARRAY, array_body(item, shape))
-    return (
-        f"orig_shape {kind} of {t.name[:60]!r}: {tuple(shape[:8])}{'...' if len(shape) > 8 else ''}"
-    )
+    return f"orig_shape {kind} of {t.name[:60]!r}: {tuple(shape[:8])}{'...' if len(shape) > 8 else ''}"
 
 
 def op_reshape(layout: Layout, c: Ctx) -> str:
@@ -732,20 +712,7 @@ def op_dims(layout: Layout, c: Ctx) -> str:
     i, t = _pick(layout, r, 0.5)
     if not t.dims:
         t.dims.append(1)
-    kind = r.choice(
-        (
-            "zero",
-            "negative",
-            "huge",
-            "overflow",
-            "many",
-            "none",
-            "permute",
-            "double",
-            "row",
-            "n_dims",
-        )
-    )
+    kind = r.choice(("zero", "negative", "huge", "overflow", "many", "none", "permute", "double", "row", "n_dims"))
     if kind == "zero":
         t.dims[r.randrange(len(t.dims))] = 0
     elif kind == "negative":
@@ -765,9 +732,7 @@ def op_dims(layout: Layout, c: Ctx) -> str:
     elif kind == "row":
         t.dims[0] = t.dims[0] + r.choice((1, 16, -1))
     else:
-        t.n_dims = r.choice(
-            (0, 1, 5, 17, 64, 2**31, 2**32 - 1, len(t.dims) + 1, max(0, len(t.dims) - 1))
-        )
+        t.n_dims = r.choice((0, 1, 5, 17, 64, 2**31, 2**32 - 1, len(t.dims) + 1, max(0, len(t.dims) - 1)))
         return f"tensor {i} n_dims field={t.n_dims} (dims {t.dims})"
     return f"tensor {i} dims {kind} -> {t.dims[:6]}"
 
@@ -787,9 +752,7 @@ def op_qtype(layout: Layout, c: Ctx) -> str:
 def op_offset(layout: Layout, c: Ctx) -> str:
     r = c.rng
     i, t = _pick(layout, r, 0.3)
-    kind = r.choice(
-        ("past", "huge", "overlap", "overlap", "misaligned", "misaligned", "eof", "swap", "zero")
-    )
+    kind = r.choice(("past", "huge", "overlap", "overlap", "misaligned", "misaligned", "eof", "swap", "zero"))
     end = len(layout.data)
     if kind == "past":
         t.offset = end + r.choice((0, 1, 32, 4096))
@@ -821,13 +784,9 @@ def op_records(layout: Layout, c: Ctx) -> str:
     elif kind == "drop_kv" and layout.kvs:
         layout.kvs.pop(r.randrange(len(layout.kvs)))
     elif kind == "dup_tensor":
-        layout.tensors.insert(
-            r.randrange(len(layout.tensors) + 1), dataclasses.replace(r.choice(layout.tensors))
-        )
+        layout.tensors.insert(r.randrange(len(layout.tensors) + 1), dataclasses.replace(r.choice(layout.tensors)))
     elif kind == "dup_kv" and layout.kvs:
-        layout.kvs.insert(
-            r.randrange(len(layout.kvs) + 1), dataclasses.replace(r.choice(layout.kvs))
-        )
+        layout.kvs.insert(r.randrange(len(layout.kvs) + 1), dataclasses.replace(r.choice(layout.kvs)))
     elif kind == "shuffle":
         r.shuffle(layout.tensors)
         r.shuffle(layout.kvs)
@@ -1020,11 +979,7 @@ class Stats:
         self.cases += other.cases
         self.outcomes += other.outcomes
         self.by_op += other.by_op
-        for attr, case in (
-            ("max_load_s", "max_load_case"),
-            ("max_ratio", "max_ratio_case"),
-            ("max_excess", "max_excess_case"),
-        ):
+        for attr, case in (("max_load_s", "max_load_case"), ("max_ratio", "max_ratio_case"), ("max_excess", "max_excess_case")):
             if getattr(other, attr) > getattr(self, attr):
                 setattr(self, attr, getattr(other, attr))
                 setattr(self, case, getattr(other, case))
@@ -1041,9 +996,7 @@ class Stats:
         outcomes = sorted({o for _, o in self.by_op})
         lines = ["| mutation | " + " | ".join(outcomes) + " |", "|---" * (len(outcomes) + 1) + "|"]
         for op in families:
-            lines.append(
-                f"| {op} | " + " | ".join(f"{self.by_op[(op, o)]:,}" for o in outcomes) + " |"
-            )
+            lines.append(f"| {op} | " + " | ".join(f"{self.by_op[(op, o)]:,}" for o in outcomes) + " |")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -1128,12 +1081,7 @@ def _attempt(path: Path, number: int) -> tuple[dict | None, str, str | None, str
         cause = exc.__cause__
         if cause is not None and not isinstance(cause, SteadyDancerError):
             problem = f"named error raised for an unexpected {type(cause).__name__}: {exc}"
-            return (
-                None,
-                f"{type(exc).__name__} ({stage})",
-                problem,
-                "".join(traceback.format_exception(cause)),
-            )
+            return None, f"{type(exc).__name__} ({stage})", problem, "".join(traceback.format_exception(cause))
         return None, f"{type(exc).__name__} ({stage})", None, None
     except Exception as exc:
         problem = f"unnamed exception {type(exc).__name__}: {exc}"
@@ -1147,14 +1095,7 @@ def run_one(seed: int, number: int, stats: Stats) -> None:
         stats.cases += 1
         stats.outcomes["fuzzer error"] += 1
         stats.failures.append(
-            Failure(
-                seed,
-                number,
-                "?",
-                [],
-                f"the fuzzer failed to build the case: {exc!r}",
-                traceback.format_exc(),
-            )
+            Failure(seed, number, "?", [], f"the fuzzer failed to build the case: {exc!r}", traceback.format_exc())
         )
         return
     path: Path = _WORKER["path"]
@@ -1205,9 +1146,7 @@ def run_one(seed: int, number: int, stats: Stats) -> None:
     if rss_growth > stats.max_rss_growth:
         stats.max_rss_growth, stats.max_rss_case = rss_growth, number
     if problem is not None:
-        stats.failures.append(
-            Failure(seed, number, case.base, case.description, problem, detail or "")
-        )
+        stats.failures.append(Failure(seed, number, case.base, case.description, problem, detail or ""))
 
 
 def run_range(seed: int, start: int, stop: int) -> Stats:
@@ -1219,9 +1158,7 @@ def run_range(seed: int, start: int, stop: int) -> Stats:
     return stats
 
 
-def run(
-    cases: int = DEFAULT_CASES, *, seed: int = 0, jobs: int = 2, start: int = 0, chunk: int = 250
-) -> Stats:
+def run(cases: int = DEFAULT_CASES, *, seed: int = 0, jobs: int = 2, start: int = 0, chunk: int = 250) -> Stats:
     """Run cases start..start+cases-1 of `seed` on `jobs` processes; the merged statistics."""
     t0 = time.perf_counter()
     stats = Stats()

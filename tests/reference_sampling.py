@@ -17,9 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-Velocity = Callable[
-    [torch.Tensor, torch.Tensor], torch.Tensor
-]  # (sample, integer timestep) -> flow
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sample, integer timestep) -> flow
 
 
 def schedule(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +76,7 @@ class FlowUniPC:
         h_phi_1, b_h, _ = self._coefficients(h, order)
         x_t_ = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
         if d1s:
-            pred_res = torch.einsum(
-                "k,bkc...->bc...", torch.tensor([0.5], dtype=x.dtype), torch.stack(d1s, dim=1)
-            )
+            pred_res = torch.einsum("k,bkc...->bc...", torch.tensor([0.5], dtype=x.dtype), torch.stack(d1s, dim=1))
         else:
             pred_res = 0
         return (x_t_ - alpha_t * b_h * pred_res).to(x.dtype)
@@ -122,9 +118,7 @@ class FlowUniPC:
         return out
 
 
-def sample(
-    velocity: Velocity, noise: torch.Tensor, steps: int, shift: float
-) -> tuple[torch.Tensor, list[int]]:
+def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float) -> tuple[torch.Tensor, list[int]]:
     """The reference's loop: (final latent, the integer timesteps the model was called with)."""
     sigmas, timesteps = schedule(steps, shift)
     solver = FlowUniPC(sigmas)

@@ -79,17 +79,11 @@ def test_selection_for_every_combination_of_installed_backends(fake_install, ins
                 A.AttentionDispatcher(name)
 
 
-@pytest.mark.parametrize(
-    "installed", [(), ("flash_attn_2",), ("xformers",), ("flash_attn_2", "xformers")]
-)
+@pytest.mark.parametrize("installed", [(), ("flash_attn_2",), ("xformers",), ("flash_attn_2", "xformers")])
 def test_auto_prefers_flash_and_xformers_over_sdpa_before_hopper(fake_install, installed):
     fake_install(set(installed), capability=(8, 9))
     auto = A.AttentionDispatcher("auto").candidates(torch.device("cuda"), torch.float16, 128)
-    assert auto == [
-        n
-        for n in ("flash_attn_2", "xformers", "sdpa", "math")
-        if n in installed or n in ("sdpa", "math")
-    ]
+    assert auto == [n for n in ("flash_attn_2", "xformers", "sdpa", "math") if n in installed or n in ("sdpa", "math")]
 
 
 def test_capability_dtype_and_head_size_limits(fake_install):
@@ -106,19 +100,12 @@ def test_capability_dtype_and_head_size_limits(fake_install):
         A.AttentionDispatcher("flash_attn_2").candidates(cuda, torch.float32, 128)
 
 
-@pytest.mark.parametrize(
-    ("capability", "first"),
-    [((9, 0), "flash_attn_4"), ((10, 0), "flash_attn_4"), ((12, 0), "sdpa")],
-)
-def test_flash_attention_4_leads_on_hopper_and_datacentre_blackwell_only(
-    fake_install, capability, first
-):
+@pytest.mark.parametrize(("capability", "first"), [((9, 0), "flash_attn_4"), ((10, 0), "flash_attn_4"), ((12, 0), "sdpa")])
+def test_flash_attention_4_leads_on_hopper_and_datacentre_blackwell_only(fake_install, capability, first):
     fake_install({"flash_attn_4"}, capability=capability)
     cuda = torch.device("cuda")
     assert A.AttentionDispatcher().candidates(cuda, torch.bfloat16, 128)[0] == first
-    assert "flash_attn_4" not in A.available_backends(
-        cuda, torch.bfloat16, 256
-    )  # head sizes 64/96/128
+    assert "flash_attn_4" not in A.available_backends(cuda, torch.bfloat16, 256)  # head sizes 64/96/128
     if first != "flash_attn_4":
         with pytest.raises(AttentionBackendError, match="compute capability"):
             A.AttentionDispatcher("flash_attn_4").candidates(cuda, torch.bfloat16, 128)
@@ -158,8 +145,7 @@ def test_failing_backend_is_dropped_with_one_warning(monkeypatch, caplog):
         # only the dropped backend's warning counts: a broken optional install elsewhere on
         # the machine (an xformers built for another torch) may warn once on its own
         warnings = [
-            r
-            for r in caplog.records
+            r for r in caplog.records
             if r.levelno == logging.WARNING and "flash_attn_2" in r.getMessage()
         ]
         assert len(warnings) == 1
@@ -253,13 +239,9 @@ def test_sdpa_with_a_priority_is_exact_and_leaves_the_global_order_as_it_was(mon
     CPU the Hopper order."""
     from torch.nn.attention import SDPBackend
 
-    monkeypatch.setattr(
-        A, "sdpa_priority", lambda device: [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
-    )
+    monkeypatch.setattr(A, "sdpa_priority", lambda device: [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH])
     before = torch._C._get_sdp_priority_order()
-    q, k, v = (
-        torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)
-    )
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     out = A.SPECS["sdpa"].load()(q, k, v)
     torch.testing.assert_close(out, A.math_attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert torch._C._get_sdp_priority_order() == before

@@ -23,9 +23,7 @@ def reference(pixels: np.ndarray, size: int = 224) -> torch.Tensor:
 
 def comfyui_like(image: torch.Tensor, size: int = 224) -> torch.Tensor:
     """What ComfyUI's CLIPVisionEncode (crop none) does instead: antialiased, rounded to 8 bits."""
-    x = torch.nn.functional.interpolate(
-        image.movedim(-1, 1), size=(size, size), mode="bicubic", antialias=True
-    )
+    x = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(size, size), mode="bicubic", antialias=True)
     x = torch.clip(255.0 * x, 0, 255).round() / 255.0
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
@@ -38,12 +36,7 @@ def pose_like_frame() -> np.ndarray:
 
 
 def test_pixels_are_the_references() -> None:
-    pixels = np.concatenate(
-        [
-            pose_like_frame(),
-            np.random.default_rng(0).integers(0, 256, (1, 1184, 864, 3), dtype=np.uint8),
-        ]
-    )
+    pixels = np.concatenate([pose_like_frame(), np.random.default_rng(0).integers(0, 256, (1, 1184, 864, 3), dtype=np.uint8)])
     got = reference_clip_pixels(torch.from_numpy(pixels).float().div(255), 224, MEAN, STD)
     assert got.shape == (2, 3, 224, 224)
     assert torch.allclose(got, reference(pixels), atol=1e-6)
@@ -59,10 +52,7 @@ def test_comfyuis_preprocessing_differs_by_several_percent_on_pose_frames() -> N
 
 def test_alpha_is_ignored_and_bad_input_refused() -> None:
     rgba = torch.rand(1, 30, 20, 4)
-    assert torch.equal(
-        reference_clip_pixels(rgba, 8, MEAN, STD),
-        reference_clip_pixels(rgba[..., :3], 8, MEAN, STD),
-    )
+    assert torch.equal(reference_clip_pixels(rgba, 8, MEAN, STD), reference_clip_pixels(rgba[..., :3], 8, MEAN, STD))
     with pytest.raises(ConditioningError, match="batch of images"):
         reference_clip_pixels(torch.rand(30, 20, 3), 224, MEAN, STD)
     with pytest.raises(ConditioningError, match="3 values"):

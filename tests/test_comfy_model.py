@@ -59,27 +59,19 @@ def test_gguf_patcher_follows_the_running_comfyui_api(report: dict) -> None:
 def test_gguf_files_are_listed_without_touching_shared_extensions(report: dict) -> None:
     r = result(report, "folders")
     assert r["files"] == [  # no .ckpt
-        "plain_wan.safetensors",
-        "tiny.safetensors",
-        "tiny_bf16.safetensors",
-        "tiny_fp16.safetensors",
-        "tiny_fp8_scaled.safetensors",
-        "tiny_q8.gguf",
+        "plain_wan.safetensors", "tiny.safetensors", "tiny_bf16.safetensors", "tiny_fp16.safetensors",
+        "tiny_fp8_scaled.safetensors", "tiny_q8.gguf",
     ]
     assert r["same_list"], "the .gguf key must share diffusion_models' path list object"
     assert not r["gguf_in_pt_extensions"]
     assert r["path"].endswith("tiny_q8.gguf")
 
 
-@pytest.mark.parametrize(
-    "name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"]
-)
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"])
 def test_comfy_prediction_equals_direct_forward(report: dict, name: str) -> None:
     r = result(report, "parity")[name]
     assert r["max_diff"] <= 1e-5 * max(1.0, r["scale"]), r
-    assert r["batch_max_diff"] <= 1e-5 * max(1.0, r["scale"]), (
-        r
-    )  # batch-1 conditioning, batch-2 latent
+    assert r["batch_max_diff"] <= 1e-5 * max(1.0, r["scale"]), r  # batch-1 conditioning, batch-2 latent
 
 
 def test_gguf_weights_stay_quantised_after_loading_and_running(report: dict) -> None:
@@ -94,9 +86,7 @@ def test_scaled_fp8_weights_stay_fp8_in_the_model(report: dict) -> None:
     """No bf16 copy of an fp8 checkpoint: its fp8 tensors are the model's, expanded per forward."""
     r = result(report, "fp8_compact")
     assert r["fp8_in_file"] and r["fp8_in_model"] == r["fp8_in_file"]
-    assert (
-        r["patcher"] == "GGUFModelPatcher"
-    )  # the compact-weight patcher: LoRA per forward, no rewrite
+    assert r["patcher"] == "GGUFModelPatcher"  # the compact-weight patcher: LoRA per forward, no rewrite
     # ComfyUI's memory accounting sees 1 byte per fp8 weight (vs 4 in the float32 file)
     assert r["model_size"] < r["float_model_size"] - 0.7 * r["fp8_float_bytes"]
 
@@ -133,9 +123,7 @@ def test_lora_on_fp8_matmul_model_is_written_into_its_fp8_weights(report: dict) 
     assert r["partial_unload_vs_exact_lora"] < 0.05, r
 
 
-@pytest.mark.parametrize(
-    "name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"]
-)
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny_q8.gguf", "tiny_fp8_scaled.safetensors"])
 @pytest.mark.parametrize(
     "lora",
     [
@@ -145,9 +133,7 @@ def test_lora_on_fp8_matmul_model_is_written_into_its_fp8_weights(report: dict) 
 )
 def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str, lora: str) -> None:
     r = result(report, "lora")[f"{name}+{lora}"]
-    assert (
-        r["patched_keys"] == r["expected_keys"] == 3
-    )  # two weights and a bias, whatever the spelling
+    assert r["patched_keys"] == r["expected_keys"] == 3  # two weights and a bias, whatever the spelling
     assert r["lora_effect"] > 1e-3, "the LoRA must change the prediction"
     assert r["lora_vs_merged"] < 1e-4, r
     assert r["lowvram_vs_merged"] < 1e-4, r
@@ -159,11 +145,7 @@ def test_lora_loader_patches_float_and_gguf_models(report: dict, name: str, lora
 
 def test_attention_backend_is_per_model(report: dict) -> None:
     r = result(report, "attention")
-    assert r["used"] == {
-        "math": "math",
-        "sdpa": "sdpa",
-        "comfy": None,
-    }  # "comfy": no override of ours
+    assert r["used"] == {"math": "math", "sdpa": "sdpa", "comfy": None}  # "comfy": no override of ours
     assert r["sdpa_vs_math"] < 1e-5
     assert r["comfy_vs_math"] < 1e-5  # ComfyUI's own attention gives the same prediction
     assert r["clone_shares"]
@@ -206,11 +188,7 @@ def test_clear_errors_for_wrong_files_and_conditioning(report: dict) -> None:
     assert r["plain_wan"] and "Wan2.1" in r["plain_wan"], r
     assert r["missing_pose"] and "steadydancer_pose" in r["missing_pose"], r
     assert r["attention_missing"] and "flash_attn_2" in r["attention_missing"], r
-    assert (
-        r["missing_file"]
-        and "gone.gguf" in r["missing_file"]
-        and "diffusion_models" in r["missing_file"]
-    ), r
+    assert r["missing_file"] and "gone.gguf" in r["missing_file"] and "diffusion_models" in r["missing_file"], r
 
 
 def test_guider_prediction_is_the_formula_on_the_right_conditionings(report: dict) -> None:
@@ -237,9 +215,7 @@ def test_lora_hooks_work_on_float_weights_and_are_refused_clearly_on_gguf(report
 
 
 @pytest.mark.parametrize("node", ["wan", "generic"])
-def test_context_windows_give_each_window_its_frames_and_the_first_frame_only_to_window_0(
-    report: dict, node: str
-) -> None:
+def test_context_windows_give_each_window_its_frames_and_the_first_frame_only_to_window_0(report: dict, node: str) -> None:
     r = result(report, "context_windows")[node]
     assert r["shape"] == [1, 16, 6, 4, 6] and r["finite"]
     calls = r["calls"]
@@ -252,16 +228,12 @@ def test_context_windows_give_each_window_its_frames_and_the_first_frame_only_to
         assert call["given_frames"] == ([0] if 0 in call["indices"] else []), call
         covered.update(call["indices"])
     assert covered == set(range(6))
-    assert (
-        sum(0 in call["indices"] for call in calls) == 2
-    )  # one window per step (2 steps) holds frame 0
+    assert sum(0 in call["indices"] for call in calls) == 2  # one window per step (2 steps) holds frame 0
     assert len(calls) > 2  # more than one window per step
 
 
 @pytest.mark.parametrize("cache", ["easycache", "lazycache"])
-def test_comfyui_caches_skip_model_calls_and_change_nothing_at_threshold_zero(
-    report: dict, cache: str
-) -> None:
+def test_comfyui_caches_skip_model_calls_and_change_nothing_at_threshold_zero(report: dict, cache: str) -> None:
     r = result(report, "caches")
     assert r[f"{cache}@0.0"]["calls"] == r["uncached_calls"]
     assert r[f"{cache}@0.0"]["max_diff"] == 0.0  # the wrapper reaches the DiT and leaves it alone
@@ -272,19 +244,12 @@ def test_comfyui_caches_skip_model_calls_and_change_nothing_at_threshold_zero(
 def test_sampling_past_81_frames_without_windows_warns_once_with_the_fix(report: dict) -> None:
     r = result(report, "long_without_windows")
     assert r["plain"]["finite"] and r["windows"]["finite"]
-    assert (
-        len(r["plain"]["warnings"]) == 1
-        and "WAN Context Windows (Manual)" in r["plain"]["warnings"][0]
-    )
+    assert len(r["plain"]["warnings"]) == 1 and "WAN Context Windows (Manual)" in r["plain"]["warnings"][0]
     assert r["windows"]["warnings"] == []
 
 
 def test_comfyui_block_replacements_reach_the_dit_blocks(report: dict) -> None:
     r = result(report, "block_patches")
-    assert (
-        r["passthrough"] == 0.0 and r["twice"] == 0.0
-    )  # running the block (again) changes nothing
+    assert r["passthrough"] == 0.0 and r["twice"] == 0.0  # running the block (again) changes nothing
     assert r["skip"] > 1e-4  # skipping a block changes the prediction
-    assert r["calls"] == [
-        [0, ["img", "img_context", "pe", "transformer_options", "txt", "vec"]]
-    ]  # Wan's arguments
+    assert r["calls"] == [[0, ["img", "img_context", "pe", "transformer_options", "txt", "vec"]]]  # Wan's arguments

@@ -36,35 +36,21 @@ def _gpu_check():
 gc = _gpu_check()
 
 
-def bash(
-    script: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess:
+def bash(script: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `script` in bash after sourcing the entry point (main does not run when sourced)."""
-    full_env = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "PYTHON": sys.executable,
-    }
+    full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHON": sys.executable}
     full_env.update(env or {})
     return subprocess.run(
         ["bash", "-c", f'source "{ENTRYPOINT}"\n{script}'],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        check=False,
+        capture_output=True, text=True, env=full_env, timeout=timeout, check=False,
     )
 
 
 # --- models folder --------------------------------------------------------------------------
 
-
 def test_models_dir_comes_from_MODELS_DIR_first(tmp_path):
     (tmp_path / "vol").mkdir()
-    result = bash(
-        "resolve_models_dir",
-        {"MODELS_DIR": "/data/models/", "STEADYDANCER_VOLUMES": str(tmp_path / "vol")},
-    )
+    result = bash("resolve_models_dir", {"MODELS_DIR": "/data/models/", "STEADYDANCER_VOLUMES": str(tmp_path / "vol")})
     assert result.stdout.strip() == "/data/models"
 
 
@@ -73,22 +59,13 @@ def test_models_dir_prefers_a_volume_comfyui_tree_then_its_models_folder(tmp_pat
     workspace.mkdir()
     (workspace / "ComfyUI" / "models").mkdir(parents=True)
     volumes = f"{runpod} {workspace}"
-    assert (
-        bash("resolve_models_dir", {"STEADYDANCER_VOLUMES": volumes}).stdout.strip()
-        == f"{workspace}/ComfyUI/models"
-    )
+    assert bash("resolve_models_dir", {"STEADYDANCER_VOLUMES": volumes}).stdout.strip() == f"{workspace}/ComfyUI/models"
     runpod.mkdir()  # the serverless volume wins when both exist
-    assert (
-        bash("resolve_models_dir", {"STEADYDANCER_VOLUMES": volumes}).stdout.strip()
-        == f"{runpod}/models"
-    )
+    assert bash("resolve_models_dir", {"STEADYDANCER_VOLUMES": volumes}).stdout.strip() == f"{runpod}/models"
 
 
 def test_models_dir_falls_back_to_comfyuis_own(tmp_path):
-    result = bash(
-        "resolve_models_dir",
-        {"STEADYDANCER_VOLUMES": str(tmp_path / "none"), "COMFYUI_DIR": "/opt/ComfyUI"},
-    )
+    result = bash("resolve_models_dir", {"STEADYDANCER_VOLUMES": str(tmp_path / "none"), "COMFYUI_DIR": "/opt/ComfyUI"})
     assert result.stdout.strip() == "/opt/ComfyUI/models"
 
 
@@ -110,9 +87,7 @@ def test_extra_model_paths_yaml_points_every_folder_at_the_volume(tmp_path):
 def test_model_folders_are_created_and_a_read_only_volume_is_tolerated(tmp_path):
     models = tmp_path / "models"
     assert bash(f'create_model_folders "{models}"').returncode == 0
-    assert {"diffusion_models", "unet", "text_encoders", "vae", "dwpose"} <= {
-        p.name for p in models.iterdir()
-    }
+    assert {"diffusion_models", "unet", "text_encoders", "vae", "dwpose"} <= {p.name for p in models.iterdir()}
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o555)
@@ -127,51 +102,29 @@ def test_model_folders_are_created_and_a_read_only_volume_is_tolerated(tmp_path)
 
 # --- mode and command line ------------------------------------------------------------------
 
-
 @pytest.mark.parametrize(
     ("arg", "env", "mode"),
-    [
-        ("auto", {}, "comfyui"),
-        ("auto", {"RUNPOD_ENDPOINT_ID": "ep1"}, "runpod"),
-        ("runpod", {}, "runpod"),
-        ("fetch", {"RUNPOD_ENDPOINT_ID": "ep1"}, "fetch"),
-        ("bash", {}, "bash"),
-    ],
+    [("auto", {}, "comfyui"), ("auto", {"RUNPOD_ENDPOINT_ID": "ep1"}, "runpod"), ("runpod", {}, "runpod"),
+     ("fetch", {"RUNPOD_ENDPOINT_ID": "ep1"}, "fetch"), ("bash", {}, "bash")],
 )
 def test_mode(arg, env, mode):
     assert bash(f"resolve_mode {arg}", env).stdout.strip() == mode
 
 
 def test_command_line_has_the_device_flags_and_the_users_arguments(tmp_path):
-    env = {
-        "STEADYDANCER_DEVICE": "cpu",
-        "COMFYUI_PORT": "9001",
-        "COMFYUI_DIR": "/opt/ComfyUI",
-        "COMFYUI_ARGS": "--preview-method auto",
-    }
-    result = bash("comfyui_command 0.0.0.0 /tmp/x.yaml", env)
+    env = {"STEADYDANCER_DEVICE": "cpu", "COMFYUI_PORT": "9001", "COMFYUI_DIR": "/opt/ComfyUI",
+           "COMFYUI_ARGS": "--preview-method auto"}
+    result = bash('comfyui_command 0.0.0.0 /tmp/x.yaml', env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[1:-1] == [
-        "/opt/ComfyUI/main.py",
-        "--listen",
-        "0.0.0.0",
-        "--port",
-        "9001",
-        "--disable-auto-launch",
-        "--extra-model-paths-config",
-        "/tmp/x.yaml",
-        "--cpu",
-        "--preview-method",
-        "auto",
+        "/opt/ComfyUI/main.py", "--listen", "0.0.0.0", "--port", "9001", "--disable-auto-launch",
+        "--extra-model-paths-config", "/tmp/x.yaml", "--cpu", "--preview-method", "auto",
     ]
     assert "STEADYDANCER_DEVICE=cpu" in result.stderr  # the reason is logged
 
 
 def test_users_device_choice_wins_over_the_check():
-    result = bash(
-        "comfyui_command 0.0.0.0 /tmp/x.yaml",
-        {"STEADYDANCER_DEVICE": "cpu", "COMFYUI_ARGS": "--lowvram"},
-    )
+    result = bash("comfyui_command 0.0.0.0 /tmp/x.yaml", {"STEADYDANCER_DEVICE": "cpu", "COMFYUI_ARGS": "--lowvram"})
     args = result.stdout.split()
     assert "--lowvram" in args and "--cpu" not in args
 
@@ -184,19 +137,16 @@ def test_a_bad_device_setting_stops_the_start():
 
 # --- main, end to end with a stand-in ComfyUI --------------------------------------------
 
-
 def _fake_tree(tmp_path: Path, worker: str) -> tuple[Path, Path]:
     """A ComfyUI whose main.py records its argv, and a package dir with a stand-in worker."""
     comfy = tmp_path / "ComfyUI"
     comfy.mkdir()
-    (comfy / "main.py").write_text(
-        textwrap.dedent(f"""
+    (comfy / "main.py").write_text(textwrap.dedent(f"""
         import json, os, sys, time
-        open({str(tmp_path / "argv.json")!r}, "w").write(json.dumps(sys.argv[1:]))
+        open({str(tmp_path / 'argv.json')!r}, "w").write(json.dumps(sys.argv[1:]))
         if os.environ.get("FAKE_COMFY_SLEEP"):
             time.sleep(float(os.environ["FAKE_COMFY_SLEEP"]))
-    """)
-    )
+    """))
     package = tmp_path / "pkg"
     (package / "docker").mkdir(parents=True)
     for name in ("entrypoint.sh", "gpu_check.py", "fetch_models.py", "models.yaml"):
@@ -207,24 +157,13 @@ def _fake_tree(tmp_path: Path, worker: str) -> tuple[Path, Path]:
 
 def run_main(tmp_path, comfy, package, *args, env=None, timeout=60):
     full_env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path),
-        "PYTHON": sys.executable,
-        "TMPDIR": str(tmp_path),
-        "COMFYUI_DIR": str(comfy),
-        "STEADYDANCER_DIR": str(package),
-        "MODELS_DIR": str(tmp_path / "models"),
+        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
+        "COMFYUI_DIR": str(comfy), "STEADYDANCER_DIR": str(package), "MODELS_DIR": str(tmp_path / "models"),
         "STEADYDANCER_DEVICE": "cpu",
     }
     full_env.update(env or {})
-    return subprocess.run(
-        ["bash", str(package / "docker" / "entrypoint.sh"), *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        check=False,
-    )
+    return subprocess.run(["bash", str(package / "docker" / "entrypoint.sh"), *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, check=False)
 
 
 def test_main_starts_comfyui_with_the_volume_config(tmp_path):
@@ -233,9 +172,7 @@ def test_main_starts_comfyui_with_the_volume_config(tmp_path):
     assert result.returncode == 0, result.stderr
     argv = json.loads((tmp_path / "argv.json").read_text())
     config = Path(argv[argv.index("--extra-model-paths-config") + 1])
-    assert yaml.safe_load(config.read_text())["steadydancer_volume"]["base_path"] == str(
-        tmp_path / "models"
-    )
+    assert yaml.safe_load(config.read_text())["steadydancer_volume"]["base_path"] == str(tmp_path / "models")
     assert argv[argv.index("--listen") + 1] == "0.0.0.0"
     assert "--cpu" in argv
     assert (tmp_path / "models" / "diffusion_models").is_dir()
@@ -262,21 +199,15 @@ def test_runpod_mode_stops_comfyui_when_the_worker_exits(tmp_path):
     worker = textwrap.dedent(f"""
         import os, pathlib, sys, time
         for _ in range(200):
-            if pathlib.Path({str(tmp_path / "argv.json")!r}).exists():
+            if pathlib.Path({str(tmp_path / 'argv.json')!r}).exists():
                 break
             time.sleep(0.1)
         print('worker', os.environ['COMFYUI_URL'])
         sys.exit(3)
     """)
     comfy, package = _fake_tree(tmp_path, worker)
-    result = run_main(
-        tmp_path,
-        comfy,
-        package,
-        "runpod",
-        env={"FAKE_COMFY_SLEEP": "120", "COMFYUI_PORT": "8199"},
-        timeout=60,
-    )
+    result = run_main(tmp_path, comfy, package, "runpod", env={"FAKE_COMFY_SLEEP": "120", "COMFYUI_PORT": "8199"},
+                      timeout=60)
     assert result.returncode == 3
     assert "worker http://127.0.0.1:8199" in result.stdout
     assert "RunPod worker exited (status 3): stopping ComfyUI" in result.stderr
@@ -290,9 +221,7 @@ def test_runpod_mode_keeps_comfyui_on_loopback_whatever_comfyui_listen_says(tmp_
     (comfy / "main.py").write_text(
         f"import json, sys; open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(sys.argv[1:])); sys.exit(4)\n"
     )
-    result = run_main(
-        tmp_path, comfy, package, "runpod", env={"COMFYUI_LISTEN": "0.0.0.0"}, timeout=60
-    )
+    result = run_main(tmp_path, comfy, package, "runpod", env={"COMFYUI_LISTEN": "0.0.0.0"}, timeout=60)
     assert result.returncode == 4
     argv = json.loads((tmp_path / "argv.json").read_text())
     assert argv[argv.index("--listen") + 1] == "127.0.0.1"
@@ -345,19 +274,14 @@ def test_an_unusable_cuda_is_explained_in_torchs_words():
 
         @staticmethod
         def init():
-            raise RuntimeError(
-                "The NVIDIA driver on your system is too old (found version 12040).\nPlease update"
-            )
+            raise RuntimeError("The NVIDIA driver on your system is too old (found version 12040).\nPlease update")
 
     class Torch:
         __version__ = "2.13.0"
         version = type("V", (), {"cuda": "13.0"})
         cuda = Cuda
 
-    assert (
-        gc._cuda_init_error(Torch)
-        == "The NVIDIA driver on your system is too old (found version 12040)."
-    )
+    assert gc._cuda_init_error(Torch) == "The NVIDIA driver on your system is too old (found version 12040)."
 
 
 def test_probe_on_this_machine_gives_a_reason_when_there_is_no_gpu():
@@ -386,28 +310,13 @@ def test_fetch_mode_downloads_the_manifests_files_into_the_volume(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     manifest = tmp_path / "models.yaml"
-    manifest.write_text(
-        yaml.safe_dump(
-            {
-                "models": {
-                    "det": {
-                        "url": f"http://127.0.0.1:{server.server_address[1]}/yolox.onnx",
-                        "folder": "dwpose",
-                        "size": len(payload),
-                    }
-                }
-            }
-        )
-    )
+    manifest.write_text(yaml.safe_dump({"models": {"det": {
+        "url": f"http://127.0.0.1:{server.server_address[1]}/yolox.onnx", "folder": "dwpose",
+        "size": len(payload)}}}))
     comfy, package = _fake_tree(tmp_path, "")
     try:
-        result = run_main(
-            tmp_path,
-            comfy,
-            package,
-            "fetch",
-            env={"STEADYDANCER_FETCH": "det", "STEADYDANCER_MANIFEST": str(manifest)},
-        )
+        result = run_main(tmp_path, comfy, package, "fetch",
+                          env={"STEADYDANCER_FETCH": "det", "STEADYDANCER_MANIFEST": str(manifest)})
     finally:
         server.shutdown()
     assert result.returncode == 0, result.stderr

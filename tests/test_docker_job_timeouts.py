@@ -49,9 +49,7 @@ class RecordingSession:
         if "/history/" in url:
             return _Response({})  # not finished
         if url.endswith("/queue"):
-            return _Response(
-                {"queue_running": [[0, p, {}, {}, []] for p in self.running], "queue_pending": []}
-            )
+            return _Response({"queue_running": [[0, p, {}, {}, []] for p in self.running], "queue_pending": []})
         return _Response({})
 
 
@@ -76,16 +74,10 @@ def test_a_timeout_in_websocket_mode_dequeues_and_interrupts_the_prompt():
     client = cc.ComfyClient("http://comfy.invalid", session=RecordingSession())
     ws = QuietWebSocket()
     started = time.monotonic()
-    with pytest.raises(
-        cc.JobTimeout,
-        match=r"did not finish within the time limit \(0 s, STEADYDANCER_JOB_TIMEOUT\)",
-    ):
+    with pytest.raises(cc.JobTimeout, match=r"did not finish within the time limit \(0 s, STEADYDANCER_JOB_TIMEOUT\)"):
         client.run({"1": {"class_type": "X", "inputs": {}}}, timeout=0.3, connect=lambda url: ws)
     assert time.monotonic() - started < 2
-    assert client.session.posts[1:] == [
-        ("queue", {"delete": ["p1"]}),
-        ("interrupt", {"prompt_id": "p1"}),
-    ]
+    assert client.session.posts[1:] == [("queue", {"delete": ["p1"]}), ("interrupt", {"prompt_id": "p1"})]
     assert max(ws.timeouts) <= 0.3  # no recv waits past the job's deadline
 
 
@@ -97,10 +89,7 @@ def test_a_timeout_in_polling_mode_does_the_same():
 
     with pytest.raises(cc.JobTimeout):
         client.run({}, timeout=0.2, connect=no_websocket)
-    assert client.session.posts[1:] == [
-        ("queue", {"delete": ["p1"]}),
-        ("interrupt", {"prompt_id": "p1"}),
-    ]
+    assert client.session.posts[1:] == [("queue", {"delete": ["p1"]}), ("interrupt", {"prompt_id": "p1"})]
 
 
 def test_wait_stopped_reads_comfyuis_queue():
@@ -148,24 +137,15 @@ def test_a_prompt_that_does_not_stop_asks_runpod_for_a_new_worker():
 
 # --- a real ComfyUI ---------------------------------------------------------------------------
 
-
 def slow_chain(colour: int, blurs: int, size: int = 1024) -> dict[str, Any]:
     """EmptyImage, then `blurs` ImageBlur nodes (about 1.5 s each at 1024 px on two CPU cores)."""
-    workflow = {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": size, "height": size, "batch_size": 1, "color": colour},
-        }
-    }
+    workflow = {"1": {"class_type": "EmptyImage",
+                      "inputs": {"width": size, "height": size, "batch_size": 1, "color": colour}}}
     for i in range(blurs):
-        workflow[str(i + 2)] = {
-            "class_type": "ImageBlur",
-            "inputs": {"image": [str(i + 1), 0], "blur_radius": 31, "sigma": 1.0 + i},
-        }
-    workflow[str(blurs + 2)] = {
-        "class_type": "SaveImage",
-        "inputs": {"images": [str(blurs + 1), 0], "filename_prefix": "slow"},
-    }
+        workflow[str(i + 2)] = {"class_type": "ImageBlur",
+                                "inputs": {"image": [str(i + 1), 0], "blur_radius": 31, "sigma": 1.0 + i}}
+    workflow[str(blurs + 2)] = {"class_type": "SaveImage",
+                                "inputs": {"images": [str(blurs + 1), 0], "filename_prefix": "slow"}}
     return workflow
 
 
@@ -179,20 +159,15 @@ def comfyui_url():
 def test_real_comfyui_a_timed_out_job_stops_and_the_next_one_runs_at_once(comfyui_url):
     client = cc.ComfyClient(comfyui_url)
     started = time.monotonic()
-    result = rh.run_job(
-        {"input": {"workflow": slow_chain(1, blurs=8)}},
-        client=client,
-        environ={"STEADYDANCER_JOB_TIMEOUT": "2", "STEADYDANCER_INTERRUPT_GRACE": "30"},
-    )
+    result = rh.run_job({"input": {"workflow": slow_chain(1, blurs=8)}}, client=client,
+                        environ={"STEADYDANCER_JOB_TIMEOUT": "2", "STEADYDANCER_INTERRUPT_GRACE": "30"})
     assert "did not finish within the time limit" in result["error"], result
     assert "refresh_worker" not in result  # interrupted between two nodes
     assert not client.is_queued_or_running(result["prompt_id"])
     # The 8 blurs would take about 12 s; the job is over after the timeout and the node that ran.
     assert time.monotonic() - started < 10
     started = time.monotonic()
-    result = rh.run_job(
-        {"input": {"workflow": slow_chain(2, blurs=1, size=64)}}, client=client, environ={}
-    )
+    result = rh.run_job({"input": {"workflow": slow_chain(2, blurs=1, size=64)}}, client=client, environ={})
     assert "error" not in result, result
     assert time.monotonic() - started < 5  # not queued behind the dead job
 
@@ -200,10 +175,7 @@ def test_real_comfyui_a_timed_out_job_stops_and_the_next_one_runs_at_once(comfyu
 @pytest.mark.comfyui
 def test_real_comfyui_a_node_that_outlasts_the_grace_replaces_the_worker(comfyui_url):
     client = cc.ComfyClient(comfyui_url)
-    result = rh.run_job(
-        {"input": {"workflow": slow_chain(3, blurs=1, size=2048)}},
-        client=client,
-        environ={"STEADYDANCER_JOB_TIMEOUT": "1", "STEADYDANCER_INTERRUPT_GRACE": "0.5"},
-    )
+    result = rh.run_job({"input": {"workflow": slow_chain(3, blurs=1, size=2048)}}, client=client,
+                        environ={"STEADYDANCER_JOB_TIMEOUT": "1", "STEADYDANCER_INTERRUPT_GRACE": "0.5"})
     assert result["refresh_worker"] is True, result
     assert client.wait_stopped(result["prompt_id"], timeout=60)  # it ends by itself eventually

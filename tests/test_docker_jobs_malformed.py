@@ -56,22 +56,14 @@ MP4 = b"\x00\x00\x00\x20ftypisom" + b"\x00" * 64
 PNG_HEADER_ONLY = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # passes the type check, not an image
 MB = 2**20
 # The limits the jobs run under (small, so that the oversize jobs stay small).
-ENV = {
-    "STEADYDANCER_MAX_INPUT_MB": "1",
-    "STEADYDANCER_MAX_TOTAL_INPUT_MB": "1.5",
-    "STEADYDANCER_MAX_IMAGES": "16",
-    "STEADYDANCER_MAX_PROMPT_CHARS": "4000",
-    "STEADYDANCER_DOWNLOAD_TIMEOUT": "5",
-    "STEADYDANCER_JOB_TIMEOUT": "60",
-}
+ENV = {"STEADYDANCER_MAX_INPUT_MB": "1", "STEADYDANCER_MAX_TOTAL_INPUT_MB": "1.5",
+       "STEADYDANCER_MAX_IMAGES": "16", "STEADYDANCER_MAX_PROMPT_CHARS": "4000",
+       "STEADYDANCER_DOWNLOAD_TIMEOUT": "5", "STEADYDANCER_JOB_TIMEOUT": "60"}
 
 IMAGE_WORKFLOW = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "existing.png"}},
     "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-    "3": {
-        "class_type": "SaveImage",
-        "inputs": {"images": ["2", 0], "filename_prefix": "worker-test"},
-    },
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "worker-test"}},
 }
 
 
@@ -122,11 +114,8 @@ JOBS: list[tuple[str, Any, Any]] = [
     ("video-is-an-image", simple(video=b64(JOB_PNG)), "`video` is a png file"),
     ("data-url-bad-payload", simple(image="data:image/png;base64,!!!!"), "neither an http(s) URL"),
     ("image-oversize", simple(image=b64(JOB_PNG + b"\x00" * (2 * MB))), "larger than 1 MB"),
-    (
-        "media-oversize-together",
-        simple(image=b64(JOB_PNG + b"\x00" * (MB - 2000)), video=b64(MP4 + b"\x00" * (MB - 2000))),
-        "add up to more than 1.5 MB",
-    ),
+    ("media-oversize-together", simple(image=b64(JOB_PNG + b"\x00" * (MB - 2000)),
+                                       video=b64(MP4 + b"\x00" * (MB - 2000))), "add up to more than 1.5 MB"),
     # numbers: NaN, Infinity and 1e309 as the SDK's json gives them
     ("seed-nan", simple(seed=j("NaN")), NOT_A_NUMBER),
     ("seed-infinity", simple(seed=j("Infinity")), NOT_A_NUMBER),
@@ -161,166 +150,65 @@ JOBS: list[tuple[str, Any, Any]] = [
     ("unknown-key", simple(fps=8), "unknown input ['fps']"),
     ("ten-thousand-unknown-keys", simple(**{f"k{i}": i for i in range(10000)}), "unknown input"),
     # URLs: private addresses (the SDK's guard), and URLs that are not valid at all
-    (
-        "url-loopback-comfyui",
-        simple(image="http://127.0.0.1:8188/view?filename=existing.png&type=input"),
-        PRIVATE,
-    ),
+    ("url-loopback-comfyui", simple(image="http://127.0.0.1:8188/view?filename=existing.png&type=input"), PRIVATE),
     ("url-cloud-metadata", simple(image="http://169.254.169.254/latest/meta-data/"), PRIVATE),
     ("url-ipv6-loopback", simple(image="http://[::1]:8188/x.png"), PRIVATE),
     ("url-private-network", simple(video="http://10.0.0.1/x.mp4"), PRIVATE),
     ("url-with-password", simple(image="http://user:secret@127.0.0.1/x.png"), PRIVATE),
     ("url-port-99999", simple(image="http://1.1.1.1:99999/x.png"), "could not be downloaded"),
     ("url-broken-ipv6", simple(image="http://[::1/x.png"), "could not be downloaded"),
-    (
-        "url-300-character-label",
-        simple(image="https://" + "a" * 300 + ".com/x.png"),
-        ("could not be downloaded", PRIVATE),
-    ),
+    ("url-300-character-label", simple(image="https://" + "a" * 300 + ".com/x.png"),
+     ("could not be downloaded", PRIVATE)),
     ("url-ftp", simple(image="ftp://1.2.3.4/x.png"), "neither an http(s) URL nor valid base64"),
     ("url-file", simple(image="file:///etc/passwd"), "neither an http(s) URL nor valid base64"),
     # workflow requests
     ("workflow-not-json", workflow_job(workflow="{not json"), "not JSON"),
     ("workflow-100000-brackets", workflow_job(workflow="[" * 100000), "nested too deeply"),
-    (
-        "workflow-5000-levels",
-        workflow_job(workflow={"1": {"class_type": "X", "inputs": {"v": deep(5000)}}}),
-        "nested too deeply",
-    ),
+    ("workflow-5000-levels", workflow_job(workflow={"1": {"class_type": "X", "inputs": {"v": deep(5000)}}}),
+     "nested too deeply"),
     ("workflow-list", workflow_job(workflow=[]), "must be an API-format workflow"),
     ("workflow-ui-format", workflow_job(workflow={"nodes": [], "links": []}), "UI format"),
-    (
-        "workflow-class-type-number",
-        workflow_job(workflow={"1": {"class_type": 5, "inputs": {}}}),
-        "no class_type",
-    ),
-    (
-        "workflow-inputs-list",
-        workflow_job(workflow={"1": {"class_type": "LoadImage", "inputs": []}}),
-        "`inputs` must be an object",
-    ),
-    (
-        "workflow-nan-literal",
-        workflow_job(workflow={"1": {"class_type": "X", "inputs": {"v": j("NaN")}}}),
-        "NaN and Infinity are not allowed",
-    ),
-    (
-        "workflow-1-mb-prompt",
-        workflow_job(
-            workflow={
-                "1": {
-                    "class_type": "CLIPTextEncode",
-                    "inputs": {"text": "a" * MB, "clip": ["2", 0]},
-                }
-            }
-        ),
-        "STEADYDANCER_MAX_PROMPT_CHARS",
-    ),
+    ("workflow-class-type-number", workflow_job(workflow={"1": {"class_type": 5, "inputs": {}}}), "no class_type"),
+    ("workflow-inputs-list", workflow_job(workflow={"1": {"class_type": "LoadImage", "inputs": []}}),
+     "`inputs` must be an object"),
+    ("workflow-nan-literal", workflow_job(workflow={"1": {"class_type": "X", "inputs": {"v": j("NaN")}}}),
+     "NaN and Infinity are not allowed"),
+    ("workflow-1-mb-prompt", workflow_job(workflow={"1": {"class_type": "CLIPTextEncode",
+                                                          "inputs": {"text": "a" * MB, "clip": ["2", 0]}}}),
+     "STEADYDANCER_MAX_PROMPT_CHARS"),
     ("workflow-unknown-key", workflow_job(prompt="x"), "unknown input ['prompt']"),
-    (
-        "workflow-unknown-node",
-        workflow_job(workflow={"1": {"class_type": "NoSuchNode", "inputs": {}}}),
-        REJECTED,
-    ),
+    ("workflow-unknown-node", workflow_job(workflow={"1": {"class_type": "NoSuchNode", "inputs": {}}}), REJECTED),
     ("images-not-a-list", workflow_job(images="x"), "`images` must be a list"),
-    (
-        "images-path-traversal",
-        workflow_job([{"name": "../../etc/passwd", "image": b64(JOB_PNG)}]),
-        BAD_NAME,
-    ),
-    (
-        "images-absolute-path",
-        workflow_job([{"name": "/tmp/x.png", "image": b64(JOB_PNG)}]),
-        BAD_NAME,
-    ),
+    ("images-path-traversal", workflow_job([{"name": "../../etc/passwd", "image": b64(JOB_PNG)}]), BAD_NAME),
+    ("images-absolute-path", workflow_job([{"name": "/tmp/x.png", "image": b64(JOB_PNG)}]), BAD_NAME),
     ("images-hidden-file", workflow_job([{"name": ".bashrc", "image": b64(JOB_PNG)}]), BAD_NAME),
     ("images-backslash", workflow_job([{"name": "..\\x.png", "image": b64(JOB_PNG)}]), BAD_NAME),
-    (
-        "images-output-annotation",
-        workflow_job([{"name": "existing.png [output]", "image": b64(JOB_PNG)}]),
-        BAD_NAME,
-    ),
+    ("images-output-annotation", workflow_job([{"name": "existing.png [output]", "image": b64(JOB_PNG)}]), BAD_NAME),
     ("images-nul-in-name", workflow_job([{"name": "a\x00.png", "image": b64(JOB_PNG)}]), BAD_NAME),
-    (
-        "images-300-character-name",
-        workflow_job([{"name": "a" * 300 + ".png", "image": b64(JOB_PNG)}]),
-        BAD_NAME,
-    ),
-    (
-        "images-name-not-unicode",
-        workflow_job([{"name": j('"\\udc80.png"'), "image": b64(JOB_PNG)}]),
-        "not valid Unicode",
-    ),
+    ("images-300-character-name", workflow_job([{"name": "a" * 300 + ".png", "image": b64(JOB_PNG)}]), BAD_NAME),
+    ("images-name-not-unicode", workflow_job([{"name": j('"\\udc80.png"'), "image": b64(JOB_PNG)}]),
+     "not valid Unicode"),
     ("images-name-number", workflow_job([{"name": 5, "image": b64(JOB_PNG)}]), BAD_NAME),
-    (
-        "images-duplicate-names",
-        workflow_job(
-            [{"name": "a.png", "image": b64(JOB_PNG)}, {"name": "a.png", "image": b64(USERS_PNG)}]
-        ),
-        "given twice",
-    ),
-    (
-        "images-17-entries",
-        workflow_job([{"name": f"{i}.png", "image": b64(JOB_PNG)} for i in range(17)]),
-        "STEADYDANCER_MAX_IMAGES",
-    ),
-    (
-        "images-extra-key",
-        workflow_job([{"name": "a.png", "image": b64(JOB_PNG), "subfolder": ".."}]),
-        'must be {"name"',
-    ),
-    (
-        "images-image-number",
-        workflow_job([{"name": "a.png", "image": 5}]),
-        "must be a base64 string",
-    ),
-    (
-        "images-bad-base64",
-        workflow_job([{"name": "a.png", "image": "%%%"}]),
-        "neither an http(s) URL",
-    ),
-    (
-        "images-private-url",
-        workflow_job([{"name": "a.png", "image": "http://192.168.1.1/a.png"}]),
-        PRIVATE,
-    ),
-    (
-        "images-oversize",
-        workflow_job([{"name": "a.png", "image": b64(JOB_PNG + b"\x00" * (2 * MB))}]),
-        "larger than 1 MB",
-    ),
+    ("images-duplicate-names", workflow_job([{"name": "a.png", "image": b64(JOB_PNG)},
+                                             {"name": "a.png", "image": b64(USERS_PNG)}]), "given twice"),
+    ("images-17-entries", workflow_job([{"name": f"{i}.png", "image": b64(JOB_PNG)} for i in range(17)]),
+     "STEADYDANCER_MAX_IMAGES"),
+    ("images-extra-key", workflow_job([{"name": "a.png", "image": b64(JOB_PNG), "subfolder": ".."}]),
+     "must be {\"name\""),
+    ("images-image-number", workflow_job([{"name": "a.png", "image": 5}]), "must be a base64 string"),
+    ("images-bad-base64", workflow_job([{"name": "a.png", "image": "%%%"}]), "neither an http(s) URL"),
+    ("images-private-url", workflow_job([{"name": "a.png", "image": "http://192.168.1.1/a.png"}]), PRIVATE),
+    ("images-oversize", workflow_job([{"name": "a.png", "image": b64(JOB_PNG + b"\x00" * (2 * MB))}]),
+     "larger than 1 MB"),
     # names of files already in ComfyUI's input folder
-    (
-        "existing-name-rejected-workflow",
-        workflow_job(
-            [{"name": "existing.png", "image": b64(JOB_PNG)}],
-            {"1": {"class_type": "NoSuchNode", "inputs": {}}},
-        ),
-        REJECTED,
-    ),
-    (
-        "existing-name-broken-image",
-        workflow_job([{"name": "existing.png", "image": b64(PNG_HEADER_ONLY)}]),
-        "node 1 (LoadImage) failed",
-    ),
-    (
-        "existing-name-runs-on-the-jobs-image",
-        workflow_job([{"name": "existing.png", "image": b64(JOB_PNG)}]),
-        None,
-    ),
-    (
-        "save-outside-the-output-folder",
-        workflow_job(
-            workflow={
-                **IMAGE_WORKFLOW,
-                "3": {
-                    "class_type": "SaveImage",
-                    "inputs": {"images": ["2", 0], "filename_prefix": "../input/existing"},
-                },
-            }
-        ),
-        "node 3 (SaveImage) failed",
-    ),
+    ("existing-name-rejected-workflow", workflow_job([{"name": "existing.png", "image": b64(JOB_PNG)}],
+                                                     {"1": {"class_type": "NoSuchNode", "inputs": {}}}), REJECTED),
+    ("existing-name-broken-image", workflow_job([{"name": "existing.png", "image": b64(PNG_HEADER_ONLY)}]),
+     "node 1 (LoadImage) failed"),
+    ("existing-name-runs-on-the-jobs-image", workflow_job([{"name": "existing.png", "image": b64(JOB_PNG)}]), None),
+    ("save-outside-the-output-folder", workflow_job(workflow={**IMAGE_WORKFLOW, "3": {
+        "class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "../input/existing"}}}),
+     "node 3 (SaveImage) failed"),
     ("reads-a-users-file-and-saves", workflow_job(), None),
 ]
 
@@ -332,7 +220,6 @@ def test_the_list_has_at_least_50_malformed_jobs():
 
 
 # --- a stand-in ComfyUI -------------------------------------------------------------------------
-
 
 class StandInComfy:
     """ComfyUI's upload, validation and execution rules for LoadImage, ImageInvert and SaveImage
@@ -346,9 +233,7 @@ class StandInComfy:
     def wait_ready(self, timeout: float) -> dict[str, Any]:
         return {}
 
-    def upload(
-        self, name: str, data: bytes, *, subfolder: str = "", overwrite: bool | None = None
-    ) -> str:
+    def upload(self, name: str, data: bytes, *, subfolder: str = "", overwrite: bool | None = None) -> str:
         if overwrite is None:  # what the worker's ComfyClient sends when it does not say
             overwrite = inspect.signature(cc.ComfyClient.upload).parameters["overwrite"].default
         folder = Path(os.path.abspath(self.input / os.path.normpath(subfolder)))
@@ -366,28 +251,18 @@ class StandInComfy:
         path.write_bytes(data)
         return f"{subfolder}/{path.name}" if subfolder else path.name
 
-    def run(
-        self, workflow: dict[str, Any], on_progress: Any, timeout: float
-    ) -> tuple[str, dict[str, Any]]:
+    def run(self, workflow: dict[str, Any], on_progress: Any, timeout: float) -> tuple[str, dict[str, Any]]:
         errors = {}
         for node_id, node in workflow.items():
             if node["class_type"] not in self.CLASSES:
-                raise cc.WorkflowRejected(
-                    f"Cannot execute because node {node['class_type']} does not exist."
-                )
+                raise cc.WorkflowRejected(f"Cannot execute because node {node['class_type']} does not exist.")
             if node["class_type"] == "LoadImage":
-                target = Path(
-                    os.path.abspath(self.input / node["inputs"]["image"].removesuffix(" [input]"))
-                )
+                target = Path(os.path.abspath(self.input / node["inputs"]["image"].removesuffix(" [input]")))
                 if not target.is_relative_to(self.input) or not target.is_file():
-                    errors[node_id] = {
-                        "errors": [{"message": "Invalid image file"}],
-                        "class_type": "LoadImage",
-                    }
+                    errors[node_id] = {"errors": [{"message": "Invalid image file"}], "class_type": "LoadImage"}
         if errors:
-            raise cc.WorkflowRejected(
-                cc.format_node_errors({"node_errors": errors}, workflow), {"node_errors": errors}
-            )
+            raise cc.WorkflowRejected(cc.format_node_errors({"node_errors": errors}, workflow),
+                                      {"node_errors": errors})
         from PIL import Image, ImageOps
 
         images: dict[str, Any] = {}
@@ -395,31 +270,21 @@ class StandInComfy:
         for node_id in sorted(workflow, key=int):
             node = workflow[node_id]
             inputs = node["inputs"]
-            fail = {
-                "node_id": node_id,
-                "node_type": node["class_type"],
-                "exception_type": "Exception",
-            }
+            fail = {"node_id": node_id, "node_type": node["class_type"], "exception_type": "Exception"}
             if node["class_type"] == "LoadImage":
                 try:
-                    images[node_id] = Image.open(
-                        self.input / inputs["image"].removesuffix(" [input]")
-                    ).convert("RGB")
+                    images[node_id] = Image.open(self.input / inputs["image"].removesuffix(" [input]")).convert("RGB")
                 except OSError as exc:
-                    raise cc.ExecutionFailed(
-                        cc.format_execution_error({**fail, "exception_message": str(exc)}), fail
-                    ) from None
+                    raise cc.ExecutionFailed(cc.format_execution_error({**fail, "exception_message": str(exc)}),
+                                             fail) from None
             elif node["class_type"] == "ImageInvert":
                 images[node_id] = ImageOps.invert(images[inputs["image"][0]])
             else:
-                folder = Path(
-                    os.path.abspath(self.output / os.path.dirname(inputs["filename_prefix"]))
-                )
+                folder = Path(os.path.abspath(self.output / os.path.dirname(inputs["filename_prefix"])))
                 if not folder.is_relative_to(self.output):
                     message = "Saving image outside the output folder is not allowed."
-                    raise cc.ExecutionFailed(
-                        cc.format_execution_error({**fail, "exception_message": message}), fail
-                    )
+                    raise cc.ExecutionFailed(cc.format_execution_error({**fail, "exception_message": message}),
+                                             fail)
                 prefix = os.path.basename(inputs["filename_prefix"])
                 counter = 1
                 while (folder / f"{prefix}_{counter:05}_.png").exists():
@@ -427,15 +292,9 @@ class StandInComfy:
                 folder.mkdir(parents=True, exist_ok=True)
                 images[inputs["images"][0]].save(folder / f"{prefix}_{counter:05}_.png")
                 subfolder = os.path.relpath(folder, self.output)
-                outputs[node_id] = {
-                    "images": [
-                        {
-                            "filename": f"{prefix}_{counter:05}_.png",
-                            "subfolder": "" if subfolder == "." else subfolder,
-                            "type": "output",
-                        }
-                    ]
-                }
+                outputs[node_id] = {"images": [{"filename": f"{prefix}_{counter:05}_.png",
+                                                "subfolder": "" if subfolder == "." else subfolder,
+                                                "type": "output"}]}
         return "stand-in", {"outputs": outputs}
 
     def download(self, output: Any) -> bytes:
@@ -446,7 +305,6 @@ class StandInComfy:
 
 
 # --- the folders before and after ---------------------------------------------------------------
-
 
 def populate(root: Path) -> None:
     """What a user already has in ComfyUI's folders, including the name SaveImage would pick next."""
@@ -465,11 +323,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, str, int]]:
         for path in sorted((root / folder).rglob("*")):
             if path.is_file():
                 stat = path.stat()
-                files[str(path.relative_to(root))] = (
-                    stat.st_size,
-                    hashlib.sha256(path.read_bytes()).hexdigest(),
-                    stat.st_mtime_ns,
-                )
+                files[str(path.relative_to(root))] = (stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                      stat.st_mtime_ns)
     return files
 
 
@@ -498,13 +353,8 @@ def test_a_malformed_job_is_an_error_result_and_touches_no_file(comfy, name, par
     root, client = comfy
     before = snapshot(root)
     started = time.monotonic()
-    result = rh.run_job(
-        {"id": name, "input": params},
-        client=client,
-        send=lambda job, message: None,
-        environ=ENV,
-        cleanup_dir=root,
-    )  # an exception fails the test here
+    result = rh.run_job({"id": name, "input": params}, client=client, send=lambda job, message: None,
+                        environ=ENV, cleanup_dir=root)  # an exception fails the test here
     assert time.monotonic() - started < 30
     assert isinstance(result, dict)
     assert "internal error" not in str(result.get("error"))
@@ -513,11 +363,7 @@ def test_a_malformed_job_is_an_error_result_and_touches_no_file(comfy, name, par
         [output] = result["outputs"]
         from PIL import Image
 
-        pixel = (
-            Image.open(io.BytesIO(base64.b64decode(output["base64"])))
-            .convert("RGB")
-            .getpixel((0, 0))
-        )
+        pixel = Image.open(io.BytesIO(base64.b64decode(output["base64"]))).convert("RGB").getpixel((0, 0))
         source = GREEN if "jobs-image" in name else RED  # the job's upload, else the user's file
         assert all(abs(a - b) <= 2 for a, b in zip(pixel, inverted(source), strict=True)), pixel
     else:
@@ -533,7 +379,6 @@ def test_a_malformed_job_is_an_error_result_and_touches_no_file(comfy, name, par
 
 # --- downloads: time limit and truncation, against a local server ----------------------------------
 
-
 class _Misbehaving(http.server.BaseHTTPRequestHandler):
     mode = "trickle"
 
@@ -541,14 +386,12 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
         body = JOB_PNG
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
-        if (
-            self.mode == "trickle"
-        ):  # one byte every 0.2 s: never quiet long enough for a read timeout
+        if self.mode == "trickle":  # one byte every 0.2 s: never quiet long enough for a read timeout
             self.send_header("Content-Length", str(len(body) * 100))
             self.end_headers()
             try:
                 for i in range(len(body) * 100):
-                    self.wfile.write(body[i % len(body) : i % len(body) + 1])
+                    self.wfile.write(body[i % len(body):i % len(body) + 1])
                     self.wfile.flush()
                     time.sleep(0.2)
             except OSError:
@@ -584,12 +427,8 @@ def test_a_slow_download_stops_at_the_jobs_download_time_limit(misbehaving_serve
     populate(tmp_path)
     before = snapshot(tmp_path)
     started = time.monotonic()
-    result = rh.run_job(
-        {"input": simple(image=f"{misbehaving_server}/slow.png")},
-        client=StandInComfy(tmp_path),
-        environ={**ENV, "STEADYDANCER_DOWNLOAD_TIMEOUT": "2"},
-        cleanup_dir=tmp_path,
-    )
+    result = rh.run_job({"input": simple(image=f"{misbehaving_server}/slow.png")}, client=StandInComfy(tmp_path),
+                        environ={**ENV, "STEADYDANCER_DOWNLOAD_TIMEOUT": "2"}, cleanup_dir=tmp_path)
     elapsed = time.monotonic() - started
     assert "STEADYDANCER_DOWNLOAD_TIMEOUT" in result["error"]
     assert elapsed < 5, elapsed  # the limit, plus at most one read
@@ -607,24 +446,11 @@ def test_a_download_shorter_than_its_content_length_is_refused(misbehaving_serve
 
 def test_limits_come_from_the_environment_and_bad_values_keep_the_defaults():
     warnings: list[str] = []
-    limits = ji.Limits.from_env(
-        {
-            "STEADYDANCER_MAX_PROMPT_CHARS": "100",
-            "STEADYDANCER_MAX_INPUT_MB": "500",
-            "STEADYDANCER_DOWNLOAD_TIMEOUT": "NaN",
-            "STEADYDANCER_MAX_IMAGES": "-1",
-        },
-        warn=warnings.append,
-    )
+    limits = ji.Limits.from_env({"STEADYDANCER_MAX_PROMPT_CHARS": "100", "STEADYDANCER_MAX_INPUT_MB": "500",
+                                 "STEADYDANCER_DOWNLOAD_TIMEOUT": "NaN", "STEADYDANCER_MAX_IMAGES": "-1"},
+                                warn=warnings.append)
     assert limits.max_prompt_chars == 100
-    assert (
-        limits.max_media_bytes == 500 * MB and limits.max_total_bytes == 1000 * MB
-    )  # two such files fit
-    assert (
-        limits.download_timeout == ji.Limits().download_timeout
-        and limits.max_images == ji.Limits().max_images
-    )
+    assert limits.max_media_bytes == 500 * MB and limits.max_total_bytes == 1000 * MB  # two such files fit
+    assert limits.download_timeout == ji.Limits().download_timeout and limits.max_images == ji.Limits().max_images
     assert len(warnings) == 2
-    assert (
-        rh._env_float({"STEADYDANCER_JOB_TIMEOUT": "inf"}, "STEADYDANCER_JOB_TIMEOUT", 3600) == 3600
-    )
+    assert rh._env_float({"STEADYDANCER_JOB_TIMEOUT": "inf"}, "STEADYDANCER_JOB_TIMEOUT", 3600) == 3600

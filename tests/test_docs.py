@@ -30,9 +30,7 @@ def layout_paths() -> list[str]:
 
 def test_every_path_in_the_architecture_layout_exists() -> None:
     paths = layout_paths()
-    assert (
-        "steadydancer/model.py" in paths and "nodes/validation.py" in paths
-    )  # the parser reads nesting
+    assert "steadydancer/model.py" in paths and "nodes/validation.py" in paths  # the parser reads nesting
     missing = [p for p in paths if not (REPO_ROOT / p).exists()]
     assert not missing, f"docs/ARCHITECTURE.md names paths that do not exist: {missing}"
 
@@ -41,11 +39,7 @@ def test_every_library_and_node_module_is_in_the_layout() -> None:
     paths = set(layout_paths())
     tracked = subprocess.run(["git", "ls-files", "steadydancer", "pose", "nodes", "benchmarks"], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    modules = [
-        p
-        for p in tracked
-        if p.endswith(".py") and not p.endswith("__init__.py") and p.count("/") == 1
-    ]
+    modules = [p for p in tracked if p.endswith(".py") and not p.endswith("__init__.py") and p.count("/") == 1]
     unnamed = [m for m in modules if m not in paths]
     assert not unnamed, f"modules missing from docs/ARCHITECTURE.md's layout: {unnamed}"
 

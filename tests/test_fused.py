@@ -41,9 +41,7 @@ def test_layer_norm_modulate_matches_the_reference_formula():
     x = torch.randn(2, 11, 40, generator=g) * 4 + 2
     shift, scale = _modulation(2, 40, 1)
     xd = x.double()
-    normed = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(
-        xd.var(-1, unbiased=False, keepdim=True) + 1e-6
-    )
+    normed = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-6)
     expected = normed * (1 + scale.double()) + shift.double()
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2.0**-8)):
         out = layer_norm_modulate(x, shift, scale, 1e-6, dtype)
@@ -51,9 +49,7 @@ def test_layer_norm_modulate_matches_the_reference_formula():
         torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
     # one modulation row serves every sample
     shared = layer_norm_modulate(x, shift[:1], scale[:1], 1e-6, torch.float32)
-    torch.testing.assert_close(
-        shared[1], layer_norm_modulate(x[1:], shift[:1], scale[:1], 1e-6, torch.float32)[0]
-    )
+    torch.testing.assert_close(shared[1], layer_norm_modulate(x[1:], shift[:1], scale[:1], 1e-6, torch.float32)[0])
     with pytest.raises(ValueError, match="modulation of shape"):
         layer_norm_modulate(x, torch.zeros(3, 1, 40), scale, 1e-6, torch.float32)
 
@@ -65,9 +61,7 @@ def test_rms_norm_with_rope_is_the_norm_then_the_rotation():
     x = (torch.randn(2, 24, 96, generator=g) * 3).bfloat16()
     normed = rms_norm(x, weight, 1e-6)
     xf = x.float()
-    expected = (
-        xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-    ).bfloat16() * weight.bfloat16()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * weight.bfloat16()
     torch.testing.assert_close(normed, expected, rtol=0, atol=0)
     rotated = rms_norm(x, weight, 1e-6, table)
     assert torch.equal(rotated, apply_rope(normed.view(2, 24, 3, 32), table).view(2, 24, 96))
@@ -80,19 +74,10 @@ def test_quantize_fp8_scales_by_the_largest_magnitude():
     x = (torch.randn(37, 96, generator=g) * 5).bfloat16()
     x[3, 7] = -40.0  # the largest magnitude is negative: it must still set the scale
     values, scale = quantize_fp8(x)
-    assert (
-        values.dtype == torch.float8_e4m3fn
-        and values.shape == x.shape
-        and scale.dtype == torch.float32
-    )
-    assert (
-        scale.item() == pytest.approx(40.0 / 448, rel=1e-7)
-        and values[3, 7].float().item() == -448.0
-    )
+    assert values.dtype == torch.float8_e4m3fn and values.shape == x.shape and scale.dtype == torch.float32
+    assert scale.item() == pytest.approx(40.0 / 448, rel=1e-7) and values[3, 7].float().item() == -448.0
     back = values.float() * scale
-    torch.testing.assert_close(
-        back, x.float(), rtol=2.0**-4, atol=scale.item() * 2.0**-9
-    )  # e4m3: 3 bits
+    torch.testing.assert_close(back, x.float(), rtol=2.0**-4, atol=scale.item() * 2.0**-9)  # e4m3: 3 bits
     zeros, tiny = quantize_fp8(torch.zeros(4, 16, dtype=torch.bfloat16))
     assert tiny.item() == pytest.approx(1e-12) and not zeros.float().any()
 
@@ -114,9 +99,7 @@ class _FakeKernel:
 
 def _fake_kernels(monkeypatch, error: Exception | None = None) -> types.SimpleNamespace:
     kernels = types.SimpleNamespace(
-        layer_norm_modulate=_FakeKernel(error),
-        rms_norm_rope=_FakeKernel(error),
-        scale_to_fp8=_FakeKernel(error),
+        layer_norm_modulate=_FakeKernel(error), rms_norm_rope=_FakeKernel(error), scale_to_fp8=_FakeKernel(error)
     )
     monkeypatch.setattr(fused, "_kernels", lambda: kernels)
     monkeypatch.setattr(fused, "_interpreting", lambda: True)  # let CPU tensors reach the kernel
@@ -133,23 +116,17 @@ def test_a_kernel_that_cannot_compile_is_dropped_once_with_a_warning(monkeypatch
     expected = F.layer_norm(x, (16,), eps=1e-6) * (1 + scale) + shift
     with caplog.at_level(logging.WARNING, logger="steadydancer.fused"):
         for _ in range(3):
-            torch.testing.assert_close(
-                layer_norm_modulate(x, shift, scale, 1e-6, torch.float32), expected
-            )
+            torch.testing.assert_close(layer_norm_modulate(x, shift, scale, 1e-6, torch.float32), expected)
     assert kernels.layer_norm_modulate.launches == 1
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "PTX for sm_75" in warnings[0] and fused.ENV_SWITCH in warnings[0]
-    assert (
-        rms_norm(x, torch.ones(16), 1e-6).shape == x.shape
-    )  # the other kernels are tried on their own
+    assert rms_norm(x, torch.ones(16), 1e-6).shape == x.shape  # the other kernels are tried on their own
     assert kernels.rms_norm_rope.launches == 1
     xh = x.bfloat16()
     values, scale = quantize_fp8(xh)
     assert kernels.scale_to_fp8.launches == 1
     assert scale == torch.maximum(xh.max(), xh.min().neg()).float() / 448
-    assert torch.equal(
-        values.float(), (xh * scale.reciprocal().bfloat16()).to(torch.float8_e4m3fn).float()
-    )
+    assert torch.equal(values.float(), (xh * scale.reciprocal().bfloat16()).to(torch.float8_e4m3fn).float())
 
 
 def test_the_kernels_are_skipped_when_switched_off_or_the_input_is_strided(monkeypatch):
@@ -163,13 +140,9 @@ def test_the_kernels_are_skipped_when_switched_off_or_the_input_is_strided(monke
     rms_norm(x, torch.ones(16), 1e-6)
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
     rms_norm(x.transpose(0, 1).contiguous().transpose(0, 1), torch.ones(16), 1e-6)
-    layer_norm_modulate(
-        x.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6, torch.float32
-    )
+    layer_norm_modulate(x.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6, torch.float32)
     assert kernels.layer_norm_modulate.launches == kernels.rms_norm_rope.launches == 0
-    layer_norm_modulate(
-        x, shift, scale, 1e-6, torch.float32
-    )  # the same call, contiguous: the kernel
+    layer_norm_modulate(x, shift, scale, 1e-6, torch.float32)  # the same call, contiguous: the kernel
     assert kernels.layer_norm_modulate.launches == 1
 
 
@@ -302,9 +275,7 @@ def test_gpu_kernels_round_like_the_pytorch_path(monkeypatch):
     }
     xq = (torch.randn(b * n, c, device="cuda", generator=g) * 4).bfloat16()
     fp8_values, fp8_scale = quantize_fp8(xq)
-    exact = (
-        (xq.float() * fp8_scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)
-    )  # float32, then RNE
+    exact = (xq.float() * fp8_scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)  # float32, then RNE
     assert torch.equal(fp8_values.view(torch.uint8), exact.view(torch.uint8))
     for name, call in cases.items():
         got = call()

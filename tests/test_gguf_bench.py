@@ -8,12 +8,7 @@ from benchmarks import gguf_dequant
 
 
 def test_one_line_per_type(capsys):
-    assert (
-        gguf_dequant.main(
-            ["--device", "cpu", "--elements", "8192", "--repeats", "1", "--dtype", "fp16"]
-        )
-        == 0
-    )
+    assert gguf_dequant.main(["--device", "cpu", "--elements", "8192", "--repeats", "1", "--dtype", "fp16"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "on cpu" in lines[0]
     rows = lines[1:]

@@ -158,9 +158,7 @@ def test_structure_aware_fuzz():
     print(summary)
     out = Path(__file__).resolve().parent.parent / "test-output"
     out.mkdir(exist_ok=True)
-    (out / "gguf_fuzz.txt").write_text(
-        summary + "\n" + "\n\n".join(f.report() for f in stats.failures)
-    )
+    (out / "gguf_fuzz.txt").write_text(summary + "\n" + "\n\n".join(f.report() for f in stats.failures))
     assert not stats.failures, "\n\n".join(f.report() for f in stats.failures[:10])
     assert stats.cases == cases
     assert stats.max_size < gguf_fuzz.FILE_LIMIT
@@ -173,6 +171,4 @@ def test_structure_aware_fuzz():
             "ModelFileError (config)",
         ):
             assert stats.outcomes[outcome] > 0, outcome
-        assert {op for op, _ in stats.by_op} == set(gguf_fuzz.STRUCTURAL) | set(
-            gguf_fuzz.BYTE_LEVEL
-        )
+        assert {op for op, _ in stats.by_op} == set(gguf_fuzz.STRUCTURAL) | set(gguf_fuzz.BYTE_LEVEL)

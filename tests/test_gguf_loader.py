@@ -185,9 +185,7 @@ def test_absurd_block_number_is_refused_before_anything_is_sized(tmp_path, numbe
     sd = load_gguf_state_dict(path)  # the reader does not care about block numbers
     assert len(sd) < 130
     t0 = time.perf_counter()
-    with pytest.raises(
-        ModelFileError, match=f"block number {number[:24]}, impossible in a file of"
-    ):
+    with pytest.raises(ModelFileError, match=f"block number {number[:24]}, impossible in a file of"):
         _config_of(path)
     assert time.perf_counter() - t0 < 1.0
 
@@ -236,9 +234,7 @@ def test_tensor_of_the_wrong_rank_is_refused(tmp_path, name, value):
     ],
 )
 def test_zero_size_is_refused(tmp_path, name, shape):
-    path = write_gguf(
-        tmp_path / "zero.gguf", _with(tiny_model_tensors(Q.Q8_0), name, np.zeros(shape))
-    )
+    path = write_gguf(tmp_path / "zero.gguf", _with(tiny_model_tensors(Q.Q8_0), name, np.zeros(shape)))
     with pytest.raises(ModelFileError, match="positive sizes"):
         _config_of(path)
 

@@ -273,9 +273,7 @@ def _measured(fn):
 
 
 @pytest.mark.parametrize(
-    "item_type",
-    [t for t in gguf.GGUFValueType if t != gguf.GGUFValueType.ARRAY],
-    ids=lambda t: t.name,
+    "item_type", [t for t in gguf.GGUFValueType if t != gguf.GGUFValueType.ARRAY], ids=lambda t: t.name
 )
 def test_huge_array_count_in_a_large_file_is_refused_at_once(tmp_path, item_type):
     # The fuzzer's input: 2**62 elements declared, 1 MiB of zeros after it. The old reader
@@ -330,9 +328,7 @@ def test_large_genuine_metadata_arrays_are_read_in_one_step_and_decoded_on_deman
     with read_gguf(path) as f:
         assert f.metadata.types("big.bytes") == (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8)
         assert f.metadata.count("big.strings") == len(strings)
-        assert (
-            f.metadata["big.bytes"][:4] == [0, 1, 2, 3] and len(f.metadata["big.bytes"]) == 1 << 20
-        )
+        assert f.metadata["big.bytes"][:4] == [0, 1, 2, 3] and len(f.metadata["big.bytes"]) == 1 << 20
         assert f.metadata["big.strings"] == strings
 
 
@@ -350,9 +346,7 @@ def test_metadata_values_keep_their_python_types(tmp_path):
         "t.bools": ([True, False], gguf.GGUFValueType.ARRAY),
         "t.strings": (["a", "", "ü"], gguf.GGUFValueType.ARRAY),
     }
-    path = write_gguf(
-        tmp_path / "t.gguf", {"w": (np.zeros(4, np.float32), Q.F32)}, typed_metadata=typed
-    )
+    path = write_gguf(tmp_path / "t.gguf", {"w": (np.zeros(4, np.float32), Q.F32)}, typed_metadata=typed)
     with read_gguf(path) as f:
         for key, (value, _) in typed.items():
             assert f.metadata[key] == value, key
@@ -363,9 +357,7 @@ def test_metadata_values_keep_their_python_types(tmp_path):
 def test_membership_does_not_decode_the_value(tmp_path, monkeypatch):
     from steadydancer.gguf import reader
 
-    path = write_gguf(
-        tmp_path / "m.gguf", {"w": (np.zeros(4, np.float32), Q.F32)}, orig_shapes={"w": (2, 2)}
-    )
+    path = write_gguf(tmp_path / "m.gguf", {"w": (np.zeros(4, np.float32), Q.F32)}, orig_shapes={"w": (2, 2)})
     with read_gguf(path) as f:
         monkeypatch.setattr(reader, "_decode_array", lambda *a: pytest.fail("decoded"))
         assert "comfy.gguf.orig_shape.w" in f.metadata
@@ -379,9 +371,7 @@ def _edit(path, old: bytes, new: bytes) -> None:
 
 
 def test_string_length_past_the_end_is_refused(tmp_path):
-    path = write_gguf(
-        tmp_path / "s.gguf", {"w": (np.zeros(4, np.float32), Q.F32)}, metadata={"x.s": "hello"}
-    )
+    path = write_gguf(tmp_path / "s.gguf", {"w": (np.zeros(4, np.float32), Q.F32)}, metadata={"x.s": "hello"})
     _edit(path, (5).to_bytes(8, "little") + b"hello", (2**40).to_bytes(8, "little") + b"hello")
     with pytest.raises(GGUFError, match="metadata needs bytes"):
         read_gguf(path)
@@ -389,9 +379,7 @@ def test_string_length_past_the_end_is_refused(tmp_path):
 
 def test_unknown_value_type_nested_arrays_and_duplicate_keys_are_refused(tmp_path):
     def one(typed):
-        return write_gguf(
-            tmp_path / "v.gguf", {"w": (np.zeros(4, np.float32), Q.F32)}, typed_metadata=typed
-        )
+        return write_gguf(tmp_path / "v.gguf", {"w": (np.zeros(4, np.float32), Q.F32)}, typed_metadata=typed)
 
     path = one({"x.a": (7, gguf.GGUFValueType.UINT32)})
     _edit(path, b"x.a" + (4).to_bytes(4, "little"), b"x.a" + (13).to_bytes(4, "little"))

@@ -44,9 +44,7 @@ def test_batched_extraction_reports_progress_per_batch_and_batches_by_default(re
     idle at one)."""
     r, single = result(report, "extract_progress_batched"), result(report, "extract_progress")
     assert r["reported"] == [[4, 6], [6, 6]]
-    assert (
-        r["frames"] == 6 and r["people"] == single["people"] and r["preview"] == single["preview"]
-    )
+    assert r["frames"] == 6 and r["people"] == single["people"] and r["preview"] == single["preview"]
     assert r["schema_default"] == 8
 
 
@@ -65,18 +63,11 @@ def test_detector_colour_order_defaults_to_the_references(report: dict) -> None:
 def test_alignment_renders_positive_and_augmented_negative(report: dict) -> None:
     r = result(report, "alignment")
     assert r["shape"] == r["negative_shape"] == [4, 64, 48, 3]  # 6 frames, align_frame 2
-    assert (
-        r["range"][0] > -0.1 and r["range"][1] < 1.1 and r["drawn"] > 0.01
-    )  # bicubic overshoot kept
+    assert r["range"][0] > -0.1 and r["range"][1] < 1.1 and r["drawn"] > 0.01  # bicubic overshoot kept
     assert r["negative_differs"] and r["deterministic"] and r["seed_matters"]
     assert r["reference_pose_input_equal"]
     assert r["no_reference"].startswith("PoseError") and "pose_detector" in r["no_reference"]
-    assert r["clip_pose_shape"] == [
-        1,
-        120,
-        80,
-        3,
-    ]  # the first positive frame at the reference's size
+    assert r["clip_pose_shape"] == [1, 120, 80, 3]  # the first positive frame at the reference's size
 
 
 def test_pose_frames_go_through_the_reference_chain(report: dict) -> None:
@@ -86,19 +77,14 @@ def test_pose_frames_go_through_the_reference_chain(report: dict) -> None:
     assert r["reference_width_height"] == [624, 928]
     assert r["positive_equal"] and r["negative_equal"] and r["clip_pose_equal"]
     assert r["unclamped"][0] < 0.0
-    assert r["frames"] > 2 and r["threads_equal"] == [
-        True,
-        True,
-    ]  # drawn on several threads, kept in order
+    assert r["frames"] > 2 and r["threads_equal"] == [True, True]  # drawn on several threads, kept in order
 
 
 def test_generation_size_is_the_references_auto_size(report: dict) -> None:
     r = result(report, "generation_size")
     assert r["auto"] == [464, 832]  # a 1080x1920 photo at 832*480: 464x832, not 480x832
     assert r["auto_720p"] == [720, 1280] and r["forced"] == [512, 768]
-    assert (
-        r["half_forced"].startswith("ConditioningError") and "both be 0 (auto" in r["half_forced"]
-    )
+    assert r["half_forced"].startswith("ConditioningError") and "both be 0 (auto" in r["half_forced"]
     bad, good, linked = r["validate"]
     assert "area must be one of" in bad and good is True and linked is True
 
@@ -108,9 +94,7 @@ def test_conditioning_stores_the_contract_keys(report: dict) -> None:
     assert {"concat_latent_image", "concat_mask", "steadydancer_pose", "steadydancer_ref_x", "steadydancer_ref_c",
             "clip_vision_output", "steadydancer_clip_c"} <= set(r["keys"])  # fmt: skip
     s = r["shapes"]
-    assert (
-        s["concat_latent_image"] == s["steadydancer_pose"] == [1, 16, 3, 6, 4]
-    )  # 9 frames of 48x32
+    assert s["concat_latent_image"] == s["steadydancer_pose"] == [1, 16, 3, 6, 4]  # 9 frames of 48x32
     assert s["steadydancer_ref_x"] == s["steadydancer_ref_c"] == [1, 36, 1, 6, 4]
     assert r["latent"] == [2, 16, 3, 6, 4]
     assert (r["ref_x_mask"], r["ref_c_mask"]) == (1.0, 0.0)
@@ -125,21 +109,11 @@ def test_conditioning_three_outputs_share_all_but_pose(report: dict) -> None:
 
 def test_conditioning_encodes_what_the_spec_says(report: dict) -> None:
     r = result(report, "conditioning")
-    assert r["encoded_shapes"] == [
-        [9, 48, 32, 3],
-        [1, 48, 32, 3],
-        [1, 48, 32, 3],
-        [9, 48, 32, 3],
-        [9, 48, 32, 3],
-    ]
+    assert r["encoded_shapes"] == [[9, 48, 32, 3], [1, 48, 32, 3], [1, 48, 32, 3], [9, 48, 32, 3], [9, 48, 32, 3]]
     assert r["video_first_is_reference"] and r["video_rest_grey"]
     assert r["ref_c_is_first_pose"]
     assert r["padded_with_last"] and r["negative_padded_with_last"]  # 3 pose frames -> 9
-    assert (
-        r["clip_reference_rows"] == 1
-        and r["clip_pose_rows"] == 1
-        and r["clip_pose_first_row"] == 0.0
-    )
+    assert r["clip_reference_rows"] == 1 and r["clip_pose_rows"] == 1 and r["clip_pose_first_row"] == 0.0
 
 
 def test_conditioning_resizes_as_the_reference_without_clamping(report: dict) -> None:

@@ -175,9 +175,7 @@ def test_plain_load_state_dict_with_ggml_ops(tmp_path: Path):
     )
 
 
-def test_a_file_is_checked_once_on_its_way_to_the_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_file_is_checked_once_on_its_way_to_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pose-path check runs where the file is read, not again in load_model and the config."""
     import steadydancer.keys as keys
     import steadydancer.model as model_module
@@ -197,9 +195,5 @@ def test_a_file_is_checked_once_on_its_way_to_the_model(
     load_model(read, dtype=torch.float32, attention="math")
     assert len(calls) == 1
     calls.clear()
-    load_model(
-        {f"model.diffusion_model.{k}": v for k, v in tiny_sd(seed=4).items()},
-        dtype=torch.float32,
-        attention="math",
-    )
+    load_model({f"model.diffusion_model.{k}": v for k, v in tiny_sd(seed=4).items()}, dtype=torch.float32, attention="math")
     assert calls == ["the state dict"]  # a dict from elsewhere: checked once, by load_model

@@ -29,13 +29,7 @@ def test_size_must_be_multiple_of_16() -> None:
 
 def _frames(count: int) -> torch.Tensor:
     # frame i is filled with value i/100 so tests can see which frame ended where
-    return (
-        torch.arange(count, dtype=torch.float32)
-        .div(100)
-        .view(count, 1, 1, 1)
-        .expand(count, 4, 6, 3)
-        .clone()
-    )
+    return torch.arange(count, dtype=torch.float32).div(100).view(count, 1, 1, 1).expand(count, 4, 6, 3).clone()
 
 
 def test_short_pose_sequence_is_padded_with_its_last_frame() -> None:
@@ -51,9 +45,7 @@ def test_long_pose_sequence_is_cut_to_length() -> None:
 
 
 def test_short_pose_sequence_is_refused_when_asked() -> None:
-    with pytest.raises(
-        ConditioningError, match=r"pose_frames has 6 frames but length is 9.*lower length to 5"
-    ) as info:
+    with pytest.raises(ConditioningError, match=r"pose_frames has 6 frames but length is 9.*lower length to 5") as info:
         cond.fit_frames(_frames(6), 9, short="error", what="pose_frames")
     assert isinstance(info.value, SteadyDancerError)
 

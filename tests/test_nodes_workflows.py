@@ -19,12 +19,7 @@ def api() -> dict:
 
 
 def _links(graph: dict) -> set[tuple[str, str, str, int]]:
-    return {
-        (k, name, v[0], v[1])
-        for k, n in graph.items()
-        for name, v in n["inputs"].items()
-        if isinstance(v, list)
-    }
+    return {(k, name, v[0], v[1]) for k, n in graph.items() for name, v in n["inputs"].items() if isinstance(v, list)}
 
 
 def test_api_workflow_links_point_at_existing_nodes(api: dict) -> None:
@@ -55,24 +50,12 @@ def test_reference_defaults(api: dict) -> None:
     with integer timesteps, shift 3 at the 480p area, the i2v negative prompt, 16 fps."""
     by_kind = {n["class_type"]: n["inputs"] for n in api.values()}
     guider = by_kind["SteadyDancerGuider"]
-    assert (guider["text_scale"], guider["pose_scale"], guider["start"], guider["end"]) == (
-        5.0,
-        1.5,
-        0.1,
-        0.4,
-    )
+    assert (guider["text_scale"], guider["pose_scale"], guider["start"], guider["end"]) == (5.0, 1.5, 0.1, 0.4)
     assert by_kind["SteadyDancerScheduler"]["steps"] == 40
     assert "SteadyDancerUniPCSampler" in by_kind
-    assert by_kind["SteadyDancerModelSampling"] == {
-        "model": by_kind["SteadyDancerModelSampling"]["model"],
-        "shift": 3.0,
-        "timesteps": "integer",
-    }
+    assert by_kind["SteadyDancerModelSampling"] == {"model": by_kind["SteadyDancerModelSampling"]["model"], "shift": 3.0, "timesteps": "integer"}
     assert by_kind["SteadyDancerGenerationSize"]["area"] == "832*480"  # shift 3.0 goes with it
-    assert (
-        by_kind["SteadyDancerGenerationSize"]["width"],
-        by_kind["SteadyDancerGenerationSize"]["height"],
-    ) == (0, 0)
+    assert (by_kind["SteadyDancerGenerationSize"]["width"], by_kind["SteadyDancerGenerationSize"]["height"]) == (0, 0)
     assert by_kind["CreateVideo"]["fps"] == 16.0
     assert by_kind["SteadyDancerPoseDetectorLoader"]["colour_order"] == "reference"
     negative = api[by_kind["SteadyDancerImageToVideo"]["negative"][0]]["inputs"]["text"]
@@ -92,31 +75,21 @@ def test_clip_vision_is_encoded_as_the_reference(api: dict) -> None:
     i2v = next(n["inputs"] for n in api.values() if n["class_type"] == "SteadyDancerImageToVideo")
     reference, pose = api[i2v["clip_vision_reference"][0]], api[i2v["clip_vision_pose"][0]]
     assert reference["class_type"] == pose["class_type"] == "SteadyDancerCLIPVisionEncode"
-    assert (
-        api[pose["inputs"]["image"][0]]["class_type"] == "SteadyDancerPoseAlign"
-        and pose["inputs"]["image"][1] == 2
-    )
+    assert api[pose["inputs"]["image"][0]]["class_type"] == "SteadyDancerPoseAlign" and pose["inputs"]["image"][1] == 2
     assert api[reference["inputs"]["image"][0]]["class_type"] == "LoadImage"
 
 
 def test_demo_graph_keeps_the_graph_and_swaps_models_and_size(api: dict) -> None:
     demo = demo_graph(api)
     assert _links(demo) == _links(api)
-    assert {k: v["class_type"] for k, v in demo.items()} == {
-        k: v["class_type"] for k, v in api.items()
-    }
+    assert {k: v["class_type"] for k, v in demo.items()} == {k: v["class_type"] for k, v in api.items()}
     by_kind = {n["class_type"]: n["inputs"] for n in demo.values()}
     assert by_kind["CLIPLoader"]["type"] == "stable_diffusion"
     assert by_kind["SteadyDancerImageToVideo"]["length"] == DEMO["length"]
     size = by_kind["SteadyDancerGenerationSize"]
-    assert (size["width"], size["height"]) == (
-        DEMO["width"],
-        DEMO["height"],
-    )  # forced; the nodes stay linked to it
+    assert (size["width"], size["height"]) == (DEMO["width"], DEMO["height"])  # forced; the nodes stay linked to it
     assert by_kind["SteadyDancerScheduler"]["steps"] == DEMO["steps"]
-    assert api == json.loads((WORKFLOWS / "api" / "steadydancer_api.json").read_text()), (
-        "the source graph was modified"
-    )
+    assert api == json.loads((WORKFLOWS / "api" / "steadydancer_api.json").read_text()), "the source graph was modified"
 
 
 def test_extra_paths_load_the_package_without_copying_it(tmp_path: Path) -> None:
@@ -130,9 +103,7 @@ def test_extra_paths_load_the_package_without_copying_it(tmp_path: Path) -> None
 def test_every_served_template_is_ui_format() -> None:
     """ComfyUI lists every workflows/*.json as a template; an API graph there fails to load."""
     for path in sorted(WORKFLOWS.glob("*.json")):
-        assert "nodes" in json.loads(path.read_text()), (
-            f"{path.name} is served as a template but is not UI format"
-        )
+        assert "nodes" in json.loads(path.read_text()), f"{path.name} is served as a template but is not UI format"
 
 
 def test_long_video_workflow_is_the_example_sampled_in_context_windows(api: dict) -> None:
@@ -145,45 +116,18 @@ def test_long_video_workflow_is_the_example_sampled_in_context_windows(api: dict
     assert long == long_workflow()
     windows = next(k for k, n in long.items() if n["class_type"] == "WanContextWindowsManual")
     inputs = long[windows]["inputs"]
-    assert (inputs["context_length"], inputs["context_overlap"], inputs["retain_first_frame"]) == (
-        81,
-        16,
-        False,
-    )
+    assert (inputs["context_length"], inputs["context_overlap"], inputs["retain_first_frame"]) == (81, 16, False)
     guider = next(n["inputs"] for n in long.values() if n["class_type"] == "SteadyDancerGuider")
-    assert (
-        guider["model"] == [windows, 0]
-        and inputs["model"]
-        == next(n["inputs"] for n in api.values() if n["class_type"] == "SteadyDancerGuider")[
-            "model"
-        ]
-    )
-    assert (
-        next(n["inputs"] for n in long.values() if n["class_type"] == "SteadyDancerImageToVideo")[
-            "length"
-        ]
-        == 481
-    )
-    assert {
-        k: v
-        for k, v in long.items()
-        if k != windows
-        and v["class_type"] not in ("SteadyDancerGuider", "SteadyDancerImageToVideo")
-    } == {
-        k: v
-        for k, v in api.items()
-        if v["class_type"] not in ("SteadyDancerGuider", "SteadyDancerImageToVideo")
+    assert guider["model"] == [windows, 0] and inputs["model"] == next(n["inputs"] for n in api.values() if n["class_type"] == "SteadyDancerGuider")["model"]
+    assert next(n["inputs"] for n in long.values() if n["class_type"] == "SteadyDancerImageToVideo")["length"] == 481
+    assert {k: v for k, v in long.items() if k != windows and v["class_type"] not in ("SteadyDancerGuider", "SteadyDancerImageToVideo")} == {
+        k: v for k, v in api.items() if v["class_type"] not in ("SteadyDancerGuider", "SteadyDancerImageToVideo")
     }
 
 
 def test_ui_workflows_have_the_nodes_of_their_api_twins() -> None:
-    for ui_name, api_name in (
-        ("steadydancer.json", "steadydancer_api.json"),
-        ("steadydancer_long.json", "steadydancer_long_api.json"),
-    ):
+    for ui_name, api_name in (("steadydancer.json", "steadydancer_api.json"), ("steadydancer_long.json", "steadydancer_long_api.json")):
         ui = json.loads((WORKFLOWS / ui_name).read_text())
         api_graph = json.loads((WORKFLOWS / "api" / api_name).read_text())
         assert sorted(str(n["id"]) for n in ui["nodes"]) == sorted(api_graph, key=str), ui_name
-        assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {
-            k: v["class_type"] for k, v in api_graph.items()
-        }
+        assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api_graph.items()}

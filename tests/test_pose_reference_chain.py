@@ -28,40 +28,21 @@ def reference_draw_size(height: int, width: int) -> tuple[int, int]:
     return lat_h * 16, lat_w * 16
 
 
-def reference_chain(
-    pose, ref_h: int, ref_w: int, gen_h: int, gen_w: int
-) -> tuple[np.ndarray, torch.Tensor]:
+def reference_chain(pose, ref_h: int, ref_w: int, gen_h: int, gen_w: int) -> tuple[np.ndarray, torch.Tensor]:
     """(frame at the reference size, uint8; frame at the generation size, [-1, 1] float)."""
     draw_h, draw_w = reference_draw_size(ref_h, ref_w)
     drawn = render_pose(pose, draw_h * 2, draw_w * 2)  # draw_pose at ref_H*2, ref_W*2, then BGR2RGB
-    at_reference = (
-        Image.fromarray(drawn).convert("RGB").resize((ref_w, ref_h), Image.Resampling.BICUBIC)
-    )
-    tensor = (
-        torch.from_numpy(np.asarray(at_reference).copy())
-        .permute(2, 0, 1)
-        .float()
-        .div(255)
-        .sub_(0.5)
-        .div_(0.5)
-    )
+    at_reference = Image.fromarray(drawn).convert("RGB").resize((ref_w, ref_h), Image.Resampling.BICUBIC)
+    tensor = torch.from_numpy(np.asarray(at_reference).copy()).permute(2, 0, 1).float().div(255).sub_(0.5).div_(0.5)
     resized = torch.nn.functional.interpolate(tensor[None], size=(gen_h, gen_w), mode="bicubic")[0]
     return np.asarray(at_reference), resized
 
 
 @pytest.mark.parametrize(
     ("ref_h", "ref_w", "gen_h", "gen_w"),
-    [
-        (1184, 864, 832, 608),
-        (3840, 2160, 832, 464),
-        (640, 360, 832, 464),
-        (480, 832, 464, 832),
-        (300, 300, 640, 640),
-    ],
+    [(1184, 864, 832, 608), (3840, 2160, 832, 464), (640, 360, 832, 464), (480, 832, 464, 832), (300, 300, 640, 640)],
 )
-def test_frames_are_pixel_equal_to_the_reference_chain(
-    ref_h: int, ref_w: int, gen_h: int, gen_w: int
-) -> None:
+def test_frames_are_pixel_equal_to_the_reference_chain(ref_h: int, ref_w: int, gen_h: int, gen_w: int) -> None:
     pose = make_pose()
     draw = fit_to_area(ref_h, ref_w, POSE_AREA)
     assert draw == reference_draw_size(ref_h, ref_w)
@@ -69,9 +50,7 @@ def test_frames_are_pixel_equal_to_the_reference_chain(
     expected_full, expected = reference_chain(pose, ref_h, ref_w, gen_h, gen_w)
     assert full.dtype == np.uint8 and full.shape == (ref_h, ref_w, 3)
     np.testing.assert_array_equal(full, expected_full)
-    at_generation = resize_like_reference(
-        torch.from_numpy(full).float().div(255)[None], gen_h, gen_w
-    )[0]
+    at_generation = resize_like_reference(torch.from_numpy(full).float().div(255)[None], gen_h, gen_w)[0]
     assert torch.allclose(at_generation.permute(2, 0, 1) * 2 - 1, expected, atol=1e-6)
 
 

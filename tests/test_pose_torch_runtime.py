@@ -53,82 +53,23 @@ def ints(*values: int) -> np.ndarray:
 
 # (id, op, data inputs, constant inputs (initializers, "" = absent), attributes, opset)
 CASES: list[tuple] = [
-    (
-        "conv-asym-pads-groups",
-        "Conv",
-        [rand(2, 4, 9, 11)],
-        [rand(6, 2, 3, 3), rand(6)],
-        {"pads": [1, 0, 2, 1], "strides": [2, 1], "group": 2, "dilations": [1, 2]},
-        17,
-    ),
+    ("conv-asym-pads-groups", "Conv", [rand(2, 4, 9, 11)], [rand(6, 2, 3, 3), rand(6)],
+     {"pads": [1, 0, 2, 1], "strides": [2, 1], "group": 2, "dilations": [1, 2]}, 17),
     ("conv-1d", "Conv", [rand(2, 3, 10)], [rand(4, 3, 3)], {"pads": [1, 1]}, 17),
-    (
-        "maxpool-spp",
-        "MaxPool",
-        [rand(1, 3, 10, 10)],
-        [],
-        {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]},
-        17,
-    ),
-    (
-        "maxpool-ceil-asym",
-        "MaxPool",
-        [rand(1, 3, 9, 10)],
-        [],
-        {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [0, 1, 1, 0], "ceil_mode": 1},
-        17,
-    ),
-    (
-        "avgpool",
-        "AveragePool",
-        [rand(1, 3, 8, 8)],
-        [],
-        {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]},
-        17,
-    ),
-    (
-        "avgpool-count-pad",
-        "AveragePool",
-        [rand(1, 3, 8, 8)],
-        [],
-        {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1},
-        17,
-    ),
+    ("maxpool-spp", "MaxPool", [rand(1, 3, 10, 10)], [], {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]}, 17),
+    ("maxpool-ceil-asym", "MaxPool", [rand(1, 3, 9, 10)], [],
+     {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [0, 1, 1, 0], "ceil_mode": 1}, 17),
+    ("avgpool", "AveragePool", [rand(1, 3, 8, 8)], [], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, 17),
+    ("avgpool-count-pad", "AveragePool", [rand(1, 3, 8, 8)], [],
+     {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, 17),
     ("global-avg", "GlobalAveragePool", [rand(2, 3, 5, 4)], [], {}, 17),
     ("global-max", "GlobalMaxPool", [rand(2, 3, 5, 4)], [], {}, 17),
-    (
-        "batchnorm",
-        "BatchNormalization",
-        [rand(2, 3, 4, 4)],
-        [rand(3), rand(3), rand(3), np.abs(rand(3)) + 0.5],
-        {"epsilon": 1e-3},
-        15,
-    ),
-    (
-        "layernorm",
-        "LayerNormalization",
-        [rand(2, 5, 8)],
-        [rand(8), rand(8)],
-        {"axis": -1, "epsilon": 1e-6},
-        17,
-    ),
-    *[
-        (op.lower(), op, [rand(3, 4)], [], {}, 17)
-        for op in (
-            "Relu",
-            "Sigmoid",
-            "Tanh",
-            "Exp",
-            "Erf",
-            "Abs",
-            "Neg",
-            "Floor",
-            "Ceil",
-            "Softplus",
-            "HardSwish",
-            "Identity",
-        )
-    ],
+    ("batchnorm", "BatchNormalization", [rand(2, 3, 4, 4)],
+     [rand(3), rand(3), rand(3), np.abs(rand(3)) + 0.5], {"epsilon": 1e-3}, 15),
+    ("layernorm", "LayerNormalization", [rand(2, 5, 8)], [rand(8), rand(8)], {"axis": -1, "epsilon": 1e-6}, 17),
+    *[(op.lower(), op, [rand(3, 4)], [], {}, 17) for op in
+      ("Relu", "Sigmoid", "Tanh", "Exp", "Erf", "Abs", "Neg", "Floor", "Ceil", "Softplus", "HardSwish",
+       "Identity")],
     ("log", "Log", [np.abs(rand(3, 4)) + 0.1], [], {}, 17),
     ("sqrt", "Sqrt", [np.abs(rand(3, 4))], [], {}, 17),
     ("reciprocal", "Reciprocal", [np.abs(rand(3, 4)) + 0.1], [], {}, 17),
@@ -150,24 +91,10 @@ CASES: list[tuple] = [
     ("min", "Min", [rand(3, 4)], [rand(3, 4)], {}, 17),
     ("sum", "Sum", [rand(3, 4), rand(3, 4)], [], {}, 17),
     ("matmul-batched", "MatMul", [rand(2, 5, 3)], [rand(3, 6)], {}, 17),
-    (
-        "gemm-trans",
-        "Gemm",
-        [rand(4, 3)],
-        [rand(5, 3), rand(5)],
-        {"transB": 1, "alpha": 0.5, "beta": 2.0},
-        17,
-    ),
+    ("gemm-trans", "Gemm", [rand(4, 3)], [rand(5, 3), rand(5)], {"transB": 1, "alpha": 0.5, "beta": 2.0}, 17),
     ("gemm-transA", "Gemm", [rand(3, 4)], [rand(3, 5)], {"transA": 1}, 17),
     ("clip-min-only", "Clip", [rand(3, 4)], [np.asarray(0.1, np.float32)], {}, 17),
-    (
-        "clip-both",
-        "Clip",
-        [rand(3, 4)],
-        [np.asarray(-0.2, np.float32), np.asarray(0.3, np.float32)],
-        {},
-        17,
-    ),
+    ("clip-both", "Clip", [rand(3, 4)], [np.asarray(-0.2, np.float32), np.asarray(0.3, np.float32)], {}, 17),
     ("clip-opset6", "Clip", [rand(3, 4)], [], {"min": -0.1, "max": 0.2}, 6),
     ("softmax-13", "Softmax", [rand(2, 3, 4)], [], {"axis": 1}, 13),
     ("softmax-11-flattens", "Softmax", [rand(2, 3, 4)], [], {"axis": 1}, 11),
@@ -182,22 +109,10 @@ CASES: list[tuple] = [
     ("split-13", "Split", [rand(2, 9)], [ints(2, 3, 4)], {"axis": 1}, 13),
     ("split-11", "Split", [rand(6, 2)], [], {"axis": 0, "split": [1, 5]}, 11),
     ("split-18-uneven", "Split", [rand(2, 7)], [], {"axis": 1, "num_outputs": 3}, 18),
-    (
-        "slice-focus",
-        "Slice",
-        [rand(1, 3, 8, 8)],
-        [ints(1, 0), ints(2**63 - 1, 2**63 - 1), ints(2, 3), ints(2, 2)],
-        {},
-        13,
-    ),
-    (
-        "slice-negative-step",
-        "Slice",
-        [rand(5, 6)],
-        [ints(-1, 4), ints(-(2**63), 0), ints(0, 1), ints(-2, -1)],
-        {},
-        13,
-    ),
+    ("slice-focus", "Slice", [rand(1, 3, 8, 8)], [ints(1, 0), ints(2**63 - 1, 2**63 - 1), ints(2, 3), ints(2, 2)],
+     {}, 13),
+    ("slice-negative-step", "Slice", [rand(5, 6)], [ints(-1, 4), ints(-(2**63), 0), ints(0, 1), ints(-2, -1)],
+     {}, 13),
     ("slice-opset9", "Slice", [rand(5, 6)], [], {"starts": [1], "ends": [-1], "axes": [1]}, 9),
     ("gather-negative", "Gather", [rand(5, 4)], [ints(-1, 0, 2)], {"axis": 0}, 13),
     ("gather-scalar", "Gather", [rand(5, 4)], [np.asarray(2, np.int64)], {"axis": 1}, 13),
@@ -212,88 +127,22 @@ CASES: list[tuple] = [
     ("tile", "Tile", [rand(2, 3)], [ints(2, 1)], {}, 13),
     ("shape", "Shape", [rand(2, 3, 4)], [], {}, 13),
     ("shape-15-start", "Shape", [rand(2, 3, 4)], [], {"start": 1}, 15),
-    (
-        "constant-of-shape",
-        "ConstantOfShape",
-        [],
-        [ints(2, 3)],
-        {"value": numpy_helper.from_array(np.asarray([1.5], np.float32))},
-        13,
-    ),
-    (
-        "range",
-        "Range",
-        [],
-        [np.asarray(1, np.int64), np.asarray(9, np.int64), np.asarray(3, np.int64)],
-        {},
-        13,
-    ),
+    ("constant-of-shape", "ConstantOfShape", [], [ints(2, 3)],
+     {"value": numpy_helper.from_array(np.asarray([1.5], np.float32))}, 13),
+    ("range", "Range", [], [np.asarray(1, np.int64), np.asarray(9, np.int64), np.asarray(3, np.int64)], {}, 13),
     ("cast", "Cast", [rand(3, 4) * 5], [], {"to": TensorProto.INT64}, 13),
     ("where", "Where", [rand(3, 4) > 0, rand(3, 4)], [rand(4)], {}, 13),
-    (
-        "resize-nearest-2x",
-        "Resize",
-        [rand(1, 2, 3, 4)],
-        [np.zeros(0, np.float32), np.asarray([1, 1, 2, 2], np.float32)],
-        {
-            "mode": "nearest",
-            "coordinate_transformation_mode": "asymmetric",
-            "nearest_mode": "floor",
-        },
-        13,
-    ),
-    (
-        "resize-linear-sizes",
-        "Resize",
-        [rand(1, 2, 5, 4)],
-        ["", "", ints(1, 2, 7, 9)],
-        {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
-        13,
-    ),
-    (
-        "resize-linear-corners",
-        "Resize",
-        [rand(1, 2, 5, 4)],
-        ["", np.asarray([1, 1, 2, 1.5], np.float32)],
-        {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
-        13,
-    ),
-    (
-        "resize-nearest-exact-down",
-        "Resize",
-        [rand(1, 2, 8, 6)],
-        ["", np.asarray([1, 1, 0.5, 0.5], np.float32)],
-        {
-            "mode": "nearest",
-            "coordinate_transformation_mode": "half_pixel",
-            "nearest_mode": "round_prefer_ceil",
-        },
-        13,
-    ),
-    (
-        "upsample-9",
-        "Upsample",
-        [rand(1, 2, 3, 4)],
-        [np.asarray([1, 1, 2, 2], np.float32)],
-        {"mode": "nearest"},
-        9,
-    ),
-    (
-        "pad-constant",
-        "Pad",
-        [rand(1, 2, 3, 4)],
-        [ints(0, 0, 1, 2, 0, 0, 2, 1), np.asarray(0.5, np.float32)],
-        {},
-        13,
-    ),
-    (
-        "pad-reflect",
-        "Pad",
-        [rand(1, 2, 5, 6)],
-        [ints(0, 0, 1, 2, 0, 0, 2, 1)],
-        {"mode": "reflect"},
-        13,
-    ),
+    ("resize-nearest-2x", "Resize", [rand(1, 2, 3, 4)], [np.zeros(0, np.float32), np.asarray([1, 1, 2, 2], np.float32)],
+     {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, 13),
+    ("resize-linear-sizes", "Resize", [rand(1, 2, 5, 4)], ["", "", ints(1, 2, 7, 9)],
+     {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, 13),
+    ("resize-linear-corners", "Resize", [rand(1, 2, 5, 4)], ["", np.asarray([1, 1, 2, 1.5], np.float32)],
+     {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, 13),
+    ("resize-nearest-exact-down", "Resize", [rand(1, 2, 8, 6)], ["", np.asarray([1, 1, 0.5, 0.5], np.float32)],
+     {"mode": "nearest", "coordinate_transformation_mode": "half_pixel", "nearest_mode": "round_prefer_ceil"}, 13),
+    ("upsample-9", "Upsample", [rand(1, 2, 3, 4)], [np.asarray([1, 1, 2, 2], np.float32)], {"mode": "nearest"}, 9),
+    ("pad-constant", "Pad", [rand(1, 2, 3, 4)], [ints(0, 0, 1, 2, 0, 0, 2, 1), np.asarray(0.5, np.float32)], {}, 13),
+    ("pad-reflect", "Pad", [rand(1, 2, 5, 6)], [ints(0, 0, 1, 2, 0, 0, 2, 1)], {"mode": "reflect"}, 13),
     ("pad-edge", "Pad", [rand(1, 2, 5, 6)], [ints(0, 0, 1, 2, 0, 0, 2, 1)], {"mode": "edge"}, 13),
 ]
 # "Constant" is the one operator without a case of its own: every exported network below uses it.
@@ -311,12 +160,8 @@ def one_node_model(op: str, data: list, constants: list, attributes: dict, opset
         const_names.append(f"c{i}")
     outputs = 1
     if op == "Split":
-        outputs = (
-            len(attributes.get("split", [])) or attributes.get("num_outputs") or len(constants[0])
-        )
-    node = helper.make_node(
-        op, names + const_names, [f"y{i}" for i in range(outputs)], **attributes
-    )
+        outputs = len(attributes.get("split", [])) or attributes.get("num_outputs") or len(constants[0])
+    node = helper.make_node(op, names + const_names, [f"y{i}" for i in range(outputs)], **attributes)
     inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
               for n, v in zip(names, data, strict=True)]  # fmt: skip
     outs = [helper.make_empty_tensor_value_info(f"y{i}") for i in range(outputs)]
@@ -343,16 +188,12 @@ def test_operator_matches_onnxruntime(case, tmp_path):
 
 def test_every_operator_has_a_case():
     covered = {case[1] for case in CASES} | UNCOVERED
-    assert set(OPS) <= covered, (
-        f"operators without a conformance case: {sorted(set(OPS) - covered)}"
-    )
+    assert set(OPS) <= covered, f"operators without a conformance case: {sorted(set(OPS) - covered)}"
 
 
 class ConvBNSiLU(nn.Sequential):
     def __init__(self, cin: int, cout: int, k: int = 3, s: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU()
-        )
+        super().__init__(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
 
 
 class MiniYolox(nn.Module):
@@ -369,9 +210,7 @@ class MiniYolox(nn.Module):
         self.head = nn.Conv2d(8, 85, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.cat(
-            [x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], dim=1
-        )
+        x = torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], dim=1)
         f = self.stem(x)
         levels = []
         for down in self.down:
@@ -436,10 +275,7 @@ class MiniRTMPose(nn.Module):
 
 
 # Input shape of one frame, input names, output names of the Mini networks' exports.
-MINI_IO = {
-    "detector": ((3, 64, 64), ["images"], ["output"]),
-    "pose": ((3, 384, 288), ["input"], ["simcc_x", "simcc_y"]),
-}
+MINI_IO = {"detector": ((3, 64, 64), ["images"], ["output"]), "pose": ((3, 384, 288), ["input"], ["simcc_x", "simcc_y"])}
 
 
 def export_graph(module: nn.Module, path: Path, frame: tuple, names: list[str], outputs: list[str], *,
@@ -462,20 +298,9 @@ def test_networks_match_onnxruntime(network, opset, tmp_path):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
     frame, names, outputs = MINI_IO[network]
-    path = export_graph(
-        module,
-        tmp_path / f"{network}.onnx",
-        frame,
-        names,
-        outputs,
-        batch=2,
-        opset=opset,
-        dynamic=True,
-    )
+    path = export_graph(module, tmp_path / f"{network}.onnx", frame, names, outputs, batch=2, opset=opset, dynamic=True)
     x = rand(2, *frame)
-    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, {names[0]: x}
-    )
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {names[0]: x})
     got = TorchOnnxSession(path).run(None, {names[0]: x})
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape
@@ -543,9 +368,7 @@ def test_unknown_operator_is_named_at_load(tmp_path):
         TorchOnnxSession(path)
 
 
-@pytest.mark.parametrize(
-    "content", [b"", b"\x08\x07", b"not an onnx file at all" * 10, b"\x3a\xff\xff\xff\x0f"]
-)
+@pytest.mark.parametrize("content", [b"", b"\x08\x07", b"not an onnx file at all" * 10, b"\x3a\xff\xff\xff\x0f"])
 def test_not_an_onnx_file(content, tmp_path):
     path = tmp_path / "broken.onnx"
     path.write_bytes(content)
@@ -571,9 +394,7 @@ def cross_model_dir(tmp_path_factory):
 
 
 def test_detector_keypoints_equal_between_runtimes(cross_model_dir):
-    frames = np.stack(
-        [cross_frame(512, 640, x, y) for x, y in ((300, 200), (260, 380), (350, 150))]
-    )
+    frames = np.stack([cross_frame(512, 640, x, y) for x, y in ((300, 200), (260, 380), (350, 150))])
     poses = {rt: load_detector("onnx", cross_model_dir, device="cpu", runtime=rt).detect(
         frames, detect_resolution=512, batch_size=2) for rt in ("onnxruntime", "torch")}  # fmt: skip
     for a, b in zip(poses["onnxruntime"], poses["torch"], strict=True):
@@ -633,11 +454,7 @@ class FakeOrt:
     ],
 )
 def test_auto_runtime(providers, cuda, device, expected, monkeypatch):
-    monkeypatch.setattr(
-        onnx_backend,
-        "_onnxruntime_or_none",
-        lambda: None if providers is None else FakeOrt(providers),
-    )
+    monkeypatch.setattr(onnx_backend, "_onnxruntime_or_none", lambda: None if providers is None else FakeOrt(providers))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert onnx_backend.choose_runtime("auto", device) == expected
     assert onnx_backend.choose_runtime("onnxruntime", device) == "onnxruntime"
@@ -656,9 +473,7 @@ def test_gpu_keypoints_match_cpu(tmp_path):
     images = [(RNG.random((480, 640, 3)) * 255).astype(np.uint8) for _ in range(4)]
     cpu = load_detector("onnx", tmp_path, device="cpu", runtime="onnxruntime").estimate(images)
     gpu_detector = load_detector("onnx", tmp_path, device="cuda")
-    assert gpu_detector.runtime in ("torch", "onnxruntime") and gpu_detector.device.startswith(
-        "cuda"
-    )
+    assert gpu_detector.runtime in ("torch", "onnxruntime") and gpu_detector.device.startswith("cuda")
     gpu = load_detector("onnx", tmp_path, device="cuda", runtime="torch").estimate(images)
     for (ka, sa), (kb, sb) in zip(cpu, gpu, strict=True):
         np.testing.assert_allclose(ka, kb, atol=1e-3)
@@ -692,22 +507,14 @@ def test_dwpose_architectures_give_the_same_keypoints(dwpose_architectures):
         np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("runtime", "expected"), [("auto", "torch"), ("onnxruntime", "onnxruntime")]
-)
-def test_a_cuda_provider_that_does_not_start_is_noticed(
-    runtime, expected, cross_model_dir, monkeypatch, caplog
-):
+@pytest.mark.parametrize(("runtime", "expected"), [("auto", "torch"), ("onnxruntime", "onnxruntime")])
+def test_a_cuda_provider_that_does_not_start_is_noticed(runtime, expected, cross_model_dir, monkeypatch, caplog):
     """onnxruntime lists CUDAExecutionProvider for every GPU build, also where it cannot start
     (a build for another CUDA, no cuDNN): the session then runs on the CPU with one log line.
     Faked here (no GPU): the provider list claims CUDA and torch claims a CUDA device; the
     sessions are real CPU sessions, and the torch runtime runs on the CPU in the GPU's place."""
-    monkeypatch.setattr(
-        onnx_backend, "_onnxruntime_or_none", lambda: FakeOrt(["CUDAExecutionProvider"])
-    )
-    monkeypatch.setattr(
-        onnx_backend, "providers_for", lambda ort, device: (["CPUExecutionProvider"], "cuda:0")
-    )
+    monkeypatch.setattr(onnx_backend, "_onnxruntime_or_none", lambda: FakeOrt(["CUDAExecutionProvider"]))
+    monkeypatch.setattr(onnx_backend, "providers_for", lambda ort, device: (["CPUExecutionProvider"], "cuda:0"))
     monkeypatch.setattr(onnx_backend, "_torch_cuda_available", lambda: True)
     monkeypatch.setattr(onnx_backend, "_torch_device", lambda device: "cpu")
     with caplog.at_level("WARNING"):
@@ -741,13 +548,7 @@ def test_damaged_files_give_one_clear_error(tmp_path):
         damaged.write_bytes(bytes(data))
         try:
             session = TorchOnnxSession(damaged)
-            session.run(
-                None,
-                {
-                    port.name: np.zeros((1, 3, 384, 288), np.float32)
-                    for port in session.get_inputs()
-                },
-            )
+            session.run(None, {port.name: np.zeros((1, 3, 384, 288), np.float32) for port in session.get_inputs()})
             outcomes["loaded"] += 1
         except InvalidCheckpointError:
             outcomes["refused"] += 1
@@ -768,10 +569,7 @@ def test_a_node_reading_an_undefined_value_is_refused_at_load(tmp_path):
 def test_activations_are_freed_after_their_last_reader(tmp_path):
     """A 40-layer chain keeps a couple of activations alive, not 40: on a 12-16 GB card the
     detector must not hold every feature map of YOLOX-L at once (4.5 GiB at batch 4)."""
-    nodes = [
-        helper.make_node("Relu" if i % 2 else "Sigmoid", [f"v{i}"], [f"v{i + 1}"])
-        for i in range(40)
-    ]
+    nodes = [helper.make_node("Relu" if i % 2 else "Sigmoid", [f"v{i}"], [f"v{i + 1}"]) for i in range(40)]
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("v0", F, [2, 3])],
                               [helper.make_tensor_value_info("v40", F, [2, 3])])  # fmt: skip
     path = tmp_path / "chain.onnx"
@@ -779,9 +577,7 @@ def test_activations_are_freed_after_their_last_reader(tmp_path):
     session = TorchOnnxSession(path)
     x = rand(2, 3)
     (out,) = session.run(None, {"v0": x})
-    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, {"v0": x}
-    )[0]
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"v0": x})[0]
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     assert session.peak_live_values <= 2
 
@@ -816,9 +612,7 @@ class MiniRTMPoseOneFrame(MiniRTMPose):
 
 @pytest.mark.parametrize("opset", [11, 17])
 @pytest.mark.parametrize("network", ["detector", "pose"])
-def test_files_with_a_batch_of_one_run_whole_batches_once_checked(
-    network, opset, tmp_path, monkeypatch
-):
+def test_files_with_a_batch_of_one_run_whole_batches_once_checked(network, opset, tmp_path, monkeypatch):
     """The public DWPose files are exported for one frame ([1, 3, 640, 640]), their reshapes
     hold that 1. The torch runtime runs them at 4 frames: the first call checks the whole
     batch against frame-by-frame runs, later calls go whole, and the outputs are
@@ -836,9 +630,7 @@ def test_files_with_a_batch_of_one_run_whole_batches_once_checked(
     assert session.fixed_batch == 1 and session.any_batch
     first = session.run(None, {names[0]: frames})
     assert session.batch_checked == {4: True}
-    monkeypatch.setattr(
-        session, "_one_by_one", lambda *a: pytest.fail("a checked batch size went frame by frame")
-    )
+    monkeypatch.setattr(session, "_one_by_one", lambda *a: pytest.fail("a checked batch size went frame by frame"))
     later = session.run(None, {names[0]: frames})
     for got in (first, later):
         for g, e in zip(got, expected, strict=True):
@@ -864,9 +656,7 @@ class ConcatsAConstantFrame(nn.Module):
         return torch.cat([x, self.plane], dim=1).flatten(2)
 
 
-@pytest.mark.parametrize(
-    "module", [ChannelsAsBatch(), ConcatsAConstantFrame()], ids=["mixes-frames", "fails"]
-)
+@pytest.mark.parametrize("module", [ChannelsAsBatch(), ConcatsAConstantFrame()], ids=["mixes-frames", "fails"])
 def test_a_file_whose_batch_of_one_cannot_be_widened_goes_frame_by_frame(module, tmp_path):
     """When running the whole batch gives other outputs than frame by frame (or fails), the
     check says so, and this and later calls of that size go frame by frame: the outputs are
@@ -874,15 +664,11 @@ def test_a_file_whose_batch_of_one_cannot_be_widened_goes_frame_by_frame(module,
     path = export_graph(module, tmp_path / "net.onnx", (4, 8, 8), ["input"], ["output"])
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     frames = rand(4, 4, 8, 8)
-    expected = np.concatenate(
-        [reference.run(None, {"input": frames[i : i + 1]})[0] for i in range(4)]
-    )
+    expected = np.concatenate([reference.run(None, {"input": frames[i : i + 1]})[0] for i in range(4)])
     session = TorchOnnxSession(path)
     for _ in range(2):
         (got,) = session.run(None, {"input": frames})
-        np.testing.assert_allclose(
-            got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max())
-        )
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
         assert session.batch_checked == {4: False}
 
 
@@ -909,24 +695,17 @@ def test_detector_sends_one_frame_files_whole_batches_with_the_same_keypoints(tm
     export(RandomDetectorOneFrame(), tmp_path / "yolox_l.onnx", "detector", dynamic_batch=False)
     export(RandomPoseNetOneFrame(), tmp_path / "dw-ll_ucoco_384.onnx", "pose", dynamic_batch=False)
     images = [(RNG.random((480, 640, 3)) * 255).astype(np.uint8) for _ in range(3)]
-    detectors = {
-        rt: load_detector("onnx", tmp_path, device="cpu", runtime=rt)
-        for rt in ("onnxruntime", "torch")
-    }
+    detectors = {rt: load_detector("onnx", tmp_path, device="cpu", runtime=rt) for rt in ("onnxruntime", "torch")}
     results = {rt: d.estimate(images) for rt, d in detectors.items()}
     for (ka, sa), (kb, sb) in zip(results["onnxruntime"], results["torch"], strict=True):
         np.testing.assert_allclose(ka, kb, atol=1e-3)
         np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-6)
     torch_detector = detectors["torch"]
-    assert torch_detector._det.batch_checked == {
-        3: True
-    } and torch_detector._pose.batch_checked == {3: True}
+    assert torch_detector._det.batch_checked == {3: True} and torch_detector._pose.batch_checked == {3: True}
 
 
 @pytest.mark.parametrize("dynamic_batch", [True, False], ids=["dynamic", "one-frame"])
-def test_out_of_gpu_memory_at_a_batch_runs_its_frames_one_at_a_time(
-    dynamic_batch, tmp_path, monkeypatch, caplog
-):
+def test_out_of_gpu_memory_at_a_batch_runs_its_frames_one_at_a_time(dynamic_batch, tmp_path, monkeypatch, caplog):
     """Pose Extract sends 8 frames per call by default; a card without room for that many
     gets one warning and the same outputs frame by frame, not a failed extraction. (No GPU
     here: the out-of-memory error is raised for multi-frame passes.)"""

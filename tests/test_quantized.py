@@ -34,9 +34,7 @@ def test_values_are_those_of_the_load_time_conversion(per_row: bool, dtype: torc
     q, scale = _fp8(per_row=per_row)
     # the load-time conversion's arithmetic: the float32 product, rounded once to `dtype`
     expected = (q.float() * (scale[:, None] if per_row else scale)).to(dtype)
-    assert torch.equal(
-        dequantize_fp8({"a.weight": q, "a.scale_weight": scale}, dtype)["a.weight"], expected
-    )
+    assert torch.equal(dequantize_fp8({"a.weight": q, "a.scale_weight": scale}, dtype)["a.weight"], expected)
     kept = dequantize_fp8({"a.weight": q, "a.scale_weight": scale}, dtype, keep=True)["a.weight"]
     assert isinstance(kept, Fp8Tensor) and is_quantized(kept)
     out = kept.dequantize(dtype)
@@ -150,9 +148,7 @@ def test_expansion_on_the_gpu_equals_the_load_time_conversion() -> None:
             assert torch.equal(t.dequantize(dtype, cuda_device).cpu(), expected)
 
 
-def _fp8_weight(
-    out_features: int, in_features: int, per_row: bool = False, seed: int = 0
-) -> Fp8Tensor:
+def _fp8_weight(out_features: int, in_features: int, per_row: bool = False, seed: int = 0) -> Fp8Tensor:
     gen = torch.Generator().manual_seed(seed)
     values = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
     scale = values.abs().amax(dim=1 if per_row else None) / 448.0

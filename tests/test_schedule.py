@@ -32,9 +32,7 @@ def test_sigma_between_two_entries_belongs_to_the_earlier_step() -> None:
 def test_float32_copies_and_tensor_sigmas_map_to_the_same_step() -> None:
     sigmas = flow_sigmas(30).double()
     for i in range(30):
-        sigma = (
-            sigmas[i].float().reshape(1).repeat(2)
-        )  # a batch of the current sigma, as samplers pass it
+        sigma = sigmas[i].float().reshape(1).repeat(2)  # a batch of the current sigma, as samplers pass it
         assert step_index(sigmas.float(), sigma) == i
 
 

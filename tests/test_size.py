@@ -28,22 +28,14 @@ def reference_size(height: int, width: int, max_area: int) -> tuple[int, int]:
 @pytest.mark.parametrize("area", list(AREAS))
 def test_every_area_matches_the_reference_on_many_aspect_ratios(area: str) -> None:
     rng = np.random.default_rng(0)
-    for height, width in [
-        (1920, 1080),
-        (1080, 1920),
-        (1184, 864),
-        (512, 512),
-        (3840, 2160),
-        (640, 360),
-    ] + [tuple(int(v) for v in rng.integers(64, 4000, 2)) for _ in range(200)]:
+    for height, width in [(1920, 1080), (1080, 1920), (1184, 864), (512, 512), (3840, 2160), (640, 360)] + [
+        tuple(int(v) for v in rng.integers(64, 4000, 2)) for _ in range(200)
+    ]:
         assert fit_to_area(height, width, AREAS[area]) == reference_size(height, width, AREAS[area])
 
 
 def test_the_issues_examples() -> None:
-    assert generation_size(1920, 1080, "832*480") == (
-        832,
-        464,
-    )  # a 9:16 photo: 464x832, not 480x832
+    assert generation_size(1920, 1080, "832*480") == (832, 464)  # a 9:16 photo: 464x832, not 480x832
     assert generation_size(1184, 864, "1024*576") == (896, 656)  # the reference's example photo
     assert fit_to_area(1184, 864, POSE_AREA) == (896, 656)  # its pose frames are drawn at 2x this
     assert generation_size(1184, 864, "832*480", force=(480, 832)) == (832, 480)
@@ -76,9 +68,7 @@ def test_resize_is_the_references_bicubic_in_minus_one_to_one_without_clamping()
     got = resize_like_reference(image, 64, 48)
     # The reference: to_tensor, x*2-1, F.interpolate(bicubic) to (h, w), fed to the VAE as is.
     expected = torch.nn.functional.interpolate(
-        torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5),
-        size=(64, 48),
-        mode="bicubic",
+        torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5), size=(64, 48), mode="bicubic"
     )
     assert torch.allclose(got.movedim(-1, 1) * 2 - 1, expected, atol=1e-6)
     assert float(got.max()) > 1.0 and float(got.min()) < 0.0  # overshoot kept

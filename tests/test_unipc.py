@@ -30,9 +30,7 @@ def toy_velocity(seed: int = 0) -> ref.Velocity:
     return velocity
 
 
-def ours(
-    velocity: ref.Velocity, noise: torch.Tensor, steps: int, shift: float
-) -> tuple[torch.Tensor, list[int]]:
+def ours(velocity: ref.Velocity, noise: torch.Tensor, steps: int, shift: float) -> tuple[torch.Tensor, list[int]]:
     """The package's sampler with the package's schedule; the model sees floor(sigma*1000)."""
     sigmas, _ = reference_schedule(steps, shift)
     seen: list[int] = []
@@ -45,9 +43,7 @@ def ours(
     return sample_flow_unipc(denoise, noise.clone(), sigmas), seen
 
 
-@pytest.mark.parametrize(
-    ("steps", "shift"), [(40, 5.0), (40, 3.0), (10, 5.0), (3, 5.0), (2, 1.0), (1, 5.0)]
-)
+@pytest.mark.parametrize(("steps", "shift"), [(40, 5.0), (40, 3.0), (10, 5.0), (3, 5.0), (2, 1.0), (1, 5.0)])
 def test_sampler_matches_the_reference_loop_to_1e_6(steps: int, shift: float) -> None:
     noise = torch.randn(1, 4, 3, 5, 6, generator=torch.Generator().manual_seed(7))
     velocity = toy_velocity()

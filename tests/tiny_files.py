@@ -14,9 +14,7 @@ from safetensors.torch import save_file
 CONTAINER_PREFIX = "model.diffusion_model."
 
 
-def scaled_fp8(
-    sd: Mapping[str, torch.Tensor], scale_name: str = "scale_weight"
-) -> dict[str, torch.Tensor]:
+def scaled_fp8(sd: Mapping[str, torch.Tensor], scale_name: str = "scale_weight") -> dict[str, torch.Tensor]:
     """Kijai's "fp8_e4m3fn_scaled" layout of `sd`: 2-D+ weights (the pose path's aside) as fp8
     with one float32 scale each, the rest bf16, a `scaled_fp8` marker, container prefixes."""
     out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
@@ -30,14 +28,6 @@ def scaled_fp8(
     return out
 
 
-def write_safetensors(
-    path: Path, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
-) -> None:
+def write_safetensors(path: Path, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
     """`sd` (optionally cast to `dtype`) as a .safetensors file with container prefixes."""
-    save_file(
-        {
-            CONTAINER_PREFIX + k: (v if dtype is None else v.to(dtype)).contiguous()
-            for k, v in sd.items()
-        },
-        str(path),
-    )
+    save_file({CONTAINER_PREFIX + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in sd.items()}, str(path))

@@ -19,19 +19,12 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton)")
 
 
-def run_in_interpreter(
-    script: str, repo_root: Path, timeout: float = 600
-) -> subprocess.CompletedProcess:
+def run_in_interpreter(script: str, repo_root: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `script` with TRITON_INTERPRET=1 and the repository importable; its output as text."""
     path = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     return subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=repo_root,
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout, cwd=repo_root
     )
 
 

@@ -112,9 +112,7 @@ def attention_probe(config: object, x: torch.Tensor) -> dict:
     with SteadyDancer's two reference frames): which kernel PyTorch picks and its time.
     The profiled call runs it in the server; `benchmarks.comfyui_forward` in its own process."""
     tokens = (x.shape[2] + 2) * (x.shape[3] // config.patch[1]) * (x.shape[4] // config.patch[2])
-    q = torch.randn(
-        1, config.num_heads, tokens, config.head_dim, device=x.device, dtype=torch.bfloat16
-    )
+    q = torch.randn(1, config.num_heads, tokens, config.head_dim, device=x.device, dtype=torch.bfloat16)
     chosen = None
     if hasattr(torch, "_fused_sdp_choice"):
         from torch.nn.attention import SDPBackend
@@ -139,9 +137,7 @@ def _profiled(executor, args, kwargs) -> tuple[object, list[dict]]:
     return out, operator_rows(prof)
 
 
-def _extras(
-    state: _State, executor, args, kwargs, as_run: tuple[list[dict], float] | None = None
-) -> None:
+def _extras(state: _State, executor, args, kwargs, as_run: tuple[list[dict], float] | None = None) -> None:
     """The profiled (unless the call itself was: `as_run`), repeated and random-input runs of
     this DiT call (see the module doc)."""
     _sync()
@@ -157,11 +153,7 @@ def _extras(
     random_kwargs = {k: _randomised(v, generator) for k, v in kwargs.items()}
     _, random_s = _timed(state, executor, random_args, random_kwargs)
     named = {**dict(zip(("x", "timestep"), args, strict=False)), **kwargs}
-    shapes = {
-        k: [list(v.shape), str(v.dtype).replace("torch.", "")]
-        for k, v in named.items()
-        if isinstance(v, torch.Tensor)
-    }
+    shapes = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in named.items() if isinstance(v, torch.Tensor)}
     dit = getattr(getattr(executor, "class_obj", None), "diffusion_model", None)
     probe = attention_probe(dit.config, args[0]) if hasattr(dit, "config") else {}
     state.extras = {
@@ -222,9 +214,7 @@ class SteadyDancerBenchProfile:
         for name, kind in LEVELS:
             model.add_wrapper_with_key(kind, KEY, _timer(state, name))
         report: dict = {}
-        model.add_wrapper_with_key(
-            extension.WrappersMP.OUTER_SAMPLE, KEY, _outer(state, report, Path(path))
-        )
+        model.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, KEY, _outer(state, report, Path(path)))
         return (model,)
 
 

@@ -43,9 +43,7 @@ def load_detector(
     return detector
 
 
-def _load(
-    backend: str, model_dir: str | Path, device: str | None, flip_test: bool, runtime: str
-) -> PoseDetector:
+def _load(backend: str, model_dir: str | Path, device: str | None, flip_test: bool, runtime: str) -> PoseDetector:
     if backend == "onnx":
         from .onnx_backend import OnnxPoseDetector
 

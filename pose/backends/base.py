@@ -55,19 +55,10 @@ class FrameSource(Protocol):
 
 
 def validate_frames(frames: np.ndarray | FrameSource) -> np.ndarray | FrameSource:
-    if (
-        not isinstance(frames, np.ndarray)
-        and hasattr(frames, "shape")
-        and hasattr(frames, "__getitem__")
-    ):
-        shape, dtype = (
-            tuple(frames.shape),
-            np.dtype(frames.dtype),
-        )  # a FrameSource: not materialised
+    if not isinstance(frames, np.ndarray) and hasattr(frames, "shape") and hasattr(frames, "__getitem__"):
+        shape, dtype = tuple(frames.shape), np.dtype(frames.dtype)  # a FrameSource: not materialised
         if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
-            raise PoseFormatError(
-                f"frames must be uint8 RGB [N, H, W, 3], got {dtype} {list(shape)}"
-            )
+            raise PoseFormatError(f"frames must be uint8 RGB [N, H, W, 3], got {dtype} {list(shape)}")
         if shape[1] < 2 or shape[2] < 2:
             raise PoseFormatError(f"frames are too small to detect anything: {list(shape)}")
         return frames
@@ -126,9 +117,7 @@ class PoseDetector(ABC):
             raise PoseFormatError(f"batch_size must be at least 1, got {batch_size}")
         swap = check_colour_order(self.colour_order) == "trained"  # RGB -> BGR
         try:
-            return self._detect(
-                frames, detect_resolution, batch_size, swap, progress, should_cancel
-            )
+            return self._detect(frames, detect_resolution, batch_size, swap, progress, should_cancel)
         finally:
             self.release()
 
@@ -152,13 +141,8 @@ class PoseDetector(ABC):
         for start in range(0, total, batch_size):
             if should_cancel is not None and should_cancel():
                 raise PoseCancelled(f"pose extraction cancelled after {start} of {total} frames")
-            resized = [
-                resize_for_detection(frame, detect_resolution)
-                for frame in frames[start : start + batch_size]
-            ]
-            images = [
-                np.ascontiguousarray(image[..., ::-1] if swap else image) for image in resized
-            ]
+            resized = [resize_for_detection(frame, detect_resolution) for frame in frames[start : start + batch_size]]
+            images = [np.ascontiguousarray(image[..., ::-1] if swap else image) for image in resized]
             for image, (keypoints, scores) in zip(images, self.estimate(images), strict=True):
                 pose = wholebody_to_pose(
                     keypoints, scores, width, height, detect_size=(image.shape[1], image.shape[0])

@@ -63,13 +63,9 @@ def _torch_device(device: str | None) -> str:
     try:
         parsed = torch.device(device)
     except RuntimeError as exc:
-        raise PoseDependencyError(
-            f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or another torch device"
-        ) from exc
+        raise PoseDependencyError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or another torch device") from exc
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise PoseDependencyError(
-            f"device {device!r} asked for, but this PyTorch has no usable CUDA device"
-        )
+        raise PoseDependencyError(f"device {device!r} asked for, but this PyTorch has no usable CUDA device")
     return str(parsed) if parsed.type != "cuda" or parsed.index is not None else "cuda:0"
 
 
@@ -177,9 +173,7 @@ class OnnxPoseDetector(PoseDetector):
                     self.device = "cpu"
         self._check_signatures(Path(detector_path), Path(pose_path))
 
-    def _open_with_torch(
-        self, detector_path: str | Path, pose_path: str | Path, device: str | None
-    ) -> None:
+    def _open_with_torch(self, detector_path: str | Path, pose_path: str | Path, device: str | None) -> None:
         from .torch_onnx import TorchOnnxSession
 
         self.device = _torch_device(device)
@@ -224,18 +218,14 @@ class OnnxPoseDetector(PoseDetector):
         """{last axis size: output name} from one run on a blank crop, for files whose output
         shapes are symbolic (torch's exporter names reshaped axes instead of sizing them)."""
         names = [o.name for o in self._pose.get_outputs()]
-        blank = np.zeros(
-            (self._pose_batch or 1, 3, g.POSE_INPUT_SIZE[1], g.POSE_INPUT_SIZE[0]), np.float32
-        )
+        blank = np.zeros((self._pose_batch or 1, 3, g.POSE_INPUT_SIZE[1], g.POSE_INPUT_SIZE[0]), np.float32)
         try:
             results = self._pose.run(names, {self._pose_input: blank})
         except Exception:  # a file that cannot run is reported below as not a DWPose model
             return {}
         finally:
             self.release()  # a loaded detector holds no device memory until it detects
-        return {
-            np.shape(r)[-1]: name for r, name in zip(results, names, strict=True) if np.ndim(r) == 3
-        }
+        return {np.shape(r)[-1]: name for r, name in zip(results, names, strict=True) if np.ndim(r) == 3}
 
     def _run(
         self,

@@ -150,17 +150,13 @@ def _tensor(data: memoryview, directory: Path | None) -> tuple[str, np.ndarray]:
             entry = {n: _text(v) for n, _, v in _fields(value)}
             external[entry.get(1, "")] = entry.get(2, "")
         elif number == 6:
-            raise InvalidCheckpointError(
-                f"tensor {name or '?'} holds strings, which no DWPose network uses"
-            )
+            raise InvalidCheckpointError(f"tensor {name or '?'} holds strings, which no DWPose network uses")
     if data_type == BFLOAT16:
         dtype = np.dtype(np.uint16)
     elif data_type in NUMPY_TYPES:
         dtype = NUMPY_TYPES[data_type]
     else:
-        raise InvalidCheckpointError(
-            f"tensor {name or '?'} has ONNX data type {data_type}, which is not supported"
-        )
+        raise InvalidCheckpointError(f"tensor {name or '?'} has ONNX data type {data_type}, which is not supported")
     if any(d < 0 for d in dims):
         raise InvalidCheckpointError(f"tensor {name or '?'} has a negative dimension: {dims}")
     count = int(np.prod(dims, dtype=object)) if dims else 1
@@ -178,17 +174,13 @@ def _tensor(data: memoryview, directory: Path | None) -> tuple[str, np.ndarray]:
         array = np.asarray([v & 0xFFFFFFFFFFFFFFFF for v in typed[11]], dtype=np.uint64)
     elif 5 in typed:  # int32_data also carries int8/16, uint8/16, bool and float16 bits
         bits = np.asarray(typed[5], dtype=np.int64)
-        array = (
-            bits.astype(np.uint16).view(np.float16) if dtype == np.float16 else bits.astype(dtype)
-        )
+        array = bits.astype(np.uint16).view(np.float16) if dtype == np.float16 else bits.astype(dtype)
     elif count == 0:
         array = np.zeros(0, dtype=dtype)
     else:
         raise InvalidCheckpointError(f"tensor {name or '?'} of shape {dims} holds no values")
     if array.size != count:
-        raise InvalidCheckpointError(
-            f"tensor {name or '?'} holds {array.size} values for shape {dims}"
-        )
+        raise InvalidCheckpointError(f"tensor {name or '?'} holds {array.size} values for shape {dims}")
     array = array.reshape(dims)
     if data_type == BFLOAT16:  # widen bfloat16 bits to float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -198,9 +190,7 @@ def _tensor(data: memoryview, directory: Path | None) -> tuple[str, np.ndarray]:
 def _external(name: str, entry: dict[str, str], directory: Path | None, size: int) -> bytes:
     location = entry.get("location", "")
     if directory is None or not location:
-        raise InvalidCheckpointError(
-            f"tensor {name} is stored in an external file that cannot be located"
-        )
+        raise InvalidCheckpointError(f"tensor {name} is stored in an external file that cannot be located")
     path = (directory / location).resolve()
     if directory.resolve() not in path.parents:
         raise InvalidCheckpointError(f"tensor {name} points outside the model's folder: {location}")
@@ -211,13 +201,9 @@ def _external(name: str, entry: dict[str, str], directory: Path | None, size: in
             handle.seek(offset)
             raw = handle.read(length)
     except OSError as exc:
-        raise InvalidCheckpointError(
-            f"tensor {name}: its external data file {path} cannot be read: {exc}"
-        ) from exc
+        raise InvalidCheckpointError(f"tensor {name}: its external data file {path} cannot be read: {exc}") from exc
     if len(raw) != size:
-        raise InvalidCheckpointError(
-            f"tensor {name}: {path} holds {len(raw)} bytes at {offset}, expected {size}"
-        )
+        raise InvalidCheckpointError(f"tensor {name}: {path} holds {len(raw)} bytes at {offset}, expected {size}")
     return raw
 
 
@@ -244,9 +230,7 @@ def _attribute(data: memoryview, directory: Path | None) -> tuple[str, Any]:
         elif number == 9:
             values.setdefault(9, []).append(bytes(value))
         elif number in (6, 10, 11):
-            raise InvalidCheckpointError(
-                f"attribute {name or '?'} holds sub-graphs or tensor lists, not supported"
-            )
+            raise InvalidCheckpointError(f"attribute {name or '?'} holds sub-graphs or tensor lists, not supported")
     # AttributeProto.AttributeType: FLOAT 1, INT 2, STRING 3, TENSOR 4, FLOATS 6, INTS 7, STRINGS 8
     singles = {1: 2, 2: 3, 3: 4, 4: 5}
     if kind in singles:
@@ -310,9 +294,7 @@ def read_graph(path: str | Path) -> Graph:
     try:
         return _graph(data, path.parent)
     except _Truncated:
-        raise InvalidCheckpointError(
-            f"{path} is not an ONNX model (its protobuf data is cut short or corrupt)"
-        ) from None
+        raise InvalidCheckpointError(f"{path} is not an ONNX model (its protobuf data is cut short or corrupt)") from None
     except (UnicodeDecodeError, ValueError, struct.error) as exc:
         if isinstance(exc, InvalidCheckpointError):
             raise InvalidCheckpointError(f"{path}: {exc}") from None
@@ -329,9 +311,7 @@ def _graph(data: memoryview, directory: Path) -> Graph:
             if not _text(entry.get(1, b"")) or _text(entry.get(1, b"")) == "ai.onnx":
                 opset = _signed(entry.get(2, 0))
     if graph_data is None or opset is None:
-        raise InvalidCheckpointError(
-            "no graph or no opset of the default domain: not an ONNX model"
-        )
+        raise InvalidCheckpointError("no graph or no opset of the default domain: not an ONNX model")
     nodes, initializers, inputs, outputs = [], {}, [], []
     for number, wire, value in _fields(graph_data):
         if wire != 2:

@@ -41,9 +41,7 @@ def import_torch() -> Any:
     try:
         import torch
     except ImportError as exc:
-        raise PoseDependencyError(
-            "the torch pose runtime needs PyTorch (ComfyUI brings it)"
-        ) from exc
+        raise PoseDependencyError("the torch pose runtime needs PyTorch (ComfyUI brings it)") from exc
     return torch
 
 
@@ -63,13 +61,7 @@ class TorchOnnxSession:
         self.path = Path(path)
         self.device = torch.device(device)
         graph = read_graph(self.path)
-        unknown = sorted(
-            {
-                n.op_type
-                for n in graph.nodes
-                if n.domain not in ("", "ai.onnx") or n.op_type not in OPS
-            }
-        )
+        unknown = sorted({n.op_type for n in graph.nodes if n.domain not in ("", "ai.onnx") or n.op_type not in OPS})
         if unknown:
             raise InvalidCheckpointError(
                 f"{self.path} uses ONNX operators the torch pose runtime does not implement: {', '.join(unknown)}. "
@@ -81,9 +73,7 @@ class TorchOnnxSession:
         self.peak_live_values = 0
         self.graph = graph
         self.opset = graph.opset
-        self.weights = {
-            name: _to_torch(torch, array, "cpu") for name, array in graph.initializers.items()
-        }
+        self.weights = {name: _to_torch(torch, array, "cpu") for name, array in graph.initializers.items()}
         self._on_device: dict[str, Any] | None = None
         first = graph.inputs[0].shape if graph.inputs and graph.inputs[0].shape else [None]
         #: the batch the file was exported with (None: a dynamic batch axis)
@@ -114,17 +104,13 @@ class TorchOnnxSession:
         missing = [info.name for info in self.graph.inputs if info.name not in feed]
         unknown = [name for name in wanted if name not in self._last_use and name not in feed]
         if missing or unknown:
-            raise ValueError(
-                f"{self.path}: inputs {missing} not fed, or outputs {unknown} not in the graph"
-            )
+            raise ValueError(f"{self.path}: inputs {missing} not fed, or outputs {unknown} not in the graph")
         first = feed[self.graph.inputs[0].name] if self.graph.inputs else None
         batch = len(first) if first is not None and np.ndim(first) else None
         if batch is None or batch == self.fixed_batch or (batch == 1 and self.fixed_batch is None):
             return self._execute(wanted, feed, None)
         if not self.any_batch or not all(np.ndim(v) and len(v) == batch for v in feed.values()):
-            raise ValueError(
-                f"{self.path} takes a batch of {self.fixed_batch}; it was given {batch}"
-            )
+            raise ValueError(f"{self.path} takes a batch of {self.fixed_batch}; it was given {batch}")
         if self.batch_checked.get(batch) is False:
             return self._one_by_one(wanted, feed, batch)
         widen = self.fixed_batch == 1  # the file's 1 in its reshapes stands for this run's batch
@@ -150,26 +136,17 @@ class TorchOnnxSession:
         )
         return single
 
-    def _one_by_one(
-        self, wanted: list[str], feed: dict[str, np.ndarray], batch: int
-    ) -> list[np.ndarray]:
-        parts = [
-            self._execute(wanted, {k: v[i : i + 1] for k, v in feed.items()}, None)
-            for i in range(batch)
-        ]
+    def _one_by_one(self, wanted: list[str], feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+        parts = [self._execute(wanted, {k: v[i : i + 1] for k, v in feed.items()}, None) for i in range(batch)]
         return [np.concatenate([part[k] for part in parts]) for k in range(len(wanted))]
 
-    def _execute(
-        self, wanted: list[str], feed: dict[str, np.ndarray], batch: int | None
-    ) -> list[np.ndarray]:
+    def _execute(self, wanted: list[str], feed: dict[str, np.ndarray], batch: int | None) -> list[np.ndarray]:
         """One pass over the graph; `batch`: this run's batch where it differs from the file's."""
         torch = import_torch()
         relaxed = (self.fixed_batch, batch) if batch is not None else None
         with torch.inference_mode(), _exact_float32(torch, self.device):
             if self._on_device is None:
-                self._on_device = {
-                    name: w.to(self.device, non_blocking=True) for name, w in self.weights.items()
-                }
+                self._on_device = {name: w.to(self.device, non_blocking=True) for name, w in self.weights.items()}
             values = dict(self._on_device)
             for name, array in feed.items():
                 values[name] = _to_torch(torch, np.asarray(array), self.device)
@@ -181,9 +158,7 @@ class TorchOnnxSession:
                     results = OPS[node.op_type](Call(torch, node, self.opset, relaxed), *args)
                 except (InvalidCheckpointError, torch.cuda.OutOfMemoryError):
                     raise  # already clear; out of memory is the machine's state, not the file's fault
-                except (
-                    Exception
-                ) as exc:  # an operator failing on this file's values is the file's fault
+                except Exception as exc:  # an operator failing on this file's values is the file's fault
                     raise InvalidCheckpointError(
                         f"{self.path}: node {node.name or node.op_type} ({node.op_type}) failed in the torch "
                         f"runtime: {exc}"
@@ -194,13 +169,9 @@ class TorchOnnxSession:
                     if name:
                         values[name] = value
                 del args, results
-                self.peak_live_values = max(
-                    self.peak_live_values, len(values) - len(self._on_device)
-                )
+                self.peak_live_values = max(self.peak_live_values, len(values) - len(self._on_device))
                 for name in node.inputs:  # free activations after their last reader: peak memory of
-                    if (
-                        self._last_use.get(name) == index and name not in keep
-                    ):  # a few layers, not the graph
+                    if self._last_use.get(name) == index and name not in keep:  # a few layers, not the graph
                         values.pop(name, None)
             return [values[name].cpu().numpy() for name in wanted]
 
@@ -247,13 +218,7 @@ def _last_uses(graph: Graph) -> dict[str, int]:
 
 
 def _port(info: ValueInfo) -> _Port:
-    return _Port(
-        info.name,
-        [
-            d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) else None)
-            for d in info.shape
-        ],
-    )
+    return _Port(info.name, [d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) else None) for d in info.shape])
 
 
 def _to_torch(torch: Any, array: np.ndarray, device: Any) -> Any:
@@ -276,9 +241,7 @@ class _exact_float32:
 
     def __exit__(self, *exc: object) -> None:
         if self.cuda:
-            self.torch.backends.cudnn.allow_tf32, self.torch.backends.cuda.matmul.allow_tf32 = (
-                self.saved
-            )
+            self.torch.backends.cudnn.allow_tf32, self.torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 @dataclass
@@ -344,18 +307,12 @@ def _pool(call: Call, x: Any, kind: str) -> Any:
     if explicit and not call.attr("count_include_pad", 0):
         raise call.fail("asymmetric padding without count_include_pad is not supported")
     pool = {1: f.avg_pool1d, 2: f.avg_pool2d, 3: f.avg_pool3d}[dims]
-    return pool(
-        x, kernel, strides, padding, ceil, bool(call.attr("count_include_pad", 0)) or bool(explicit)
-    )
+    return pool(x, kernel, strides, padding, ceil, bool(call.attr("count_include_pad", 0)) or bool(explicit))
 
 
 def _axes(call: Call, axes_input: Any, rank: int, attribute_until: int) -> list[int] | None:
     """Axes from the attribute (opsets before `attribute_until`) or the second input."""
-    axes = (
-        call.attr("axes")
-        if call.opset < attribute_until
-        else (_ints(axes_input) if axes_input is not None else None)
-    )
+    axes = call.attr("axes") if call.opset < attribute_until else (_ints(axes_input) if axes_input is not None else None)
     return None if axes is None else [a % rank for a in axes]
 
 
@@ -383,9 +340,7 @@ def _reduce(kind: str) -> Callable[..., Any]:
     return op
 
 
-def _slice(
-    call: Call, x: Any, starts: Any = None, ends: Any = None, axes: Any = None, steps: Any = None
-) -> Any:
+def _slice(call: Call, x: Any, starts: Any = None, ends: Any = None, axes: Any = None, steps: Any = None) -> Any:
     if call.opset < 10:
         starts_l, ends_l = call.attr("starts"), call.attr("ends")
         axes_l, steps_l = call.attr("axes", list(range(len(starts_l)))), [1] * len(starts_l)
@@ -434,13 +389,9 @@ def _resize(call: Call, x: Any, roi: Any = None, scales: Any = None, sizes: Any 
         rounding = call.attr("nearest_mode", b"round_prefer_floor").decode()
         if transform == "asymmetric" and (rounding == "floor" or call.opset < 11):
             return f.interpolate(x, mode="nearest", **target)
-        if (
-            transform == "half_pixel" and rounding == "round_prefer_ceil"
-        ):  # torch's nearest-exact, ties too
+        if transform == "half_pixel" and rounding == "round_prefer_ceil":  # torch's nearest-exact, ties too
             return f.interpolate(x, mode="nearest-exact", **target)
-        raise call.fail(
-            f"nearest resize with {transform} coordinates and {rounding} rounding is not supported"
-        )
+        raise call.fail(f"nearest resize with {transform} coordinates and {rounding} rounding is not supported")
     if mode == "linear":
         linear = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
         if transform in ("half_pixel", "pytorch_half_pixel"):
@@ -487,11 +438,7 @@ def _constant(call: Call) -> Any:
     for name in ("value", "value_float", "value_floats", "value_int", "value_ints"):
         value = call.node.attributes.get(name)
         if value is not None:
-            array = (
-                value
-                if isinstance(value, np.ndarray)
-                else np.asarray(value, np.float32 if "float" in name else np.int64)
-            )
+            array = value if isinstance(value, np.ndarray) else np.asarray(value, np.float32 if "float" in name else np.int64)
             return _to_torch(t, array, "cpu")
     raise call.fail("a constant without a value")
 
@@ -500,13 +447,7 @@ def _reshape(call: Call, x: Any, shape: Any) -> Any:
     target = _ints(shape)
     if not call.attr("allowzero", 0):
         target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
-    if (
-        call.batch
-        and target
-        and target[0] == call.batch[0]
-        and x.dim()
-        and x.shape[0] == call.batch[1]
-    ):
+    if call.batch and target and target[0] == call.batch[0] and x.dim() and x.shape[0] == call.batch[1]:
         target[0] = call.batch[1]  # the file's batch in its reshape, run at another (module doc)
     return x.reshape(target)
 
@@ -533,24 +474,16 @@ def _pad(call: Call, x: Any, pads: Any = None, value: Any = None, axes: Any = No
     explicit: list[int] = []
     for axis in reversed(range(rank)):
         explicit += [pads_l[axis], pads_l[axis + rank]]
-    fill = (
-        float(call.attr("value", 0.0))
-        if call.opset < 11
-        else (float(value.reshape(-1)[0]) if value is not None and value.numel() else 0.0)
-    )
+    fill = float(call.attr("value", 0.0)) if call.opset < 11 else (float(value.reshape(-1)[0]) if value is not None and value.numel() else 0.0)
     f = call.torch.nn.functional
     if mode == "constant":
         return f.pad(x, explicit, value=fill)
-    return f.pad(
-        x, explicit[: 2 * (rank - 2)], mode={"reflect": "reflect", "edge": "replicate"}[mode]
-    )
+    return f.pad(x, explicit[: 2 * (rank - 2)], mode={"reflect": "reflect", "edge": "replicate"}[mode])
 
 
 def _binary(fn: Callable[[Any, Any, Any], Any]) -> Callable[..., Any]:
     def op(call: Call, a: Any, b: Any) -> Any:
-        if (
-            a.device != b.device
-        ):  # constants and shape arithmetic live on the CPU: move them to the data
+        if a.device != b.device:  # constants and shape arithmetic live on the CPU: move them to the data
             a, b = (a.to(b.device), b) if a.device.type == "cpu" else (a, b.to(a.device))
         return fn(call.torch, a, b)
 
@@ -577,9 +510,7 @@ def _gather(call: Call, x: Any, indices: Any) -> Any:
     axis = call.attr("axis", 0) % x.dim()
     index = indices.to(x.device).long()
     index = call.torch.where(index < 0, index + x.shape[axis], index)
-    return x.index_select(axis, index.reshape(-1)).reshape(
-        *x.shape[:axis], *index.shape, *x.shape[axis + 1 :]
-    )
+    return x.index_select(axis, index.reshape(-1)).reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1 :])
 
 
 def _clip(call: Call, x: Any, low: Any = None, high: Any = None) -> Any:
@@ -593,15 +524,11 @@ def _clip(call: Call, x: Any, low: Any = None, high: Any = None) -> Any:
 
 def _layer_norm(call: Call, x: Any, scale: Any, bias: Any = None) -> Any:
     axis = call.attr("axis", -1) % x.dim()
-    return call.torch.nn.functional.layer_norm(
-        x, x.shape[axis:], scale, bias, call.attr("epsilon", 1e-5)
-    )
+    return call.torch.nn.functional.layer_norm(x, x.shape[axis:], scale, bias, call.attr("epsilon", 1e-5))
 
 
 def _batch_norm(call: Call, x: Any, scale: Any, bias: Any, mean: Any, var: Any) -> Any:
-    return call.torch.nn.functional.batch_norm(
-        x, mean, var, scale, bias, False, 0.0, call.attr("epsilon", 1e-5)
-    )
+    return call.torch.nn.functional.batch_norm(x, mean, var, scale, bias, False, 0.0, call.attr("epsilon", 1e-5))
 
 
 def _transpose(call: Call, x: Any) -> Any:
@@ -620,9 +547,7 @@ def _constant_of_shape(call: Call, shape: Any) -> Any:
 
 
 def _range(call: Call, start: Any, limit: Any, delta: Any) -> Any:
-    return call.torch.arange(
-        start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device
-    )
+    return call.torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
 def _expand(call: Call, x: Any, shape: Any) -> Any:
@@ -630,9 +555,7 @@ def _expand(call: Call, x: Any, shape: Any) -> Any:
     rank = max(len(target), x.dim())
     target = [1] * (rank - len(target)) + target
     dims = [1] * (rank - x.dim()) + list(x.shape)
-    return x.reshape(dims).expand(
-        [max(a, b) if 1 in (a, b) else a for a, b in zip(dims, target, strict=True)]
-    )
+    return x.reshape(dims).expand([max(a, b) if 1 in (a, b) else a for a, b in zip(dims, target, strict=True)])
 
 
 def _tile(call: Call, x: Any, repeats: Any) -> Any:
@@ -708,9 +631,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "ReduceMax": _reduce("max"),
     "ReduceMin": _reduce("min"),
     "ReduceL2": _reduce("l2"),
-    "Concat": lambda call, *xs: call.torch.cat(
-        [x.to(xs[0].device) for x in xs], dim=call.attr("axis")
-    ),
+    "Concat": lambda call, *xs: call.torch.cat([x.to(xs[0].device) for x in xs], dim=call.attr("axis")),
     "Split": _split,
     "Slice": _slice,
     "Gather": _gather,
@@ -721,9 +642,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "Unsqueeze": _unsqueeze,
     "Expand": _expand,
     "Tile": _tile,
-    "Shape": lambda call, x: call.torch.tensor(
-        list(x.shape)[call.attr("start", 0) : call.attr("end")], dtype=call.torch.int64
-    ),
+    "Shape": lambda call, x: call.torch.tensor(list(x.shape)[call.attr("start", 0) : call.attr("end")], dtype=call.torch.int64),
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
     "Range": _range,

@@ -288,15 +288,11 @@ def write_plans(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        bar = tqdm(
-            plans, desc=f"to {target.name}", unit="tensor", disable=not progress, file=sys.stderr
-        )
+        bar = tqdm(plans, desc=f"to {target.name}", unit="tensor", disable=not progress, file=sys.stderr)
         for plan in bar:
             out = data(plan)
             if out.nbytes != plan.nbytes:  # pragma: no cover - guards the writer's layout
-                raise GGUFError(
-                    f"tensor {plan.source!r}: encoded {out.nbytes} bytes, planned {plan.nbytes}"
-                )
+                raise GGUFError(f"tensor {plan.source!r}: encoded {out.nbytes} bytes, planned {plan.nbytes}")
             writer.write_tensor_data(out)
             report.tensors += 1
             report.bytes_written += plan.nbytes

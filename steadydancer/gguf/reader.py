@@ -281,9 +281,7 @@ class _Parser:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise self.corrupt(
-                f"has a {what} at byte {at} that is not UTF-8: {raw[:64]!r}"
-            ) from None
+            raise self.corrupt(f"has a {what} at byte {at} that is not UTF-8: {raw[:64]!r}") from None
 
     def value_type(self, where: str) -> VT:
         at = self.pos
@@ -291,9 +289,7 @@ class _Parser:
         try:
             return VT(raw)
         except ValueError:
-            raise self.corrupt(
-                f"has an unknown value type {raw} for {where} at byte {at}"
-            ) from None
+            raise self.corrupt(f"has an unknown value type {raw} for {where} at byte {at}") from None
 
     def skip_string(self) -> None:
         length = self.u64()
@@ -560,4 +556,6 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
                 f"both map to {_show(tensor.name)} once the prefix is stripped"
             )
         tensors[tensor.name] = tensor
-    return GGUFFile(path=path, architecture=arch, metadata=metadata, tensors=tensors, _mapping=data)
+    return GGUFFile(
+        path=path, architecture=arch, metadata=metadata, tensors=tensors, _mapping=data
+    )

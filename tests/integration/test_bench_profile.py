@@ -46,10 +46,7 @@ def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None
     assert levels["predict_noise"]["calls"] == 4
     assert levels["calc_cond_batch"]["calls"] == 4
     assert levels["apply_model"]["calls"] == levels["diffusion_model"]["calls"] >= 4
-    totals = [
-        levels[name]["total_s"]
-        for name in ("predict_noise", "calc_cond_batch", "apply_model", "diffusion_model")
-    ]
+    totals = [levels[name]["total_s"] for name in ("predict_noise", "calc_cond_batch", "apply_model", "diffusion_model")]
     assert totals == sorted(totals, reverse=True) and totals[-1] > 0  # each level wraps the next
     assert 0 < totals[0] <= profile["sampling_s"]
     # DiT call 2 ran three more times (profiled, repeated, random inputs), and none of that
@@ -75,9 +72,7 @@ def test_forward_benchmark_compares_attention_choices() -> None:
     comfyui = Path(os.environ["COMFYUI_DIR"])
     model = REPO_ROOT / "tiny_models" / "diffusion_models" / "steadydancer_tiny_Q8_0.gguf"
     if not model.is_file():
-        pytest.skip(
-            f"{model} is written by scripts/make_tiny_models.py (the comfyui tests' fixture)"
-        )
+        pytest.skip(f"{model} is written by scripts/make_tiny_models.py (the comfyui tests' fixture)")
     run = subprocess.run(
         [comfyui_python(comfyui), "-m", "benchmarks.comfyui_forward", "--model", str(model), "--cpu",
          "--size", "64x64x5", "--batch", "1", "--repeat", "1", "--attention", "sdpa",
@@ -110,18 +105,14 @@ def test_forward_benchmark_compares_attention_choices() -> None:
 def test_profile_as_run_profiles_the_first_call_itself(tmp_path: Path) -> None:
     """`--profile-call 1 --profile-as-run`: the first DiT call (the one that also does the
     first-time work) runs under the profiler itself; only the two reruns are extras."""
-    run, result = _profiled_fast_preset(
-        tmp_path / "pipeline", "--profile-call", "1", "--profile-as-run"
-    )
+    run, result = _profiled_fast_preset(tmp_path / "pipeline", "--profile-call", "1", "--profile-as-run")
     profile = result["profile"]
     call = profile["profiled_call"]
     first = profile["levels"]["diffusion_model"]["each_s"][0]
     assert call["call"] == 1 and call["profiled_as_run"] and call["call_s"] == first
     assert call["profiled_wall_s"] == first  # the call's own time, not an extra run's
     assert profile["extras_s"] >= call["repeat_s"] + call["random_inputs_s"]
-    assert (
-        profile["extras_s"] < call["repeat_s"] + call["random_inputs_s"] + first
-    )  # the call is no extra
+    assert profile["extras_s"] < call["repeat_s"] + call["random_inputs_s"] + first  # the call is no extra
     assert any(row["op"] == "aten::addmm" for row in call["operators"])
     assert "DiT call 1 (profiled as it ran)" in run.stdout
 

@@ -84,12 +84,7 @@ def _node(graph: dict, class_type: str) -> str:
 def _submit(comfy_server, graph: dict) -> requests.Response:
     """POST /prompt with Python's JSON, which writes NaN and Infinity (requests refuses to)."""
     body = json.dumps({"prompt": graph, "client_id": comfy_server.client_id})
-    return requests.post(
-        f"{comfy_server.url}/prompt",
-        data=body,
-        headers={"Content-Type": "application/json"},
-        timeout=60,
-    )
+    return requests.post(f"{comfy_server.url}/prompt", data=body, headers={"Content-Type": "application/json"}, timeout=60)
 
 
 def _refused(comfy_server, graph: dict, node_id: str, mentions: str) -> None:
@@ -98,19 +93,13 @@ def _refused(comfy_server, graph: dict, node_id: str, mentions: str) -> None:
     body = response.json()
     assert node_id in body.get("node_errors", {}), body
     errors = body["node_errors"][node_id]["errors"]
-    named = [
-        e
-        for e in errors
-        if mentions in e.get("details", "") + e.get("extra_info", {}).get("input_name", "")
-    ]
+    named = [e for e in errors if mentions in e.get("details", "") + e.get("extra_info", {}).get("input_name", "")]
     assert named, f"no error names {mentions!r}: {errors}"
 
 
 @pytest.mark.parametrize(("class_type", "name", "value", "mentions"), BAD_INPUTS,
                          ids=[f"{c}.{n}={v!r}" for c, n, v, _ in BAD_INPUTS])  # fmt: skip
-def test_bad_input_is_refused_at_prompt_naming_node_and_input(
-    comfy_server, demo_graph, class_type, name, value, mentions
-) -> None:
+def test_bad_input_is_refused_at_prompt_naming_node_and_input(comfy_server, demo_graph, class_type, name, value, mentions) -> None:
     graph = copy.deepcopy(demo_graph)
     node_id = _node(graph, class_type)
     graph[node_id]["inputs"][name] = value
@@ -125,10 +114,7 @@ def _missing_link(graph: dict) -> str:
 
 def _wrong_type_link(graph: dict) -> str:
     node_id = _node(graph, "SteadyDancerImageToVideo")
-    graph[node_id]["inputs"]["positive"] = [
-        _node(graph, "SteadyDancerPoseDetectorLoader"),
-        0,
-    ]  # not CONDITIONING
+    graph[node_id]["inputs"]["positive"] = [_node(graph, "SteadyDancerPoseDetectorLoader"), 0]  # not CONDITIONING
     return node_id
 
 
@@ -140,10 +126,7 @@ def _removed_input(graph: dict) -> str:
 
 def _wrong_slot(graph: dict) -> str:
     node_id = _node(graph, "SteadyDancerGuider")
-    graph[node_id]["inputs"]["pose_negative"] = [
-        _node(graph, "SteadyDancerImageToVideo"),
-        9,
-    ]  # it has 4 outputs
+    graph[node_id]["inputs"]["pose_negative"] = [_node(graph, "SteadyDancerImageToVideo"), 9]  # it has 4 outputs
     return node_id
 
 
@@ -167,3 +150,4 @@ def test_the_valid_graph_still_runs_after_the_broken_ones(comfy_server, demo_gra
     finally:
         ws.close()
     assert messages[-1]["type"] == "execution_success", messages[-1]
+

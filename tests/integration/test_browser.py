@@ -25,25 +25,13 @@ CHROMEDRIVER = shutil.which("chromedriver")
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(
-            "needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)"
-        )
-    webdriver = pytest.importorskip(
-        "selenium.webdriver", reason="needs selenium (pip install selenium)"
-    )
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1920,1080",
-    ):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1920,1080"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options
-    )
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     driver.set_script_timeout(60)
     yield driver
     driver.quit()
@@ -80,9 +68,7 @@ const [url, done] = [arguments[0], arguments[arguments.length - 1]];
     ("steadydancer.json", "steadydancer_api.json"),
     ("steadydancer_long.json", "steadydancer_long_api.json"),
 ])  # fmt: skip
-def test_ui_workflow_template_renders_every_node(
-    comfy_server, browser, ui_name: str, api_name: str
-) -> None:
+def test_ui_workflow_template_renders_every_node(comfy_server, browser, ui_name: str, api_name: str) -> None:
     workflow = json.loads((REPO_ROOT / "workflows" / ui_name).read_text())
     api_workflow = json.loads((REPO_ROOT / "workflows" / "api" / api_name).read_text())
     browser.get(comfy_server.url)
@@ -102,13 +88,8 @@ def test_ui_workflow_template_renders_every_node(
     # A newer ComfyUI adds inputs with defaults to its own nodes (0.33: CreateVideo's bit_depth),
     # an older one lacks some (0.3.64's WAN Context Windows has no freenoise): ComfyUI's nodes are
     # compared on the inputs both have; this package's nodes must match exactly.
-    exported = {
-        k: {"class_type": v["class_type"], "inputs": v["inputs"]}
-        for k, v in result["output"].items()
-    }
-    expected = {
-        k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api_workflow.items()
-    }
+    exported = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["output"].items()}
+    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api_workflow.items()}
     assert exported.keys() == expected.keys()
     for key, node in expected.items():
         got = exported[key]
@@ -117,10 +98,6 @@ def test_ui_workflow_template_renders_every_node(
             assert got["inputs"] == node["inputs"], key
         else:
             shared = got["inputs"].keys() & node["inputs"].keys()
-            assert {name: got["inputs"][name] for name in shared} == {
-                name: node["inputs"][name] for name in shared
-            }, key
-            assert all(
-                name in shared for name, v in node["inputs"].items() if isinstance(v, list)
-            ), key  # every link
+            assert {name: got["inputs"][name] for name in shared} == {name: node["inputs"][name] for name in shared}, key
+            assert all(name in shared for name, v in node["inputs"].items() if isinstance(v, list)), key  # every link
     assert screenshot.stat().st_size > 10_000

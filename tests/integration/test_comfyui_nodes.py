@@ -48,7 +48,6 @@ EXPECTED = {
     "SteadyDancerUniPCSampler": ({}, {}, ["SAMPLER"]),
 }  # fmt: skip
 
-
 def _type(spec: list) -> str:
     return "COMBO" if isinstance(spec[0], list) else spec[0]
 
@@ -71,9 +70,7 @@ def test_object_info_lists_node_with_its_inputs(object_info: dict, node: str) ->
         assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
 
 
-def test_detector_loader_offers_both_backends_and_registers_dwpose_folder(
-    object_info: dict, comfy_server
-) -> None:
+def test_detector_loader_offers_both_backends_and_registers_dwpose_folder(object_info: dict, comfy_server) -> None:
     spec = object_info["SteadyDancerPoseDetectorLoader"]["input"]["required"]["backend"]
     assert set(spec[1]["options"] if spec[0] == "COMBO" else spec[0]) == {"onnx", "mmpose"}
     assert "dwpose" in comfy_server.get("/models").json()
@@ -88,15 +85,7 @@ def test_every_package_node_registers(object_info: dict, api_workflow: dict) -> 
 
 def test_api_workflow_is_valid_against_object_info(object_info: dict, api_workflow: dict) -> None:
     """Every link joins an output to an input of the same type; every setting is accepted."""
-    model_inputs = {
-        "clip_name",
-        "vae_name",
-        "model_name",
-        "unet_name",
-        "image",
-        "file",
-        "lora_name",
-    }
+    model_inputs = {"clip_name", "vae_name", "model_name", "unet_name", "image", "file", "lora_name"}
     for node_id, node in api_workflow.items():
         info = object_info[node["class_type"]]
         specs = {**info["input"]["required"], **info["input"].get("optional", {})}
@@ -108,21 +97,13 @@ def test_api_workflow_is_valid_against_object_info(object_info: dict, api_workfl
             if isinstance(value, list):
                 source = api_workflow[value[0]]
                 produced = object_info[source["class_type"]]["output"][value[1]]
-                assert produced == kind or kind == "*", (
-                    f"{node_id}.{name}: {produced} linked to {kind}"
-                )
+                assert produced == kind or kind == "*", f"{node_id}.{name}: {produced} linked to {kind}"
             elif kind == "COMBO" and name not in model_inputs:
-                options = (
-                    specs[name][0]
-                    if isinstance(specs[name][0], list)
-                    else specs[name][1]["options"]
-                )
+                options = specs[name][0] if isinstance(specs[name][0], list) else specs[name][1]["options"]
                 assert value in options, f"{node_id}.{name}={value!r} not in {options}"
             elif kind in ("INT", "FLOAT"):
                 opts = specs[name][1]
-                assert opts.get("min", value) <= value <= opts.get("max", value), (
-                    f"{node_id}.{name}={value}"
-                )
+                assert opts.get("min", value) <= value <= opts.get("max", value), f"{node_id}.{name}={value}"
 
 
 def test_bad_length_is_refused_naming_our_node_and_input(comfy_server, demo_graph: dict) -> None:
@@ -135,10 +116,7 @@ def test_bad_length_is_refused_naming_our_node_and_input(comfy_server, demo_grap
     errors = body["node_errors"][node_id]
     assert errors["class_type"] == "SteadyDancerImageToVideo"
     # ComfyUI files a failed validate_inputs under each input it checks; the message names length
-    assert any(
-        e["extra_info"]["input_name"] == "length" and "length must be 4k+1" in e["details"]
-        for e in errors["errors"]
-    )
+    assert any(e["extra_info"]["input_name"] == "length" and "length must be 4k+1" in e["details"] for e in errors["errors"])
 
 
 def test_unknown_missing_person_policy_is_refused(comfy_server, demo_graph: dict) -> None:
@@ -149,19 +127,13 @@ def test_unknown_missing_person_policy_is_refused(comfy_server, demo_graph: dict
     assert response.status_code == 400
     errors = response.json()["node_errors"][node_id]["errors"]
     assert "missing_person" in [e["extra_info"]["input_name"] for e in errors]
-    assert all(
-        "missing_person must be one of" in e["details"] and "'guess'" in e["details"]
-        for e in errors
-    )
+    assert all("missing_person must be one of" in e["details"] and "'guess'" in e["details"] for e in errors)
 
 
 def test_workflow_templates_are_served(comfy_server) -> None:
     templates = comfy_server.get("/workflow_templates").json()
     # the UI-format graphs (the API-format ones live in workflows/api/, out of the template list)
-    assert sorted(templates.get("comfyui-steadydancer", [])) == [
-        "steadydancer",
-        "steadydancer_long",
-    ]
+    assert sorted(templates.get("comfyui-steadydancer", [])) == ["steadydancer", "steadydancer_long"]
     for name in ("steadydancer", "steadydancer_long"):
         ui = comfy_server.get(f"/api/workflow_templates/comfyui-steadydancer/{name}.json")
         assert ui.ok and ui.json()["nodes"]

@@ -49,18 +49,10 @@ def test_demo_graph_writes_video_and_reports_progress(comfy_server, demo_graph: 
     assert messages[-1]["type"] == "execution_success", f"{messages[-1]}\n{comfy_server.log()}"
 
     progress_nodes = {m["data"]["node"] for m in messages if m["type"] == "progress"}
-    assert _node(demo_graph, "SteadyDancerPoseExtract") in progress_nodes, (
-        "no per-frame progress from pose extraction"
-    )
-    assert _node(demo_graph, "SamplerCustomAdvanced") in progress_nodes, (
-        "no per-step progress from the sampler"
-    )
+    assert _node(demo_graph, "SteadyDancerPoseExtract") in progress_nodes, "no per-frame progress from pose extraction"
+    assert _node(demo_graph, "SamplerCustomAdvanced") in progress_nodes, "no per-step progress from the sampler"
 
-    videos = [
-        f
-        for f in saved_files(comfy_server.wait(prompt_id))
-        if f["filename"].endswith((".mp4", ".webm"))
-    ]
+    videos = [f for f in saved_files(comfy_server.wait(prompt_id)) if f["filename"].endswith((".mp4", ".webm"))]
     assert len(videos) == 1
     path = comfy_server.output_dir / videos[0]["subfolder"] / videos[0]["filename"]
     i2v = demo_graph[_node(demo_graph, "SteadyDancerImageToVideo")]["inputs"]
@@ -79,12 +71,7 @@ def test_interrupt_stops_sampling_and_next_prompt_runs(comfy_server, demo_graph:
 
     def interrupt_once_sampling(message: dict) -> None:
         data = message["data"]
-        if (
-            message["type"] == "progress"
-            and data.get("node") == sampler
-            and data["value"] >= 2
-            and not interrupted.is_set()
-        ):
+        if message["type"] == "progress" and data.get("node") == sampler and data["value"] >= 2 and not interrupted.is_set():
             interrupted.set()
             comfy_server.interrupt()
 
@@ -92,19 +79,13 @@ def test_interrupt_stops_sampling_and_next_prompt_runs(comfy_server, demo_graph:
     try:
         response = comfy_server.submit(long_graph)
         assert response.status_code == 200, response.text
-        messages = messages_until_done(
-            ws, response.json()["prompt_id"], on_message=interrupt_once_sampling
-        )
+        messages = messages_until_done(ws, response.json()["prompt_id"], on_message=interrupt_once_sampling)
     finally:
         ws.close()
     assert interrupted.is_set(), "sampling never reported progress"
     assert messages[-1]["type"] == "execution_interrupted"
     assert messages[-1]["data"]["node_id"] == sampler
-    steps_done = max(
-        m["data"]["value"]
-        for m in messages
-        if m["type"] == "progress" and m["data"]["node"] == sampler
-    )
+    steps_done = max(m["data"]["value"] for m in messages if m["type"] == "progress" and m["data"]["node"] == sampler)
     assert steps_done < 500
 
     again = copy.deepcopy(demo_graph)

@@ -29,11 +29,7 @@ def long_driving_video(comfy_server) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         code = ("import sys; from pathlib import Path; from scripts.make_tiny_models import write_inputs; "
                 f"write_inputs(Path(sys.argv[1]), {SIZE}, {SIZE}, {LONGEST}, 16)")  # fmt: skip
-        subprocess.run(
-            [comfyui_python(Path(os.environ["COMFYUI_DIR"])), "-c", code, tmp],
-            cwd=REPO_ROOT,
-            check=True,
-        )
+        subprocess.run([comfyui_python(Path(os.environ["COMFYUI_DIR"])), "-c", code, tmp], cwd=REPO_ROOT, check=True)
         (Path(tmp) / "steadydancer_driving.mp4").replace(comfy_server.input_dir / DRIVING)
     return DRIVING
 
@@ -48,9 +44,7 @@ def long_graph(demo_graph: dict, length: int, driving: str) -> dict:
 
 
 @pytest.mark.parametrize("length", [161, 241])
-def test_long_graph_writes_the_whole_video_through_context_windows(
-    comfy_server, demo_graph, long_driving_video, length
-) -> None:
+def test_long_graph_writes_the_whole_video_through_context_windows(comfy_server, demo_graph, long_driving_video, length) -> None:
     graph = long_graph(demo_graph, length, long_driving_video)
     ws = comfy_server.websocket()
     try:
@@ -60,17 +54,9 @@ def test_long_graph_writes_the_whole_video_through_context_windows(
         messages = messages_until_done(ws, prompt_id, timeout=1800)
     finally:
         ws.close()
-    assert messages[-1]["type"] == "execution_success", (
-        f"{json.dumps(messages[-1])[:2000]}\n{comfy_server.log()}"
-    )
-    assert "context window" in comfy_server.log(200_000).lower(), (
-        "ComfyUI did not sample in context windows"
-    )
-    videos = [
-        f for f in saved_files(comfy_server.wait(prompt_id)) if f["filename"].endswith(".mp4")
-    ]
+    assert messages[-1]["type"] == "execution_success", f"{json.dumps(messages[-1])[:2000]}\n{comfy_server.log()}"
+    assert "context window" in comfy_server.log(200_000).lower(), "ComfyUI did not sample in context windows"
+    videos = [f for f in saved_files(comfy_server.wait(prompt_id)) if f["filename"].endswith(".mp4")]
     assert len(videos) == 1
-    frames, height, width, _ = _frames(
-        comfy_server.output_dir / videos[0]["subfolder"] / videos[0]["filename"]
-    )
+    frames, height, width, _ = _frames(comfy_server.output_dir / videos[0]["subfolder"] / videos[0]["filename"])
     assert (frames, height, width) == (length, SIZE, SIZE)
