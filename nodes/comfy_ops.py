@@ -187,11 +187,13 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
                 key, device_to=device_to, inplace_update=inplace_update, **kwargs
             )
         if kwargs.get("return_weight"):
-            # A patched copy for whoever asked (checkpoint saving, LoRA extraction); the model is untouched.
+            # A patched copy for whoever asked (checkpoint saving, LoRA extraction); the model is
+            # untouched. A weight with the LoRA already written in is patched from its original.
+            source = self.backup[key].weight if key in self.backup else weight
             return _materialise(
-                weight,
+                source,
                 self.model.manual_cast_dtype or torch.float32,
-                device_to or weight.device,
+                device_to or source.device,
                 [comfy.model_patcher.LowVramPatch(key, self.patches)]
                 if key in self.patches
                 else [],

@@ -429,7 +429,10 @@ def _fp8_lora_merge(world: World, name: str, option: object) -> dict:
         original = file.get_submodule(layer).weight
         want = dequantize_tensor(original, torch.float32) + strength * world.lora[key]
         error = dequantize_tensor(weight, torch.float32) - want
+        # what checkpoint saving asks for: the exact patched weight, the LoRA applied once
+        saved = patched.patch_weight_to_device(f"diffusion_model.{key}", device_to=torch.device("cpu"), return_weight=True)
         layers[key] = {
+            "saved_vs_exact": float((saved.float() - want).abs().max() / want.abs().max()),
             "fp8": isinstance(weight, Fp8Tensor),
             "weight_functions": len(module.weight_function),
             # per element: at most one e4m3 step (2^-3 relative) off the exact merged value
