@@ -97,7 +97,8 @@ def stochastic_round_e4m3(x_ptr, inv_scale_ptr, out_ptr, n_elements, seed, BLOCK
     mask = idx < n_elements
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_scale_ptr)
     x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    noise = tl.randint(seed, idx).to(tl.uint32, bitcast=True) & 0xFFFFF
+    # int32 offsets: every Triton version draws 32-bit numbers for them (weights hold < 2^31 values)
+    noise = tl.randint(seed, idx.to(tl.int32)).to(tl.uint32, bitcast=True) & 0xFFFFF
     magnitude = tl.abs(x)
     # normal range: random low 20 bits added to the float32 pattern, then dropped (3 mantissa bits left)
     bits = (magnitude.to(tl.uint32, bitcast=True) + noise) & 0xFFF00000
