@@ -221,11 +221,12 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         """
         if key not in self.backup:
             self.backup[key] = _Backup(weight.to(device=self.offload_device), False)
+        original = self.backup[key].weight  # never the merged weight: patching twice adds nothing
         merged = comfy.lora.calculate_weight(
-            self.patches[key], weight.dequantize(torch.float32, device), key
+            self.patches[key], original.dequantize(torch.float32, device), key
         )
         # the file's scale, widened if the patch made a value larger than e4m3 can hold
-        scale = torch.maximum(weight.scale.to(device), merged.abs().amax() / E4M3_MAX)
+        scale = torch.maximum(original.scale.to(device), merged.abs().amax() / E4M3_MAX)
         values = stochastic_round_fp8(merged, scale, seed=_string_to_seed(key))
         comfy.utils.set_attr_param(self.model, key, Fp8Tensor(values, scale=scale))
 

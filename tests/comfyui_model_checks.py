@@ -431,8 +431,13 @@ def _fp8_lora_merge(world: World, name: str, option: object) -> dict:
         error = dequantize_tensor(weight, torch.float32) - want
         # what checkpoint saving asks for: the exact patched weight, the LoRA applied once
         saved = patched.patch_weight_to_device(f"diffusion_model.{key}", device_to=torch.device("cpu"), return_weight=True)
+        # patched again (a second load): the same weight, not the LoRA added twice
+        patched.patch_weight_to_device(f"diffusion_model.{key}", device_to=torch.device("cpu"))
+        again = module.weight
         layers[key] = {
             "saved_vs_exact": float((saved.float() - want).abs().max() / want.abs().max()),
+            "repatched_same": bool(torch.equal(again.stored().view(torch.uint8), weight.stored().view(torch.uint8))
+                                   and float(again.scale) == float(weight.scale)),
             "fp8": isinstance(weight, Fp8Tensor),
             "weight_functions": len(module.weight_function),
             # per element: at most one e4m3 step (2^-3 relative) off the exact merged value

@@ -116,6 +116,7 @@ def test_lora_on_fp8_matmul_model_is_written_into_its_fp8_weights(report: dict) 
         assert layer["worst_step"] <= 1.0, (key, layer)
         assert layer["bias"] < 0.2, (key, layer)
         assert layer["saved_vs_exact"] < 1e-2, (key, layer)  # bf16 copy of the exact sum
+        assert layer["repatched_same"], (key, layer)
     assert r["merged_vs_exact_lora"] < 0.05, r  # within the fp8 path's own error
     assert r["merged_change_vs_exact"] < 0.2, r  # the LoRA's effect is kept
     assert r["restored_after_unpatch"], r
