@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --profile: profile that call as it runs (its one-time work, e.g. the first "
                              "call's, included; its time then includes the profiler's overhead), not a rerun")
     parser.add_argument("--fp8-matmul", action="store_true",
-                        help="the loader's fp8_matmul on (scaled fp8 weights multiply in fp8; layers with a LoRA do not)")
+                        help="the loader's fp8_matmul on (scaled fp8 weights multiply in fp8; a LoRA is written into them)")
     parser.add_argument("--detect-resolution", type=int, default=1024)
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (checks on a machine without GPU)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per graph")

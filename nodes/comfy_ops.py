@@ -94,7 +94,8 @@ class GGUFOps(comfy.ops.manual_cast):
         fp8_matmul = False  # set per layer by the loader's fp8_matmul option
 
         def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
-            # a LoRA needs the expanded weight, so a patched layer takes the usual path
+            # a patch applied per forward (a layer streamed by low-VRAM loading) needs the
+            # expanded weight; a fully loaded layer has its LoRA written into the fp8 weight
             if (self.fp8_matmul or fp8_matmul_enabled()) and not self.weight_function:
                 out = fp8_linear(input, self.weight, cast_bias(self, input.dtype, input.device))
                 if out is not None:
@@ -202,8 +203,9 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
             return weight
         module_name, param = key.rsplit(".", 1)
         module = comfy.utils.get_attr(self.model, module_name)
-        if param == "weight" and _multiplies_in_fp8(module, weight, device_to or weight.device):
-            self._merge_into_fp8(key, weight, device_to or weight.device)
+        device = device_to or weight.device
+        if param == "weight" and _multiplies_in_fp8(module, weight, device):
+            self._merge_into_fp8(key, weight, device)
             return weight
         attr = f"{param}_function"
         patch = comfy.model_patcher.LowVramPatch(key, self.patches)

@@ -112,7 +112,7 @@ class SteadyDancerModelLoader(io.ComfyNode):
                     optional=True,
                     tooltip="Scaled fp8 .safetensors on GPUs with fp8 tensor cores (RTX 40xx, L40S, H100 and newer): "
                     "multiply in fp8 instead of expanding the weights (H100: 0.86x the time per step, the output "
-                    "changes by about 3 %). Lossy, so off by default; ignored for GGUF files and layers with a LoRA.",
+                    "changes by about 3 %). Lossy, so off by default; ignored for GGUF files. A LoRA is written into the fp8 weights at load.",
                 ),
             ],
             outputs=[

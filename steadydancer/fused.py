@@ -229,7 +229,7 @@ def quantize_fp8(x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) 
 
 
 # ----------------------------------------------------------------------- stochastic rounding to fp8
-E4M3_MAX = 448.0
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 E4M3_MIN_NORMAL = 2.0**-6  # below it e4m3 values are multiples of 2^-9
 _DROPPED_BITS = 20  # float32 mantissa bits e4m3 does not keep (23 - 3)
 
