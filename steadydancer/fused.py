@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -103,11 +104,15 @@ def _block(n: int) -> int:
     return 1 << max(4, (n - 1).bit_length())
 
 
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-# ----------------------------------------------------------------------- LayerNorm, modulated
+# ----------------------------------------------------------------------- LayerNorm (+ residual)
 def _per_sample(t: torch.Tensor, b: int, c: int) -> torch.Tensor:
     """A modulation row per sample as a contiguous [B, C] tensor (one row is shared by all)."""
     rows = t.reshape(-1, c)
@@ -117,31 +122,138 @@ def _per_sample(t: torch.Tensor, b: int, c: int) -> torch.Tensor:
 
 
 def layer_norm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    *,
+    add: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LayerNorm of x over its last axis (no affine), times (1 + scale), plus shift, in `dtype`.
 
     x: float32 [B, L, C]; shift and scale: float32, one row per sample ([B, 1, C] or [B, C]).
-    The result is a new tensor of x's shape in `dtype`.
+    With `add` ([B, L, C]), x first becomes x + add (times `gate`, one row per sample), in
+    place: the residual update before the norm, in the same pass. The result is a new tensor
+    of x's shape in `dtype`.
     """
+    b, _, c = x.shape
+    return _layer_norm(x, _per_sample(scale, b, c), _per_sample(shift, b, c), 1.0, eps, dtype, add, gate)
+
+
+def layer_norm_affine(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    *,
+    add: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm of x over its last axis with an elementwise weight and bias, in `dtype`;
+    x, `add` and `gate` as for `layer_norm_modulate`."""
+    c = x.shape[-1]
+    weight = weight.to(device=x.device, dtype=torch.float32).reshape(1, c)
+    bias = bias.to(device=x.device, dtype=torch.float32).reshape(1, c)
+    return _layer_norm(x, weight, bias, 0.0, eps, dtype, add, gate)
+
+
+def _layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    one_plus: float,
+    eps: float,
+    dtype: torch.dtype,
+    add: torch.Tensor | None,
+    gate: torch.Tensor | None,
+) -> torch.Tensor:
+    """LayerNorm(x) * (one_plus + weight) + bias; weight and bias [1 or B, C] float32."""
     b, n, c = x.shape
-    shift, scale = _per_sample(shift, b, c), _per_sample(scale, b, c)
-    kernel = _use_kernel("layer_norm_modulate", x, shift, scale)  # shift, scale: contiguous
+    if gate is not None:
+        gate = _per_sample(gate, b, c)
+    tensors = [x, weight, bias] + [t for t in (add, gate) if t is not None]
+    kernel = _use_kernel("layer_norm_rows", *tensors)
     if (
         kernel is not None
         and x.dtype == torch.float32
-        and shift.dtype == scale.dtype == torch.float32
+        and weight.dtype == bias.dtype == torch.float32
         and dtype in FUSED_DTYPES
         and x.numel() > 0
+        and (add is None or (x.is_contiguous() and add.is_contiguous() and add.shape == x.shape))
     ):
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        row_amax = torch.empty(b * n, dtype=torch.float32, device=x.device)
         block = _block(c)
-        args = (x, shift, scale, out, n, x.stride(0), x.stride(1), c, float(eps))
-        meta = {"BLOCK": block, "num_warps": _num_warps(block)} if x.is_cuda else {"BLOCK": block}
-        if _launch("layer_norm_modulate", kernel, (b * n,), x.device, *args, **meta):
+        args = (
+            x, x if add is None else add, weight if gate is None else gate, weight, bias, out,
+            row_amax, n, x.stride(0), x.stride(1), c if weight.shape[0] == b > 1 else 0, c, float(eps),
+        )
+        meta: dict[str, Any] = {
+            "ONE_PLUS": one_plus, "ADD": add is not None, "GATE": gate is not None, "BLOCK": block,
+        }
+        if x.is_cuda:
+            meta["num_warps"] = _num_warps(block)
+        if _launch("layer_norm_rows", kernel, (b * n,), x.device, *args, **meta):
+            remember_amax(out, row_amax)
             return out
+    if add is not None:
+        add_residual(x, add, gate)
     normed = F.layer_norm(x, (c,), eps=eps)
-    return normed.mul_(1 + scale[:, None]).add_(shift[:, None]).to(dtype)
+    return normed.mul_(one_plus + weight[:, None]).add_(bias[:, None]).to(dtype)
+
+
+def add_residual(x: torch.Tensor, add: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x += add (times `gate`, one row per sample) in place, in float32; returns x.
+
+    x: float32 [B, L, C]; add: [B, L, C] in any float dtype; gate: float32 [B, 1, C] or [B, C].
+    """
+    b, n, c = x.shape
+    if gate is not None:
+        gate = _per_sample(gate, b, c)
+    tensors = [x, add] if gate is None else [x, add, gate]
+    kernel = _use_kernel("add_rows", *tensors)
+    if (
+        kernel is not None
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and add.is_contiguous()
+        and add.shape == x.shape
+        and x.numel() > 0
+    ):
+        block = min(_block(c), 4096)
+        grid = (b * n, _cdiv(c, block))
+        args = (x, add, x if gate is None else gate, n, c)
+        meta: dict[str, Any] = {"GATE": gate is not None, "BLOCK": block}
+        if x.is_cuda:
+            meta["num_warps"] = 4
+        if _launch("add_rows", kernel, grid, x.device, *args, **meta):
+            return x
+    return x.add_(add) if gate is None else x.addcmul_(add, gate[:, None])
+
+
+# ----------------------------------------------------------------------- GELU
+GELU_BLOCK = 4096  # elements per program
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (as nn.GELU(approximate="tanh")), a new tensor like x.
+
+    The fused kernel also notes the result's largest magnitude for a following fp8 product
+    (see `quantize_fp8`), which then skips its own pass to find it.
+    """
+    kernel = _use_kernel("gelu_tanh", x) if x.is_contiguous() else None
+    if kernel is not None and x.dtype in FUSED_DTYPES and x.numel() > 0:
+        out = torch.empty_like(x)
+        grid = (_cdiv(x.numel(), GELU_BLOCK),)
+        partial_amax = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+        meta = {"BLOCK": GELU_BLOCK, "num_warps": 8} if x.is_cuda else {"BLOCK": GELU_BLOCK}
+        if _launch("gelu_tanh", kernel, grid, x.device, x, out, partial_amax, x.numel(), **meta):
+            remember_amax(out, partial_amax)
+            return out
+    return F.gelu(x, approximate="tanh")
 
 
 # ----------------------------------------------------------------------- RMSNorm and RoPE
@@ -202,30 +314,86 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 FP8_BLOCK = 4096  # elements per program of the fp8 cast
 
 
+class _Note:
+    """What is known about one activation: its largest magnitude (partial maxima, as the
+    kernel that wrote it found them) and, once quantised, its fp8 values and scale."""
+
+    def __init__(self, tensor: torch.Tensor, partial_amax: torch.Tensor | None) -> None:
+        self.partial_amax = partial_amax
+        self.fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the note lets go of its tensors with the activation (no fp8 copy outlives it)
+        self.ref = weakref.ref(tensor, self._forget)
+        self.version = _version(tensor)
+
+    def _forget(self, _: Any = None) -> None:
+        self.partial_amax = self.fp8 = None
+
+    def describes(self, tensor: torch.Tensor) -> bool:
+        return self.ref() is tensor and self.version == _version(tensor)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+_notes = threading.local()  # the last activation noted in this thread (one at a time)
+
+
+def remember_amax(tensor: torch.Tensor, partial_amax: torch.Tensor) -> None:
+    """Note that max |tensor| is partial_amax.max() (a kernel found it while writing tensor)."""
+    _notes.last = _Note(tensor, partial_amax)
+
+
+def _noted(tensor: torch.Tensor) -> _Note | None:
+    note = getattr(_notes, "last", None)
+    return note if note is not None and note.describes(tensor) else None
+
+
 def quantize_fp8(x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """x as `fp8_dtype` with one float32 scale for the whole tensor: (values, scale), x ~ values * scale.
 
-    The scale is max|x| / the format's largest value (at least 1e-12). One pass finds the
-    minimum and maximum together; on CUDA with Triton a second pass multiplies by the inverse
-    scale in float32 and casts, saturating (unfused: a bf16 product and a cast, two more
-    passes). Nothing is read back to the host.
+    The scale is max|x| / the format's largest value (at least 1e-12). The largest magnitude
+    comes from the kernel that wrote x where one noted it (the fused norms and GELU), else
+    from one pass over x; on CUDA with Triton one more pass multiplies by the inverse scale
+    in float32 and casts, saturating (unfused: a bf16 product and a cast, two more passes).
+    The result is kept with x (one activation per thread): the q, k and v products of one
+    input quantise it once. Nothing is read back to the host. x must not be changed in place
+    while the next products read it (the model's blocks never do).
     """
+    note = _noted(x)
+    if note is not None and note.fp8 is not None and note.fp8[0].dtype == fp8_dtype:
+        return note.fp8
+    if note is None:
+        note = _notes.last = _Note(x, None)
     fp8_max = torch.finfo(fp8_dtype).max
-    low, high = torch.aminmax(x)
-    scale = (torch.maximum(high, low.neg()).float() / fp8_max).clamp_min(1e-12)
+    if note.partial_amax is not None:
+        amax = note.partial_amax.amax()
+    else:
+        low, high = torch.aminmax(x)
+        amax = torch.maximum(high, low.neg())
+    scale = (amax.float() / fp8_max).clamp_min(1e-12)
+    note.fp8 = (_scale_to_fp8(x, scale, fp8_dtype), scale)
+    return note.fp8
+
+
+def _scale_to_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     kernel = _use_kernel("scale_to_fp8", x) if x.is_contiguous() else None
     if kernel is not None and x.dtype in FUSED_DTYPES and x.numel() > 0:
         out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
         inverse = scale.reciprocal().reshape(1)
-        grid = ((x.numel() + FP8_BLOCK - 1) // FP8_BLOCK,)
-        meta = {"FP8_MAX": fp8_max, "BLOCK": FP8_BLOCK}
+        grid = (_cdiv(x.numel(), FP8_BLOCK),)
+        meta = {"FP8_MAX": torch.finfo(fp8_dtype).max, "BLOCK": FP8_BLOCK}
         if x.is_cuda:
             meta["num_warps"] = 8
         if _launch("scale_to_fp8", kernel, grid, x.device, x, inverse, out, x.numel(), **meta):
-            return out, scale
+            return out
     # bf16 scaling rounds the inverse scale by at most 2^-8: the largest value lands below 450,
     # which e4m3 rounds to 448 (only from 464 on would it give NaN), so no clamp pass is needed
-    return (x * scale.reciprocal().to(x.dtype)).to(fp8_dtype), scale
+    return (x * scale.reciprocal().to(x.dtype)).to(fp8_dtype)
 
 
 # ----------------------------------------------------------------------- stochastic rounding to fp8

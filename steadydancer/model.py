@@ -37,7 +37,7 @@ from torch import nn
 
 from .attention import AttentionDispatcher, AttentionFn
 from .errors import ConditioningError, ModelFileError
-from .fused import layer_norm_modulate, rms_norm
+from .fused import add_residual, gelu_tanh, layer_norm_affine, layer_norm_modulate, rms_norm
 from .keys import (
     ALIGN_HIDDEN,
     SteadyDancerStateDict,
@@ -259,6 +259,14 @@ class ChannelLayerNorm(_FloatParams):
         return out * _as_float(self.weight, out.dtype, x.device) + _as_float(
             self.bias, out.dtype, x.device
         )
+
+
+class GeluTanh(nn.Module):
+    """nn.GELU(approximate="tanh") through `fused.gelu_tanh` (one kernel that also notes the
+    result's largest value for the fp8 product that follows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(x)
 
 
 def hsigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -525,7 +533,7 @@ class Block(_FloatParams):
         )
         self.ffn = nn.Sequential(
             ops.Linear(dim, cfg.ffn_dim, device=device, dtype=dtype),
-            nn.GELU(approximate="tanh"),
+            GeluTanh(),
             ops.Linear(cfg.ffn_dim, dim, device=device, dtype=dtype),
         )
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim, device=device, dtype=torch.float32))
@@ -544,14 +552,24 @@ class Block(_FloatParams):
         e0: float32 [B, 6, dim] time modulation; contexts in the compute dtype."""
         dtype = context_text.dtype
         mod = _as_float(self.modulation, torch.float32, x.device) + e0
-        m = mod.unsqueeze(2).unbind(1)  # shift, scale, gate (attention), shift, scale, gate (FFN)
-        h = layer_norm_modulate(x, m[0], m[1], self.norm1.eps, dtype)
-        x.addcmul_(self.self_attn(h, rope, attention), m[2])
-        h = self.norm3(x).to(dtype)
-        x.add_(self.cross_attn(h, context_img, context_text, attention))
-        h = layer_norm_modulate(x, m[3], m[4], self.norm2.eps, dtype)
-        x.addcmul_(self._ffn(h), m[5])
-        return x
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)
+        h = layer_norm_modulate(x, shift1, scale1, self.norm1.eps, dtype)
+        # each residual update is done by the pass of the norm that follows it
+        h = self._norm3(x, self.self_attn(h, rope, attention), gate1, dtype)
+        y = self.cross_attn(h, context_img, context_text, attention)
+        h = layer_norm_modulate(x, shift2, scale2, self.norm2.eps, dtype, add=y)
+        del y
+        return add_residual(x, self._ffn(h), gate2)
+
+    def _norm3(self, x: torch.Tensor, add: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x += add * gate, then norm3(x) in `dtype` (one fused pass where the layer allows)."""
+        norm = self.norm3
+        if getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
+            add_residual(x, add, gate)  # ComfyUI patches applied per call: the layer runs them
+            return norm(x).to(dtype)
+        weight = _as_float(norm.weight, torch.float32, x.device)
+        bias = _as_float(norm.bias, torch.float32, x.device)
+        return layer_norm_affine(x, weight, bias, norm.eps, dtype, add=add, gate=gate)
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         chunk = self.ffn_chunk_size

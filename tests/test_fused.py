@@ -23,6 +23,7 @@ from triton_testutils import check_stochastic_rounding, needs_triton, run_in_int
 from steadydancer import fused
 from steadydancer.fused import (
     apply_rope,
+    layer_norm_affine,
     layer_norm_modulate,
     quantize_fp8,
     rms_norm,
@@ -82,6 +83,40 @@ def test_quantize_fp8_scales_by_the_largest_magnitude():
     assert tiny.item() == pytest.approx(1e-12) and not zeros.float().any()
 
 
+def test_one_input_is_quantised_once_for_the_products_that_read_it(monkeypatch):
+    """q, k and v read one normed input: its fp8 form is computed once and kept with that
+    tensor object, recomputed after an in-place change, and let go with the tensor."""
+    calls = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda x: calls.append(x.shape) or aminmax(x))
+    x = (torch.randn(8, 32) * 3).bfloat16()
+    first = quantize_fp8(x)
+    assert quantize_fp8(x) is first and quantize_fp8(x) is first and len(calls) == 1
+    other = x.clone()
+    assert quantize_fp8(other) is not first and len(calls) == 2  # the same values, another tensor
+    x.mul_(2)  # changed in place: quantised again, to twice the scale
+    again = quantize_fp8(x)
+    assert len(calls) == 3 and again[1].item() == pytest.approx(2 * first[1].item())
+    with torch.inference_mode():  # inference tensors have no version counter: identity decides
+        y = (torch.randn(8, 32) * 3).bfloat16()
+        assert quantize_fp8(y) is quantize_fp8(y) and len(calls) == 4
+    note = fused._notes.last
+    del y
+    assert note.fp8 is None and note.partial_amax is None  # nothing outlives the activation
+
+
+def test_a_noted_largest_value_saves_the_search_and_gives_the_same_fp8(monkeypatch):
+    """The fused norms and GELU note max |out| as they write it (kernels in the interpreter
+    test); quantize_fp8 then skips its own pass and must give the very same result."""
+    x = (torch.randn(2, 6, 32) * 3).bfloat16()
+    want_values, want_scale = quantize_fp8(x.clone())
+    calls = []
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(1))
+    fused.remember_amax(x, x.float().abs().amax(dim=-1).flatten())  # per-row maxima, as the LN kernel
+    values, scale = quantize_fp8(x)
+    assert not calls and scale.item() == want_scale.item() and torch.equal(values.float(), want_values.float())
+
+
 class _FakeKernel:
     """Counts launches; raises like a Triton that cannot compile for this GPU, if asked."""
 
@@ -98,9 +133,8 @@ class _FakeKernel:
 
 
 def _fake_kernels(monkeypatch, error: Exception | None = None) -> types.SimpleNamespace:
-    kernels = types.SimpleNamespace(
-        layer_norm_modulate=_FakeKernel(error), rms_norm_rope=_FakeKernel(error), scale_to_fp8=_FakeKernel(error)
-    )
+    names = ("layer_norm_rows", "add_rows", "gelu_tanh", "rms_norm_rope", "scale_to_fp8")
+    kernels = types.SimpleNamespace(**{name: _FakeKernel(error) for name in names})
     monkeypatch.setattr(fused, "_kernels", lambda: kernels)
     monkeypatch.setattr(fused, "_interpreting", lambda: True)  # let CPU tensors reach the kernel
     monkeypatch.setattr(fused, "_broken", set())
@@ -117,7 +151,7 @@ def test_a_kernel_that_cannot_compile_is_dropped_once_with_a_warning(monkeypatch
     with caplog.at_level(logging.WARNING, logger="steadydancer.fused"):
         for _ in range(3):
             torch.testing.assert_close(layer_norm_modulate(x, shift, scale, 1e-6, torch.float32), expected)
-    assert kernels.layer_norm_modulate.launches == 1
+    assert kernels.layer_norm_rows.launches == 1
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "PTX for sm_75" in warnings[0] and fused.ENV_SWITCH in warnings[0]
     assert rms_norm(x, torch.ones(16), 1e-6).shape == x.shape  # the other kernels are tried on their own
@@ -141,9 +175,9 @@ def test_the_kernels_are_skipped_when_switched_off_or_the_input_is_strided(monke
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
     rms_norm(x.transpose(0, 1).contiguous().transpose(0, 1), torch.ones(16), 1e-6)
     layer_norm_modulate(x.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6, torch.float32)
-    assert kernels.layer_norm_modulate.launches == kernels.rms_norm_rope.launches == 0
+    assert kernels.layer_norm_rows.launches == kernels.rms_norm_rope.launches == 0
     layer_norm_modulate(x, shift, scale, 1e-6, torch.float32)  # the same call, contiguous: the kernel
-    assert kernels.layer_norm_modulate.launches == 1
+    assert kernels.layer_norm_rows.launches == 1
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
@@ -177,6 +211,26 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check("layer_norm_modulate", fused.layer_norm_modulate(*args), unfused(fused.layer_norm_modulate, *args), dtype)
     args = (x[:, 5:], shift, scale, 1e-6, torch.float32)  # a slice of the sequence: strided rows
     check("sliced", fused.layer_norm_modulate(*args), unfused(fused.layer_norm_modulate, *args), torch.float32)
+    # the residual update in the norm's pass (x changes in place: each side gets its own copy),
+    # with and without a gate; the affine LayerNorm; the residual update alone
+    lw, lb = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    y = torch.randn(b, n, c, generator=g).bfloat16()
+    for name, fn, params in (("modulate+add", fused.layer_norm_modulate, (shift, scale)),
+                             ("affine+add", fused.layer_norm_affine, (lw, lb))):
+        for gate in (None, scale):
+            xa, xb = x.clone(), x.clone()
+            got = fn(xa, *params, 1e-6, torch.bfloat16, add=y, gate=gate)
+            want = unfused(lambda: fn(xb, *params, 1e-6, torch.bfloat16, add=y, gate=gate))
+            check(name, got, want, torch.bfloat16)
+            check(name + " residual", xa, xb, torch.float32)
+            assert torch.equal(fused._noted(got).partial_amax.amax(), got.float().abs().amax()), name
+    xa, xb = x.clone(), x.clone()
+    check("add_residual", fused.add_residual(xa, y, shift), unfused(fused.add_residual, xb, y, shift), torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        xg = (torch.randn(3, 5000, generator=g) * 4).to(dtype)  # more than one program of GELU
+        got = fused.gelu_tanh(xg)
+        check("gelu_tanh", got, unfused(fused.gelu_tanh, xg), dtype)
+        assert torch.equal(fused._noted(got).partial_amax.amax(), got.float().abs().amax())
     table = rope_table((2, 3, 4), 32, torch.device("cpu"))
     weight = torch.rand(c, generator=g) + 0.5
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -225,10 +279,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         out = model(**inputs)
         ref = unfused(lambda: model(**inputs))
-    # per block: 2 modulated LayerNorms, RMSNorm of q and k (with RoPE), of q, k and k_img
-    # (cross-attention); and the head's LayerNorm: all of them through the kernels
+    # RMSNorm of q and k (with RoPE), of q, k and k_img (cross-attention): all of them
+    # through the kernels, and:
+    # per block: LN1, norm3 and LN2 (the last two with the residual update before them), the
+    # FFN's GELU and residual update; the head's modulated LayerNorm
     blocks = len(model.blocks)
-    assert launched.count("layer_norm_modulate") == 2 * blocks + 1, launched
+    assert launched.count("layer_norm_rows") == 3 * blocks + 1, launched
+    assert launched.count("gelu_tanh") == launched.count("add_rows") == blocks, launched
     assert launched.count("rms_norm_rope") == 5 * blocks, launched
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-5, err
@@ -250,6 +307,9 @@ def test_kernels_in_triton_interpreter_match_the_pytorch_path(repo_root):
     for name in ("layer_norm_modulate", "rms_norm", "rms_norm_rope"):
         assert proc.stdout.count(f"{name} ") == 3, proc.stdout
     assert "sliced torch.float32 close" in proc.stdout and "model close" in proc.stdout
+    for name in ("modulate+add", "affine+add", "modulate+add residual", "affine+add residual"):
+        assert proc.stdout.count(f"{name} torch") == 2, proc.stdout  # with and without a gate
+    assert "add_residual torch.float32 close" in proc.stdout and proc.stdout.count("gelu_tanh ") == 2
     assert "quantize_fp8 close" in proc.stdout and "stochastic_round_fp8 close" in proc.stdout
 
 
@@ -268,10 +328,19 @@ def test_gpu_kernels_round_like_the_pytorch_path(monkeypatch):
     table = rope_table((3, 25, 40), 128, torch.device("cuda"))
     weight = torch.rand(c, device="cuda", generator=g) + 0.5
     xh = (torch.randn(b, n, c, device="cuda", generator=g) * 3).bfloat16()
+    bias = torch.randn(c, device="cuda", generator=g)
+    xg = (torch.randn(b * n, 13824, device="cuda", generator=g) * 3).bfloat16()
     cases = {
         "layer_norm_modulate": lambda: layer_norm_modulate(x, shift, scale, 1e-6, torch.bfloat16),
         "rms_norm": lambda: rms_norm(xh, weight, 1e-6),
         "rms_norm_rope": lambda: rms_norm(xh, weight, 1e-6, table),
+        "gelu_tanh": lambda: fused.gelu_tanh(xg),
+        # the residual update in place, then the norm: both results compared
+        "modulate+add": lambda: (
+            layer_norm_modulate(r := x.clone(), shift, scale, 1e-6, torch.bfloat16, add=xh, gate=scale), r
+        ),
+        "affine+add": lambda: (layer_norm_affine(r := x.clone(), weight, bias, 1e-6, torch.bfloat16, add=xh), r),
+        "add_residual": lambda: fused.add_residual(x.clone(), xh, scale),
     }
     xq = (torch.randn(b * n, c, device="cuda", generator=g) * 4).bfloat16()
     fp8_values, fp8_scale = quantize_fp8(xq)
@@ -282,8 +351,10 @@ def test_gpu_kernels_round_like_the_pytorch_path(monkeypatch):
         monkeypatch.setenv(fused.ENV_SWITCH, "0")
         want = call()
         monkeypatch.setenv(fused.ENV_SWITCH, "1")
-        torch.testing.assert_close(got, want, rtol=2.0**-8, atol=2.0**-8 * want.abs().max().item())
-        assert (got != want).double().mean().item() < 0.02, name
+        for got_part, want_part in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want)), strict=True):
+            scale_of = want_part.abs().max().item()
+            torch.testing.assert_close(got_part, want_part, rtol=2.0**-8, atol=2.0**-8 * scale_of, msg=name)
+            assert (got_part != want_part).double().mean().item() < 0.02, name
     assert not fused._broken
 
 
