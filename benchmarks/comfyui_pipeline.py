@@ -111,6 +111,7 @@ class RunResult:
     card_free_gib: float | None = None  # 16gb-card: free on the card with the ballast held
     model_loads: list[str] = field(default_factory=list)  # ComfyUI's "loaded completely/partially" lines
     profile: dict | None = None  # --profile: the sampling's levels and operators, from the server
+    video_number: int = 1  # --videos: the how-many-th video on this server (from 2 on the models are loaded)
 
 
 class GpuMemory:
@@ -267,62 +268,124 @@ def with_profile(graph: dict, work: Path, call: int = PROFILE_CALL, as_run: bool
     return out
 
 
+def bench_graph(
+    api: dict, args: argparse.Namespace, weights: str, files: dict, settings: dict, context: tuple | None, video: int
+) -> dict:
+    """The example graph on these files and settings, with the run's options, for its
+    `video`-th video: the later videos read their inputs under other names, so that ComfyUI
+    recomputes every node that depends on them (its cache is keyed on inputs)."""
+    from scripts.make_tiny_models import DRIVING, REFERENCE, demo_graph
+    from scripts.workflow_variants import (
+        with_cache,
+        with_context_windows,
+        with_fp8_matmul,
+        with_preset,
+    )
+
+    inputs = {"reference": video_file(REFERENCE, video), "driving": video_file(DRIVING, video)}
+    dit_files = {k: v for k, v in files.items() if k != "lora"}
+    graph = demo_graph(api, prefix=f"bench/{weights}", files={**dit_files, **inputs}, settings=settings,
+                       detect_resolution=args.detect_resolution)  # fmt: skip
+    if context:
+        graph = with_context_windows(graph, None, *context)
+    if args.cache:
+        graph = with_cache(graph, args.cache)
+    if args.preset:
+        graph = with_preset(graph, args.preset, files["lora"])
+    if args.fp8_matmul:
+        graph = with_fp8_matmul(graph)
+    return graph
+
+
+def video_file(name: str, video: int) -> str:
+    """The input file `name` as the `video`-th video of a run reads it (the first: unchanged)."""
+    if video == 1:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}-video{video}{dot}{suffix}"
+
+
 def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunResult, gpu: bool, timeout: float) -> RunResult:
-    classes = {k: v["class_type"] for k, v in graph.items()}
+    """One graph on a fresh ComfyUI server."""
+    return run_videos(comfyui, models, work, [(graph, result)], gpu, timeout)[0]
+
+
+def run_videos(
+    comfyui: Path, models: Path, work: Path, runs: list[tuple[dict, RunResult]], gpu: bool, timeout: float
+) -> list[RunResult]:
+    """Each graph in turn on one ComfyUI server (the later ones find the models loaded)."""
     memory = GpuMemory() if gpu else None
+    results = [result for _, result in runs]
+    server = None
     try:
-        if memory:
-            result.idle_gib = memory.now()
+        idle = memory.now() if memory else None
         server = ComfyServer(comfyui, work, models, input_dir=work / "input", output_dir=work / "output",
-                             comfy_args=tuple(result.comfy_args))  # fmt: skip
-        try:
-            server.wait_ready(timeout=600)
-            ws = server.websocket()
-            received: list[tuple[float, dict]] = []
+                             comfy_args=tuple(results[0].comfy_args))  # fmt: skip
+        server.wait_ready(timeout=600)
+        for graph, result in runs:
+            result.idle_gib = idle
             try:
-                start = time.monotonic()
-                response = server.submit(graph)
-                if response.status_code != 200:
-                    raise RuntimeError(f"ComfyUI refused the graph ({response.status_code}): {response.text[:2000]}")
-                prompt_id = response.json()["prompt_id"]
-                messages_until_done(ws, prompt_id, timeout, on_message=lambda m: received.append((time.monotonic(), m)))
-                end = time.monotonic()
-            finally:
-                ws.close()
-            last = received[-1][1]
-            if last["type"] != "execution_success":
-                raise RuntimeError(f"the graph failed: {json.dumps(last.get('data'))[:3000]}")
-            result.total_s = end - start
-            spans, result.steps_s = stage_times(received, classes, end)
-            for stage, t0, t1 in spans:
-                result.stages[stage] = result.stages.get(stage, 0.0) + (t1 - t0)
-                if memory:
-                    peak = memory.peak(t0, t1) - (result.idle_gib or 0.0)
-                    result.stage_peak_gib[stage] = max(result.stage_peak_gib.get(stage, 0.0), peak)
-            if memory:
-                result.peak_gib = memory.peak(start, end) - (result.idle_gib or 0.0)
-            videos = [f for f in saved_files(server.wait(prompt_id)) if f["filename"].endswith(".mp4")]
-            if videos:
-                result.video = probe_video(server.output_dir / videos[0].get("subfolder", "") / videos[0]["filename"])
-            result.ok = True
-        finally:
-            server.stop()
-            log = server.log_path.read_text(errors="replace")
-            counts = [int(m) for m in re.findall(r"Context window \d+/(\d+)", log)]
-            result.windows = max(counts) if counts else None
-            summary = re.findall(r"(?:EasyCache|LazyCache) - skipped .*", log)
-            result.cache = summary[-1].strip() if summary else None
-            result.model_loads = [line.strip() for line in re.findall(
-                r"(?:Requested to load \S+|loaded (?:completely|partially)[^\n]*)", log)]  # fmt: skip
-            if (work / PROFILE_FILE).is_file():
-                result.profile = json.loads((work / PROFILE_FILE).read_text())
-            shutil.copy(server.log_path, work.parent / f"comfyui-{result.name.replace('/', '-')}.log")
-    except Exception as error:  # one failed run is reported; the others still run
-        result.error = f"{type(error).__name__}: {error}"
+                submit_and_time(server, graph, result, memory, timeout)
+            except Exception as error:  # reported with this video; the next ones still run
+                result.error = f"{type(error).__name__}: {error}"
+    except Exception as error:  # the server did not start: every video fails with its reason
+        for result in results:
+            result.error = result.error or f"{type(error).__name__}: {error}"
     finally:
+        if server is not None:
+            server.stop()
+            read_server_log(server.log_path.read_text(errors="replace"), results)
+            shutil.copy(server.log_path, work.parent / f"comfyui-{results[0].name.replace('/', '-')}.log")
+        if (work / PROFILE_FILE).is_file():
+            results[0].profile = json.loads((work / PROFILE_FILE).read_text())
         if memory:
             memory.stop()
-    return result
+    return results
+
+
+def submit_and_time(server: ComfyServer, graph: dict, result: RunResult, memory: GpuMemory | None, timeout: float) -> None:
+    classes = {k: v["class_type"] for k, v in graph.items()}
+    ws = server.websocket()
+    received: list[tuple[float, dict]] = []
+    try:
+        start = time.monotonic()
+        response = server.submit(graph)
+        if response.status_code != 200:
+            raise RuntimeError(f"ComfyUI refused the graph ({response.status_code}): {response.text[:2000]}")
+        prompt_id = response.json()["prompt_id"]
+        messages_until_done(ws, prompt_id, timeout, on_message=lambda m: received.append((time.monotonic(), m)))
+        end = time.monotonic()
+    finally:
+        ws.close()
+    last = received[-1][1]
+    if last["type"] != "execution_success":
+        raise RuntimeError(f"the graph failed: {json.dumps(last.get('data'))[:3000]}")
+    result.total_s = end - start
+    spans, result.steps_s = stage_times(received, classes, end)
+    for stage, t0, t1 in spans:
+        result.stages[stage] = result.stages.get(stage, 0.0) + (t1 - t0)
+        if memory:
+            peak = memory.peak(t0, t1) - (result.idle_gib or 0.0)
+            result.stage_peak_gib[stage] = max(result.stage_peak_gib.get(stage, 0.0), peak)
+    if memory:
+        result.peak_gib = memory.peak(start, end) - (result.idle_gib or 0.0)
+    videos = [f for f in saved_files(server.wait(prompt_id)) if f["filename"].endswith(".mp4")]
+    if videos:
+        result.video = probe_video(server.output_dir / videos[0].get("subfolder", "") / videos[0]["filename"])
+    result.ok = True
+
+
+def read_server_log(log: str, results: list[RunResult]) -> None:
+    """What ComfyUI's log says about each video: the log is cut after each "Prompt executed"."""
+    parts = re.split(r"Prompt executed in [^\n]*\n", log)
+    for i, result in enumerate(results):
+        part = parts[i] if i < len(parts) else ""
+        counts = [int(m) for m in re.findall(r"Context window \d+/(\d+)", part)]
+        result.windows = max(counts) if counts else None
+        summary = re.findall(r"(?:EasyCache|LazyCache) - skipped .*", part)
+        result.cache = summary[-1].strip() if summary else None
+        result.model_loads = [line.strip() for line in re.findall(
+            r"(?:Requested to load \S+|loaded (?:completely|partially)[^\n]*)", part)]  # fmt: skip
 
 
 LIBRARY_TIMEOUT_S = 900
@@ -397,7 +460,8 @@ def print_run(r: RunResult) -> None:
             print(f"   {stage:30s} {seconds:8.2f} s  {peak}")
     for i, step in enumerate(r.steps_s, 1):
         per_window = f"  ({step / r.windows:.2f} s per window, {r.windows} windows)" if r.windows else ""
-        print(f"     step {i}{' (with model loading)' if i == 1 else '':22s} {step:8.2f} s{per_window}")
+        loading = " (with model loading)" if i == 1 and r.video_number == 1 else ""
+        print(f"     step {i}{loading:22s} {step:8.2f} s{per_window}")
     peak = f", peak GPU memory {r.peak_gib:.2f} GiB above idle ({r.idle_gib:.2f} GiB)" if r.peak_gib is not None else ""
     print(f"   whole graph {r.total_s - extras:.2f} s{peak}")
     if extras:
@@ -502,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-as-run", action="store_true",
                         help="with --profile: profile that call as it runs (its one-time work, e.g. the first "
                              "call's, included; its time then includes the profiler's overhead), not a rerun")
+    parser.add_argument("--videos", type=int, default=1, metavar="N",
+                        help="make N videos in turn on the same server: the later ones find the models loaded, "
+                             "as a server that keeps running does (their input files are copies under other names, "
+                             "so every node that reads them runs again; the prompt's text encoding is reused)")
     parser.add_argument("--fp8-matmul", action="store_true",
                         help="the loader's fp8_matmul on (scaled fp8 weights multiply in fp8; a LoRA is written into them)")
     parser.add_argument("--detect-resolution", type=int, default=1024)
@@ -534,14 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"write_inputs; write_inputs(Path({str(inputs[length])!r}), {args.width}, {args.height}, "
                         f"{length + 8}, 16)"], cwd=REPO_ROOT, check=True)  # fmt: skip
 
-    from scripts.make_tiny_models import demo_graph
-    from scripts.workflow_variants import (
-        calls_per_step,
-        with_cache,
-        with_context_windows,
-        with_fp8_matmul,
-        with_preset,
-    )
+    from scripts.make_tiny_models import DRIVING, REFERENCE
+    from scripts.workflow_variants import calls_per_step
 
     api = json.loads((REPO_ROOT / "workflows" / "api" / "steadydancer_api.json").read_text())
     results: list[RunResult] = []
@@ -550,16 +612,6 @@ def main(argv: list[str] | None = None) -> int:
                  ("text_encoder", "text_encoder_type", "clip_vision", "vae")}}  # fmt: skip
         for length in lengths:
             settings = {"width": args.width, "height": args.height, "length": length, "steps": args.steps}
-            graph = demo_graph(api, prefix=f"bench/{weights}", files=files, settings=settings,
-                               detect_resolution=args.detect_resolution)  # fmt: skip
-            if context:
-                graph = with_context_windows(graph, None, *context)
-            if args.cache:
-                graph = with_cache(graph, args.cache)
-            if args.preset:
-                graph = with_preset(graph, args.preset, names["lora"])
-            if args.fp8_matmul:
-                graph = with_fp8_matmul(graph)
             for mode in args.modes.split(","):
                 flags = mode_args(mode, args.comfyui, args.cpu)
                 name = f"{weights}/{mode}/{length}f"
@@ -570,26 +622,36 @@ def main(argv: list[str] | None = None) -> int:
                 work = out / "runs" / name.replace("/", "-")
                 work.mkdir(parents=True, exist_ok=True)
                 (work / PROFILE_FILE).unlink(missing_ok=True)
-                run_graph = with_profile(graph, work, args.profile_call, args.profile_as_run) if args.profile else graph
+                runs = []
+                for video in range(1, args.videos + 1):
+                    graph = bench_graph(api, args, weights, {**files, "lora": names["lora"]}, settings, context, video)
+                    if args.profile and video == 1:
+                        graph = with_profile(graph, work, args.profile_call, args.profile_as_run)
+                    label = name if video == 1 else f"{name} video {video}"
+                    runs.append((graph, RunResult(label, weights, mode, flags, video_number=video)))
                 if (work / "input").exists():
                     shutil.rmtree(work / "input")
                 shutil.copytree(inputs[length], work / "input")
+                for video in range(2, args.videos + 1):
+                    for file in (REFERENCE, DRIVING):
+                        shutil.copy(work / "input" / file, work / "input" / video_file(file, video))
                 ballast = Ballast(SMALL_CARD_GIB, python) if mode == "16gb-card" else None
                 try:
                     if ballast:
                         print(f"  ballast held: {ballast.free_gib:.2f} GiB of the card free", file=sys.stderr)
-                    result = run_once(args.comfyui, models, work, run_graph, RunResult(name, weights, mode, flags),
-                                      not args.cpu, args.timeout)  # fmt: skip
+                    done = run_videos(args.comfyui, models, work, runs, not args.cpu, args.timeout)
                 finally:
                     if ballast:
                         ballast.stop()
-                if ballast:
-                    result.card_free_gib = ballast.free_gib
-                if args.preset:
-                    result.calls = calls_per_step(args.preset)
-                results.append(result)
-                print_run(result)  # before the library timing: a run cut short later keeps these figures
+                for result in done:
+                    if ballast:
+                        result.card_free_gib = ballast.free_gib
+                    if args.preset:
+                        result.calls = calls_per_step(args.preset)
+                    results.append(result)
+                    print_run(result)  # before the library timing: a run cut short later keeps these figures
                 (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+                result = done[0]
                 if args.preset and args.library and result.ok:
                     result.library_s = library_seconds(python, args.comfyui, models / "diffusion_models" / files["dit"],
                                                        args.width, args.height, length, args.cpu,

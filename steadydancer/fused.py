@@ -1,16 +1,21 @@
 """Fused element-wise work of the DiT: one GPU kernel where PyTorch runs a chain.
 
-The blocks' normalisations (with modulation and RoPE), and the input quantisation of the
-opt-in fp8 matrix products (`quantize_fp8`, at the end).
+The blocks' residual updates and normalisations (with modulation and RoPE), the FFN's GELU,
+and the input quantisation of the opt-in fp8 matrix products (`quantize_fp8`, at the end).
 
 Why: at 14B and 832x480x81 a block's activations are 35,880 tokens x 5120 channels, and
-every element-wise PyTorch operation on them is a full pass over GPU memory (1.5 GB in
+every element-wise PyTorch operation on them is a full pass over GPU memory (0.7 GB in
 float32 per sample). Unfused, each block runs about 50 such passes around its norms alone:
-- before self-attention and the FFN, LayerNorm of the float32 residual stream, times
-  (1 + scale), plus shift, cast to the compute dtype: four kernels;
+- each residual update (x += y * gate, float32 x, bf16 y), then LayerNorm of x, times
+  (1 + scale), plus shift, cast to the compute dtype: five kernels, at half the memory
+  bandwidth for PyTorch's mixed-dtype addcmul_;
 - on q and k, RMSNorm (a reduction, a product, a product with the weight) and RoPE (a cast
-  to float32, a complex product, a copy back), the RoPE in chunks: about 50 kernels.
-Here each is one Triton kernel that reads its row once and writes its result once.
+  to float32, a complex product, a copy back), the RoPE in chunks: about 50 kernels;
+- before each fp8 product, a pass to find max |input| and a pass to scale and cast, for
+  each of q, k and v although they read one input.
+Here the residual update and the norm after it are one kernel that reads its row once and
+writes it once; the norms and GELU note the largest magnitude they wrote, so the fp8
+quantisation that follows is a single pass, done once per input (see `quantize_fp8`).
 
 The maths is the unfused path's, in the same precision: float32 statistics and products,
 and for RMSNorm the same two roundings to the compute dtype (after normalising, after the

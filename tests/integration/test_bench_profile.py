@@ -63,6 +63,35 @@ def test_profile_reports_every_level_of_every_model_call(tmp_path: Path) -> None
     assert "on random inputs of the same shapes" in run.stdout
 
 
+def test_later_videos_on_one_server_find_the_models_loaded(tmp_path: Path) -> None:
+    """`--videos 2`: two videos in turn on one server. The second reads its inputs under other
+    names, so pose extraction, the encoders of the image and the sampling run again (only the
+    prompt's text encoding is ComfyUI's cached one), while the models stay loaded: its log
+    part asks to load no model, and its first step has no loading in it."""
+    comfyui = Path(os.environ["COMFYUI_DIR"])
+    python = comfyui_python(comfyui)
+    if subprocess.run([python, "-c", "import websocket, av"], capture_output=True).returncode:
+        pytest.skip("the pipeline benchmark runs with ComfyUI's Python, which lacks websocket-client")
+    out = tmp_path / "pipeline"
+    run = subprocess.run(
+        [python, "-m", "benchmarks.comfyui_pipeline", "--comfyui", str(comfyui), "--scale", "tiny",
+         "--cpu", "--width", "64", "--height", "64", "--frames", "5", "--detect-resolution", "128",
+         "--weights", "gguf", "--modes", "default", "--steps", "2", "--videos", "2", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    first, second = json.loads((out / "report.json").read_text())
+    assert (first["video_number"], second["video_number"]) == (1, 2) and first["ok"] and second["ok"]
+    assert second["name"] == first["name"] + " video 2"
+    assert first["video"]["frames"] == second["video"]["frames"] == 5
+    for stage in ("pose extraction", "CLIP vision encoder", "VAE encode (image to video)", "sampling"):
+        assert stage in first["stages"] and stage in second["stages"], stage
+    assert "text encoder" in first["stages"] and "text encoder" not in second["stages"]
+    assert any("SteadyDancerModel" in line for line in first["model_loads"])
+    assert not any(line.startswith("Requested to load") for line in second["model_loads"]), second["model_loads"]
+    assert len(second["steps_s"]) == 2 and "video 2" in run.stdout
+
+
 def test_forward_benchmark_compares_attention_choices() -> None:
     """`benchmarks.comfyui_forward --compare-attention --compare-fused` against a real ComfyUI
     in-process, on the tiny Q8_0 model on the CPU: each choice that runs here names the backend
