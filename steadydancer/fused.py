@@ -324,14 +324,21 @@ class _Note:
     kernel that wrote it found them) and, once quantised, its fp8 values and scale."""
 
     def __init__(self, tensor: torch.Tensor, partial_amax: torch.Tensor | None) -> None:
-        self.partial_amax = partial_amax
-        self.fp8: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the note lets go of its tensors with the activation (no fp8 copy outlives it)
-        self.ref = weakref.ref(tensor, self._forget)
+        known: dict[str, Any] = {"partial_amax": partial_amax}
+        self.known = known
+        # Dropped with the activation, so no fp8 copy outlives it. The callback holds the
+        # dict, not the note: a note that is replaced is freed at once (no reference cycle
+        # that only the garbage collector would break, holding GPU memory until it runs).
+        self.ref = weakref.ref(tensor, lambda _: known.clear())
         self.version = _version(tensor)
 
-    def _forget(self, _: Any = None) -> None:
-        self.partial_amax = self.fp8 = None
+    @property
+    def partial_amax(self) -> torch.Tensor | None:
+        return self.known.get("partial_amax")
+
+    @property
+    def fp8(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.known.get("fp8")
 
     def describes(self, tensor: torch.Tensor) -> bool:
         return self.ref() is tensor and self.version == _version(tensor)
@@ -381,8 +388,9 @@ def quantize_fp8(x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) 
         low, high = torch.aminmax(x)
         amax = torch.maximum(high, low.neg())
     scale = (amax.float() / fp8_max).clamp_min(1e-12)
-    note.fp8 = (_scale_to_fp8(x, scale, fp8_dtype), scale)
-    return note.fp8
+    result = (_scale_to_fp8(x, scale, fp8_dtype), scale)
+    note.known["fp8"] = result
+    return result
 
 
 def _scale_to_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:

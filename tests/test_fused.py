@@ -105,6 +105,23 @@ def test_one_input_is_quantised_once_for_the_products_that_read_it(monkeypatch):
     assert note.fp8 is None and note.partial_amax is None  # nothing outlives the activation
 
 
+def test_a_replaced_note_frees_its_fp8_copy_at_once():
+    """The note of the previous input goes when the next input is quantised, with its fp8
+    copy, by reference counting alone: a cycle would hold GPU memory until the collector ran."""
+    import gc
+    import weakref
+
+    x, y = torch.randn(64, 32).bfloat16(), torch.randn(64, 32).bfloat16()
+    values = weakref.ref(quantize_fp8(x)[0])
+    gc.disable()
+    try:
+        assert values() is not None  # kept with x while x is the noted input
+        quantize_fp8(y)
+        assert values() is None  # x still lives, its note was replaced: the copy is gone
+    finally:
+        gc.enable()
+
+
 def test_a_noted_largest_value_saves_the_search_and_gives_the_same_fp8(monkeypatch):
     """The fused norms and GELU note max |out| as they write it (kernels in the interpreter
     test); quantize_fp8 then skips its own pass and must give the very same result."""
