@@ -2,7 +2,7 @@
 
     python -m benchmarks.comfyui_pipeline --comfyui DIR [--scale 14b] [--weights gguf,fp8]
         [--modes default,no-dynamic-vram,16gb,16gb-card] [--frames 81[,241,481]] [--context 81:16] [--steps 2]
-        [--preset fast|reference] [--library] [--profile] [--out DIR]
+        [--preset fast|reference] [--library] [--profile] [--videos N] [--out DIR]
 
 For each weights file and each mode it starts ComfyUI (`main.py`, this package loaded from
 the checkout), submits `workflows/api/steadydancer_api.json` pointed at random-weight models
@@ -33,6 +33,10 @@ and reruns it on the same and on random inputs; the report says what each level 
 next, which kernels the call ran, and whether its inputs matter. With `--library` too, the
 library's own operator table is printed beside it. Each run also prints
 ComfyUI's own model-loading lines (whether the DiT was loaded completely or partially).
+`--videos N` submits N videos in turn to each server: from the second on the models are
+already loaded, as on a server that keeps running (their input files are copies under other
+names, so every node that reads them runs again; the unchanged prompt's text encoding is
+ComfyUI's cached one; `--profile` profiles the first video only).
 `--cpu` runs everything with ComfyUI's `--cpu` (for checking this script on a machine
 without a GPU: use `--scale tiny`). Prints one table per run, then a summary; writes
 report.json (and ComfyUI's logs) under --out.
