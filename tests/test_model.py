@@ -180,6 +180,41 @@ def test_ffn_chunking_changes_nothing(model32):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
 
 
+def test_norm3_patched_per_call_runs_through_the_layer():
+    """A norm whose weight ComfyUI patches per call (`weight_function`, as low-VRAM loading
+    does with a LoRA's norm diffs) is not read directly by the fused residual+norm pass: the
+    layer itself runs, so the patch counts. Here the patch doubles norm3's weight in every
+    block; the result must equal a model whose norm3 weights are doubled in its file. (The
+    layer is a small stand-in with ComfyUI's contract: ComfyUI is not imported here.)"""
+
+    class PatchedLayerNorm(torch.nn.LayerNorm):
+        def __init__(self, norm: torch.nn.LayerNorm) -> None:
+            super().__init__(norm.normalized_shape, eps=norm.eps)
+            self.load_state_dict(norm.state_dict())
+            self.weight_function = [lambda w: w * 2]
+            self.bias_function = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            weight = self.weight
+            for function in self.weight_function:
+                weight = function(weight)
+            return F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps)
+
+    inputs = make_inputs()
+    patched = load_model(tiny_sd(), dtype=torch.float32, attention="math")
+    for block in patched.blocks:
+        block.norm3 = PatchedLayerNorm(block.norm3)
+    sd = tiny_sd()
+    for key in [k for k in sd if k.endswith("norm3.weight")]:
+        sd[key] = sd[key] * 2
+    doubled = load_model(sd, dtype=torch.float32, attention="math")
+    plain = load_model(tiny_sd(), dtype=torch.float32, attention="math")
+    with torch.no_grad():
+        got, want, unpatched = patched(**inputs), doubled(**inputs), plain(**inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert rel(got, unpatched) > 1e-3  # the patch changed the result: the layer really ran
+
+
 def test_attention_override_is_used(model32):
     from steadydancer.attention import math_attention
 
