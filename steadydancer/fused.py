@@ -365,6 +365,14 @@ def _noted(tensor: torch.Tensor) -> _Note | None:
     return note if note is not None and note.describes(tensor) else None
 
 
+def forget(tensor: torch.Tensor) -> None:
+    """Drop what is noted about `tensor` (its fp8 copy above all), once no product will read it
+    again: the self-attention input's copy would otherwise live through the attention."""
+    note = _noted(tensor)
+    if note is not None:
+        note.known.clear()
+
+
 def quantize_fp8(x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """x as `fp8_dtype` with one float32 scale for the whole tensor: (values, scale), x ~ values * scale.
 

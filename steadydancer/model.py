@@ -37,7 +37,7 @@ from torch import nn
 
 from .attention import AttentionDispatcher, AttentionFn
 from .errors import ConditioningError, ModelFileError
-from .fused import add_residual, gelu_tanh, layer_norm_affine, layer_norm_modulate, rms_norm
+from .fused import add_residual, forget, gelu_tanh, layer_norm_affine, layer_norm_modulate, rms_norm
 from .keys import (
     ALIGN_HIDDEN,
     SteadyDancerStateDict,
@@ -480,6 +480,7 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x), rope).view(b, n, self.heads, -1)
         k = self.norm_k(self.k(x), rope).view(b, n, self.heads, -1)
         v = self.v(x).view(b, n, self.heads, -1)
+        forget(x)  # its fp8 copy (fp8 matmul) is not needed during the attention
         return self.o(attention(q, k, v).reshape(b, n, -1))
 
 

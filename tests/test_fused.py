@@ -105,6 +105,20 @@ def test_one_input_is_quantised_once_for_the_products_that_read_it(monkeypatch):
     assert note.fp8 is None and note.partial_amax is None  # nothing outlives the activation
 
 
+def test_forget_drops_the_fp8_copy_of_a_tensor_that_lives_on():
+    """The self-attention input outlives its three products (the block holds it): `forget`
+    lets its fp8 copy go before the attention runs; the next quantisation computes it anew."""
+    import weakref
+
+    x = torch.randn(64, 32).bfloat16()
+    values = weakref.ref(quantize_fp8(x)[0])
+    fused.forget(torch.randn(2))  # another tensor: nothing happens to x's note
+    assert values() is not None
+    fused.forget(x)
+    assert values() is None and fused._noted(x).fp8 is None
+    assert quantize_fp8(x)[1].item() == pytest.approx(x.float().abs().max().item() / 448)
+
+
 def test_a_replaced_note_frees_its_fp8_copy_at_once():
     """The note of the previous input goes when the next input is quantised, with its fp8
     copy, by reference counting alone: a cycle would hold GPU memory until the collector ran."""
