@@ -309,11 +309,6 @@ def video_file(name: str, video: int) -> str:
     return f"{stem}-video{video}{dot}{suffix}"
 
 
-def run_once(comfyui: Path, models: Path, work: Path, graph: dict, result: RunResult, gpu: bool, timeout: float) -> RunResult:
-    """One graph on a fresh ComfyUI server."""
-    return run_videos(comfyui, models, work, [(graph, result)], gpu, timeout)[0]
-
-
 def run_videos(
     comfyui: Path, models: Path, work: Path, runs: list[tuple[dict, RunResult]], gpu: bool, timeout: float
 ) -> list[RunResult]:

@@ -438,7 +438,7 @@ def stochastic_round_fp8(x: torch.Tensor, scale: torch.Tensor, seed: int) -> tor
     kernel = _use_kernel("stochastic_round_e4m3", x) if x.is_contiguous() else None
     if kernel is not None and x.dtype in FUSED_DTYPES and x.numel() > 0:
         out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-        grid = ((x.numel() + FP8_BLOCK - 1) // FP8_BLOCK,)
+        grid = (_cdiv(x.numel(), FP8_BLOCK),)
         meta = {"BLOCK": FP8_BLOCK, "num_warps": 8} if x.is_cuda else {"BLOCK": FP8_BLOCK}
         args = (x, inverse, out, x.numel(), seed)
         if _launch("stochastic_round_e4m3", kernel, grid, x.device, *args, **meta):
