@@ -93,10 +93,14 @@ class GGUFOps(comfy.ops.manual_cast):
     class Linear(GGMLLayer, comfy.ops.manual_cast.Linear):
         fp8_matmul = False  # set per layer by the loader's fp8_matmul option
 
+        def fp8_wanted(self) -> bool:
+            """fp8 matmul asked for: by the loader for this model, or for all by the environment."""
+            return self.fp8_matmul or fp8_matmul_enabled()
+
         def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
             # a patch applied per forward (a layer streamed by low-VRAM loading) needs the
             # expanded weight; a fully loaded layer has its LoRA written into the fp8 weight
-            if (self.fp8_matmul or fp8_matmul_enabled()) and not self.weight_function:
+            if self.fp8_wanted() and not self.weight_function:
                 out = fp8_linear(input, self.weight, cast_bias(self, input.dtype, input.device))
                 if out is not None:
                     return out
@@ -136,9 +140,7 @@ _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # C
 def _multiplies_in_fp8(module: torch.nn.Module, weight: torch.Tensor, device: torch.device) -> bool:
     """True for a linear layer whose forward multiplies `weight` in fp8 on `device`."""
     return (
-        isinstance(module, GGUFOps.Linear)
-        and (module.fp8_matmul or fp8_matmul_enabled())
-        and fp8_matmul_applies(weight, device)
+        isinstance(module, GGUFOps.Linear) and module.fp8_wanted() and fp8_matmul_applies(weight, device)
     )
 
 
