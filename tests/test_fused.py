@@ -269,6 +269,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check("rms_norm", fused.rms_norm(xx, weight, 1e-6), unfused(fused.rms_norm, xx, weight, 1e-6), dtype)
         args = (xx, weight, 1e-6, table)
         check("rms_norm_rope", fused.rms_norm(*args), unfused(fused.rms_norm, *args), dtype)
+    # heads of 24 channels: 12 pairs and 4 heads, neither tile side filled
+    args = (xx, weight, 1e-6, rope_table((2, 3, 4), 24, torch.device("cpu")))
+    check("RoPE, heads of 24 channels,", fused.rms_norm(*args), unfused(fused.rms_norm, *args), dtype)
     assert not fused._broken
     # values that e4m3 holds exactly once scaled (quarter steps up to 4, and 112 setting the
     # scale to 1/4): the interpreter's own fp8 rounding cannot matter, indexing and scale do
@@ -338,6 +341,7 @@ def test_kernels_in_triton_interpreter_match_the_pytorch_path(repo_root):
     for name in ("layer_norm_modulate", "rms_norm", "rms_norm_rope"):
         assert proc.stdout.count(f"{name} ") == 3, proc.stdout
     assert "sliced torch.float32 close" in proc.stdout and "model close" in proc.stdout
+    assert "RoPE, heads of 24 channels, torch.bfloat16 close" in proc.stdout
     for name in ("modulate+add", "affine+add", "modulate+add residual", "affine+add residual"):
         assert proc.stdout.count(f"{name} torch") == 2, proc.stdout  # with and without a gate
     assert "add_residual torch.float32 close" in proc.stdout and proc.stdout.count("gelu_tanh ") == 2
