@@ -94,34 +94,32 @@ def rms_norm_rope(
     table_ptr,
     out_ptr,
     rows_per_sample,
-    n_heads,
-    pairs_per_head,
+    n_cols,
     eps,
+    PAIRS_PER_HEAD: tl.constexpr,
     ROPE: tl.constexpr,
-    HEADS: tl.constexpr,
-    HEAD_PAIRS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    # One row per program, read and written as [heads, pairs per head, 2] tiles: contiguous
-    # in memory (loading the two halves of each pair with stride 2 ran at a seventh of the
-    # bandwidth), and the token's RoPE entries are one [pairs, 2] load broadcast over the
-    # heads instead of a gather per channel pair whose index needed an integer division.
+    # BLOCK channel pairs (2m, 2m+1) per program; the row has n_cols // 2 of them. The row
+    # is read and written as [pairs, 2] tiles, contiguous in memory: loading the two halves
+    # of each pair separately (stride 2) ran at a seventh of the memory bandwidth. The pairs
+    # per head are a compile-time constant: the table index's modulo is then a mask (a
+    # division by a runtime value made the kernel 1.2x slower on an H100).
     row = tl.program_id(0).to(tl.int64)
-    n_cols = n_heads * pairs_per_head * 2
-    head = tl.arange(0, HEADS)[:, None, None]
-    pair = tl.arange(0, HEAD_PAIRS)[None, :, None]
-    half = tl.arange(0, 2)[None, None, :]
-    offsets = (head * pairs_per_head + pair) * 2 + half
-    mask = (head < n_heads) & (pair < pairs_per_head)
+    pairs = tl.arange(0, BLOCK)
+    mask = (pairs < n_cols // 2)[:, None]
+    offsets = 2 * pairs[:, None] + tl.arange(0, 2)[None, :]
     dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * n_cols + offsets, mask=mask, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.sum(tl.sum(tl.sum(x * x, axis=2), axis=1), axis=0) / n_cols + eps)
+    r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / n_cols + eps)
     # rounded to x's dtype, then times the weight in x's dtype: as the unfused RMSNorm
     w = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
     x = ((x * r).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
     if ROPE:
         a, b = tl.split(x)
-        entry = ((row % rows_per_sample) * pairs_per_head + pair) * 2 + half  # [1, pairs, 2]
-        cos, sin = tl.split(tl.load(table_ptr + entry, mask=pair < pairs_per_head, other=0.0))
+        token = (row % rows_per_sample).to(tl.int32)
+        entry = (token * PAIRS_PER_HEAD + pairs % PAIRS_PER_HEAD)[:, None] * 2 + tl.arange(0, 2)[None, :]
+        cos, sin = tl.split(tl.load(table_ptr + entry, mask=mask, other=0.0))  # (cos, sin) pairs
         x = tl.join(a * cos - b * sin, a * sin + b * cos)
     tl.store(out_ptr + row * n_cols + offsets, x.to(dtype), mask=mask)
 

@@ -105,13 +105,8 @@ def _launch(name: str, kernel: Any, grid: tuple[int], device: torch.device, *arg
     return True
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (a Triton tile side)."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _block(n: int) -> int:
-    return max(16, _pow2(n))
+    return 1 << max(4, (n - 1).bit_length())
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -289,15 +284,11 @@ def rms_norm(
     kernel = _use_kernel("rms_norm_rope", *tensors) if all(t.is_contiguous() for t in tensors) else None
     if kernel is not None and x.dtype in FUSED_DTYPES and x.numel() > 0 and c % 2 == 0:
         out = torch.empty_like(x)
-        heads = c // (2 * pairs_per_head)
-        args = (x, weight, weight if table is None else table, out, n, heads, pairs_per_head, float(eps))
-        meta: dict[str, Any] = {
-            "ROPE": table is not None,
-            "HEADS": _pow2(heads),
-            "HEAD_PAIRS": _pow2(pairs_per_head),
-        }
+        block = _block(c // 2)
+        args = (x, weight, weight if table is None else table, out, n, c, float(eps))
+        meta: dict[str, Any] = {"PAIRS_PER_HEAD": pairs_per_head, "ROPE": table is not None, "BLOCK": block}
         if x.is_cuda:
-            meta["num_warps"] = _num_warps(meta["HEADS"] * meta["HEAD_PAIRS"])
+            meta["num_warps"] = _num_warps(block)
         if _launch("rms_norm_rope", kernel, (b * n,), x.device, *args, **meta):
             return out
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
