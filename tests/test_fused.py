@@ -196,7 +196,7 @@ def test_a_kernel_that_cannot_compile_is_dropped_once_with_a_warning(monkeypatch
 
 def test_the_kernels_are_skipped_when_switched_off_or_the_input_is_strided(monkeypatch):
     """Fake kernels module (counts launches): the switch and inputs the kernels cannot address
-    (channels not contiguous; for RMSNorm any stride) keep PyTorch's path."""
+    (channels not contiguous; for RMSNorm any stride or an odd width) keep PyTorch's path."""
     kernels = _fake_kernels(monkeypatch)
     x = torch.randn(2, 6, 16)
     shift, scale = _modulation(2, 16, 4)
@@ -206,6 +206,9 @@ def test_the_kernels_are_skipped_when_switched_off_or_the_input_is_strided(monke
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
     rms_norm(x.transpose(0, 1).contiguous().transpose(0, 1), torch.ones(16), 1e-6)
     layer_norm_modulate(x.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6, torch.float32)
+    odd = torch.randn(2, 6, 15)  # the kernel works on channel pairs: an odd width is PyTorch's
+    expected = odd * torch.rsqrt(odd.square().mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(rms_norm(odd, torch.ones(15), 1e-6), expected)
     assert kernels.layer_norm_rows.launches == kernels.rms_norm_rope.launches == 0
     layer_norm_modulate(x, shift, scale, 1e-6, torch.float32)  # the same call, contiguous: the kernel
     assert kernels.layer_norm_rows.launches == 1
