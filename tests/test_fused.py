@@ -272,7 +272,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check("rms_norm", fused.rms_norm(xx, weight, 1e-6), unfused(fused.rms_norm, xx, weight, 1e-6), dtype)
         args = (xx, weight, 1e-6, table)
         check("rms_norm_rope", fused.rms_norm(*args), unfused(fused.rms_norm, *args), dtype)
-    # heads of 24 channels: 12 pairs and 4 heads, neither tile side filled
+    # heads of 24 channels: 12 pairs per head, not a power of two (the index modulo is no mask)
     args = (xx, weight, 1e-6, rope_table((2, 3, 4), 24, torch.device("cpu")))
     check("RoPE, heads of 24 channels,", fused.rms_norm(*args), unfused(fused.rms_norm, *args), dtype)
     assert not fused._broken
