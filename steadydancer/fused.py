@@ -187,7 +187,7 @@ def _layer_norm(
         and weight.dtype == bias.dtype == torch.float32
         and dtype in FUSED_DTYPES
         and x.numel() > 0
-        and (add is None or (x.is_contiguous() and add.is_contiguous() and add.shape == x.shape))
+        and (add is None or _adds_in_place(x, add))
     ):
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         row_amax = torch.empty(b * n, dtype=torch.float32, device=x.device)
@@ -210,6 +210,11 @@ def _layer_norm(
     return normed.mul_(one_plus + weight[:, None]).add_(bias[:, None]).to(dtype)
 
 
+def _adds_in_place(x: torch.Tensor, add: torch.Tensor) -> bool:
+    """Whether a kernel can add `add` into x's rows in place (it indexes both as [rows, C])."""
+    return x.is_contiguous() and add.is_contiguous() and add.shape == x.shape
+
+
 def add_residual(x: torch.Tensor, add: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """x += add (times `gate`, one row per sample) in place, in float32; returns x.
 
@@ -223,9 +228,7 @@ def add_residual(x: torch.Tensor, add: torch.Tensor, gate: torch.Tensor | None =
     if (
         kernel is not None
         and x.dtype == torch.float32
-        and x.is_contiguous()
-        and add.is_contiguous()
-        and add.shape == x.shape
+        and _adds_in_place(x, add)
         and x.numel() > 0
     ):
         block = min(_block(c), 4096)
